@@ -1,0 +1,44 @@
+"""The embedded default, end to end: sample corpora → tokenizer → prepare, no download needed."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .atomic import write_text
+from .config import load_config
+from .prepare import prepare
+from .sample import SMALL, SampleSizes, train_sample_tokenizer, write_sample_corpora
+
+log = logging.getLogger(__name__)
+
+
+def demo_config(small: bool, workers: int) -> dict[str, Any]:
+    """The prep config the demo runs (paths relative to the demo directory)."""
+    return {
+        "tokenizer": "tokenizer/spm.model", "out": "prep", "seq_len": 256 if small else 512, "seed": 1234,
+        "docs_per_chunk": 64 if small else 256, "workers": workers, "max_reject_fraction": 0.01,
+        "sources": [
+            {"name": "stdlib_code", "role": "domain", "paths": ["corpora/domain.jsonl.gz"]},
+            {"name": "python_docs", "role": "general", "paths": ["corpora/general.jsonl.gz"]},
+            {"name": "docstring_qa", "role": "instruction", "paths": ["corpora/instruction.jsonl"]},
+        ],
+        "mix": {"general_ratio": 0.15, "instruction_ratio": 0.0, "batch_rows": 32},
+        "replay": {"source": "python_docs", "num_samples": 100 if small else 1000, "replay_len": 256 if small else 512,
+                   "selection": "random"},
+        "holdout": {"fraction": 0.05, "max_docs": 200},
+    }
+
+
+def run_demo(out: Path, small: bool = False, workers: int = 2, quiet: bool = False) -> dict[str, Any]:
+    sizes: SampleSizes = SMALL if small else SampleSizes()
+    corpora = write_sample_corpora(out / "corpora", sizes)
+    model = out / "tokenizer" / "spm.model"
+    if not model.is_file():
+        train_sample_tokenizer([corpora["domain"], corpora["general"]], model, sizes.vocab_size)
+        log.info("demo: trained a %d-piece SentencePiece tokenizer → %s", sizes.vocab_size, model)
+    config_path = out / "prep.yaml"
+    write_text(config_path, yaml.safe_dump(demo_config(small, workers), sort_keys=False))
+    return prepare(load_config(config_path), quiet=quiet)
