@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -386,8 +387,11 @@ def _cache_key(spec: SourceSpec, options: BuildOptions, tokenizer: Tokenizer, in
 
 
 def _reason_kind(reason: str) -> str:
-    """Group reasons for the summary: 'malformed JSON: ... at column 3' → 'malformed JSON'."""
-    return reason.split(":")[0].split(" (")[0] if not reason.startswith("field '") else reason.split(": ", 1)[-1].split(" (")[0]
+    """Group reasons for the summary: 'malformed JSON: ... column 3' → 'malformed JSON', numbers → N."""
+    head, _, rest = reason.partition(": ")
+    if head.startswith(("field '", "message ")):  # "field 'text': is empty (…)" keeps its field
+        head = f"{head}: {rest}"
+    return re.sub(r"(?<![-\w])\d+", "N", head.split(" (")[0].split(";")[0])
 
 
 def holdout_rows(build_dir: str | os.PathLike[str]) -> Iterator[pa.Table]:

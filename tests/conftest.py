@@ -1,0 +1,38 @@
+"""Shared fixtures: real text from Python's stdlib and a throwaway tokenizer trained on it."""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from data_prep.sample import SampleSizes, train_sample_tokenizer, write_sample_corpora
+
+TINY = SampleSizes(domain_chars=150_000, general_chars=120_000, max_file_chars=12_000,
+                   instruction_examples=120, vocab_size=768)
+
+
+@dataclass(frozen=True)
+class Sample:
+    root: Path
+    domain: Path
+    general: Path
+    instruction: Path
+    tokenizer: Path
+
+    def texts(self, role: str) -> list[str]:
+        path = getattr(self, role)
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f]
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Sample:
+    root = tmp_path_factory.mktemp("sample")
+    paths = write_sample_corpora(root / "corpora", TINY)
+    model = train_sample_tokenizer([paths["domain"], paths["general"]], root / "spm.model", TINY.vocab_size)
+    return Sample(root, paths["domain"], paths["general"], paths["instruction"], model)
+

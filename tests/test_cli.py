@@ -1,0 +1,87 @@
+"""The CLI as a user meets it: clear one-line errors naming the file, exit codes, no tracebacks."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+def test_help_explains_every_command():
+    top = run("--help")
+    assert top.returncode == 0
+    for command in ("build", "merge", "mix", "replay", "holdout", "stats", "inspect", "prepare", "demo"):
+        assert command in top.stdout
+        sub = run(command, "--help")
+        assert sub.returncode == 0 and "usage:" in sub.stdout
+
+
+def test_missing_tokenizer_and_bad_seq_len_are_one_line_errors(sample, tmp_path):
+    base = ["build", "--name", "x", "--role", "domain", "--input", str(sample.domain), "--cache", str(tmp_path)]
+    assert_user_error(run(*base, "--tokenizer", str(tmp_path / "missing.model")), "missing.model: tokenizer not found")
+    assert_user_error(run(*base, "--tokenizer", str(sample.tokenizer), "--seq-len", "1"), "seq_len must be > 1")
+
+
+def test_too_many_rejects_fail_the_build_and_leave_no_completion_marker(sample, tmp_path):
+    lines = [{"text": t} for t in sample.texts("general")[:10]] + ["not json"] * 3
+    path = tmp_path / "half.jsonl"
+    path.write_text("".join((json.dumps(r) if isinstance(r, dict) else r) + "\n" for r in lines))
+    args = ["build", "--name", "half", "--role", "general", "--input", str(path), "--tokenizer", str(sample.tokenizer),
+            "--cache", str(tmp_path / "cache"), "--seq-len", "64", "-q"]
+    result = run(*args)
+    assert_user_error(result, "3 of 13 records rejected", "rejects.jsonl", "malformed JSON")
+    build_dir = next((tmp_path / "cache" / "general").iterdir())
+    assert not (build_dir / "build.json").exists()
+    rejects = [json.loads(line) for line in (build_dir / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["path"], r["line"]) for r in rejects] == [(str(path), 11), (str(path), 12), (str(path), 13)]
+    ok = run(*args, "--max-reject-fraction", "0.5")
+    assert ok.returncode == 0 and (build_dir / "build.json").is_file()
+    assert Path(ok.stdout.strip()) == build_dir
+
+
+def test_mix_ratio_out_of_range_is_refused(tmp_path):
+    assert_user_error(run("mix", str(tmp_path), "--out", str(tmp_path / "m"), "--general-ratio", "1.0"),
+                      "--general-ratio must be in [0, 1)")
+
+
+def test_bad_config_names_the_file_and_the_key_or_line(tmp_path):
+    cfg = tmp_path / "prep.yaml"
+    cfg.write_text("tokenizer: t.model\nout: o\nsources: []\nsed: 3\n")
+    assert_user_error(run("prepare", "--config", str(cfg)), "prep.yaml: unknown key 'sed'")
+    cfg.write_text("tokenizer: t.model\nout: o\nsources:\n  - name: [unclosed\n")
+    assert_user_error(run("prepare", "--config", str(cfg)), "prep.yaml:")
+    cfg.write_text("tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x], txt_mod: line}\n")
+    assert_user_error(run("prepare", "--config", str(cfg)), "unknown key 'sources[0].txt_mod'")
+    cfg.write_text("tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x]}\nmix: {general_ratio: high}\n")
+    assert_user_error(run("prepare", "--config", str(cfg)), "'mix.general_ratio' must be float")
+
+
+
+def test_demo_runs_end_to_end_and_stats_and_inspect_read_it(tmp_path):
+    demo = run("demo", "--out", str(tmp_path / "demo"), "--small", "-q")
+    assert demo.returncode == 0, demo.stderr
+    prep = json.loads((tmp_path / "demo" / "prep" / "prep.json").read_text())
+    assert abs(prep["achieved_token_share"]["general"] - 0.15) < 0.01
+    stats = run("stats", prep["mixture"], "--json")
+    assert stats.returncode == 0 and json.loads(stats.stdout)["rows"] == prep["rows"]
+    shown = run("inspect", prep["mixture"], "--row", "3", "--tokenizer", prep["tokenizer"])
+    assert shown.returncode == 0 and "segment 0" in shown.stdout
+    again = run("demo", "--out", str(tmp_path / "demo"), "--small")
+    assert again.returncode == 0 and "cached build found" in again.stderr  # a rerun re-tokenizes nothing
+
+
