@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
 
     c = add("prepare", "Run the whole prep (build, mix, holdout, replay) from one YAML config.", _cmd_prepare)
     c.add_argument("--config", required=True, help="YAML config (see README: Data prep config)")
+    c.add_argument("--num-shards", type=int, default=1, help="only build piece --shard-index of K (SLURM array); "
+                   "then run once unsplit to finish")
+    c.add_argument("--shard-index", type=int, default=0, help="which piece this job builds, 0..K-1")
 
     d = add("demo", "Sample corpora from Python's own stdlib and docs, train a tokenizer, run prepare.", _cmd_demo)
     d.add_argument("--out", default=DEMO_DIR, help="demo directory")
@@ -192,8 +195,10 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     from .config import load_config
     from .prepare import prepare
 
-    summary = prepare(load_config(args.config), quiet=args.quiet)
-    print(json.dumps(summary["achieved_token_share"]))
+    summary = prepare(load_config(args.config), quiet=args.quiet, num_shards=args.num_shards,
+                      shard_index=args.shard_index)
+    if summary is not None:
+        print(json.dumps(summary["achieved_token_share"]))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

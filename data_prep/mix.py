@@ -119,6 +119,8 @@ def mix(build_dirs: list[str], out_dir: str | os.PathLike[str], general_ratio: f
     finally:
         bar.close()
     manifest = _manifest(builds, roles, picks, available, requested, reuse, seed, batch_rows, written, seq_len)
+    for source in manifest["sources"]:  # relative, so a prep directory can be moved as a whole
+        source["dir"] = os.path.relpath(source["dir"], out_dir)
     write_json(Path(out_dir) / "manifest.json", manifest)
     shares = manifest["achieved_token_share"]
     log.info("mixture: %d rows × %d tokens; shares domain %.4f general %.4f instruction %.4f → %s",

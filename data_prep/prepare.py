@@ -25,10 +25,19 @@ from .replay import build_replay
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: PrepareConfig, quiet: bool = False) -> dict[str, Any]:
+def prepare(cfg: PrepareConfig, quiet: bool = False, num_shards: int = 1, shard_index: int = 0) -> dict[str, Any] | None:
+    """Run the whole prep; with ``num_shards > 1`` only build this piece's chunks and return None.
+
+    A SLURM array runs every piece; one dependent job then runs it unsplit, which
+    finds every chunk built, finalizes the builds and does mix, holdout and replay.
+    """
     out = Path(cfg.out)
-    builds = {s.name: str(build_source(s, cfg.build, cfg.tokenizer, out / "cache", workers=cfg.workers, quiet=quiet))
+    builds = {s.name: str(build_source(s, cfg.build, cfg.tokenizer, out / "cache", workers=cfg.workers,
+                                       num_shards=num_shards, shard_index=shard_index, quiet=quiet))
               for s in cfg.sources}
+    if num_shards > 1:
+        log.info("prepare: piece %d/%d built; run prepare unsplit once all pieces finish", shard_index + 1, num_shards)
+        return None
     manifest = mix(list(builds.values()), out / "mixture", cfg.mix.general_ratio, cfg.mix.instruction_ratio,
                    seed=cfg.build.seed, batch_rows=cfg.mix.batch_rows, quiet=quiet)
     holdout = build_holdout(list(builds.values()), out / "holdout")

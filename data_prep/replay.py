@@ -73,7 +73,7 @@ def build_replay(spec: SourceSpec, tokenizer_path: str, out_dir: str | os.PathLi
         "documents_seen": seen_docs, "rejects": rejected, "tokens": int(lengths.sum()),
         "mean_len": float(lengths.mean()), "truncated": int((lengths == replay_len).sum()),
         "tokenizer_fingerprint": tokenizer.fingerprint, "tokenizer_path": str(tokenizer_path),
-        "overlap_with": {"builds": list(check_against or []), **overlap}, "shards": written,
+        "overlap_with": {"builds": [os.path.relpath(b, out_dir) for b in check_against or []], **overlap}, "shards": written,
     }
     write_json(Path(out_dir) / "replay.json", manifest)
     log.info("replay: %d samples (mean %.0f tokens, %d truncated to %d) → %s", len(samples), lengths.mean(),

@@ -97,3 +97,23 @@ def test_holdout_documents_never_enter_training_rows(sample, tmp_path):
     for doc in holdout.column("input_ids").to_pylist():
         probe = np.asarray(doc[:40], dtype=np.int32).tobytes()  # a 40-token run: unique to its document
         assert probe not in stream
+
+
+def test_prepare_split_into_pieces_then_finished_unsplit_equals_a_single_run(sample, tmp_path):
+    from data_prep.config import parse_config
+    from data_prep.prepare import prepare
+
+    def config(out):
+        return parse_config({"tokenizer": str(sample.tokenizer), "out": str(out), "seq_len": 64, "docs_per_chunk": 8,
+                             "sources": [{"name": "d", "role": "domain", "paths": [str(sample.domain)]},
+                                         {"name": "g", "role": "general", "paths": [str(sample.general)]}],
+                             "replay": {"num_samples": 5, "replay_len": 16}}, base=tmp_path, origin="test")
+
+    prepare(config(tmp_path / "single"), quiet=True)
+    assert prepare(config(tmp_path / "split"), quiet=True, num_shards=3, shard_index=0) is None
+    assert not (tmp_path / "split" / "mixture").exists()
+    for i in (1, 2):
+        prepare(config(tmp_path / "split"), quiet=True, num_shards=3, shard_index=i)
+    prepare(config(tmp_path / "split"), quiet=True)
+    for part in ("mixture", "replay", "holdout"):
+        assert tree_digest(tmp_path / "single" / part) == tree_digest(tmp_path / "split" / part), part
