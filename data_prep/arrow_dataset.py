@@ -32,7 +32,7 @@ def write_dataset_dir(out_dir: str | os.PathLike[str], schema: pa.Schema, shards
         for i, table in enumerate(shards):
             name = f"data-{i:05d}-of-{num_shards:05d}.arrow"
             with pa.OSFile(str(tmp / name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-                writer.write_table(table.cast(schema), max_chunksize=1000)
+                writer.write_table(table.replace_schema_metadata(schema.metadata), max_chunksize=1000)
             written.append({"file": name, "rows": table.num_rows, "sha256": sha256_file(tmp / name)})
         if len(written) != num_shards:
             raise RuntimeError(f"expected {num_shards} shards, got {len(written)}")

@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--holdout-max-docs", type=int, default=1000, help="cap on held-out documents")
     b.add_argument("--max-reject-fraction", type=float, default=0.01,
                    help="fail when more than this share of records is rejected (see rejects.jsonl)")
-    b.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
+    b.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (reading overlaps with them; 0: all inline)")
     b.add_argument("--num-shards", type=int, default=1, help="split the job into K independent pieces (SLURM array)")
     b.add_argument("--shard-index", type=int, default=0, help="which piece this job runs, 0..K-1")
 
@@ -140,8 +140,8 @@ def _spec(args: argparse.Namespace, holdout: tuple[float, int] = (0.0, 0)):
 def _cmd_build(args: argparse.Namespace) -> None:
     from .build import BuildOptions, build_source
 
-    if args.workers < 1 or args.num_shards < 1:
-        raise UserError("--workers and --num-shards must be >= 1")
+    if args.workers < 0 or args.num_shards < 1:
+        raise UserError("--workers must be >= 0 and --num-shards >= 1")
     options = BuildOptions(seq_len=args.seq_len, seed=args.seed, docs_per_chunk=args.docs_per_chunk,
                            max_reject_fraction=args.max_reject_fraction)
     out = build_source(_spec(args, (args.holdout_fraction, args.holdout_max_docs)), options, args.tokenizer,

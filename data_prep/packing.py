@@ -21,11 +21,16 @@ import numpy as np
 
 @dataclass
 class PackedRows:
-    """Rows of one chunk: ``input_ids``/``loss_mask`` are ``[rows, seq_len]``."""
+    """Rows of one chunk: ``input_ids``/``loss_mask`` are ``[rows, seq_len]``.
+
+    Segment lengths are kept flat (``seg_lengths``) with per-row ``seg_offsets``,
+    which is exactly Arrow's list layout: no per-row Python lists on the hot path.
+    """
 
     input_ids: np.ndarray
     loss_mask: np.ndarray
-    doc_lens: list[list[int]]
+    seg_offsets: np.ndarray  # [rows + 1], int32
+    seg_lengths: np.ndarray  # [segments], int32
     dropped_tokens: int = 0
     padding_tokens: int = 0
     too_long: list[int] = field(default_factory=list)  # indices of examples that could not fit
@@ -33,6 +38,11 @@ class PackedRows:
     @property
     def num_rows(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def doc_lens(self) -> list[list[int]]:
+        flat = self.seg_lengths.tolist()
+        return [flat[a:b] for a, b in zip(self.seg_offsets[:-1].tolist(), self.seg_offsets[1:].tolist())]
 
 
 def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> PackedRows:
@@ -48,19 +58,20 @@ def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> 
     n_rows = total // seq_len
     used = n_rows * seq_len
     input_ids = flat[:used].reshape(n_rows, seq_len)
-    doc_lens = _segments_per_row(ends, n_rows, seq_len)
-    return PackedRows(input_ids, np.ones_like(input_ids, dtype=np.uint8), doc_lens, dropped_tokens=total - used)
+    offsets, seg_lengths = _segments_per_row(ends, n_rows, seq_len)
+    return PackedRows(input_ids, np.ones_like(input_ids, dtype=np.uint8), offsets, seg_lengths,
+                      dropped_tokens=total - used)
 
 
-def _segments_per_row(doc_ends: np.ndarray, n_rows: int, seq_len: int) -> list[list[int]]:
-    """Split the document end offsets at row edges into per-row segment lengths."""
-    out: list[list[int]] = []
-    for r in range(n_rows):
-        lo, hi = r * seq_len, (r + 1) * seq_len
-        i, j = np.searchsorted(doc_ends, [lo, hi], side="right")
-        cuts = np.concatenate(([lo], doc_ends[i:j], [] if j and doc_ends[j - 1] == hi else [hi]))
-        out.append(np.diff(cuts).astype(int).tolist())
-    return out
+def _segments_per_row(doc_ends: np.ndarray, n_rows: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the document end offsets at row edges: (per-row offsets, flat segment lengths)."""
+    used = n_rows * seq_len
+    row_edges = np.arange(1, n_rows + 1, dtype=np.int64) * seq_len
+    cuts = np.union1d(doc_ends[doc_ends <= used], row_edges)  # sorted, each edge once
+    lengths = np.diff(cuts, prepend=0)
+    per_row = np.searchsorted(row_edges, cuts, side="left")  # a cut at a row edge closes that row
+    bounds = np.searchsorted(per_row, np.arange(n_rows + 1), side="left")
+    return bounds.astype(np.int32), lengths.astype(np.int32)
 
 
 def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int,
@@ -105,4 +116,6 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_l
     else:
         input_ids = np.zeros((0, seq_len), np.int32)
         loss_mask = np.zeros((0, seq_len), np.uint8)
-    return PackedRows(input_ids, loss_mask, doc_lens, padding_tokens=padding, too_long=too_long)
+    offsets = np.cumsum([0] + [len(segs) for segs in doc_lens], dtype=np.int64).astype(np.int32)
+    lengths = np.array([n for segs in doc_lens for n in segs], dtype=np.int32)
+    return PackedRows(input_ids, loss_mask, offsets, lengths, padding_tokens=padding, too_long=too_long)
