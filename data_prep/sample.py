@@ -1,7 +1,7 @@
 """The embedded default: real corpora and a tokenizer from text that ships with Python.
 
 * domain  — standard-library ``.py`` sources (code: a domain the prose-trained base has not seen much of);
-* general — English prose: the language reference topics of ``pydoc_data`` and module docstrings;
+* general — English prose: the language reference topics of ``pydoc_data`` and stdlib docstrings;
 * instruction — "what does X do?" pairs from function docstrings (half prompt/response, half messages).
 
 Output is byte-for-byte reproducible for one Python version (sorted walk, gzip
@@ -74,10 +74,10 @@ def write_sample_corpora(out: str | os.PathLike[str], sizes: SampleSizes = Sampl
         if used["domain"] < sizes.domain_chars and 200 < len(source) <= sizes.max_file_chars:
             domain.append({"text": source, "source": rel})
             used["domain"] += len(source)
-        module_doc = ast.get_docstring(tree)
-        if module_doc and len(module_doc) > 200 and used["general"] < sizes.general_chars:
-            general.append({"text": module_doc, "source": f"{rel}:docstring"})
-            used["general"] += len(module_doc)
+        for name, doc in _docstrings(tree):
+            if len(doc) > 200 and used["general"] < sizes.general_chars:
+                general.append({"text": doc, "source": f"{rel}:{name}"})
+                used["general"] += len(doc)
         if len(instruction) < sizes.instruction_examples:
             instruction.extend(_instruction_pairs(rel, tree, sizes.instruction_examples - len(instruction)))
         if all(used[r] >= getattr(sizes, f"{r}_chars") for r in used) and len(instruction) >= sizes.instruction_examples:
@@ -115,6 +115,15 @@ def _lines(corpora: list[Path]) -> Iterator[str]:
                 for line in json.loads(record).get("text", "").split("\n"):
                     if line.strip():
                         yield line[:4000]
+
+
+def _docstrings(tree: ast.Module) -> Iterator[tuple[str, str]]:
+    """Module, class and function docstrings: the stdlib's English prose, in source order."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield getattr(node, "name", "<module>"), doc
 
 
 def _instruction_pairs(rel: str, tree: ast.Module, limit: int) -> Iterator[dict[str, object]]:

@@ -117,3 +117,28 @@ def test_prepare_split_into_pieces_then_finished_unsplit_equals_a_single_run(sam
     prepare(config(tmp_path / "split"), quiet=True)
     for part in ("mixture", "replay", "holdout"):
         assert tree_digest(tmp_path / "single" / part) == tree_digest(tmp_path / "split" / part), part
+
+
+def test_a_build_killed_mid_run_and_rerun_ends_identical_to_a_clean_one(sample, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    opts = BuildOptions(seq_len=64, seed=7, docs_per_chunk=2)
+    clean = build_source(spec(sample), opts, str(sample.tokenizer), tmp_path / "clean", workers=0, quiet=True)
+    args = [sys.executable, "-m", "data_prep", "build", "--name", "s-domain", "--role", "domain", "--input",
+            str(sample.domain), "--tokenizer", str(sample.tokenizer), "--cache", str(tmp_path / "killed"),
+            "--seq-len", "64", "--seed", "7", "--docs-per-chunk", "2", "--holdout-fraction", "0.1", "-q"]
+    proc = subprocess.Popen(args, start_new_session=True)
+    chunks = tmp_path / "killed" / "domain" / clean.name / "chunks"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (chunks.is_dir() and len(list(chunks.iterdir())) >= 3):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the reader and its worker, mid-run
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (chunks.parent / "build.json").exists()  # really mid-run
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert tree_digest(chunks.parent) == tree_digest(clean)
