@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import gzip
+import os
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Triton kernels run on the CPU through the interpreter; set before any test module imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from data_prep.sample import SampleSizes, train_sample_tokenizer, write_sample_corpora
 

@@ -1,0 +1,1 @@
+"""Losses, one file each; a fused kernel lives beside its PyTorch reference."""
