@@ -1,0 +1,151 @@
+"""The GeRe cache: the frozen base model's view of the replay set, in 2 bits per element.
+
+Built once before training: thresholds (fp32 [H] mean and std of the final
+hidden states over every real replay token) and each element's state,
+memory-mapped as ``labels.u8`` [N, replay_len, ceil(H/4)] — 1/16 of the fp32
+activations the reference implementation stores. Two passes over the replay
+set (statistics, then states) avoid holding any activations. Ranks split the
+samples; under ZeRO-3 every rank must run the same number of forwards (each
+forward gathers parameters collectively), so short ranks run padding batches
+and discard them.
+
+``meta.json`` carries the base model's and tokenizer's fingerprints: a cache
+is refused for any other model or tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from .labels import activation_states, pack_states, packed_width
+from .thresholds import MomentAccumulator, Thresholds
+
+log = logging.getLogger(__name__)
+
+HiddenFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+FORMAT_VERSION = 1
+
+
+class CacheMismatch(ValueError):
+    """The cache was built for another model, tokenizer or replay set."""
+
+
+def pad_replay_rows(rows: Sequence[Sequence[int]], replay_len: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replay samples → ([B, replay_len] ids, mask). Always the full length, so the forward
+    in training has the same shapes as when the cache was built: same numbers, TM exactly 0."""
+    ids = torch.full((len(rows), replay_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), replay_len), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r) > replay_len:
+            raise ValueError(f"replay sample {i} has {len(r)} tokens > replay_len {replay_len}")
+        ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+@dataclass
+class GeReCache:
+    """A built cache, opened for training: thresholds on ``device`` and memory-mapped states."""
+
+    directory: Path
+    meta: dict[str, Any]
+    thresholds: Thresholds
+    labels: np.ndarray  # [N, replay_len, ceil(H/4)] uint8, memory-mapped
+
+    @classmethod
+    def open(cls, directory: str | Path, model_fingerprint: str, tokenizer_fingerprint: str,
+             device: torch.device | str = "cpu") -> "GeReCache":
+        directory = Path(directory)
+        meta_path = directory / "meta.json"
+        if not meta_path.is_file():
+            raise CacheMismatch(f"{directory}: not a GeRe cache (no meta.json); build it with pipeline.gere")
+        meta = json.loads(meta_path.read_text())
+        for what, expected in (("model", model_fingerprint), ("tokenizer", tokenizer_fingerprint)):
+            if meta[f"{what}_fingerprint"] != expected:
+                raise CacheMismatch(f"{directory}: built for another {what} ({meta[f'{what}_fingerprint']}, "
+                                    f"this run uses {expected}); rebuild the cache for this {what}")
+        t = load_file(str(directory / "thresholds.safetensors"), device=str(device))
+        labels = np.memmap(directory / "labels.u8", dtype=np.uint8, mode="r",
+                           shape=(meta["num_samples"], meta["replay_len"], packed_width(meta["hidden_size"])))
+        return cls(directory, meta, Thresholds(t["mean"], t["std"]), labels)
+
+    def states(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Packed states of replay samples ``indices``: [B, replay_len, ceil(H/4)] uint8."""
+        return torch.from_numpy(np.ascontiguousarray(self.labels[np.asarray(indices)])).to(device)
+
+
+def build_cache(hidden_fn: HiddenFn, samples: Sequence[Sequence[int]], ids: Sequence[str], out_dir: str | Path, *,
+                hidden_size: int, replay_len: int, batch_size: int, model_fingerprint: str,
+                tokenizer_fingerprint: str, device: torch.device | str = "cpu") -> Path:
+    """Run the frozen model over the replay samples and write the cache (atomically, by rank 0)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    out_dir = Path(out_dir)
+    building = out_dir.with_name(out_dir.name + ".building")
+    mine = list(range(rank, len(samples), world))
+    steps = math.ceil(math.ceil(len(samples) / world) / batch_size)
+
+    def batches():
+        for s in range(steps):
+            chunk = mine[s * batch_size:(s + 1) * batch_size]
+            real = len(chunk)
+            chunk = chunk or [0]  # padding batch: keeps ZeRO-3 collectives in step, result discarded
+            ids_, mask = pad_replay_rows([samples[i] for i in chunk], replay_len)
+            yield chunk[:real], ids_.to(device), mask.to(device)
+
+    with torch.no_grad():
+        moments = MomentAccumulator(hidden_size, device=device)
+        for chunk, input_ids, mask in batches():
+            h = hidden_fn(input_ids, mask)
+            if chunk:
+                moments.add(h[:len(chunk)], mask[:len(chunk)])
+        thresholds = moments.finish()
+        if rank == 0:
+            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir(parents=True)
+            np.memmap(building / "labels.u8", dtype=np.uint8, mode="w+",
+                      shape=(len(samples), replay_len, packed_width(hidden_size))).flush()
+        _barrier()
+        labels = np.memmap(building / "labels.u8", dtype=np.uint8, mode="r+",
+                           shape=(len(samples), replay_len, packed_width(hidden_size)))
+        for chunk, input_ids, mask in batches():
+            h = hidden_fn(input_ids, mask)
+            if chunk:
+                states = activation_states(h[:len(chunk)], thresholds.neg, thresholds.pos)
+                states[mask[:len(chunk)] == 0] = 0  # padding positions: neutral, and masked out anyway
+                labels[np.asarray(chunk)] = pack_states(states).cpu().numpy()
+        labels.flush()
+        del labels
+    _barrier()
+    if rank == 0:
+        save_file({"mean": thresholds.mean.cpu().contiguous(), "std": thresholds.std.cpu().contiguous()},
+                  str(building / "thresholds.safetensors"))
+        meta = {"format": FORMAT_VERSION, "num_samples": len(samples), "replay_len": replay_len,
+                "hidden_size": hidden_size, "ids": list(ids), "lengths": [len(s) for s in samples],
+                "tokens": int(sum(len(s) for s in samples)), "model_fingerprint": model_fingerprint,
+                "tokenizer_fingerprint": tokenizer_fingerprint, "world_size": world,
+                "labels_bytes": len(samples) * replay_len * packed_width(hidden_size),
+                "fp32_activation_bytes": len(samples) * replay_len * hidden_size * 4}
+        (building / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        building.rename(out_dir)
+        log.info("GeRe cache: %d samples, %d tokens, labels %.1f MB (fp32 activations would be %.1f MB) → %s",
+                 len(samples), meta["tokens"], meta["labels_bytes"] / 2**20, meta["fp32_activation_bytes"] / 2**20,
+                 out_dir)
+    _barrier()
+    return out_dir
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

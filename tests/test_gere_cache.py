@@ -1,0 +1,132 @@
+"""GeRe cache on a tiny Llama and real replay text: thresholds, exact-zero TM, refusal, 1 vs 2 ranks."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from data_prep.build import SourceSpec
+from data_prep.replay import build_replay
+from pipeline.gere.cache import CacheMismatch, GeReCache, build_cache, pad_replay_rows
+from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
+from pipeline.losses.tm_loss import tm_loss
+
+TINY = {"vocab_size": 768, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+REPLAY_LEN = 40
+
+
+@pytest.fixture(scope="module")
+def replay(sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("replay")
+    build_replay(SourceSpec(name="gen", role="general", paths=(str(sample.general),)), str(sample.tokenizer), out,
+                 num_samples=24, replay_len=REPLAY_LEN, seed=3, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(replay, tmp_path_factory):
+    source = ModelSource(config=TINY, seed=1)
+    model = load_causal_lm(source).eval()
+    rows = datasets.load_from_disk(str(replay / "data"))
+    meta = json.loads((replay / "replay.json").read_text())
+    out = build_cache(lambda i, m: final_hidden_states(model, i, m), rows["input_ids"], rows["id"],
+                      tmp_path_factory.mktemp("cache") / "c", hidden_size=TINY["hidden_size"], replay_len=REPLAY_LEN,
+                      batch_size=5, model_fingerprint=model_fingerprint(source),
+                      tokenizer_fingerprint=meta["tokenizer_fingerprint"])
+    return source, model, rows, meta, out
+
+
+def open_cache(built) -> GeReCache:
+    source, _, _, meta, out = built
+    return GeReCache.open(out, model_fingerprint(source), meta["tokenizer_fingerprint"])
+
+
+def test_thresholds_equal_a_float64_recomputation(built):
+    _, model, rows, _, _ = built
+    ids, mask = pad_replay_rows(rows["input_ids"], REPLAY_LEN)
+    with torch.no_grad():
+        h = final_hidden_states(model, ids, mask).double()
+    real = h[mask.bool()]
+    cache = open_cache(built)
+    torch.testing.assert_close(cache.thresholds.mean, real.mean(0).float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache.thresholds.std, real.std(0, unbiased=False).float(), rtol=1e-6, atol=1e-6)
+    assert cache.meta["labels_bytes"] * 16 == cache.meta["fp32_activation_bytes"]  # H = 48: whole bytes
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_tm_is_exactly_zero_for_the_base_model_and_training_on_it_undoes_a_perturbation(built, fused):
+    source, _, rows, _, _ = built
+    cache = open_cache(built)
+    model = load_causal_lm(source)
+    index = list(range(8))
+    ids, mask = pad_replay_rows([rows["input_ids"][i] for i in index], REPLAY_LEN)
+    states = cache.states(index)
+    neg, pos = cache.thresholds.neg, cache.thresholds.pos
+
+    def tm() -> torch.Tensor:
+        return tm_loss(final_hidden_states(model, ids, mask), states, neg, pos, mask, fused=fused)[0]
+
+    loss = tm()
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in model.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.zero_grad()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = tm()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[0] > 0 and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_cache_is_refused_for_another_model_or_tokenizer(built):
+    source, _, _, meta, out = built
+    other = ModelSource(config=TINY, seed=2)
+    with pytest.raises(CacheMismatch, match="another model"):
+        GeReCache.open(out, model_fingerprint(other), meta["tokenizer_fingerprint"])
+    with pytest.raises(CacheMismatch, match="another tokenizer"):
+        GeReCache.open(out, model_fingerprint(source), "0123456789abcdef")
+
+
+def test_two_zero3_ranks_under_the_launcher_build_the_same_cache_as_one_process(built, replay, tmp_path):
+    """A saved safetensors checkpoint, so the ZeRO-3 path loads it partitioned (zero.Init)."""
+    _, model, _, _, _ = built
+    ckpt = tmp_path / "base"
+    model.save_pretrained(str(ckpt), safe_serialization=True)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    single = subprocess.run([sys.executable, "-m", "pipeline.gere", "--model-path", str(ckpt), "--replay", str(replay),
+                             "--out", str(tmp_path / "one"), "--batch-size", "5"], capture_output=True, text=True,
+                            env=env, cwd=root, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    multi = subprocess.run([launcher, "--num_gpus", "2", "--master_port", "29531", "--module", "pipeline.gere",
+                            "--model-path", str(ckpt), "--replay", str(replay), "--out", str(tmp_path / "two"),
+                            "--batch-size", "5", "--deepspeed", str(root / "ds_configs" / "zero3_cpu.json")],
+                           capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("one", "two"))
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    from safetensors.torch import load_file
+
+    t1, t2 = (load_file(str(tmp_path / d / "thresholds.safetensors")) for d in ("one", "two"))
+    torch.testing.assert_close(t1["mean"], t2["mean"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(t1["std"], t2["std"], rtol=1e-6, atol=1e-7)
+    labels = [np.fromfile(tmp_path / d / "labels.u8", np.uint8) for d in ("one", "two")]
+    assert np.array_equal(*labels)
+    assert one["ids"] == two["ids"] and one["model_fingerprint"] == two["model_fingerprint"]
