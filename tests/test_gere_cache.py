@@ -41,7 +41,7 @@ def built(replay, tmp_path_factory):
     out = build_cache(lambda i, m: final_hidden_states(model, i, m), rows["input_ids"], rows["id"],
                       tmp_path_factory.mktemp("cache") / "c", hidden_size=TINY["hidden_size"], replay_len=REPLAY_LEN,
                       batch_size=5, model_fingerprint=model_fingerprint(source),
-                      tokenizer_fingerprint=meta["tokenizer_fingerprint"])
+                      tokenizer_fingerprint=meta["tokenizer_fingerprint"], features=True)
     return source, model, rows, meta, out
 
 

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", required=True, help="replay shard from `data_prep replay` (holds replay.json)")
     p.add_argument("--out", required=True, help="cache directory to write")
     p.add_argument("--batch-size", type=int, default=4, help="replay samples per forward per rank")
+    p.add_argument("--features", action="store_true",
+                   help="also store bf16 hidden states (for l1/l2 replay; 8x the size of the 2-bit states)")
     p.add_argument("--deepspeed", help="DeepSpeed JSON config (ZeRO-3 partitions the model across ranks)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     args = p.parse_args(argv)
@@ -84,7 +86,8 @@ def build_from_args(args: argparse.Namespace) -> Path:
     return build_cache(lambda ids, mask: final_hidden_states(module, ids, mask), rows["input_ids"], rows["id"],
                        args.out, hidden_size=hidden, replay_len=replay_meta["replay_len"],
                        batch_size=args.batch_size, model_fingerprint=model_fingerprint(source),
-                       tokenizer_fingerprint=replay_meta["tokenizer_fingerprint"], device=device)
+                       tokenizer_fingerprint=replay_meta["tokenizer_fingerprint"], device=device,
+                       features=args.features)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ class GeReCache:
     meta: dict[str, Any]
     thresholds: Thresholds
     labels: np.ndarray  # [N, replay_len, ceil(H/4)] uint8, memory-mapped
+    feature_map: np.ndarray | None = None  # [N, replay_len, H] bf16 bits as uint16, when built with features
 
     @classmethod
     def open(cls, directory: str | Path, model_fingerprint: str, tokenizer_fingerprint: str,
@@ -77,16 +78,27 @@ class GeReCache:
         t = load_file(str(directory / "thresholds.safetensors"), device=str(device))
         labels = np.memmap(directory / "labels.u8", dtype=np.uint8, mode="r",
                            shape=(meta["num_samples"], meta["replay_len"], packed_width(meta["hidden_size"])))
-        return cls(directory, meta, Thresholds(t["mean"], t["std"]), labels)
+        features = None
+        if meta.get("features"):
+            features = np.memmap(directory / "features.bf16", dtype=np.uint16, mode="r",
+                                 shape=(meta["num_samples"], meta["replay_len"], meta["hidden_size"]))
+        return cls(directory, meta, Thresholds(t["mean"], t["std"]), labels, features)
 
     def states(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """Packed states of replay samples ``indices``: [B, replay_len, ceil(H/4)] uint8."""
         return torch.from_numpy(np.ascontiguousarray(self.labels[np.asarray(indices)])).to(device)
 
+    def features(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Cached reference hidden states (bf16) of replay samples ``indices``, for L1/L2 imitation."""
+        if self.feature_map is None:
+            raise ValueError(f"{self.directory}: built without features; rebuild with --features for l1/l2 replay")
+        bits = np.ascontiguousarray(self.feature_map[np.asarray(indices)]).view(np.int16)
+        return torch.from_numpy(bits).view(torch.bfloat16).to(device)
+
 
 def build_cache(hidden_fn: HiddenFn, samples: Sequence[Sequence[int]], ids: Sequence[str], out_dir: str | Path, *,
                 hidden_size: int, replay_len: int, batch_size: int, model_fingerprint: str,
-                tokenizer_fingerprint: str, device: torch.device | str = "cpu") -> Path:
+                tokenizer_fingerprint: str, device: torch.device | str = "cpu", features: bool = False) -> Path:
     """Run the frozen model over the replay samples and write the cache (atomically, by rank 0)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out_dir = Path(out_dir)
@@ -114,17 +126,27 @@ def build_cache(hidden_fn: HiddenFn, samples: Sequence[Sequence[int]], ids: Sequ
             building.mkdir(parents=True)
             np.memmap(building / "labels.u8", dtype=np.uint8, mode="w+",
                       shape=(len(samples), replay_len, packed_width(hidden_size))).flush()
+            if features:
+                np.memmap(building / "features.bf16", dtype=np.uint16, mode="w+",
+                          shape=(len(samples), replay_len, hidden_size)).flush()
         _barrier()
         labels = np.memmap(building / "labels.u8", dtype=np.uint8, mode="r+",
                            shape=(len(samples), replay_len, packed_width(hidden_size)))
+        feature_map = np.memmap(building / "features.bf16", dtype=np.uint16, mode="r+",
+                                shape=(len(samples), replay_len, hidden_size)) if features else None
         for chunk, input_ids, mask in batches():
             h = hidden_fn(input_ids, mask)
             if chunk:
                 states = activation_states(h[:len(chunk)], thresholds.neg, thresholds.pos)
                 states[mask[:len(chunk)] == 0] = 0  # padding positions: neutral, and masked out anyway
                 labels[np.asarray(chunk)] = pack_states(states).cpu().numpy()
+                if feature_map is not None:
+                    bits = h[:len(chunk)].to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
+                    feature_map[np.asarray(chunk)] = bits
         labels.flush()
-        del labels
+        if feature_map is not None:
+            feature_map.flush()
+        del labels, feature_map
     _barrier()
     if rank == 0:
         save_file({"mean": thresholds.mean.cpu().contiguous(), "std": thresholds.std.cpu().contiguous()},
@@ -132,7 +154,7 @@ def build_cache(hidden_fn: HiddenFn, samples: Sequence[Sequence[int]], ids: Sequ
         meta = {"format": FORMAT_VERSION, "num_samples": len(samples), "replay_len": replay_len,
                 "hidden_size": hidden_size, "ids": list(ids), "lengths": [len(s) for s in samples],
                 "tokens": int(sum(len(s) for s in samples)), "model_fingerprint": model_fingerprint,
-                "tokenizer_fingerprint": tokenizer_fingerprint, "world_size": world,
+                "tokenizer_fingerprint": tokenizer_fingerprint, "world_size": world, "features": features,
                 "labels_bytes": len(samples) * replay_len * packed_width(hidden_size),
                 "fp32_activation_bytes": len(samples) * replay_len * hidden_size * 4}
         (building / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")

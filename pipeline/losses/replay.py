@@ -1,0 +1,106 @@
+"""The replay term of the objective, one strategy per config value, as the GeRe paper compares them.
+
+    none  no replay term
+    ce    plain replay: next-token cross-entropy on the replay rows
+    kl    KL(teacher || student) on the replay rows' next-token distributions, the
+          frozen base model as teacher (forward online), temperature T (scaled by T²)
+    l1/l2 feature imitation: mean |h - h_ref| or (h - h_ref)² against cached bf16 states
+    tm    GeRe's threshold-based margin loss against the cached 2-bit states
+
+CE on replay rows is added for every strategy except none (the paper trains on
+replay text as well); ``weight`` multiplies the strategy's own term: a number,
+or "dynamic" = CE / term with both detached, so the term is scaled to CE's size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+
+from .tm_loss import tm_loss
+
+STRATEGIES = ("none", "ce", "kl", "l1", "l2", "tm")
+
+
+@dataclass(frozen=True)
+class ReplayLossConfig:
+    strategy: str = "tm"
+    weight: Union[float, str] = 1.0  # a number, or "dynamic"
+    kl_temperature: float = 1.0
+    fused_tm: bool | None = None  # None: the Triton kernel where it runs (CUDA), else the reference
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"replay.strategy must be one of {STRATEGIES}, got '{self.strategy}'")
+        if isinstance(self.weight, str) and self.weight != "dynamic":
+            raise ValueError(f"replay.weight must be a number or 'dynamic', got '{self.weight}'")
+        if not isinstance(self.weight, str) and self.weight < 0:
+            raise ValueError(f"replay.weight must be >= 0, got {self.weight}")
+        if self.kl_temperature <= 0:
+            raise ValueError(f"replay.kl_temperature must be > 0, got {self.kl_temperature}")
+
+
+@dataclass
+class ReplayInputs:
+    """What one step's replay rows bring: mask [B, L]; states/features/teacher as the strategy needs."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    states: torch.Tensor | None = None  # packed 2-bit states (tm)
+    neg: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+    features: torch.Tensor | None = None  # cached reference hidden states, bf16 (l1, l2)
+    teacher_logits: torch.Tensor | None = None  # frozen base model on the same rows (kl)
+
+
+def causal_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token CE over positions whose target is a real token."""
+    target_mask = mask[:, 1:].bool() & mask[:, :-1].bool()
+    targets = input_ids[:, 1:].masked_fill(~target_mask, -100)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100)
+
+
+def replay_terms(cfg: ReplayLossConfig, logits: torch.Tensor, hidden: torch.Tensor,
+                 batch: ReplayInputs) -> dict[str, torch.Tensor]:
+    """{'replay_ce': ..., '<strategy>': ...}: the unweighted pieces, for logging and for ``combine``."""
+    if cfg.strategy == "none":
+        return {}
+    mask = batch.attention_mask
+    terms = {"replay_ce": causal_ce(logits, batch.input_ids, mask)}
+    m = mask.unsqueeze(-1).to(torch.float32)
+    if cfg.strategy == "tm":
+        if batch.states is None or batch.neg is None or batch.pos is None:
+            raise ValueError("replay.strategy 'tm' needs the GeRe cache's states and thresholds")
+        terms["tm"] = tm_loss(hidden, batch.states, batch.neg, batch.pos, mask, fused=cfg.fused_tm)[0]
+    elif cfg.strategy in ("l1", "l2"):
+        if batch.features is None:
+            raise ValueError(f"replay.strategy '{cfg.strategy}' needs cached features (build the cache with --features)")
+        diff = (hidden.float() - batch.features.float()) * m
+        per = diff.abs() if cfg.strategy == "l1" else diff * diff
+        terms[cfg.strategy] = per.sum() / (m.sum() * hidden.shape[-1]).clamp_min(1)
+    elif cfg.strategy == "kl":
+        if batch.teacher_logits is None:
+            raise ValueError("replay.strategy 'kl' needs the frozen base model's logits on the replay rows")
+        t = cfg.kl_temperature
+        student = F.log_softmax(logits.float() / t, dim=-1)
+        teacher = F.log_softmax(batch.teacher_logits.float() / t, dim=-1)
+        kl = (teacher.exp() * (teacher - student)).sum(-1)
+        terms["kl"] = (kl * mask).sum() / mask.sum().clamp_min(1) * t * t
+    return terms
+
+
+def combine(cfg: ReplayLossConfig, task_ce: torch.Tensor, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """total = task CE + replay CE + w · term; returns (total, w used)."""
+    total = task_ce + terms.get("replay_ce", torch.zeros_like(task_ce))
+    term = terms.get(cfg.strategy) if cfg.strategy not in ("none", "ce") else None
+    if term is None:
+        return total, 0.0
+    if cfg.weight == "dynamic":
+        ce = total.detach()
+        w = float(ce / term.detach()) if float(term.detach()) > 0 else 0.0
+    else:
+        w = float(cfg.weight)
+    return total + w * term, w
