@@ -90,7 +90,7 @@ def test_tm_is_exactly_zero_for_the_base_model_and_training_on_it_undoes_a_pertu
         loss = tm()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[0] > 0 and losses[-1] < 0.7 * losses[0], losses
 
 
