@@ -70,13 +70,13 @@ def test_all_neutral_inside_thresholds_is_exactly_zero_with_zero_gradient():
     packed = pack_states(torch.full((2, 4, hidden), NEUTRAL, dtype=torch.uint8))
     loss, count = TMLossFunction.apply(h, packed, neg, pos, torch.ones(2, 4, dtype=torch.long))
     loss.backward()
-    assert float(loss) == 0.0 and int(count) == 0 and torch.all(h.grad == 0)
+    assert loss.item() == 0.0 and int(count) == 0 and torch.all(h.grad == 0)
 
 
 def test_unchanged_activations_give_exactly_zero():
     h, packed, neg, pos, mask = make_case(2, 5, 70, torch.float32, seed=9, drift=0.0)
     loss, count = TMLossFunction.apply(h.requires_grad_(True), packed, neg, pos, mask)
-    assert float(loss) == 0.0 and int(count) == 0
+    assert loss.item() == 0.0 and int(count) == 0
 
 
 @pytest.mark.parametrize("hidden", [1, 3, 4, 5, 64, 129])
