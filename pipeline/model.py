@@ -35,7 +35,8 @@ class ModelSource:
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got '{self.dtype}'")
 
 
-def load_causal_lm(source: ModelSource, ds_config: dict[str, Any] | None = None) -> torch.nn.Module:
+def load_causal_lm(source: ModelSource, ds_config: dict[str, Any] | None = None,
+                   attn_implementation: str = "sdpa") -> torch.nn.Module:
     """The model, partitioned at construction when ``ds_config`` enables ZeRO-3."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
@@ -46,13 +47,13 @@ def load_causal_lm(source: ModelSource, ds_config: dict[str, Any] | None = None)
         if not (path / "config.json").is_file():
             raise ValueError(f"{path}: not a Hugging Face checkpoint (no config.json)")
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
-                                                    local_files_only=True,
+                                                    local_files_only=True, attn_implementation=attn_implementation,
                                                     trust_remote_code=source.trust_remote_code)
     # A from-scratch model is small by nature (tests, demo): built whole from its seed on every rank and
     # partitioned by deepspeed.initialize, so its weights are the same with or without ZeRO-3.
     torch.manual_seed(source.seed)
     config = LlamaConfig(**source.config) if "model_type" not in source.config else AutoConfig.for_model(**source.config)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def model_fingerprint(source: ModelSource) -> str:

@@ -1,0 +1,85 @@
+"""Training data: the mixture in its prepared order, split over ranks, resumable by step number.
+
+The mixture is already in training order (data_prep stratified it per global
+batch), so step k uses rows [k·G, (k+1)·G) of it, wrapping into a new epoch at
+the end (G = micro_batch × grad_accum × ranks). Within a global batch, slot
+p = (micro_index · ranks + rank) · micro_batch + i: the set of rows per step
+depends only on G, so a run resumed on another number of ranks with the same
+global batch trains on the same rows in the same steps. Resuming is O(1): the
+position is the step number.
+
+A packed row becomes model inputs with position ids restarting at every
+document segment (transformers then keeps attention inside each document)
+and labels masked (-100) at each segment's first token (it must not be
+predicted from the previous document) and where loss_mask is 0.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class PrepPaths:
+    mixture: Path
+    replay: Path | None
+    holdout: dict[str, Path]
+    tokenizer: Path
+    seq_len: int
+
+    @classmethod
+    def read(cls, prep_dir: str | Path) -> "PrepPaths":
+        prep_dir = Path(prep_dir)
+        meta_path = prep_dir / "prep.json"
+        if not meta_path.is_file():
+            raise ValueError(f"{prep_dir}: no prep.json; run `python -m data_prep prepare` first")
+        meta = json.loads(meta_path.read_text())
+        return cls(Path(meta["mixture"]) / "data", Path(meta["replay"]) if meta.get("replay") else None,
+                   {r: Path(p) for r, p in meta.get("holdout", {}).items()}, Path(meta["tokenizer"]), meta["seq_len"])
+
+
+class GlobalOrder:
+    """Which mixture rows each rank reads at (step, micro_index)."""
+
+    def __init__(self, num_rows: int, micro_batch: int, grad_accum: int, world: int, rank: int) -> None:
+        self.num_rows, self.micro, self.accum, self.world, self.rank = num_rows, micro_batch, grad_accum, world, rank
+        self.global_batch = micro_batch * grad_accum * world
+        if num_rows < 1:
+            raise ValueError("the mixture has no rows")
+
+    def rows(self, step: int, micro_index: int) -> list[int]:
+        base = step * self.global_batch + (micro_index * self.world + self.rank) * self.micro
+        return [(base + i) % self.num_rows for i in range(self.micro)]
+
+    def global_rows(self, step: int) -> list[int]:
+        base = step * self.global_batch
+        return [(base + i) % self.num_rows for i in range(self.global_batch)]
+
+    def epoch(self, step: int) -> float:
+        return step * self.global_batch / self.num_rows
+
+
+def packed_inputs(rows: dict[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
+    """Batch of packed rows (input_ids, loss_mask, doc_lens) → input_ids, position_ids, labels."""
+    ids = torch.as_tensor(np.asarray(rows["input_ids"], dtype=np.int64))
+    loss_mask = torch.as_tensor(np.asarray(rows["loss_mask"], dtype=np.bool_))
+    positions = torch.empty_like(ids)
+    starts = torch.zeros_like(loss_mask)
+    for b, lens in enumerate(rows["doc_lens"]):
+        offset = 0
+        for n in lens:
+            positions[b, offset:offset + n] = torch.arange(n)
+            starts[b, offset] = True
+            offset += n
+    labels = ids.masked_fill(~loss_mask | starts, -100)
+    return {"input_ids": ids, "position_ids": positions, "labels": labels}
+
+
+def loss_tokens(rows: dict[str, Sequence[Any]]) -> int:
+    """How many positions of these rows carry loss: what the global CE mean divides by."""
+    return int((packed_inputs(rows)["labels"][:, 1:] != -100).sum())

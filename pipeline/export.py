@@ -1,0 +1,141 @@
+"""Export a training checkpoint as a Hugging Face model directory (safetensors + tokenizer).
+
+    python -m pipeline.export --checkpoint RUN/checkpoints/step00000100 --out RUN/hf [--verify]
+
+ZeRO-3 checkpoints hold each rank's partition; DeepSpeed's zero_to_fp32 joins
+them into one fp32 state dict, which is loaded strictly into the run's model
+architecture and saved with ``save_pretrained`` in the run's dtype. The
+tokenizer travels along: a Hugging Face tokenizer's files, or a SentencePiece
+model as ``tokenizer.model``. ``--verify`` loads the same checkpoint into a
+DeepSpeed engine and checks that both give the same logits on a probe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("pipeline.export")
+
+
+def export(checkpoint: Path, out: Path) -> Path:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipeline.atomic_dir import atomic_dir
+    from pipeline.data import PrepPaths
+
+    cfg = _run_config(checkpoint)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    model = _architecture(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _tied(model, k)]
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    model = model.to(getattr(torch, cfg["model"]["dtype"]))
+    with atomic_dir(out) as tmp:
+        tmp.mkdir()
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer = PrepPaths.read(cfg["data"]["prep"]).tokenizer
+        if tokenizer.is_dir():
+            for f in tokenizer.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        else:
+            shutil.copy2(tokenizer, tmp / "tokenizer.model")
+        (tmp / "training_run.json").write_text(json.dumps({"checkpoint": str(checkpoint), "config": cfg},
+                                                          indent=1, sort_keys=True))
+    log.info("exported %s → %s", checkpoint, out)
+    return out
+
+
+def verify(checkpoint: Path, out: Path) -> float:
+    """Max |logit difference| between the exported model and an engine loaded from the checkpoint."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import load_train_config
+    from pipeline.ds_config import filled_ds_config
+
+    cfg_dict = _run_config(checkpoint)
+    cfg = load_train_config(None, [f"{k}={json.dumps(v)}" for k, v in _flat(cfg_dict)])
+    deepspeed.init_distributed()
+    model = _architecture(cfg_dict)
+    ds_cfg = filled_ds_config(cfg, 1)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
+                                      optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+    engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=False,
+                           load_lr_scheduler_states=False)
+    engine.eval()
+    exported = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    probe = torch.arange(2, 2 + 32).remainder(exported.config.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        a = engine(input_ids=probe, use_cache=False).logits.float()
+        b = exported(input_ids=probe, use_cache=False).logits.float()
+    return float((a - b).abs().max())
+
+
+def _run_config(checkpoint: Path) -> dict[str, Any]:
+    marker = checkpoint / "pipeline_state.json"
+    if not (checkpoint / "COMPLETE").is_file() or not marker.is_file():
+        raise ValueError(f"{checkpoint}: not a complete pipeline checkpoint (see RUN/checkpoints/latest)")
+    return json.loads(marker.read_text())["config"]
+
+
+def _architecture(cfg: dict[str, Any]) -> torch.nn.Module:
+    from pipeline.model import ModelSource, load_causal_lm
+
+    m = cfg["model"]
+    source = ModelSource(path=cfg.get("init_from") or m["path"], config=m["config"] or {}, seed=m["seed"])
+    return load_causal_lm(source, None, m["attn_implementation"])
+
+
+def _tied(model: torch.nn.Module, key: str) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "config":
+            out.extend(_flat(v, f"{prefix}{k}."))
+        elif v is not None:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (RUN/checkpoints/stepNNNNNNNN)")
+    p.add_argument("--out", required=True, help="Hugging Face model directory to write")
+    p.add_argument("--verify", action="store_true", help="compare logits with a DeepSpeed engine on the checkpoint")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", "29599")):
+        os.environ.setdefault(key, value)
+    try:
+        out = export(Path(args.checkpoint), Path(args.out))
+        if args.verify:
+            diff = verify(Path(args.checkpoint), out)
+            print(f"max_abs_logit_diff={diff:.3g}")
+            if diff > 1e-5:
+                log.error("exported logits differ from the engine's by %.3g", diff)
+                return 1
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
