@@ -1,0 +1,109 @@
+"""pipeline.train for real: 2 CPU ranks under the deepspeed launcher, ZeRO-3, a tiny Llama, stdlib text."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pipeline.config import load_train_config
+from pipeline.gere.cache import build_cache
+from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
+from pipeline.schedule import lr_at
+
+from .train_helpers import (ROOT, TINY_LLAMA, env, final_weights, launcher_command, make_prep, metrics, run_training,
+                            write_config)
+
+
+@pytest.fixture(scope="module")
+def prep(sample, tmp_path_factory):
+    return make_prep(sample, tmp_path_factory.mktemp("prep") / "prep")
+
+
+@pytest.fixture(scope="module")
+def reference(prep, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    config = write_config(root / "cpt.yaml", prep, root / "run")
+    run_training(config)
+    return config, root / "run"
+
+
+def test_cpt_loss_goes_down(reference):
+    m = metrics(reference[1])
+    assert sorted(m) == list(range(1, 13))
+    first, last = m[1]["loss"], (m[11]["loss"] + m[12]["loss"]) / 2
+    assert last < first - 0.3, (first, last)
+    assert m[12]["ppl/general"] > 0 and m[12]["ppl/domain"] > 0
+
+
+def test_lr_follows_the_schedule_exactly(reference):
+    config, run = reference
+    cfg = load_train_config(config)
+    m = metrics(run)
+    for step, row in m.items():
+        expected = lr_at(step - 1, cfg.peak_lr, 12, cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr_ratio)
+        assert row["lr"] == pytest.approx(expected, rel=1e-12, abs=0), step
+
+
+def test_kill_9_mid_run_then_resume_gives_the_same_losses_and_weights(reference, prep, tmp_path):
+    _, ref_run = reference
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "cpt.yaml", prep, run)
+    proc = subprocess.Popen(launcher_command(config), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = run / "checkpoints" / "step00000004" / "COMPLETE"
+    deadline = time.monotonic() + 600
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (run / "checkpoints" / "step00000012").exists()  # killed mid-run
+    run_training(config)  # resume: auto
+    ref, got = metrics(ref_run), metrics(run)
+    assert [got[s]["loss"] for s in range(5, 13)] == [ref[s]["loss"] for s in range(5, 13)]  # bitwise
+    a, b = final_weights(ref_run), final_weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_round_trip_gives_the_engines_logits(reference, tmp_path):
+    _, run = reference
+    checkpoint = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    result = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(checkpoint), "--out",
+                             str(tmp_path / "hf"), "--verify"], capture_output=True, text=True, env=env(), cwd=ROOT,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_abs_logit_diff=0" in result.stdout
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    weights = final_weights(run)
+    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
+    assert (tmp_path / "hf" / "tokenizer.model").is_file()
+
+
+def test_l2sp_pulls_toward_the_initial_weights_and_tm_replay_starts_at_zero(reference, prep, tmp_path):
+    import datasets
+    import json
+
+    source = ModelSource(config=TINY_LLAMA, seed=0)
+    base = load_causal_lm(source).eval()
+    replay_meta = json.loads((prep / "replay" / "replay.json").read_text())
+    rows = datasets.load_from_disk(str(prep / "replay" / "data"))
+    build_cache(lambda i, m: final_hidden_states(base, i, m), rows["input_ids"], rows["id"], tmp_path / "cache",
+                hidden_size=TINY_LLAMA["hidden_size"], replay_len=replay_meta["replay_len"], batch_size=4,
+                model_fingerprint=model_fingerprint(source), tokenizer_fingerprint=replay_meta["tokenizer_fingerprint"])
+    config = write_config(tmp_path / "gere.yaml", prep, tmp_path / "run", penalty={"kind": "l2sp", "weight": 200.0},
+                          replay={"strategy": "tm", "cache": str(tmp_path / "cache"), "samples_per_step": 2})
+    run_training(config)
+    m = metrics(tmp_path / "run")
+    assert m[1]["loss/tm"] == 0.0 and max(m[s]["loss/tm"] for s in m) > 0
+    initial = {k: v.float() for k, v in base.state_dict().items()}
+
+    def distance(weights):
+        return sum(((weights[k].detach() - initial[k]) ** 2).sum().item() for k in weights)
+
+    assert distance(final_weights(tmp_path / "run")) < 0.5 * distance(final_weights(reference[1]))

@@ -1,0 +1,92 @@
+"""Training building blocks without the launcher: inputs from packed rows, document isolation, order, schedule."""
+from __future__ import annotations
+
+import math
+
+import datasets
+import pytest
+import torch
+
+from data_prep.build import BuildOptions, SourceSpec, build_source, chunk_tables
+from pipeline.config import load_train_config
+from pipeline.data import GlobalOrder, packed_inputs
+from pipeline.model import ModelSource, load_causal_lm
+from pipeline.schedule import lr_at
+
+from .train_helpers import TINY_LLAMA
+
+
+def test_position_ids_restart_per_document_and_segment_starts_carry_no_label():
+    rows = {"input_ids": [[5, 6, 7, 8, 9, 10]], "loss_mask": [[1, 1, 1, 1, 1, 1]], "doc_lens": [[2, 3, 1]]}
+    batch = packed_inputs(rows)
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9, -100]]
+
+
+def test_instruction_prompt_tokens_carry_no_loss(sample, tmp_path):
+    out = build_source(SourceSpec(name="qa", role="instruction", paths=(str(sample.instruction),), holdout_fraction=0),
+                       BuildOptions(seq_len=256, max_reject_fraction=0.5), str(sample.tokenizer), tmp_path, quiet=True)
+    table = next(chunk_tables(out, "rows"))
+    rows = table.slice(0, 4).to_pydict()
+    labels = packed_inputs(rows)["labels"]
+    mask = torch.tensor(rows["loss_mask"], dtype=torch.bool)
+    assert torch.all(labels[~mask] == -100)  # every prompt and padding token: no loss
+    assert (labels != -100).sum() > 0 and (labels[mask] != -100).float().mean() > 0.9
+
+
+def test_a_documents_logits_are_the_same_packed_and_alone(sample, tmp_path):
+    out = build_source(SourceSpec(name="g", role="general", paths=(str(sample.general),), holdout_fraction=0),
+                       BuildOptions(seq_len=96), str(sample.tokenizer), tmp_path, quiet=True)
+    rows = next(chunk_tables(out, "rows")).to_pydict()
+    k = next(i for i, lens in enumerate(rows["doc_lens"]) if len(lens) >= 2 and lens[1] > 1)
+    one = {key: [rows[key][k]] for key in ("input_ids", "loss_mask", "doc_lens")}
+    model = load_causal_lm(ModelSource(config=TINY_LLAMA, seed=0)).eval()
+    batch = packed_inputs(one)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for n in one["doc_lens"][0]:
+            alone = model(input_ids=batch["input_ids"][:, start:start + n], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start:start + n], alone, rtol=1e-4, atol=1e-5)
+            start += n
+
+
+def test_each_step_reads_the_same_rows_for_any_split_of_the_same_global_batch():
+    a = [GlobalOrder(50, micro_batch=2, grad_accum=2, world=2, rank=r) for r in range(2)]
+    b = [GlobalOrder(50, micro_batch=1, grad_accum=4, world=2, rank=r) for r in range(2)]
+    c = [GlobalOrder(50, micro_batch=4, grad_accum=2, world=1, rank=0)]
+    for step in range(30):  # wraps into later epochs too
+        sets = [sorted(i for o in split for j in range(o.accum) for i in o.rows(step, j)) for split in (a, b, c)]
+        assert sets[0] == sets[1] == sets[2] == sorted(a[0].global_rows(step))
+
+
+def test_schedule_warms_up_linearly_then_decays_to_the_floor():
+    peak, total, warm = 1e-3, 100, 10
+    assert [lr_at(s, peak, total, warm) for s in range(3)] == pytest.approx([1e-4, 2e-4, 3e-4])
+    assert lr_at(warm, peak, total, warm) == pytest.approx(peak)
+    assert lr_at(total, peak, total, warm, "cosine", 0.1) == pytest.approx(1e-4)
+    assert lr_at(total, peak, total, warm, "linear", 0.1) == pytest.approx(1e-4)
+    mid = warm + (total - warm) // 2
+    assert lr_at(mid, peak, total, warm, "cosine", 0.0) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(50, peak, total, warm, "constant") == peak
+
+
+@pytest.mark.parametrize("override, message", [
+    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["optim.sheduler=cosine"], "unknown key 'optim.sheduler'"),
+    (["stage=pretrain"], "stage must be one of"),
+    (["tokens=1000"], "steps/tokens must be exactly one set"),
+    (["replay.strategy=tm"], "replay.cache must be set"),
+    (["batch.micro_batch=0"], "batch.micro_batch must be >= 1"),
+])
+def test_bad_training_config_names_the_field(override, message, tmp_path):
+    base = ["data.prep=p", "steps=5", "model.config={hidden_size: 8}"]
+    with pytest.raises(ValueError, match=message.replace("(", "\\(")):
+        load_train_config(None, base + override)
+
+
+def test_stage_presets_fill_the_learning_rate():
+    base = ["data.prep=p", "steps=5", "model.config={hidden_size: 8}"]
+    assert load_train_config(None, base + ["stage=cpt"]).peak_lr == 2e-5
+    assert load_train_config(None, base + ["stage=sft"]).peak_lr == 1e-6
+    assert load_train_config(None, base + ["stage=sft", "optim.lr=3e-6"]).peak_lr == 3e-6

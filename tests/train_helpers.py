@@ -1,0 +1,86 @@
+"""Helpers for the training tests: a small prep, configs, and runs under the real deepspeed launcher."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_LLAMA = {"vocab_size": 768, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+
+
+def make_prep(sample, out: Path) -> Path:
+    from data_prep.config import parse_config
+    from data_prep.prepare import prepare
+
+    cfg = parse_config({"tokenizer": str(sample.tokenizer), "out": str(out), "seq_len": 64, "docs_per_chunk": 16,
+                        "sources": [{"name": "code", "role": "domain", "paths": [str(sample.domain)]},
+                                    {"name": "docs", "role": "general", "paths": [str(sample.general)]}],
+                        "mix": {"general_ratio": 0.15, "batch_rows": 4},
+                        "replay": {"num_samples": 16, "replay_len": 32}, "holdout": {"fraction": 0.05}},
+                       base=out.parent, origin="test")
+    prepare(cfg, quiet=True)
+    return out
+
+
+def write_config(path: Path, prep: Path, run_dir: Path, **sections: Any) -> Path:
+    cfg: dict[str, Any] = {"run_dir": str(run_dir), "steps": 12, "seed": 0,
+                           "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"),
+                           "model": {"config": TINY_LLAMA, "seed": 0}, "data": {"prep": str(prep)},
+                           "optim": {"lr": 3e-3, "warmup_steps": 3, "decay": "cosine"},
+                           "batch": {"micro_batch": 2, "grad_accum": 1}, "checkpoint": {"every": 2, "keep_last": 10},
+                           "eval": {"max_docs": 4}, "log": {"tensorboard": False}}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_command(config: Path, ranks: int = 2) -> list[str]:
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "pipeline.train",
+            "--config", str(config)]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def run_training(config: Path, ranks: int = 2) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(launcher_command(config, ranks), capture_output=True, text=True, env=env(), cwd=ROOT,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """Logged values per step, lines merged in order (a resumed run appends, so its values win)."""
+    out: dict[int, dict[str, Any]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.setdefault(row["step"], {}).update(row)
+    return out
+
+
+def final_weights(run_dir: Path) -> dict[str, Any]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root = run_dir / "checkpoints"
+    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=(root / "latest").read_text().strip())
