@@ -86,7 +86,9 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # SLURM preemption signals every process of the job step and Ctrl-C the whole foreground process
+        # group, so each rank sees the signal itself; ranks agree on the step to stop at (_should_stop).
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         last: dict[str, Any] = {}
         try:
             while self.step < self.total_steps:
@@ -102,7 +104,7 @@ class Trainer:
                 if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < self.total_steps:
                     self.metrics.log(self.step, self.evaluate())
                 if self._should_stop():
-                    log.warning("SIGTERM: saving a checkpoint at step %d and exiting", self.step)
+                    log.warning("SIGTERM/SIGINT: saving a checkpoint at step %d and exiting", self.step)
                     self.save()
                     return last
                 if self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0:
@@ -114,7 +116,8 @@ class Trainer:
             last.update(final)
             return last
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.metrics.close()
 
     def train_step(self) -> dict[str, Any]:
@@ -274,7 +277,7 @@ class Trainer:
             self.sampler.load_state_dict(state["replay_sampler"])
         # L2-SP anchors were taken from the start weights before this load: still the run's initial weights.
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop = True
 
     def _should_stop(self) -> bool:

@@ -107,3 +107,26 @@ def test_l2sp_pulls_toward_the_initial_weights_and_tm_replay_starts_at_zero(refe
         return sum(((weights[k].detach() - initial[k]) ** 2).sum().item() for k in weights)
 
     assert distance(final_weights(tmp_path / "run")) < 0.5 * distance(final_weights(reference[1]))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(prep, tmp_path):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "long.yaml", prep, run, steps=400, checkpoint={"every": 0})
+    proc = subprocess.Popen(launcher_command(config), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # every process of the job, as SLURM preemption does
+    output, _ = proc.communicate(timeout=120)
+    latest = run / "checkpoints" / "latest"
+    assert latest.is_file(), output[-3000:]
+    tag = latest.read_text().strip()
+    stopped_at = int(tag.removeprefix("step"))
+    assert 3 <= stopped_at < 400 and (run / "checkpoints" / tag / "COMPLETE").is_file()
+    assert "SIGTERM/SIGINT: saving a checkpoint" in output
+    resumed = write_config(tmp_path / "short.yaml", prep, run, steps=stopped_at + 2, checkpoint={"every": 0})
+    run_training(resumed)
+    assert (run / "checkpoints" / f"step{stopped_at + 2:08d}" / "COMPLETE").is_file()

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Training on one node: every local GPU (or N CPU ranks where there is none).
+#   launch/train.sh cpt.yaml [NUM_RANKS] [--set key=value ...]
+set -euo pipefail
+config=${1:?usage: launch/train.sh CONFIG.yaml [NUM_RANKS] [--set key=value ...]}
+shift
+ranks=""
+if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then ranks="--num_gpus $1"; shift; fi
+# shellcheck disable=SC2086
+exec deepspeed $ranks --module pipeline.train --config "$config" "$@"

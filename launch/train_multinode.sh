@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Training on several nodes over SSH with a DeepSpeed hostfile (see launch/hostfile.example).
+# The repository, the prep output and the run directory must be on a filesystem every node sees.
+#   launch/train_multinode.sh launch/hostfile cpt.yaml [--set key=value ...]
+set -euo pipefail
+hostfile=${1:?usage: launch/train_multinode.sh HOSTFILE CONFIG.yaml [--set key=value ...]}
+config=${2:?config}
+shift 2
+exec deepspeed --hostfile "$hostfile" --master_port "${MASTER_PORT:-29500}" --module pipeline.train --config "$config" "$@"
