@@ -1,0 +1,186 @@
+"""Training throughput: this loop vs the Hugging Face Trainer, and the cost of GeRe replay.
+
+Same model (a small Llama from one seed), data (the demo mixture: packed rows,
+per-document position ids), batch, and the same filled DeepSpeed ZeRO-3
+config for all variants; tokens/s over --steps timed steps after --warmup.
+  1. this loop (``pipeline.trainer.Trainer.train_step``), replay off;
+  2. HF ``Trainer`` with ``deepspeed=`` the same config, a collator producing
+     the same inputs, loss from the model (labels);
+  3. this loop with GeRe TM replay (cache built in this script).
+gere_overhead = t(3)/t(1) - 1 - replay_share, where replay_share is the replay
+rows' tokens (padded to replay_len, as computed) over the task tokens: the
+cost beyond the extra tokens themselves (goal <= 0.05).
+
+On CPU the HF Trainer only runs DeepSpeed in a world of one (accelerate sees
+one process on CPU ranks), so run it with one rank:
+    deepspeed --num_gpus 1 bench/train_step.py
+On GPUs: deepspeed --num_gpus 8 bench/train_step.py --deepspeed ds_configs/zero3_bf16.json --dtype bfloat16
+Last line: ratio_vs_hf_trainer=<x> gere_overhead=<y>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 4, "max_position_embeddings": 1024}
+
+
+def overrides(prep: Path, run: Path, args: argparse.Namespace, vocab: int, **extra: str) -> list[str]:
+    model = {**MODEL, "vocab_size": vocab}
+    base = {"data.prep": str(prep), "run_dir": str(run), "steps": str(args.warmup + args.steps),
+            "deepspeed": str(Path(args.deepspeed).resolve()), "model.config": json.dumps(model),
+            "model.dtype": args.dtype, "batch.micro_batch": str(args.micro_batch), "optim.lr": "1e-4",
+            "log.tensorboard": "false", "checkpoint.resume": "never"}
+    return [f"{k}={v}" for k, v in {**base, **extra}.items()]
+
+
+def time_ours(cfg_overrides: list[str], args: argparse.Namespace) -> tuple[float, int, float]:
+    """(seconds per step, task tokens per step, replay tokens per step)."""
+    from pipeline.config import load_train_config
+    from pipeline.trainer import Trainer
+
+    trainer = Trainer(load_train_config(None, cfg_overrides))
+    times = []
+    for step in range(args.warmup + args.steps):
+        sync()
+        start = time.perf_counter()
+        trainer.train_step()
+        sync()
+        trainer.step += 1
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    replay = trainer.cfg.replay.samples_per_step * trainer.replay_len if trainer.sampler else 0
+    tokens = trainer.order.global_batch * trainer.seq_len
+    del trainer
+    return sum(times) / len(times), tokens, replay
+
+
+def time_hf(cfg_overrides: list[str], args: argparse.Namespace) -> float:
+    import datasets
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from pipeline.config import load_train_config
+    from pipeline.data import PrepPaths, packed_inputs
+    from pipeline.ds_config import filled_ds_config
+    from pipeline.model import ModelSource, load_causal_lm
+
+    cfg = load_train_config(None, cfg_overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds = filled_ds_config(cfg, world)
+    model = load_causal_lm(ModelSource(config=cfg.model.config, seed=cfg.model.seed, dtype=cfg.model.dtype))
+    model.config.use_cache = False
+    mixture = datasets.load_from_disk(str(PrepPaths.read(cfg.data.prep).mixture))
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            sync()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            sync()
+            times.append(time.perf_counter() - self.start)
+
+    targs = TrainingArguments(output_dir=str(Path(cfg.run_dir) / "hf"), per_device_train_batch_size=cfg.batch.micro_batch,
+                              gradient_accumulation_steps=cfg.batch.grad_accum, max_steps=cfg.steps,
+                              learning_rate=cfg.peak_lr, deepspeed=ds, report_to=[], save_strategy="no",
+                              logging_strategy="no", remove_unused_columns=False, dataloader_num_workers=0,
+                              disable_tqdm=True, bf16=cfg.model.dtype == "bfloat16")
+
+    def collate(rows):
+        return packed_inputs({k: [r[k] for r in rows] for k in ("input_ids", "loss_mask", "doc_lens")})
+
+    Trainer(model=model, args=targs, train_dataset=mixture, data_collator=collate, callbacks=[Clock()]).train()
+    timed = times[args.warmup:]
+    return sum(timed) / len(timed)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_cache_for(prep: Path, cfg_overrides: list[str], out: Path) -> Path:
+    import datasets
+
+    from pipeline.config import load_train_config
+    from pipeline.gere.cache import build_cache
+    from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
+
+    cfg = load_train_config(None, cfg_overrides)
+    source = ModelSource(config=cfg.model.config, seed=cfg.model.seed, dtype=cfg.model.dtype)
+    model = load_causal_lm(source).eval()
+    meta = json.loads((prep / "replay" / "replay.json").read_text())
+    rows = datasets.load_from_disk(str(prep / "replay" / "data"))
+    return build_cache(lambda i, m: final_hidden_states(model, i, m), rows["input_ids"], rows["id"], out,
+                       hidden_size=cfg.model.config["hidden_size"], replay_len=meta["replay_len"], batch_size=8,
+                       model_fingerprint=model_fingerprint(source), tokenizer_fingerprint=meta["tokenizer_fingerprint"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prep", help="data_prep output to train on (default: build the demo's)")
+    p.add_argument("--deepspeed", default=str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json"))
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--replay-per-step", type=int, default=2)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    from pipeline.train import _init_distributed
+
+    _init_distributed()
+    rank = int(os.environ.get("RANK", "0"))
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    prep = Path(args.prep) if args.prep else None
+    if prep is None:
+        from data_prep.demo import run_demo
+
+        prep = Path(run_demo(work / "demo", quiet=True)["mixture"]).parent
+    from data_prep.tokenizer import load_tokenizer
+    from pipeline.data import PrepPaths
+
+    vocab = load_tokenizer(PrepPaths.read(prep).tokenizer).vocab_size
+    plain = overrides(prep, work / "ours", args, vocab)
+    # The cache first and the HF Trainer last: TrainingArguments(deepspeed=...) leaves a process-wide
+    # HfDeepSpeedConfig behind, under which transformers builds any later model partitioned.
+    cache = build_cache_for(prep, plain, work / "cache") if rank == 0 else work / "cache"
+    torch.distributed.barrier()
+    ours_s, tokens, _ = time_ours(plain, args)
+    gere = overrides(prep, work / "gere", args, vocab, **{"replay.strategy": "tm", "replay.cache": str(cache),
+                                                           "replay.samples_per_step": str(args.replay_per_step)})
+    gere_s, _, replay_tokens = time_ours(gere, args)
+    hf_s = time_hf(overrides(prep, work / "hf", args, vocab), args)
+    if rank != 0:
+        return
+    share = replay_tokens / tokens
+    rows = [("this loop", ours_s), ("HF Trainer + same DeepSpeed config", hf_s),
+            (f"this loop + GeRe TM ({args.replay_per_step} replay rows)", gere_s)]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    print(f"\n{world} rank(s) on {'cuda' if torch.cuda.is_available() else 'cpu'}, model {MODEL} vocab {vocab}, "
+          f"{tokens} task tokens/step, mean of {args.steps} steps after {args.warmup}")
+    print(f"| {'variant':<44} | {'s/step':>7} | {'tokens/s':>9} | {'vs this loop':>12} |")
+    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 11}|{'-' * 14}|")
+    for name, s in rows:
+        print(f"| {name:<44} | {s:>7.3f} | {tokens / s:>9,.0f} | {ours_s / s:>11.2f}x |")
+    print(f"replay rows add {share:.1%} tokens (padded to replay_len); measured slowdown {gere_s / ours_s - 1:.1%}")
+    print(f"ratio_vs_hf_trainer={hf_s / ours_s:.3f} gere_overhead={gere_s / ours_s - 1 - share:.3f}")
+
+
+if __name__ == "__main__":
+    main()
