@@ -71,8 +71,9 @@ class KDConfig:
 
 @dataclass
 class PenaltyConfig:
-    kind: str = "none"  # none | l2sp
+    kind: str = "none"  # none | l2sp | ewc
     weight: float = 0.0  # decoupled pull strength toward the initial weights, per unit lr
+    ewc_batches: int = 8  # replay batches the diagonal Fisher (ewc) is estimated on
 
 
 @dataclass
@@ -86,6 +87,7 @@ class CheckpointConfig:
 class LogConfig:
     every: int = 1
     tensorboard: bool = True
+    peak_tflops: float | None = None  # device peak for MFU; None: known GPUs by name, nothing on CPU
 
 
 @dataclass
@@ -189,7 +191,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.kd.weight >= 0, "kd.weight", cfg.kd.weight, ">= 0")
     need(cfg.kd.temperature > 0, "kd.temperature", cfg.kd.temperature, "> 0")
     need(cfg.kd.rows in ("all", "general"), "kd.rows", cfg.kd.rows, "all|general")
-    need(cfg.penalty.kind in ("none", "l2sp"), "penalty.kind", cfg.penalty.kind, "none|l2sp")
+    need(cfg.penalty.kind in ("none", "l2sp", "ewc"), "penalty.kind", cfg.penalty.kind, "none|l2sp|ewc")
+    need(cfg.penalty.ewc_batches >= 1, "penalty.ewc_batches", cfg.penalty.ewc_batches, ">= 1")
     need(cfg.penalty.weight >= 0, "penalty.weight", cfg.penalty.weight, ">= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, ">= 0")

@@ -50,3 +50,24 @@ class MetricsLogger:
         for h in (self._bar, self._tb, self._jsonl):
             if h is not None:
                 h.close()
+
+
+# Dense bf16 peak of common training GPUs (vendor datasheets, without sparsity), FLOP/s.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def device_peak_flops(override_tflops: float | None = None) -> float | None:
+    """The peak to divide by: the configured value, else a known GPU's, else None (no MFU on CPU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def model_flops_utilization(tokens_per_s: float, n_params: int, peak_flops: float) -> float:
+    """MFU with the 6·N FLOPs per token of a dense transformer's forward + backward (attention ignored)."""
+    return 6.0 * n_params * tokens_per_s / peak_flops

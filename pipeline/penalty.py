@@ -1,6 +1,9 @@
-"""L2-SP: a decoupled pull of the weights toward their initial values, on each rank's own partition.
+"""Parameter-change penalties as a decoupled pull toward the initial weights, on each rank's own partition.
 
-After every optimizer step, p ← p − lr·λ·(p − p₀). Under ZeRO-3 each rank
+L2-SP: after every optimizer step, p ← p − lr·λ·(p − p₀). EWC: the same with a
+per-element importance F (the diagonal Fisher of the replay CE at the initial
+weights, normalised to mean 1 so λ means the same as for L2-SP on average):
+p ← p − min(lr·λ·F, 1)·(p − p₀). Under ZeRO-3 each rank
 holds 1/N of every parameter: the pull reads and writes only that local fp32
 partition through DeepSpeed's public ``safe_get/set_local_fp32_param`` and the
 local working copy (``ds_tensor``) the next forward gathers, so no rank ever
@@ -33,20 +36,69 @@ def set_local_fp32(p: torch.nn.Parameter, value: torch.Tensor) -> None:
         p.data.copy_(value.to(p.dtype))
 
 
-class L2SPPull:
-    def __init__(self, params: list[torch.nn.Parameter], weight: float) -> None:
+def local_grad(p: torch.nn.Parameter) -> torch.Tensor:
+    if _is_zero3(p):
+        from deepspeed.utils import safe_get_local_grad
+
+        return safe_get_local_grad(p)
+    return p.grad
+
+
+class AnchorPull:
+    """L2-SP (``importance=None``) or EWC (per-element importance over the local partitions)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], weight: float,
+                 importance: list[torch.Tensor] | None = None) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.weight = weight
         self.anchor = [local_fp32(p).detach().clone() for p in self.params]
+        self.importance = importance
 
     def apply(self, lr: float) -> None:
-        factor = min(lr * self.weight, 1.0)  # never overshoot past the anchor
         with torch.no_grad():
-            for p, p0 in zip(self.params, self.anchor):
+            for k, (p, p0) in enumerate(zip(self.params, self.anchor)):
                 local = local_fp32(p)
+                if self.importance is None:
+                    factor: torch.Tensor | float = min(lr * self.weight, 1.0)  # never past the anchor
+                else:
+                    factor = (lr * self.weight * self.importance[k]).clamp(max=1.0)
                 set_local_fp32(p, local - factor * (local - p0))
 
     def distance(self) -> float:
         """Squared distance of this rank's partitions to the anchor (sum over ranks: the full distance)."""
         with torch.no_grad():
             return float(sum(((local_fp32(p) - p0) ** 2).sum() for p, p0 in zip(self.params, self.anchor)))
+
+
+def diagonal_fisher(engine, params: list[torch.nn.Parameter], batches, loss_fn) -> list[torch.Tensor]:
+    """Mean squared gradient of ``loss_fn`` over ``batches``, on each rank's local partitions, mean 1.
+
+    Uses batch gradients (the empirical Fisher of each batch), averaged over ranks by
+    DeepSpeed's reduction. Each backward is forced to be a gradient-accumulation boundary
+    so gradients are reduced into the local partitions; zero_grad discards them after reading.
+    """
+    import torch.distributed as dist
+
+    params = [p for p in params if p.requires_grad]
+    fisher = [torch.zeros_like(local_fp32(p)) for p in params]
+    engine.set_gradient_accumulation_boundary(True)
+    n = 0
+    try:
+        for batch in batches:
+            loss = loss_fn(batch) * engine.gradient_accumulation_steps()  # backward divides by it
+            engine.backward(loss)
+            for f, p in zip(fisher, params):
+                g = local_grad(p)
+                if g is not None:
+                    f += g.float().reshape(f.shape) ** 2
+            engine.optimizer.zero_grad()
+            n += 1
+    finally:
+        engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own micro-step counting
+    total = torch.stack([sum(f.sum() for f in fisher), torch.tensor(float(sum(f.numel() for f in fisher)))]).double()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    mean = float(total[0] / total[1]) / max(n, 1)
+    if not mean > 0:
+        raise ValueError("EWC: the Fisher estimate is zero (no replay gradient reached the parameters)")
+    return [f / max(n, 1) / mean for f in fisher]

@@ -9,6 +9,7 @@ document alone, padded to replay_len, as the GeRe cache saw them).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -30,10 +31,10 @@ from .ds_config import filled_ds_config, inference_ds_config
 from .evaluate import holdout_perplexities
 from .gere.cache import GeReCache, pad_replay_rows
 from .gere.sampler import ReplaySampler
-from .losses.replay import ReplayInputs, ReplayLossConfig, combine, replay_terms
-from .metrics import MetricsLogger
+from .losses.replay import ReplayInputs, ReplayLossConfig, causal_ce, combine, replay_terms
+from .metrics import MetricsLogger, device_peak_flops, model_flops_utilization
 from .model import ModelSource, load_causal_lm, model_fingerprint
-from .penalty import L2SPPull
+from .penalty import AnchorPull, diagonal_fisher
 from .schedule import lr_at, warmup_steps_for
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,7 @@ class Trainer:
                                            cfg.replay.fused_tm)
         self._setup_replay()
         self.teacher = self._teacher(ds_cfg) if cfg.kd.weight > 0 or cfg.replay.strategy == "kl" else None
-        self.pull = L2SPPull(list(self.engine.module.parameters()), cfg.penalty.weight) \
-            if cfg.penalty.kind == "l2sp" else None
+        self.pull = self._penalty()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.rank,
                                              self.world)
         self.step, self.tokens_seen = 0, 0
@@ -82,6 +82,8 @@ class Trainer:
         self.holdout = {role: datasets.load_from_disk(str(p)) for role, p in self.prep.holdout.items()
                         if role in ("general", "domain")}
         self._stop = False
+        self.peak_flops = device_peak_flops(cfg.log.peak_tflops)
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -98,6 +100,8 @@ class Trainer:
                 self.tokens_seen += self.order.global_batch * self.seq_len
                 last.update(tokens_seen=self.tokens_seen, epoch=self.order.epoch(self.step),
                             tok_s=self.order.global_batch * self.seq_len / (time.perf_counter() - started))
+                if self.peak_flops:
+                    last["mfu"] = model_flops_utilization(last["tok_s"] / self.world, self.n_params, self.peak_flops)
                 if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
                     self.metrics.log(self.step, last)
                 self.metrics.advance()
@@ -213,8 +217,6 @@ class Trainer:
             if self.cache.meta["num_samples"] != len(self.replay_rows):
                 raise ValueError(f"{self.cfg.replay.cache}: built for {self.cache.meta['num_samples']} replay samples, "
                                  f"the shard has {len(self.replay_rows)}")
-        import json
-
         self.replay_len = json.loads((self.prep.replay / "replay.json").read_text())["replay_len"]
 
     def _replay_chunks(self) -> list[list[int]]:
@@ -276,6 +278,35 @@ class Trainer:
         if self.sampler is not None and state.get("replay_sampler"):
             self.sampler.load_state_dict(state["replay_sampler"])
         # L2-SP anchors were taken from the start weights before this load: still the run's initial weights.
+
+    def _penalty(self) -> AnchorPull | None:
+        """Anchors are the start weights, taken before any checkpoint is loaded (so also on resume)."""
+        kind, params = self.cfg.penalty.kind, list(self.engine.module.parameters())
+        if kind == "none":
+            return None
+        if kind == "l2sp":
+            return AnchorPull(params, self.cfg.penalty.weight)
+        if self.prep.replay is None:
+            raise ValueError("penalty.kind 'ewc' estimates its Fisher on the replay shard; prep.json has none")
+        rows = datasets.load_from_disk(str(self.prep.replay / "data"))
+        replay_len = json.loads((self.prep.replay / "replay.json").read_text())["replay_len"]
+        per = self.cfg.batch.micro_batch
+
+        def batches():
+            for b in range(self.cfg.penalty.ewc_batches):
+                start = ((b * self.world + self.rank) * per) % len(rows)
+                ids, mask = pad_replay_rows(rows[start:start + per]["input_ids"], replay_len)
+                yield ids.to(self.device), mask.to(self.device)
+
+        def loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            ids, mask = batch
+            return causal_ce(self.engine(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+
+        fisher = diagonal_fisher(self.engine, params, batches(), loss)
+        peak = max(float(f.max()) for f in fisher if f.numel())
+        log.info("EWC: diagonal Fisher from %d replay batches; largest importance %.1fx the mean",
+                 self.cfg.penalty.ewc_batches, peak)
+        return AnchorPull(params, self.cfg.penalty.weight, fisher)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop = True

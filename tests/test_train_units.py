@@ -90,3 +90,11 @@ def test_stage_presets_fill_the_learning_rate():
     assert load_train_config(None, base + ["stage=cpt"]).peak_lr == 2e-5
     assert load_train_config(None, base + ["stage=sft"]).peak_lr == 1e-6
     assert load_train_config(None, base + ["stage=sft", "optim.lr=3e-6"]).peak_lr == 3e-6
+
+
+def test_mfu_is_six_n_flops_per_token_over_the_peak():
+    from pipeline.metrics import device_peak_flops, model_flops_utilization
+
+    assert model_flops_utilization(tokens_per_s=1000.0, n_params=1_000_000, peak_flops=6e12) == pytest.approx(1e-3)
+    assert device_peak_flops(100.0) == 100e12
+    assert device_peak_flops(None) is None or device_peak_flops(None) > 1e13  # None on CPU-only machines
