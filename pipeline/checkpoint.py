@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +70,30 @@ class CheckpointManager:
             raise ValueError(f"{latest} points at {tag}, which is incomplete; pass checkpoint.resume=<dir>")
         return self.root, tag
 
+    def saved_world(self, root: Path, tag: str) -> int:
+        return json.loads((root / tag / "pipeline_state.json").read_text())["world"]
+
+    def to_universal(self, root: Path, tag: str) -> str:
+        """Convert a checkpoint once to DeepSpeed's universal format, which loads on any number of ranks."""
+        target = f"{tag}_universal"
+        if self.rank == 0 and not (root / target / COMPLETE).is_file():
+            log.info("checkpoint %s was written by another number of ranks: converting it to %s", tag, target)
+            shutil.rmtree(root / target, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            str(root / tag), "--output_folder", str(root / target)], check=True,
+                           stdout=subprocess.DEVNULL)
+            shutil.copy2(root / tag / "pipeline_state.json", root / target / "pipeline_state.json")
+            (root / target / COMPLETE).write_text("universal\n")
+        _barrier()
+        return target
+
     def load(self, engine: Any, root: Path, tag: str) -> dict[str, Any]:
         _, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
         if client is None:
             raise ValueError(f"{root / tag}: DeepSpeed could not load this checkpoint")
         rng_path = root / tag / f"rng_rank{self.rank:05d}.safetensors"
-        if rng_path.is_file():
+        if rng_path.is_file():  # absent in a universal checkpoint: RNG states are per rank
             rng = load_file(str(rng_path))
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and torch.cuda.is_available():
@@ -83,7 +102,7 @@ class CheckpointManager:
         return client["pipeline"]
 
     def _purge(self, keep: str) -> None:
-        tags = sorted(p for p in self.root.glob("step*") if p.is_dir())
+        tags = sorted(p for p in self.root.glob("step*") if p.is_dir() and not p.name.endswith("_universal"))
         complete = [p for p in tags if (p / COMPLETE).is_file()]
         for p in tags:
             if not (p / COMPLETE).is_file() and p.name != keep:

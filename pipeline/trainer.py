@@ -58,6 +58,13 @@ class Trainer:
                                        dtype=cfg.model.dtype)
         start_source = ModelSource(path=cfg.init_from, dtype=cfg.model.dtype) if cfg.init_from else self.base_source
         ds_cfg = filled_ds_config(cfg, self.world)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.rank,
+                                             self.world)
+        self.resume_from = self.checkpoints.resolve(cfg.checkpoint.resume)
+        if self.resume_from and self.checkpoints.saved_world(*self.resume_from) != self.world:
+            root, tag = self.resume_from
+            self.resume_from = (root, self.checkpoints.to_universal(root, tag))
+            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
         model = load_causal_lm(start_source, ds_cfg, cfg.model.attn_implementation)
         self._check_compatible(model.config)
         if cfg.model.gradient_checkpointing:
@@ -74,8 +81,6 @@ class Trainer:
         self._setup_replay()
         self.teacher = self._teacher(ds_cfg) if cfg.kd.weight > 0 or cfg.replay.strategy == "kl" else None
         self.pull = self._penalty()
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.rank,
-                                             self.world)
         self.step, self.tokens_seen = 0, 0
         self._resume()
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard)
@@ -267,10 +272,9 @@ class Trainer:
         return engine
 
     def _resume(self) -> None:
-        target = self.checkpoints.resolve(self.cfg.checkpoint.resume)
-        if target is None:
+        if self.resume_from is None:
             return
-        state = self.checkpoints.load(self.engine, *target)
+        state = self.checkpoints.load(self.engine, *self.resume_from)
         if state["global_batch"] != self.order.global_batch:
             raise ValueError(f"checkpoint has global batch {state['global_batch']} rows, this run "
                              f"{self.order.global_batch}: the data order would change")
