@@ -1,0 +1,149 @@
+"""Forgetting and learning: ``python -m pipeline.eval --model TUNED_HF_DIR --base BASE_HF_DIR --prep PREP``.
+
+Perplexity on the general and domain holdouts (each document alone), for the
+tuned model and, with ``--base``, the base model: general ppl change is
+forgetting, domain ppl change is learning. With ``--cache`` (a GeRe cache of
+the base model) also the TM loss of the tuned model on the replay set and the
+share of final-layer activation states (neg/neutral/pos) that moved: how far
+the model drifted where GeRe holds it. Runs as one process or as N ranks
+under the launcher (documents split across ranks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("pipeline.eval")
+
+
+def load_hf(path: str | Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"{path}: not a Hugging Face model directory (export a checkpoint with pipeline.export)")
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                trust_remote_code=False).eval()
+
+
+def evaluate_model(model: torch.nn.Module, prep: str | Path, max_docs: int) -> dict[str, float]:
+    import datasets
+
+    from pipeline.data import PrepPaths
+    from pipeline.evaluate import holdout_perplexities
+
+    paths = PrepPaths.read(prep)
+    holdout = {r: datasets.load_from_disk(str(p)) for r, p in paths.holdout.items() if r in ("general", "domain")}
+    with torch.no_grad():
+        return holdout_perplexities(lambda ids: model(input_ids=ids, use_cache=False).logits, holdout,
+                                    paths.seq_len, max_docs)
+
+
+def replay_drift(model: torch.nn.Module, prep: str | Path, cache_dir: str | Path, batch_size: int = 8) -> dict[str, float]:
+    """TM loss (reference) on the replay set and the share of activation states that changed."""
+    import datasets
+
+    from pipeline.data import PrepPaths
+    from pipeline.gere.cache import GeReCache, pad_replay_rows
+    from pipeline.gere.labels import activation_states, unpack_states
+    from pipeline.losses.tm_loss import tm_loss_reference
+
+    paths = PrepPaths.read(prep)
+    rows = datasets.load_from_disk(str(paths.replay / "data"))
+    meta = json.loads((Path(cache_dir) / "meta.json").read_text())
+    cache = GeReCache.open(cache_dir, meta["model_fingerprint"], meta["tokenizer_fingerprint"])
+    total = count = flipped = real = 0.0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            index = list(range(start, min(start + batch_size, len(rows))))
+            ids, mask = pad_replay_rows(rows[index]["input_ids"], meta["replay_len"])
+            h = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            packed = cache.states(index)
+            tm, n = tm_loss_reference(h, packed, cache.thresholds.neg, cache.thresholds.pos, mask)
+            total += float(tm) * int(n)
+            count += int(n)
+            now = activation_states(h, cache.thresholds.neg, cache.thresholds.pos)
+            before = unpack_states(packed, h.shape[-1])
+            keep = mask.bool()
+            flipped += float((now != before)[keep].sum())
+            real += float(keep.sum()) * h.shape[-1]
+    return {"replay_tm": total / count if count else 0.0, "replay_state_flip_rate": flipped / real if real else 0.0}
+
+
+def compare(tuned: dict[str, float], base: dict[str, float] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"tuned": tuned}
+    if base is not None:
+        out["base"] = base
+        for role in ("general", "domain"):
+            key = f"ppl/{role}"
+            if key in tuned and key in base:
+                out[f"{role}_ppl_change"] = tuned[key] / base[key] - 1.0
+    return out
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    lines = ["| model | general ppl | domain ppl | replay TM | states moved |", "|---|---|---|---|---|"]
+    for name in ("base", "tuned"):
+        r = result.get(name)
+        if r:
+            lines.append(f"| {name} | {r.get('ppl/general', math.nan):.2f} | {r.get('ppl/domain', math.nan):.2f} | "
+                         f"{r.get('replay_tm', math.nan):.4f} | {r.get('replay_state_flip_rate', math.nan):.2%} |")
+    if "general_ppl_change" in result:
+        lines += ["", f"general ppl change (forgetting): {result['general_ppl_change']:+.1%}; "
+                      f"domain ppl change (learning): {result['domain_ppl_change']:+.1%}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="tuned model: Hugging Face directory (pipeline.export output)")
+    p.add_argument("--base", help="base model directory to compare with")
+    p.add_argument("--prep", required=True, help="data_prep output (holdouts, replay shard)")
+    p.add_argument("--cache", help="GeRe cache of the base model: adds replay TM and activation-state drift")
+    p.add_argument("--max-docs", type=int, default=200, help="holdout documents per split")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        torch.distributed.init_process_group("gloo")
+    try:
+        result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs)
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    if rank == 0:
+        print(markdown_table(result))
+        if args.out:
+            from data_prep.atomic import write_json
+
+            write_json(args.out, result)
+    return 0
+
+
+def run_eval(model_dir: str, prep: str, base_dir: str | None = None, cache: str | None = None,
+             max_docs: int = 200) -> dict[str, Any]:
+    results = {}
+    for name, path in (("tuned", model_dir), ("base", base_dir)):
+        if path is None:
+            continue
+        model = load_hf(path)
+        r = evaluate_model(model, prep, max_docs)
+        if cache:
+            r.update(replay_drift(model, prep, cache))
+        results[name] = r
+    return compare(results["tuned"], results.get("base"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

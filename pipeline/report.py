@@ -1,0 +1,65 @@
+"""The run report: a markdown table (base vs tuned) and PNG plots of the training curves.
+
+Plots, from ``metrics.jsonl``: each loss component, the learning rate, and
+general / domain holdout perplexity over training. Written next to the run.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from data_prep.atomic import write_text
+
+
+def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, dict[int, float]] = defaultdict(dict)
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                series[k][row["step"]] = float(v)  # a resumed run's lines win
+    return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def plot(run_dir: Path, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = curves(run_dir)
+    panels = [("loss.png", "loss by component", [k for k in data if k.startswith("loss/")] or ["loss"], "log"),
+              ("lr.png", "learning rate", ["lr"], "linear"),
+              ("ppl.png", "holdout perplexity", [k for k in ("ppl/general", "ppl/domain") if k in data], "log")]
+    written = []
+    for name, title, keys, scale in panels:
+        keys = [k for k in keys if k in data]
+        if not keys:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+        for k in keys:
+            xs, ys = zip(*data[k])
+            ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, label=k)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_yscale(scale)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        written.append(out_dir / name)
+    return written
+
+
+def write_report(run_dir: str | Path, result: dict[str, Any], title: str = "Forgetting report") -> Path:
+    from pipeline.eval import markdown_table
+
+    run_dir = Path(run_dir)
+    images = plot(run_dir, run_dir)
+    body = [f"# {title}", "", markdown_table(result), ""] + [f"![{p.stem}]({p.name})" for p in images]
+    write_text(run_dir / "report.md", "\n".join(body) + "\n")
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+    return run_dir / "report.md"
