@@ -46,7 +46,7 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
     base_hf = out / "base" / "hf"
     if not (base_hf / "config.json").is_file():
         step(f"2/5 base model: pretrain a tiny Llama on general text for {plan['base_steps']} steps")
-        base_prep = _general_only_prep(out)
+        base_prep = _general_only_prep(out, plan["small"])
         config = _write(out / "base.yaml", {
             "run_dir": str(out / "base"), "stage": "cpt", "steps": plan["base_steps"], "seed": 0,
             "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"), "model": {"config": model, "seed": 0},
@@ -97,13 +97,13 @@ def _vocab(out: Path) -> int:
     return load_tokenizer(out / "tokenizer" / "spm.model").vocab_size
 
 
-def _general_only_prep(out: Path) -> Path:
+def _general_only_prep(out: Path, small: bool) -> Path:
     """The general corpus as the whole mixture; holdout chosen by the same seeded hash as the demo's."""
-    from data_prep.demo import demo_config
     from data_prep.config import load_config
+    from data_prep.demo import demo_config
     from data_prep.prepare import prepare
 
-    cfg = demo_config(small=False, workers=2)
+    cfg = demo_config(small=small, workers=2)
     general = next(s for s in cfg["sources"] if s["role"] == "general")
     cfg.update(out="base_prep", sources=[{**general, "name": "python_docs_only", "role": "domain"}],
                mix={"general_ratio": 0.0}, replay=None)
