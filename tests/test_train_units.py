@@ -98,3 +98,10 @@ def test_mfu_is_six_n_flops_per_token_over_the_peak():
     assert model_flops_utilization(tokens_per_s=1000.0, n_params=1_000_000, peak_flops=6e12) == pytest.approx(1e-3)
     assert device_peak_flops(100.0) == 100e12
     assert device_peak_flops(None) is None or device_peak_flops(None) > 1e13  # None on CPU-only machines
+
+
+def test_the_example_config_in_launch_is_valid():
+    from pathlib import Path
+
+    cfg = load_train_config(Path(__file__).resolve().parents[1] / "launch" / "cpt_example.yaml")
+    assert cfg.peak_lr == 2e-5 and cfg.replay.weight == "dynamic" and cfg.model.dtype == "bfloat16"
