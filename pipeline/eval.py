@@ -25,9 +25,20 @@ log = logging.getLogger("pipeline.eval")
 
 
 def load_hf(path: str | Path) -> torch.nn.Module:
+    """A Hugging Face model directory, or a training checkpoint (exported to a temporary directory first)."""
     from transformers import AutoModelForCausalLM
 
-    if not (Path(path) / "config.json").is_file():
+    path = Path(path)
+    if (path / "COMPLETE").is_file() and (path / "pipeline_state.json").is_file():
+        import tempfile
+
+        from pipeline.export import export
+
+        with tempfile.TemporaryDirectory() as tmp:
+            exported = export(path, Path(tmp) / "hf")
+            return AutoModelForCausalLM.from_pretrained(str(exported), local_files_only=True, use_safetensors=True,
+                                                        trust_remote_code=False).eval()
+    if not (path / "config.json").is_file():
         raise ValueError(f"{path}: not a Hugging Face model directory (export a checkpoint with pipeline.export)")
     return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
                                                 trust_remote_code=False).eval()
@@ -104,7 +115,8 @@ def markdown_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="tuned model: Hugging Face directory (pipeline.export output)")
+    p.add_argument("--model", required=True, help="tuned model: Hugging Face directory or a training checkpoint "
+                   "(RUN/checkpoints/stepNNNNNNNN)")
     p.add_argument("--base", help="base model directory to compare with")
     p.add_argument("--prep", required=True, help="data_prep output (holdouts, replay shard)")
     p.add_argument("--cache", help="GeRe cache of the base model: adds replay TM and activation-state drift")

@@ -179,3 +179,14 @@ def test_resume_on_another_number_of_ranks_with_the_same_global_batch(reference,
     ref, got = metrics(ref_run), metrics(run)
     for step in range(7, 13):  # another reduction order: equal up to float rounding, not bitwise
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step
+
+
+def test_eval_reads_a_checkpoint_or_its_export_alike(reference, prep, tmp_path):
+    from pipeline.eval import evaluate_model, load_hf
+
+    _, run = reference
+    checkpoint = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    from_checkpoint = evaluate_model(load_hf(checkpoint), prep, max_docs=4)
+    logged = metrics(run)[12]
+    assert from_checkpoint["ppl/general"] == pytest.approx(logged["ppl/general"], rel=1e-5)
+    assert from_checkpoint["ppl/domain"] == pytest.approx(logged["ppl/domain"], rel=1e-5)
