@@ -7,6 +7,7 @@ complete new file, never a torn one (a kill mid-write leaves only a ``.tmp-*``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import UserError
 
 TMP_PREFIX = ".tmp-"
 
@@ -37,6 +40,11 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"{final}: no space left on the device while writing it; nothing was replaced "
+                            "(an earlier complete version, if any, is intact)") from None
+        raise
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
