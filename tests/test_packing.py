@@ -94,3 +94,10 @@ def test_over_long_example_is_reported_not_cut():
     assert packed.too_long == [0]
     assert packed.input_ids.tolist() == [[2, 2, 2, 0, 0, 0, 0, 0]]
     assert packed.doc_lens == [[3, 5]] and packed.padding_tokens == 5
+
+
+def test_the_sample_tokenizer_trains_byte_identically_every_time(sample, tmp_path):
+    from data_prep.sample import train_sample_tokenizer
+
+    again = train_sample_tokenizer([sample.domain, sample.general], tmp_path / "again.model", 768)
+    assert again.read_bytes() == sample.tokenizer.read_bytes()
