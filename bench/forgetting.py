@@ -73,7 +73,10 @@ def run_variant(name: str, prep: Path, extra: dict[str, Any], lr: float, args: a
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     start = time.perf_counter()
-    result = subprocess.run([launcher, "--num_gpus", "2", "--log_level", "warning", "--module", "pipeline.train",
+    from pipeline.demo import free_port
+
+    result = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--log_level", "warning",
+                             "--module", "pipeline.train",
                              "--config", str(out / "config.yaml")], cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:

@@ -119,8 +119,17 @@ def _write(path: Path, cfg: dict[str, Any]) -> Path:
 
 def _launch(config: Path, ranks: int) -> None:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    _run([launcher, "--num_gpus", str(ranks), "--log_level", "warning", "--module", "pipeline.train",
-          "--config", str(config)])
+    _run([launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--log_level", "warning",
+          "--module", "pipeline.train", "--config", str(config)])
+
+
+def free_port() -> int:
+    """A port nobody listens on: the launcher's default (29500) may be taken by another job."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _export(run: Path, out: Path) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipeline.demo import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LLAMA = {"vocab_size": 768, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -45,12 +46,6 @@ def write_config(path: Path, prep: Path, run_dir: Path, **sections: Any) -> Path
             cfg[key] = value
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_command(config: Path, ranks: int = 2) -> list[str]:
