@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .build import BUILD_MARKER, chunk_tables, load_build
+from .build import BUILD_MARKER, chunk_tables
 from .errors import UserError
 from .tokenizer import Tokenizer
 
@@ -85,7 +85,3 @@ def _render_runs(ids: list[int], mask: list[int], tokenizer: Tokenizer) -> str:
         parts.append(text if mask[i] else f"⟦{text}⟧")
         i = j
     return "".join(parts)
-
-
-def build_summary(path: str | Path) -> dict[str, Any]:
-    return load_build(path)

@@ -163,6 +163,13 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     return cfg
 
 
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """A validated config from a dict as ``to_dict`` writes it (paths already resolved), e.g. a checkpoint's."""
+    cfg = _build(TrainConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: TrainConfig) -> None:
     def need(ok: bool, name: str, value: Any, rule: str) -> None:
         if not ok:

@@ -28,7 +28,7 @@ log = logging.getLogger("pipeline.export")
 def export(checkpoint: Path, out: Path) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from pipeline.atomic_dir import atomic_dir
+    from data_prep.atomic import atomic_path
     from pipeline.data import PrepPaths
 
     cfg = _run_config(checkpoint)
@@ -40,7 +40,7 @@ def export(checkpoint: Path, out: Path) -> Path:
         raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     model = model.to(getattr(torch, cfg["model"]["dtype"]))
-    with atomic_dir(out) as tmp:
+    with atomic_path(out) as tmp:
         tmp.mkdir()
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer = PrepPaths.read(cfg["data"]["prep"]).tokenizer
@@ -61,11 +61,11 @@ def verify(checkpoint: Path, out: Path) -> float:
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    from pipeline.config import load_train_config
+    from pipeline.config import config_from_dict
     from pipeline.ds_config import filled_ds_config
 
     cfg_dict = _run_config(checkpoint)
-    cfg = load_train_config(None, [f"{k}={json.dumps(v)}" for k, v in _flat(cfg_dict)])
+    cfg = config_from_dict(cfg_dict)
     deepspeed.init_distributed()
     model = _architecture(cfg_dict)
     ds_cfg = filled_ds_config(cfg, 1)
@@ -99,16 +99,6 @@ def _architecture(cfg: dict[str, Any]) -> torch.nn.Module:
 
 def _tied(model: torch.nn.Module, key: str) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "config":
-            out.extend(_flat(v, f"{prefix}{k}."))
-        elif v is not None:
-            out.append((f"{prefix}{k}", v))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
