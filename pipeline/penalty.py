@@ -95,7 +95,8 @@ def diagonal_fisher(engine, params: list[torch.nn.Parameter], batches, loss_fn) 
             n += 1
     finally:
         engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own micro-step counting
-    total = torch.stack([sum(f.sum() for f in fisher), torch.tensor(float(sum(f.numel() for f in fisher)))]).double()
+    total = torch.tensor([float(sum(f.sum() for f in fisher)), float(sum(f.numel() for f in fisher))],
+                         dtype=torch.float64, device=engine.device)  # NCCL reduces device tensors only
     if dist.is_initialized():
         dist.all_reduce(total)
     mean = float(total[0] / total[1]) / max(n, 1)

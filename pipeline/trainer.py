@@ -135,7 +135,7 @@ class Trainer:
         global_tokens = max(loss_tokens(self.mixture[self.order.global_rows(self.step)]), 1)
         replay_chunks = self._replay_chunks()
         lr = engine.get_lr()[0]
-        sums = torch.zeros(4, dtype=torch.float64)  # task CE sum, KD sum, replay CE, replay term
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # task CE, KD, replay CE, replay term
         weight_used = 0.0
         for j in range(accum):
             batch = {k: v.to(self.device) for k, v in packed_inputs(self.mixture[self.order.rows(self.step, j)]).items()}
@@ -316,6 +316,6 @@ class Trainer:
         self._stop = True
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop else 0.0])
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step, or the save hangs
         return bool(flag.item())
