@@ -3,11 +3,13 @@
 A checkpoint is DeepSpeed's own (weights, optimizer and scheduler, each rank's
 partition) plus our state: step, tokens seen, replay sampler, config, and
 every rank's RNG state (safetensors, no pickle). Only once every rank has
-written does rank 0 drop a ``COMPLETE`` marker into the tag directory and
-atomically point ``latest`` at it. Resume takes ``latest``; directories
-without the marker (a kill mid-save) are never taken and are removed.
-DeepSpeed reads its own files with torch.load: only resume from checkpoints
-this pipeline wrote.
+written does rank 0 drop a ``COMPLETE`` manifest (every file and its size)
+into the tag directory and atomically point ``latest`` at it. Resume takes
+``latest``; directories without the marker (a kill mid-save) are never taken
+and are removed. Before DeepSpeed unpickles anything, every file is checked
+against the manifest, its CRCs and torch's weights-only loader
+(checkpoint_files). Everything is written under the run's checkpoint
+directory, a universal conversion of another run's checkpoint included.
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from .checkpoint_files import COMPLETE, read_complete, verify_checkpoint, write_complete
+
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
 LATEST = "latest"
 
 
@@ -44,7 +47,7 @@ class CheckpointManager:
         _barrier()
         if self.rank == 0:
             (self.root / tag / "pipeline_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-            (self.root / tag / COMPLETE).write_text(f"{self.world}\n")
+            write_complete(self.root / tag, world=self.world)
             tmp = self.root / f".{LATEST}.tmp"
             tmp.write_text(tag + "\n")
             os.replace(tmp, self.root / LATEST)
@@ -54,38 +57,53 @@ class CheckpointManager:
         return self.root / tag
 
     def resolve(self, resume: str) -> tuple[Path, str] | None:
-        """The checkpoint to resume from: (root, tag), or None to start fresh."""
+        """The checkpoint to resume from, (root, tag), with its files checked; None to start fresh."""
         if resume == "never":
             return None
         if resume != "auto":
             path = Path(resume)
-            if not (path / COMPLETE).is_file():
-                raise ValueError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+            verify_checkpoint(path, self.rank, self.world)
             return path.parent, path.name
         latest = self.root / LATEST
         if not latest.is_file():
             return None
         tag = latest.read_text().strip()
-        if not (self.root / tag / COMPLETE).is_file():
-            raise ValueError(f"{latest} points at {tag}, which is incomplete; pass checkpoint.resume=<dir>")
+        try:
+            verify_checkpoint(self.root / tag, self.rank, self.world)
+        except ValueError as e:
+            earlier = [p.name for p in sorted(self.root.glob("step*")) if (p / COMPLETE).is_file() and p.name < tag]
+            hint = f" (the one before it: checkpoint.resume={self.root / earlier[-1]})" if earlier else ""
+            raise ValueError(f"{latest} names {tag}, which cannot be resumed: {e}{hint}") from None
         return self.root, tag
 
     def saved_world(self, root: Path, tag: str) -> int:
         return json.loads((root / tag / "pipeline_state.json").read_text())["world"]
 
-    def to_universal(self, root: Path, tag: str) -> str:
-        """Convert a checkpoint once to DeepSpeed's universal format, which loads on any number of ranks."""
-        target = f"{tag}_universal"
-        if self.rank == 0 and not (root / target / COMPLETE).is_file():
+    def to_universal(self, root: Path, tag: str) -> tuple[Path, str]:
+        """Convert a checkpoint once to DeepSpeed's universal format, which loads on any number of ranks.
+
+        The conversion goes into this run's checkpoint directory, wherever the source lives.
+        """
+        target = self.root / f"{tag}_universal"
+        source = str((root / tag).resolve())
+        if self.rank == 0 and not self._converted(target, source):
             log.info("checkpoint %s was written by another number of ranks: converting it to %s", tag, target)
-            shutil.rmtree(root / target, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
+            self.root.mkdir(parents=True, exist_ok=True)
             subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                            str(root / tag), "--output_folder", str(root / target)], check=True,
-                           stdout=subprocess.DEVNULL)
-            shutil.copy2(root / tag / "pipeline_state.json", root / target / "pipeline_state.json")
-            (root / target / COMPLETE).write_text("universal\n")
+                            str(root / tag), "--output_folder", str(target)], check=True, stdout=subprocess.DEVNULL)
+            shutil.copy2(root / tag / "pipeline_state.json", target / "pipeline_state.json")
+            write_complete(target, universal=True, source=source)
         _barrier()
-        return target
+        verify_checkpoint(target, self.rank, self.world)
+        return self.root, target.name
+
+    @staticmethod
+    def _converted(target: Path, source: str) -> bool:
+        try:
+            return read_complete(target).get("source") == source
+        except ValueError:
+            return False
 
     def load(self, engine: Any, root: Path, tag: str) -> dict[str, Any]:
         _, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,

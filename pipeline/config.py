@@ -14,6 +14,11 @@ from typing import Any, Union
 
 import yaml
 
+from data_prep.errors import UserError
+
+# What the CLIs print as one line and exit 2 on: bad config, input or environment, not a bug.
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, UserError)
+
 STAGE_LR = {"cpt": 2e-5, "sft": 1e-6, "mixed": 2e-5}
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from pipeline.config import USER_ERRORS
+
 log = logging.getLogger("pipeline.eval")
 
 
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.init_process_group("gloo")
     try:
         result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs)
-    except (ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         log.error("%s", e)
         return 2
     if rank == 0:

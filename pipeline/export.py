@@ -31,6 +31,7 @@ def export(checkpoint: Path, out: Path) -> Path:
     from data_prep.atomic import atomic_path
     from pipeline.data import PrepPaths
 
+    _check_replaceable(out)
     cfg = _run_config(checkpoint)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     model = _architecture(cfg)
@@ -83,10 +84,20 @@ def verify(checkpoint: Path, out: Path) -> float:
 
 
 def _run_config(checkpoint: Path) -> dict[str, Any]:
+    """The run's config, once every file of the checkpoint has passed verify_checkpoint."""
+    from pipeline.checkpoint_files import verify_checkpoint
+
+    verify_checkpoint(checkpoint)
     marker = checkpoint / "pipeline_state.json"
-    if not (checkpoint / "COMPLETE").is_file() or not marker.is_file():
-        raise ValueError(f"{checkpoint}: not a complete pipeline checkpoint (see RUN/checkpoints/latest)")
+    if not marker.is_file():
+        raise ValueError(f"{checkpoint}: not a pipeline checkpoint (no pipeline_state.json)")
     return json.loads(marker.read_text())["config"]
+
+
+def _check_replaceable(out: Path) -> None:
+    """Export replaces an earlier export, never a directory of something else."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "training_run.json").is_file())):
+        raise ValueError(f"{out}: exists and is not an earlier export; choose another --out (nothing was written)")
 
 
 def _architecture(cfg: dict[str, Any]) -> torch.nn.Module:
@@ -108,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="Hugging Face model directory to write")
     p.add_argument("--verify", action="store_true", help="compare logits with a DeepSpeed engine on the checkpoint")
     args = p.parse_args(argv)
+    from pipeline.config import USER_ERRORS
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
@@ -121,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             if diff > 1e-5:
                 log.error("exported logits differ from the engine's by %.3g", diff)
                 return 1
-    except ValueError as e:
+    except USER_ERRORS as e:
         log.error("%s", e)
         return 2
     return 0

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from data_prep.atomic import write_text
+from data_prep.atomic import write_json, write_text
 
 
 def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -61,5 +61,5 @@ def write_report(run_dir: str | Path, result: dict[str, Any], title: str = "Forg
     images = plot(run_dir, run_dir)
     body = [f"# {title}", "", markdown_table(result), ""] + [f"![{p.stem}]({p.name})" for p in images]
     write_text(run_dir / "report.md", "\n".join(body) + "\n")
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+    write_json(run_dir / "eval.json", result)
     return run_dir / "report.md"

@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from pipeline.config import load_train_config
+    from pipeline.config import USER_ERRORS, load_train_config
 
     try:
         cfg = load_train_config(args.config, args.set)
-    except ValueError as e:
+    except USER_ERRORS as e:
         log.error("%s", e)
         return 2
     _init_distributed()
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trainer = Trainer(cfg)
-    except ValueError as e:
+    except USER_ERRORS as e:
         log.error("%s", e)
         return 2
     result = trainer.train()

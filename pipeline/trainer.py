@@ -62,8 +62,7 @@ class Trainer:
                                              self.world)
         self.resume_from = self.checkpoints.resolve(cfg.checkpoint.resume)
         if self.resume_from and self.checkpoints.saved_world(*self.resume_from) != self.world:
-            root, tag = self.resume_from
-            self.resume_from = (root, self.checkpoints.to_universal(root, tag))
+            self.resume_from = self.checkpoints.to_universal(*self.resume_from)
             ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
         model = load_causal_lm(start_source, ds_cfg, cfg.model.attn_implementation)
         self._check_compatible(model.config)

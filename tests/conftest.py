@@ -6,6 +6,7 @@ import os
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -40,3 +41,35 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Sample:
     model = train_sample_tokenizer([paths["domain"], paths["general"]], root / "spm.model", TINY.vocab_size)
     return Sample(root, paths["domain"], paths["general"], paths["instruction"], model)
 
+
+
+@pytest.fixture(scope="session")
+def prep(sample: Sample, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small data_prep output: domain + 15% general, replay shard, holdouts."""
+    from .train_helpers import make_prep
+
+    return make_prep(sample, tmp_path_factory.mktemp("prep") / "prep")
+
+
+@pytest.fixture(scope="session")
+def reference(prep: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One uninterrupted 12-step run on 2 ZeRO-3 ranks: (config, run dir); tests must not change it."""
+    from .train_helpers import run_training, write_config
+
+    root = tmp_path_factory.mktemp("reference")
+    config = write_config(root / "cpt.yaml", prep, root / "run")
+    run_training(config)
+    return config, root / "run"
+
+
+@pytest.fixture
+def lost(record_property: Callable[[str, object], None]) -> Callable[[int], int]:
+    """Record how many items (documents, files, tensors) a reliability case lost, for bench/reliability.py.
+
+    Tests record before they assert that the count is 0, so the bench can total what a failure lost.
+    """
+    def record(count: int) -> int:
+        record_property("data_lost", count)
+        return count
+
+    return record

@@ -1,7 +1,6 @@
 """Faults while writing: a full disk gives one clear error and leaves earlier outputs intact."""
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from .test_cli import assert_user_error, run
+from .train_helpers import digest
 
 
 @pytest.fixture
@@ -22,11 +22,6 @@ def small_disk(tmp_path):
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
-
-
-def digest(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_disk_full_during_a_build_is_a_clear_error_and_earlier_builds_stay_intact(sample, small_disk):

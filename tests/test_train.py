@@ -15,21 +15,8 @@ from pipeline.gere.cache import build_cache
 from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
 from pipeline.schedule import lr_at
 
-from .train_helpers import (ROOT, TINY_LLAMA, env, final_weights, launcher_command, make_prep, metrics, run_training,
+from .train_helpers import (ROOT, TINY_LLAMA, digest, env, final_weights, launcher_command, metrics, run_training,
                             write_config)
-
-
-@pytest.fixture(scope="module")
-def prep(sample, tmp_path_factory):
-    return make_prep(sample, tmp_path_factory.mktemp("prep") / "prep")
-
-
-@pytest.fixture(scope="module")
-def reference(prep, tmp_path_factory):
-    root = tmp_path_factory.mktemp("reference")
-    config = write_config(root / "cpt.yaml", prep, root / "run")
-    run_training(config)
-    return config, root / "run"
 
 
 def test_cpt_loss_goes_down(reference):
@@ -166,16 +153,15 @@ def test_ewc_holds_the_weights_its_fisher_marks_important(reference, prep, tmp_p
 
 def test_resume_on_another_number_of_ranks_with_the_same_global_batch(reference, prep, tmp_path):
     """2 ranks × 2 rows → 1 rank × 2 rows × 2 accumulation steps: the same rows per step, the same training."""
-    import shutil
-
     _, ref_run = reference
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ref_run / "checkpoints" / "step00000006", run / "checkpoints" / "step00000006")
-    (run / "checkpoints" / "latest").write_text("step00000006\n")
-    config = write_config(tmp_path / "one_rank.yaml", prep, run, batch={"micro_batch": 2, "grad_accum": 2})
+    run, source = tmp_path / "run", ref_run / "checkpoints" / "step00000006"
+    before = digest(ref_run / "checkpoints")
+    config = write_config(tmp_path / "one_rank.yaml", prep, run, batch={"micro_batch": 2, "grad_accum": 2},
+                          checkpoint={"resume": str(source)})
     result = run_training(config, ranks=1)
-    assert "converting it to step00000006_universal" in result.stdout + result.stderr
+    assert "converting it to" in result.stdout + result.stderr
+    assert (run / "checkpoints" / "step00000006_universal" / "COMPLETE").is_file()  # in this run's directory,
+    assert digest(ref_run / "checkpoints") == before  # and nothing written beside the source
     ref, got = metrics(ref_run), metrics(run)
     for step in range(7, 13):  # another reduction order: equal up to float rounding, not bitwise
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step

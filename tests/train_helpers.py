@@ -1,6 +1,7 @@
 """Helpers for the training tests: a small prep, configs, and runs under the real deepspeed launcher."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -79,3 +80,9 @@ def final_weights(run_dir: Path) -> dict[str, Any]:
 
     root = run_dir / "checkpoints"
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=(root / "latest").read_text().strip())
+
+
+def digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path: equal digests mean nothing changed."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import USER_ERRORS
+
 log = logging.getLogger("pipeline.gere")
 
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         build_from_args(args)
-    except (ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         log.error("%s", e)
         return 2
     return 0

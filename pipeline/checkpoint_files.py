@@ -1,0 +1,111 @@
+"""A checkpoint's files, checked before anything unpickles them: all there, intact, tensors only.
+
+DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``,
+which runs whatever a pickle names. So before resume, universal conversion or
+export hands a checkpoint to DeepSpeed, every file in it is checked here:
+
+- it is in the ``COMPLETE`` manifest, with the recorded size (missing, truncated);
+- each zip entry matches its CRC-32 (bit rot, a partial overwrite);
+- it loads with torch's weights-only unpickler, which allows tensors,
+  containers and DeepSpeed's own three small types and nothing else, so no
+  code a file names can run.
+
+Under N ranks each rank checks every N-th file and all ranks agree on the
+verdict, so a resume reads each file once more in total.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE"
+
+
+def write_complete(tag_dir: Path, **info: Any) -> None:
+    """Mark ``tag_dir`` complete: ``info`` plus every file's size, written atomically, last."""
+    files = {p.relative_to(tag_dir).as_posix(): p.stat().st_size
+             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    tmp = tag_dir / f".{COMPLETE}.tmp"
+    tmp.write_text(json.dumps({**info, "files": files}, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, tag_dir / COMPLETE)
+
+
+def read_complete(tag_dir: Path) -> dict[str, Any]:
+    try:
+        info = json.loads((tag_dir / COMPLETE).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{tag_dir}: not a complete checkpoint (no {COMPLETE} marker)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{tag_dir / COMPLETE}: unreadable (not written by this pipeline?)") from None
+    if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
+        raise ValueError(f"{tag_dir / COMPLETE}: no file list (written by an older version?)")
+    return info
+
+
+def _deepspeed_types() -> list[type]:
+    """The non-tensor types DeepSpeed pickles into its optimizer states."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+def file_problem(path: Path, size: int) -> str | None:
+    """What is wrong with one checkpoint file, or None."""
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size != size:
+        return f"{path.stat().st_size} bytes, {size} when it was written (truncated or overwritten)"
+    if path.suffix != ".pt":
+        return None  # json, safetensors: read by parsers that run no code
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"not a readable torch file ({e})"
+    if bad is not None:
+        return f"corrupt: CRC mismatch in {bad}"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_types()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any refusal of the weights-only unpickler
+        return f"refused by the weights-only loader: {_unpickler_reason(e)}"
+    return None
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The one line of torch's long weights-only message that says what the file asked for."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else
+                type(error).__name__)
+
+
+def verify_checkpoint(tag_dir: Path, rank: int = 0, world: int = 1) -> None:
+    """Raise ValueError naming the first bad file of ``tag_dir``; all ranks raise together."""
+    files = sorted(read_complete(tag_dir)["files"].items())
+    first_bad, problem = len(files), None
+    for index in range(rank, len(files), world):
+        problem = file_problem(tag_dir / files[index][0], files[index][1])
+        if problem is not None:
+            first_bad = index
+            break
+    if world > 1 and dist.is_initialized():
+        verdict = torch.tensor([first_bad], device=_collective_device())
+        dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+        if int(verdict.item()) != first_bad:
+            first_bad, problem = int(verdict.item()), f"see rank {int(verdict.item()) % world}'s check"
+    if first_bad < len(files):
+        raise ValueError(f"{tag_dir / files[first_bad][0]}: {problem}. Resume from an earlier checkpoint "
+                         f"with checkpoint.resume=<dir>, or checkpoint.resume=never")
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,138 @@
+"""Damaged, half-written and hostile checkpoints: a clear error naming the file, nothing run, nothing deleted."""
+from __future__ import annotations
+
+import builtins
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpoint import CheckpointManager
+from pipeline.checkpoint_files import COMPLETE, write_complete
+
+from .train_helpers import ROOT, digest, env, write_config
+
+LAST, EARLIER = "step00000012", "step00000010"
+OPTIM = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+MODEL = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+@pytest.fixture
+def run(reference, tmp_path) -> Path:
+    """A copy of the reference run's checkpoints, to damage."""
+    shutil.copytree(reference[1] / "checkpoints", tmp_path / "run" / "checkpoints")
+    return tmp_path / "run"
+
+
+class Payload:
+    """Unpickling this opens (creates) a file: proof that code from the checkpoint ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.open, (str(self.marker), "w")
+
+
+def hostile(tag_dir: Path, marker: Path) -> None:
+    """Replace the model states with a pickle that runs code, and re-sign the manifest as an attacker could."""
+    torch.save({"module": Payload(marker)}, tag_dir / MODEL)
+    write_complete(tag_dir, world=2)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])  # same size, other bytes
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated file": (lambda d: truncate(d / OPTIM), OPTIM, "truncated or overwritten"),
+    "flipped bytes": (lambda d: flip_bytes(d / OPTIM), OPTIM, "CRC mismatch"),
+    "missing rank file": (lambda d: (d / OPTIM).unlink(), OPTIM, "missing"),
+    "unreadable manifest": (lambda d: (d / COMPLETE).write_bytes(b"\x00garbage"), COMPLETE, "unreadable"),
+}
+
+
+@pytest.mark.reliability("checkpoints")
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_a_damaged_latest_checkpoint_is_refused_naming_the_file_and_the_one_before(kind, run, lost):
+    damage, name, reason = DAMAGE[kind]
+    damage(run / "checkpoints" / LAST)
+    before = digest(run)
+    with pytest.raises(ValueError) as error:
+        CheckpointManager(run / "checkpoints", keep_last=10, rank=0, world=1).resolve("auto")
+    message = str(error.value)
+    assert lost(len(set(before.items()) ^ set(digest(run).items()))) == 0  # refused, nothing removed
+    assert name in message and reason in message, message
+    assert f"checkpoint.resume={run / 'checkpoints' / EARLIER}" in message
+
+
+@pytest.mark.reliability("checkpoints")
+def test_a_half_written_checkpoint_is_never_taken_and_an_explicit_one_is_refused(run, lost):
+    half = run / "checkpoints" / "step00000014"  # a save killed before every rank had written
+    shutil.copytree(run / "checkpoints" / LAST, half)
+    (half / COMPLETE).unlink()
+    truncate(half / OPTIM)
+    manager = CheckpointManager(run / "checkpoints", keep_last=10, rank=0, world=1)
+    assert manager.resolve("auto") == (run / "checkpoints", LAST)
+    with pytest.raises(ValueError, match=f"{half}: not a complete checkpoint"):
+        manager.resolve(str(half))
+    assert lost(0 if (run / "checkpoints" / LAST / COMPLETE).is_file() else 1) == 0
+
+
+@pytest.mark.reliability("security")
+def test_a_checkpoint_that_would_run_code_is_refused_before_anything_unpickles_it(run, prep, tmp_path, lost):
+    marker = tmp_path / "code_ran"
+    hostile(run / "checkpoints" / LAST, marker)
+    with pytest.raises(ValueError, match=rf"{MODEL}: refused by the weights-only loader: .*GLOBAL"):
+        CheckpointManager(run / "checkpoints", keep_last=10, rank=0, world=1).resolve("auto")
+    export = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(run / "checkpoints" / LAST),
+                             "--out", str(tmp_path / "hf")], capture_output=True, text=True, env=env(), cwd=ROOT,
+                            timeout=300)
+    assert export.returncode == 2 and "Traceback" not in export.stderr and "weights-only" in export.stderr
+    assert not marker.exists() and not (tmp_path / "hf").exists()
+    lost(0)
+
+
+@pytest.mark.reliability("checkpoints")
+def test_training_on_a_damaged_checkpoint_exits_with_one_line_and_keeps_it(run, prep, tmp_path, lost):
+    truncate(run / "checkpoints" / LAST / OPTIM)
+    before = digest(run / "checkpoints")
+    config = write_config(tmp_path / "cpt.yaml", prep, run)
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(config)], capture_output=True,
+                            text=True, env=env(), cwd=ROOT, timeout=300)
+    assert lost(len(set(before.items()) ^ set(digest(run / "checkpoints").items()))) == 0
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"{OPTIM}: " in result.stderr and "truncated" in result.stderr
+
+
+@pytest.mark.reliability("security")
+def test_export_never_replaces_a_directory_that_is_not_an_export(reference, tmp_path, lost):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "todo.txt").write_text("keep me\n")
+    checkpoint = reference[1] / "checkpoints" / LAST
+    result = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(checkpoint), "--out",
+                             str(precious)], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert lost(0 if (precious / "todo.txt").read_text() == "keep me\n" else 1) == 0
+    assert result.returncode == 2 and "is not an earlier export" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_manifest_lists_every_file_a_save_wrote(reference):
+    tag_dir = reference[1] / "checkpoints" / LAST
+    manifest = json.loads((tag_dir / COMPLETE).read_text())
+    on_disk = {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in tag_dir.rglob("*")
+               if p.is_file() and p.name != COMPLETE}
+    assert manifest["files"] == on_disk and manifest["world"] == 2
+    assert {MODEL, OPTIM, "pipeline_state.json", "rng_rank00001.safetensors"} <= set(on_disk)
