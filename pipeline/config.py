@@ -19,6 +19,11 @@ from data_prep.errors import UserError
 # What the CLIs print as one line and exit 2 on: bad config, input or environment, not a bug.
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, UserError)
 
+
+def one_line(error: BaseException) -> str:
+    """An error message as one log line (some libraries' messages span several)."""
+    return " ".join(str(error).split())
+
 STAGE_LR = {"cpt": 2e-5, "sft": 1e-6, "mixed": 2e-5}
 
 
@@ -30,6 +35,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 (the DeepSpeed config's precision must agree)
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2; packed rows stay per-document in all
+    trust_remote_code: bool = False  # run Python code shipped with model.path (only for checkpoints you trust)
 
 
 @dataclass

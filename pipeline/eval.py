@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import USER_ERRORS
+from pipeline.config import USER_ERRORS, one_line
 
 log = logging.getLogger("pipeline.eval")
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs)
     except USER_ERRORS as e:
-        log.error("%s", e)
+        log.error("%s", one_line(e))
         return 2
     if rank == 0:
         print(markdown_table(result))

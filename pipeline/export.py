@@ -104,7 +104,8 @@ def _architecture(cfg: dict[str, Any]) -> torch.nn.Module:
     from pipeline.model import ModelSource, load_causal_lm
 
     m = cfg["model"]
-    source = ModelSource(path=cfg.get("init_from") or m["path"], config=m["config"] or {}, seed=m["seed"])
+    source = ModelSource(path=cfg.get("init_from") or m["path"], config=m["config"] or {}, seed=m["seed"],
+                         trust_remote_code=m.get("trust_remote_code", False))
     return load_causal_lm(source, None, m["attn_implementation"])
 
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="Hugging Face model directory to write")
     p.add_argument("--verify", action="store_true", help="compare logits with a DeepSpeed engine on the checkpoint")
     args = p.parse_args(argv)
-    from pipeline.config import USER_ERRORS
+    from pipeline.config import USER_ERRORS, one_line
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("exported logits differ from the engine's by %.3g", diff)
                 return 1
     except USER_ERRORS as e:
-        log.error("%s", e)
+        log.error("%s", one_line(e))
         return 2
     return 0
 

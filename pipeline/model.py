@@ -46,6 +46,9 @@ def load_causal_lm(source: ModelSource, ds_config: dict[str, Any] | None = None,
         path = Path(source.path)
         if not (path / "config.json").is_file():
             raise ValueError(f"{path}: not a Hugging Face checkpoint (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            raise ValueError(f"{path}: no *.safetensors weights; pickled weights (*.bin, *.pt) are never loaded "
+                             "(convert them once, where you trust them, with save_pretrained(safe_serialization=True))")
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
                                                     local_files_only=True, attn_implementation=attn_implementation,
                                                     trust_remote_code=source.trust_remote_code)

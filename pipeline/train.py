@@ -26,12 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from pipeline.config import USER_ERRORS, load_train_config
+    from pipeline.config import USER_ERRORS, load_train_config, one_line
 
     try:
         cfg = load_train_config(args.config, args.set)
     except USER_ERRORS as e:
-        log.error("%s", e)
+        log.error("%s", one_line(e))
         return 2
     _init_distributed()
     from pipeline.trainer import Trainer
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg)
     except USER_ERRORS as e:
-        log.error("%s", e)
+        log.error("%s", one_line(e))
         return 2
     result = trainer.train()
     if rank == 0:

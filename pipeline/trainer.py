@@ -55,8 +55,9 @@ class Trainer:
         self.warmup = warmup_steps_for(self.total_steps, cfg.optim.warmup_steps, cfg.optim.warmup_ratio)
         self.tokenizer = load_tokenizer(self.prep.tokenizer)
         self.base_source = ModelSource(path=cfg.model.path, config=cfg.model.config or {}, seed=cfg.model.seed,
-                                       dtype=cfg.model.dtype)
-        start_source = ModelSource(path=cfg.init_from, dtype=cfg.model.dtype) if cfg.init_from else self.base_source
+                                       dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        start_source = ModelSource(path=cfg.init_from, dtype=cfg.model.dtype,
+                                   trust_remote_code=cfg.model.trust_remote_code) if cfg.init_from else self.base_source
         ds_cfg = filled_ds_config(cfg, self.world)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.rank,
                                              self.world)

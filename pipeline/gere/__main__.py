@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import USER_ERRORS
+from pipeline.config import USER_ERRORS, one_line
 
 log = logging.getLogger("pipeline.gere")
 
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--model-path", help="base model: a local Hugging Face checkpoint directory")
     src.add_argument("--model-config", help="base model from scratch: JSON file of LlamaConfig fields (tests, demo)")
     p.add_argument("--seed", type=int, default=0, help="init seed with --model-config")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with --model-path (only for checkpoints you trust)")
     p.add_argument("--replay", required=True, help="replay shard from `data_prep replay` (holds replay.json)")
     p.add_argument("--out", required=True, help="cache directory to write")
     p.add_argument("--batch-size", type=int, default=4, help="replay samples per forward per rank")
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build_from_args(args)
     except USER_ERRORS as e:
-        log.error("%s", e)
+        log.error("%s", one_line(e))
         return 2
     return 0
 
@@ -63,7 +65,7 @@ def build_from_args(args: argparse.Namespace) -> Path:
         config = json.loads(Path(args.model_config).read_text())
         source = ModelSource(config=config, seed=args.seed)
     else:
-        source = ModelSource(path=args.model_path)
+        source = ModelSource(path=args.model_path, trust_remote_code=args.trust_remote_code)
     ds_config = json.loads(Path(args.deepspeed).read_text()) if args.deepspeed else None
     device = torch.device("cpu")
     if ds_config:
