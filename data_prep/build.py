@@ -126,8 +126,10 @@ def build_source(spec: SourceSpec, options: BuildOptions, tokenizer_path: str, c
         return out_dir
     (out_dir / "chunks").mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temporaries(out_dir / "chunks")
+    if num_shards == 1:  # the only writer here (pieces of a split build run side by side: leave theirs alone)
+        stale += remove_stale_temporaries(out_dir)
     if stale:
-        log.info("%s: removed %d unfinished chunk(s) of an earlier, interrupted run", spec.name, stale)
+        log.info("%s: removed %d unfinished file(s) of an earlier, interrupted run", spec.name, stale)
     write_json(out_dir / "spec.json", {"spec": _spec_json(spec), "options": asdict(options),
                                        "tokenizer": {"path": str(tokenizer_path), "fingerprint": tokenizer.fingerprint},
                                        "inputs": inputs, "version": __version__})

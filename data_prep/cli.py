@@ -151,8 +151,10 @@ def _cmd_build(args: argparse.Namespace) -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
+    from .atomic import remove_stale_temporaries
     from .build import finalize
 
+    remove_stale_temporaries(args.build_dir)  # merge runs once every piece has finished: no other writer
     finalize(args.build_dir)
     print(args.build_dir)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import write_json
+from .atomic import remove_stale_temporaries, write_json
 from .build import build_source
 from .config import PrepareConfig
 from .errors import UserError
@@ -32,6 +32,9 @@ def prepare(cfg: PrepareConfig, quiet: bool = False, num_shards: int = 1, shard_
     finds every chunk built, finalizes the builds and does mix, holdout and replay.
     """
     out = Path(cfg.out)
+    if num_shards == 1:  # the one writer of these: leftovers of a killed run go, so a rerun ends byte-identical
+        for directory in (out, out / "mixture", out / "holdout", out / "replay"):
+            remove_stale_temporaries(directory)
     builds = {s.name: str(build_source(s, cfg.build, cfg.tokenizer, out / "cache", workers=cfg.workers,
                                        num_shards=num_shards, shard_index=shard_index, quiet=quiet))
               for s in cfg.sources}

@@ -52,13 +52,14 @@ def test_rerun_after_a_kill_rebuilds_only_missing_chunks_and_ends_identical(samp
     shutil.rmtree(out / "chunks" / "000003")
     (out / "chunks" / ".tmp-000003.abc").mkdir()
     (out / "chunks" / ".tmp-000003.abc" / "rows.arrow").write_bytes(b"partial")
+    (out / ".tmp-reader.json.abc").write_text('{"records": ')  # killed while writing the reader's stats
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").iterdir() if p.name.isdigit()}
 
     again = build_source(spec(sample), OPTIONS, str(sample.tokenizer), tmp_path / "killed", quiet=True)
 
     assert again == out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "chunks").iterdir() if p.name in kept} == kept
-    assert not list((out / "chunks").glob(".tmp-*"))
+    assert not list(out.rglob(".tmp-*"))
     assert tree_digest(out) == tree_digest(clean)
 
 
@@ -119,7 +120,8 @@ def test_prepare_split_into_pieces_then_finished_unsplit_equals_a_single_run(sam
         assert tree_digest(tmp_path / "single" / part) == tree_digest(tmp_path / "split" / part), part
 
 
-def test_a_build_killed_mid_run_and_rerun_ends_identical_to_a_clean_one(sample, tmp_path):
+@pytest.mark.reliability("faults: data prep kills")
+def test_a_build_killed_mid_run_and_rerun_ends_identical_to_a_clean_one(sample, tmp_path, lost):
     import os
     import signal
     import subprocess
@@ -141,4 +143,4 @@ def test_a_build_killed_mid_run_and_rerun_ends_identical_to_a_clean_one(sample, 
     assert proc.returncode == -signal.SIGKILL and not (chunks.parent / "build.json").exists()  # really mid-run
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert tree_digest(chunks.parent) == tree_digest(clean)
+    assert lost(len(set(tree_digest(chunks.parent).items()) ^ set(tree_digest(clean).items()))) == 0
