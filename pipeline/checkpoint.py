@@ -39,6 +39,9 @@ class CheckpointManager:
 
     def save(self, engine: Any, step: int, state: dict[str, Any]) -> Path:
         tag = f"step{step:08d}"
+        if self.rank == 0:
+            self._make_room(tag)
+        _barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state={"pipeline": state}, save_latest=False)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -48,9 +51,7 @@ class CheckpointManager:
         if self.rank == 0:
             (self.root / tag / "pipeline_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
             write_complete(self.root / tag, world=self.world)
-            tmp = self.root / f".{LATEST}.tmp"
-            tmp.write_text(tag + "\n")
-            os.replace(tmp, self.root / LATEST)
+            self._point_latest(tag)
             self._purge(keep=tag)
             log.info("checkpoint: step %d → %s", step, self.root / tag)
         _barrier()
@@ -71,7 +72,7 @@ class CheckpointManager:
         try:
             verify_checkpoint(self.root / tag, self.rank, self.world)
         except ValueError as e:
-            earlier = [p.name for p in sorted(self.root.glob("step*")) if (p / COMPLETE).is_file() and p.name < tag]
+            earlier = [p.name for p in self._complete() if p.name < tag]
             hint = f" (the one before it: checkpoint.resume={self.root / earlier[-1]})" if earlier else ""
             raise ValueError(f"{latest} names {tag}, which cannot be resumed: {e}{hint}") from None
         return self.root, tag
@@ -119,13 +120,39 @@ class CheckpointManager:
         log.info("resumed from %s", root / tag)
         return client["pipeline"]
 
+    def _tags(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("step*") if p.is_dir() and not p.name.endswith("_universal"))
+
+    def _complete(self) -> list[Path]:
+        return [p for p in self._tags() if (p / COMPLETE).is_file()]
+
+    def _point_latest(self, tag: str | None) -> None:
+        if tag is None:
+            (self.root / LATEST).unlink(missing_ok=True)
+            return
+        tmp = self.root / f".{LATEST}.tmp"
+        tmp.write_text(tag + "\n")
+        os.replace(tmp, self.root / LATEST)
+
+    def _make_room(self, tag: str) -> None:
+        """Clear ``tag`` before it is written: a half-written save of it, or a checkpoint of the branch a
+        resume from an earlier checkpoint left. ``latest`` never names a directory being written."""
+        target = self.root / tag
+        if not target.exists():
+            return
+        latest = self.root / LATEST
+        if latest.is_file() and latest.read_text().strip() == tag:
+            earlier = [p.name for p in self._complete() if p.name < tag]
+            self._point_latest(earlier[-1] if earlier else None)
+        log.warning("checkpoint %s exists (%s); replacing it", target,
+                    "complete, from a branch resumed away from" if (target / COMPLETE).is_file() else "half-written")
+        shutil.rmtree(target)
+
     def _purge(self, keep: str) -> None:
-        tags = sorted(p for p in self.root.glob("step*") if p.is_dir() and not p.name.endswith("_universal"))
-        complete = [p for p in tags if (p / COMPLETE).is_file()]
-        for p in tags:
+        for p in self._tags():
             if not (p / COMPLETE).is_file() and p.name != keep:
                 shutil.rmtree(p, ignore_errors=True)  # a save that was killed half-way
-        for p in complete[:-self.keep_last]:
+        for p in self._complete()[:-self.keep_last]:
             if p.name != keep:
                 shutil.rmtree(p, ignore_errors=True)
 

@@ -136,3 +136,33 @@ def test_the_manifest_lists_every_file_a_save_wrote(reference):
                if p.is_file() and p.name != COMPLETE}
     assert manifest["files"] == on_disk and manifest["world"] == 2
     assert {MODEL, OPTIM, "pipeline_state.json", "rng_rank00001.safetensors"} <= set(on_disk)
+
+
+class FakeEngine:
+    """Writes one file per save like DeepSpeed would, or dies half-way (a kill) when told to."""
+
+    def __init__(self, die: bool = False) -> None:
+        self.die = die
+
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"module": {"w": torch.ones(3)}}, Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+        if self.die:
+            raise KeyboardInterrupt("killed mid-save")
+
+
+@pytest.mark.reliability("checkpoints")
+def test_a_step_saved_again_never_leaves_latest_on_a_directory_being_written(tmp_path, lost):
+    """Resumed from step 4 while an abandoned branch's step 6 is latest, and a half-written step 8 is left over."""
+    manager = CheckpointManager(tmp_path, keep_last=10, rank=0, world=1)
+    for step in (4, 6):
+        manager.save(FakeEngine(), step, {"step": step})
+    (tmp_path / "step00000008").mkdir()
+    (tmp_path / "step00000008" / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(b"stale, other world")
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(FakeEngine(die=True), 6, {"step": 6})  # killed while rewriting step 6
+    assert lost(0 if manager.resolve("auto") == (tmp_path, "step00000004") else 1) == 0
+    manager.save(FakeEngine(), 8, {"step": 8})
+    assert sorted(p.name for p in (tmp_path / "step00000008").iterdir()) == [
+        COMPLETE, "pipeline_state.json", "rng_rank00000.safetensors", "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    assert manager.resolve("auto") == (tmp_path, "step00000008")
