@@ -250,10 +250,13 @@ def one_line_error(result: subprocess.CompletedProcess[str], needles: tuple[str,
         assert needle in errors[0], (needle, errors[0])
 
 
-@pytest.mark.parametrize("name", sorted(DATA_CASES))
-def test_bad_data_or_prep_config(name, sample, earlier_build, tmp_path, request, lost):
-    category, case = DATA_CASES[name]
-    request.node.add_marker(pytest.mark.reliability(category))
+def cases(table: dict[str, tuple]) -> list:
+    return [pytest.param(name, marks=pytest.mark.reliability(table[name][0]), id=name) for name in sorted(table)]
+
+
+@pytest.mark.parametrize("name", cases(DATA_CASES))
+def test_bad_data_or_prep_config(name, sample, earlier_build, tmp_path, lost):
+    _, case = DATA_CASES[name]
     good = sample.texts("general")[:12]
     cache = tmp_path / "cache"
     shutil.copytree(earlier_build, cache)
@@ -358,10 +361,9 @@ TRAIN_CASES: dict[str, tuple[str, Callable[[Path, Path], tuple[dict, list[str]]]
 }
 
 
-@pytest.mark.parametrize("name", sorted(TRAIN_CASES))
-def test_bad_training_config_or_model(name, prep, tmp_path, request, lost):
-    category, case, needles = TRAIN_CASES[name]
-    request.node.add_marker(pytest.mark.reliability(category))
+@pytest.mark.parametrize("name", cases(TRAIN_CASES))
+def test_bad_training_config_or_model(name, prep, tmp_path, lost):
+    _, case, needles = TRAIN_CASES[name]
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')  # an earlier run's log

@@ -36,7 +36,8 @@ def test_lr_follows_the_schedule_exactly(reference):
         assert row["lr"] == pytest.approx(expected, rel=1e-12, abs=0), step
 
 
-def test_kill_9_mid_run_then_resume_gives_the_same_losses_and_weights(reference, prep, tmp_path):
+@pytest.mark.reliability("faults: training kills")
+def test_kill_9_mid_run_then_resume_gives_the_same_losses_and_weights(reference, prep, tmp_path, lost):
     _, ref_run = reference
     run = tmp_path / "run"
     config = write_config(tmp_path / "cpt.yaml", prep, run)
@@ -53,7 +54,7 @@ def test_kill_9_mid_run_then_resume_gives_the_same_losses_and_weights(reference,
     ref, got = metrics(ref_run), metrics(run)
     assert [got[s]["loss"] for s in range(5, 13)] == [ref[s]["loss"] for s in range(5, 13)]  # bitwise
     a, b = final_weights(ref_run), final_weights(run)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert lost(sum(not torch.equal(a[k], b.get(k, torch.empty(0))) for k in a)) == 0 and a.keys() == b.keys()
 
 
 def test_export_round_trip_gives_the_engines_logits(reference, tmp_path):
@@ -96,7 +97,8 @@ def test_l2sp_pulls_toward_the_initial_weights_and_tm_replay_starts_at_zero(refe
     assert distance(final_weights(tmp_path / "run")) < 0.5 * distance(final_weights(reference[1]))
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(prep, tmp_path):
+@pytest.mark.reliability("faults: SIGTERM")
+def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(prep, tmp_path, lost):
     run = tmp_path / "run"
     config = write_config(tmp_path / "long.yaml", prep, run, steps=400, checkpoint={"every": 0})
     proc = subprocess.Popen(launcher_command(config), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
@@ -112,7 +114,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(prep, tmp_pa
     assert latest.is_file(), output[-3000:]
     tag = latest.read_text().strip()
     stopped_at = int(tag.removeprefix("step"))
-    assert 3 <= stopped_at < 400 and (run / "checkpoints" / tag / "COMPLETE").is_file()
+    assert lost(0 if (run / "checkpoints" / tag / "COMPLETE").is_file() else stopped_at) == 0  # steps not saved
+    assert 3 <= stopped_at < 400
     assert "SIGTERM/SIGINT: saving a checkpoint" in output
     resumed = write_config(tmp_path / "short.yaml", prep, run, steps=stopped_at + 2, checkpoint={"every": 0})
     run_training(resumed)
@@ -151,7 +154,8 @@ def test_ewc_holds_the_weights_its_fisher_marks_important(reference, prep, tmp_p
     assert weighted(final_weights(tmp_path / "run")) < 0.5 * weighted(final_weights(reference[1]))
 
 
-def test_resume_on_another_number_of_ranks_with_the_same_global_batch(reference, prep, tmp_path):
+@pytest.mark.reliability("security")
+def test_resume_on_another_number_of_ranks_with_the_same_global_batch(reference, prep, tmp_path, lost):
     """2 ranks × 2 rows → 1 rank × 2 rows × 2 accumulation steps: the same rows per step, the same training."""
     _, ref_run = reference
     run, source = tmp_path / "run", ref_run / "checkpoints" / "step00000006"
@@ -161,7 +165,7 @@ def test_resume_on_another_number_of_ranks_with_the_same_global_batch(reference,
     result = run_training(config, ranks=1)
     assert "converting it to" in result.stdout + result.stderr
     assert (run / "checkpoints" / "step00000006_universal" / "COMPLETE").is_file()  # in this run's directory,
-    assert digest(ref_run / "checkpoints") == before  # and nothing written beside the source
+    assert lost(len(set(before.items()) ^ set(digest(ref_run / "checkpoints").items()))) == 0  # nothing beside it
     ref, got = metrics(ref_run), metrics(run)
     for step in range(7, 13):  # another reduction order: equal up to float rounding, not bitwise
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step
