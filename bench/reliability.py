@@ -4,7 +4,7 @@ The cases are the test suite's tests marked ``reliability(category)``: the
 fast ones (bad input, damaged checkpoints, security, disk full, one kill per
 kind, SIGTERM) also run in CI; the slow ones (``slow``: kill -9 of one training
 rank at random steps or mid-save over 6 seeds, ``prepare`` killed at random
-moments over 5 seeds) only here. Each case records how many items it lost
+moments over 10 seeds) only here. Each case records how many items it lost
 (good documents, earlier output files, checkpoint files, weight tensors that
 differ from an uninterrupted run) before asserting that number is 0.
 
@@ -107,9 +107,10 @@ def main() -> int:
     print("\n".join(summary_table(cases)))
     kills = [(nodeid, c) for nodeid, c in cases.items() if "kill_point" in c.properties]
     if kills:
-        print("\n| kill | where | lost |\n|---|---|---:|")
+        print("\n| kill -9 of | seed | when | lost |\n|---|---:|---|---:|")
         for nodeid, c in kills:
-            print(f"| {nodeid.split('::')[-1][:40]} | {c.properties['kill_point']} | {c.lost} |")
+            what = "training rank" if "rank" in nodeid.split("::")[-1] else "data prep"
+            print(f"| {what} | {nodeid.rsplit('[', 1)[-1].rstrip(']')} | {c.properties['kill_point']} | {c.lost} |")
     failed = [(nodeid, c) for nodeid, c in cases.items() if c.outcome != "passed"]
     for nodeid, c in failed:
         print(f"FAILED {nodeid}: {c.detail}")

@@ -26,7 +26,7 @@ import yaml
 from .train_helpers import ROOT, digest, env, final_weights, launcher_command, run_training, write_config
 
 TRAIN_SEEDS = range(6)  # even: kill at a random step; odd: kill inside a checkpoint save
-PREP_SEEDS = range(5)
+PREP_SEEDS = range(10)
 
 
 def rank_pids(session: int) -> dict[int, int]:

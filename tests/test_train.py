@@ -73,7 +73,8 @@ def test_export_round_trip_gives_the_engines_logits(reference, tmp_path):
     assert (tmp_path / "hf" / "tokenizer.model").is_file()
 
 
-def test_l2sp_pulls_toward_the_initial_weights_and_tm_replay_starts_at_zero(reference, prep, tmp_path):
+@pytest.mark.reliability("security")
+def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(reference, prep, tmp_path, lost):
     import datasets
     import json
 
@@ -86,7 +87,10 @@ def test_l2sp_pulls_toward_the_initial_weights_and_tm_replay_starts_at_zero(refe
                 model_fingerprint=model_fingerprint(source), tokenizer_fingerprint=replay_meta["tokenizer_fingerprint"])
     config = write_config(tmp_path / "gere.yaml", prep, tmp_path / "run", penalty={"kind": "l2sp", "weight": 200.0},
                           replay={"strategy": "tm", "cache": str(tmp_path / "cache"), "samples_per_step": 2})
+    inputs = {**digest(prep), **{f"tmp/{k}": v for k, v in digest(tmp_path).items()}}
     run_training(config)
+    after = {**digest(prep), **{f"tmp/{k}": v for k, v in digest(tmp_path).items() if not k.startswith("run/")}}
+    assert lost(len(set(inputs.items()) ^ set(after.items()))) == 0  # prep, cache, config: read, never written
     m = metrics(tmp_path / "run")
     assert m[1]["loss/tm"] == 0.0 and max(m[s]["loss/tm"] for s in m) > 0
     initial = {k: v.float() for k, v in base.state_dict().items()}
