@@ -142,9 +142,9 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.train import _init_distributed
+    from pipeline.distributed import init_distributed
 
-    _init_distributed()
+    init_distributed()
     rank = int(os.environ.get("RANK", "0"))
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     prep = Path(args.prep) if args.prep else None

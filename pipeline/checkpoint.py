@@ -13,6 +13,7 @@ directory, a universal conversion of another run's checkpoint included.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from data_prep.errors import UserError
 
 from .checkpoint_files import COMPLETE, read_complete, verify_checkpoint, write_complete
 
@@ -42,11 +45,19 @@ class CheckpointManager:
         if self.rank == 0:
             self._make_room(tag)
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"pipeline": state}, save_latest=False)
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, str(self.root / tag / f"rng_rank{self.rank:05d}.safetensors"))
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state={"pipeline": state}, save_latest=False)
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            save_file(rng, str(self.root / tag / f"rng_rank{self.rank:05d}.safetensors"))
+        except Exception as e:  # torch.save reports a full disk as an opaque RuntimeError
+            if self._out_of_space(e):
+                latest = self.root / LATEST
+                raise UserError(f"{self.root / tag}: no space left on the device while saving step {step}; it is "
+                                f"not marked complete and {latest} still names "
+                                f"{latest.read_text().strip() if latest.is_file() else 'nothing'}") from None
+            raise
         _barrier()
         if self.rank == 0:
             (self.root / tag / "pipeline_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
@@ -119,6 +130,16 @@ class CheckpointManager:
                 torch.cuda.set_rng_state(rng["cuda"])
         log.info("resumed from %s", root / tag)
         return client["pipeline"]
+
+    def _out_of_space(self, error: Exception) -> bool:
+        """Whether a failed save failed for want of space: ENOSPC, or less free than the last checkpoint took."""
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left" in str(error):
+            return True
+        complete = self._complete()
+        needed = sum(read_complete(complete[-1])["files"].values()) if complete else 1 << 20
+        return shutil.disk_usage(self.root).free < needed
 
     def _tags(self) -> list[Path]:
         return sorted(p for p in self.root.glob("step*") if p.is_dir() and not p.name.endswith("_universal"))

@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        from pipeline.distributed import shutdown_at_exit
+
         torch.distributed.init_process_group("gloo")
+        shutdown_at_exit()
     try:
         result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs)
     except USER_ERRORS as e:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -67,7 +66,9 @@ def verify(checkpoint: Path, out: Path) -> float:
 
     cfg_dict = _run_config(checkpoint)
     cfg = config_from_dict(cfg_dict)
-    deepspeed.init_distributed()
+    from pipeline.distributed import init_distributed
+
+    init_distributed()
     model = _architecture(cfg_dict)
     ds_cfg = filled_ds_config(cfg, 1)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
@@ -124,9 +125,6 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "29599")):
-        os.environ.setdefault(key, value)
     try:
         out = export(Path(args.checkpoint), Path(args.out))
         if args.verify:

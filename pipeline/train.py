@@ -6,6 +6,7 @@ Overrides: ``--set optim.lr=1e-5 --set steps=200``. See README: Training.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -33,33 +34,30 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         log.error("%s", one_line(e))
         return 2
-    _init_distributed()
+    from data_prep.errors import UserError
+    from pipeline.distributed import init_distributed
     from pipeline.trainer import Trainer
+
+    init_distributed()
 
     try:
         trainer = Trainer(cfg)
     except USER_ERRORS as e:
         log.error("%s", one_line(e))
         return 2
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    except UserError as e:  # not USER_ERRORS: a ValueError raised mid-training is a bug and keeps its traceback
+        log.error("%s", one_line(e))
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.error("%s: no space left on the device; the last complete checkpoint is intact", e.filename or cfg.run_dir)
+        return 2
     if rank == 0:
         print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, sort_keys=True))
     return 0
-
-
-def _init_distributed() -> None:
-    """Under the launcher the env is set; a plain process becomes a world of one."""
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    import deepspeed
-
-    deepspeed.init_distributed()
 
 
 if __name__ == "__main__":

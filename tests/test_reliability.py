@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -36,3 +34,28 @@ def test_disk_full_during_a_build_is_a_clear_error_and_earlier_builds_stay_intac
     assert lost(len(set(before.items()) ^ set(digest(small_disk / "general").items()))) == 0
     assert_user_error(big, "no space left on the device")
     assert not list((small_disk / "domain").rglob("build.json"))  # nothing presented as complete
+
+
+@pytest.mark.reliability("faults: disk full")
+def test_disk_full_during_a_checkpoint_save_is_one_line_and_the_last_checkpoint_stays_latest(prep, tmp_path, lost):
+    from pipeline.checkpoint_files import verify_checkpoint
+
+    from .train_helpers import env, launcher_command, write_config
+
+    run = tmp_path / "run"  # checkpoints of this model take 1.4 MB: two fit in 3.5 MB, the third does not
+    run.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3500k", "tmpfs", str(run)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        config = write_config(tmp_path / "cpt.yaml", prep, run)
+        result = subprocess.run(launcher_command(config), capture_output=True, text=True, env=env(), timeout=600)
+        latest = (run / "checkpoints" / "latest").read_text().strip()
+        saved = digest(run / "checkpoints" / latest)
+        verify_checkpoint(run / "checkpoints" / latest)  # complete and intact
+        assert lost(0 if latest == "step00000004" else 1) == 0, latest
+        assert result.returncode != 0
+        assert "no space left on the device while saving step 6" in result.stdout + result.stderr
+        assert "step00000004" in (result.stdout + result.stderr).split("no space left")[1].splitlines()[0]
+        assert digest(run / "checkpoints" / latest) == saved
+    finally:
+        subprocess.run(["umount", "-l", str(run)], capture_output=True)

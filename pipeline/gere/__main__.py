@@ -71,7 +71,9 @@ def build_from_args(args: argparse.Namespace) -> Path:
     if ds_config:
         import deepspeed
 
-        deepspeed.init_distributed()
+        from pipeline.distributed import init_distributed
+
+        init_distributed()
         from deepspeed.accelerator import get_accelerator
 
         device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))

@@ -1,0 +1,37 @@
+"""Into and out of torch.distributed for the CLIs: a world of one without the launcher, and a clean exit.
+
+A process group left to interpreter teardown can abort the process after the
+work is done (a rank once exited with SIGABRT, "terminate called without an
+active exception", after its final checkpoint); destroying it at exit is
+torch's documented shutdown.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+
+import torch.distributed as dist
+
+
+def init_distributed() -> None:
+    """Under the launcher the env is set; a plain process becomes a world of one."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    import deepspeed
+
+    deepspeed.init_distributed()
+    shutdown_at_exit()
+
+
+def shutdown_at_exit() -> None:
+    atexit.register(_shutdown)
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
