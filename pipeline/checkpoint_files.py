@@ -15,8 +15,10 @@ verdict, so a resume reads each file once more in total.
 """
 from __future__ import annotations
 
+import enum
 import json
 import os
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -48,12 +50,27 @@ def read_complete(tag_dir: Path) -> dict[str, Any]:
     return info
 
 
-def _deepspeed_types() -> list[type]:
-    """The non-tensor types DeepSpeed pickles into its optimizer states."""
+def _deepspeed_types() -> list[Any]:
+    """The non-tensor types DeepSpeed pickles into its optimizer states, and how its enum arrives.
+
+    Some Python versions (3.11.2, Debian 12's) pickle an enum member by name, as
+    ``getattr(EnumClass, "name")``; others (3.11.7) as ``EnumClass(value)``. ``getattr`` itself would
+    let a pickle reach any attribute of an allowed class, so :func:`_enum_member`
+    stands in for it and answers only for members of DeepSpeed's enum.
+    """
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, (_enum_member, "builtins.getattr")]
+
+
+def _enum_member(cls: Any, name: Any) -> enum.Enum:
+    """``getattr(cls, name)`` as an enum pickle uses it, for ZeroStageEnum's members and nothing else."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    if cls is not ZeroStageEnum or not isinstance(name, str) or name not in cls.__members__:
+        raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) is not a member of an allowed enum")
+    return cls[name]
 
 
 def file_problem(path: Path, size: int) -> str | None:

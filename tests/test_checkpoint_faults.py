@@ -104,6 +104,37 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_anything_unpickles_i
     lost(0)
 
 
+class ByName:
+    """Pickles as ``getattr(owner, name)``: how Python 3.11.2 pickles an enum member, and a way to reach further."""
+
+    def __init__(self, owner: object, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+@pytest.mark.reliability("security")
+def test_enum_members_pickled_by_name_pass_the_check_and_no_other_getattr_does(tmp_path, lost):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from pipeline.checkpoint_files import file_problem
+
+    def saved(name: str, value: object) -> tuple[Path, int]:
+        path = tmp_path / f"{name}.pt"
+        torch.save({"zero_stage": value, "state": torch.ones(3)}, path)
+        return path, path.stat().st_size
+
+    assert file_problem(*saved("by_value", ZeroStageEnum.weights)) is None
+    assert file_problem(*saved("by_name", ByName(ZeroStageEnum, "weights"))) is None
+    reaches = {"a method of an allowed class": ByName(LossScaler, "update_scale"),
+               "not a member": ByName(ZeroStageEnum, "__class__"), "a tensor method": ByName(torch.Tensor, "add_")}
+    refused = {what: file_problem(*saved(what.replace(" ", "_"), value)) for what, value in reaches.items()}
+    assert lost(sum(problem is None for problem in refused.values())) == 0, refused
+    assert all("weights-only" in problem for problem in refused.values()), refused
+
+
 @pytest.mark.reliability("checkpoints")
 def test_training_on_a_damaged_checkpoint_exits_with_one_line_and_keeps_it(run, prep, tmp_path, lost):
     truncate(run / "checkpoints" / LAST / OPTIM)
