@@ -1,9 +1,13 @@
 """Into and out of torch.distributed for the CLIs: a world of one without the launcher, and a clean exit.
 
 A process group left to interpreter teardown can abort the process after the
-work is done (a rank once exited with SIGABRT, "terminate called without an
-active exception", after its final checkpoint); destroying it at exit is
-torch's documented shutdown.
+work is done: gloo's worker threads may still be joinable when their objects
+are destroyed ("terminate called without an active exception", SIGABRT; a
+rank did so after its final checkpoint in one of a CI run's ~25 launches). torch's documented
+shutdown is ``destroy_process_group`` near the end of main; :func:`finish`
+first waits at a barrier, so no rank tears its group down while another still
+has a collective in flight. An exit handler destroys the group on every other
+path (errors, ``sys.exit``); it does nothing once :func:`finish` has run.
 """
 from __future__ import annotations
 
@@ -26,6 +30,13 @@ def init_distributed() -> None:
 
     deepspeed.init_distributed()
     shutdown_at_exit()
+
+
+def finish() -> None:
+    """After a successful run, on every rank: wait for the others, then destroy the process groups."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shutdown_at_exit() -> None:

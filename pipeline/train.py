@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", one_line(e))
         return 2
     from data_prep.errors import UserError
-    from pipeline.distributed import init_distributed
+    from pipeline.distributed import finish, init_distributed
     from pipeline.trainer import Trainer
 
     init_distributed()
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         log.error("%s: no space left on the device; the last complete checkpoint is intact", e.filename or cfg.run_dir)
         return 2
+    finish()
     if rank == 0:
         print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, sort_keys=True))
     return 0
