@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        from pipeline.distributed import shutdown_at_exit
+    from pipeline.distributed import finish, shutdown_at_exit
 
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         torch.distributed.init_process_group("gloo")
         shutdown_at_exit()
     try:
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         log.error("%s", one_line(e))
         return 2
+    finish()
     if rank == 0:
         print(markdown_table(result))
         if args.out:
