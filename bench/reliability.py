@@ -8,7 +8,7 @@ moments over 10 seeds) only here. Each case records how many items it lost
 (good documents, earlier output files, checkpoint files, weight tensors that
 differ from an uninterrupted run) before asserting that number is 0.
 
-    python bench/reliability.py            # everything, ~10 min on 2 cores
+    python bench/reliability.py            # everything, ~7 min on 2 cores
     python bench/reliability.py --fast     # without the slow seeds (what CI runs)
 Last line: reliability_cases=<n> passed=<n> data_lost=<n>
 """

@@ -126,8 +126,9 @@ def test_prepare_killed_at_a_random_moment_then_rerun_is_byte_identical(seed, sa
     os.killpg(proc.pid, signal.SIGKILL)  # the reader and its workers
     proc.wait()
     out = tmp_path / "out"
+    builds = len(list(out.glob("cache/*/*/build.json")))
     done = [name for name in ("mixture/manifest.json", "holdout/holdout.json", "replay/replay.json", "prep.json")
-            if (out / name).exists()] + [f"{len(list(out.glob('cache/*/*/build.json')))} builds"]
+            if (out / name).exists()] + [f"{builds} build{'' if builds == 1 else 's'}"]
     record_property("kill_point", f"{delay:.2f} s of {clean_seconds:.2f} s; done by then: {', '.join(done)}")
     rerun = subprocess.run(command, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
