@@ -3,7 +3,7 @@
 A process group left to interpreter teardown can abort the process after the
 work is done: gloo's worker threads may still be joinable when their objects
 are destroyed ("terminate called without an active exception", SIGABRT; a
-rank did so after its final checkpoint in one of a CI run's ~25 launches). torch's documented
+rank did so after its final checkpoint in one of a CI run's ~20 launches). torch's documented
 shutdown is ``destroy_process_group`` near the end of main; :func:`finish`
 first waits at a barrier, so no rank tears its group down while another still
 has a collective in flight. An exit handler destroys the group on every other
