@@ -7,7 +7,6 @@ complete new file, never a torn one (a kill mid-write leaves only a ``.tmp-*``).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UserError
+from .errors import UserError, out_of_space
 
 TMP_PREFIX = ".tmp-"
 
@@ -41,7 +40,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if out_of_space(e):
             raise UserError(f"{final}: no space left on the device while writing it; nothing was replaced "
                             "(an earlier complete version, if any, is intact)") from None
         raise

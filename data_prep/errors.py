@@ -4,6 +4,8 @@ Anything else that escapes is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import errno
+
 
 class UserError(Exception):
     """A problem with the user's input, config or environment, not with our code."""
@@ -22,3 +24,8 @@ class InputError(UserError):
 
 class RejectLimitExceeded(UserError):
     """Too many documents were rejected for the run to be trusted."""
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` is the OS saying the disk (or the user's quota) is full."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

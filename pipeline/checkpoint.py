@@ -13,7 +13,6 @@ directory, a universal conversion of another run's checkpoint included.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from data_prep.errors import UserError
+from data_prep.errors import UserError, out_of_space
 
 from .checkpoint_files import COMPLETE, read_complete, verify_checkpoint, write_complete
 
@@ -133,9 +132,7 @@ class CheckpointManager:
 
     def _out_of_space(self, error: Exception) -> bool:
         """Whether a failed save failed for want of space: ENOSPC, or less free than the last checkpoint took."""
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left" in str(error):
+        if out_of_space(error) or "No space left" in str(error):
             return True
         complete = self._complete()
         needed = sum(read_complete(complete[-1])["files"].values()) if complete else 1 << 20

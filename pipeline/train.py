@@ -6,7 +6,6 @@ Overrides: ``--set optim.lr=1e-5 --set steps=200``. See README: Training.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         log.error("%s", one_line(e))
         return 2
-    from data_prep.errors import UserError
+    from data_prep.errors import UserError, out_of_space
     from pipeline.distributed import finish, init_distributed
     from pipeline.trainer import Trainer
 
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", one_line(e))
         return 2
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not out_of_space(e):
             raise
         log.error("%s: no space left on the device; the last complete checkpoint is intact", e.filename or cfg.run_dir)
         return 2
