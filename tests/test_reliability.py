@@ -1,7 +1,10 @@
 """Faults while writing: a full disk gives one clear error and leaves earlier outputs intact."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -9,17 +12,23 @@ from .test_cli import assert_user_error, run
 from .train_helpers import digest
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mount_point = tmp_path / "small"  # 600 KB: the general build (~370 KB) fits, general + domain (~810 KB) do not
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A small disk of ``size`` at ``mount_point`` (a new, empty directory), unmounted afterwards."""
     mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount_point)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    with tmpfs(tmp_path / "small", "600k") as mount_point:  # the general build (~370 KB) fits, + domain (~810 KB) not
+        yield mount_point
 
 
 @pytest.mark.reliability("faults: disk full")
@@ -42,11 +51,8 @@ def test_disk_full_during_a_checkpoint_save_is_one_line_and_the_last_checkpoint_
 
     from .train_helpers import env, launcher_command, write_config
 
-    run = tmp_path / "run"  # checkpoints of this model take 1.4 MB: two fit in 3.5 MB, the third does not
-    run.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3500k", "tmpfs", str(run)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    # checkpoints of this model take 1.4 MB: two fit in 3.5 MB, the third does not
+    with tmpfs(tmp_path / "run", "3500k") as run:
         config = write_config(tmp_path / "cpt.yaml", prep, run)
         result = subprocess.run(launcher_command(config), capture_output=True, text=True, env=env(), timeout=600)
         latest = (run / "checkpoints" / "latest").read_text().strip()
@@ -57,5 +63,3 @@ def test_disk_full_during_a_checkpoint_save_is_one_line_and_the_last_checkpoint_
         assert "no space left on the device while saving step 6" in result.stdout + result.stderr
         assert "step00000004" in (result.stdout + result.stderr).split("no space left")[1].splitlines()[0]
         assert digest(run / "checkpoints" / latest) == saved
-    finally:
-        subprocess.run(["umount", "-l", str(run)], capture_output=True)
