@@ -131,7 +131,8 @@ def build_source(spec: SourceSpec, options: BuildOptions, tokenizer_path: str, c
     if stale:
         log.info("%s: removed %d unfinished file(s) of an earlier, interrupted run", spec.name, stale)
     write_json(out_dir / "spec.json", {"spec": _spec_json(spec), "options": asdict(options),
-                                       "tokenizer": {"path": str(tokenizer_path), "fingerprint": tokenizer.fingerprint},
+                                       "tokenizer": {"path": str(tokenizer_path), "fingerprint": tokenizer.fingerprint,
+                                                     "bos_ids": list(tokenizer.bos_ids)},
                                        "inputs": inputs, "version": __version__})
     reader_stats = _run_chunks(spec, options, files, tokenizer_path, out_dir, workers, num_shards, shard_index, quiet)
     write_json(out_dir / READER_STATS, reader_stats)
@@ -176,6 +177,10 @@ def finalize(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     summary = {
         "name": spec["spec"]["name"], "role": spec["spec"]["role"], "seq_len": spec["options"]["seq_len"],
         "tokenizer_fingerprint": spec["tokenizer"]["fingerprint"], "inputs": spec["inputs"],
+        # every document starts with these ids, as the tokenizer starts a text (BOS, or nothing)
+        "document_start_ids": spec["tokenizer"]["bos_ids"],
+        # control-token strings written in raw text, encoded as text (not as the control ids)
+        "special_token_literals": totals["special_token_literals"],
         "records": records, "duplicates": reader["duplicates"], "rejects": len(rejects),
         "rejects_by_reason": dict(sorted(reasons.items())),
         "docs_train": totals["docs_train"], "docs_holdout": totals["docs_holdout"],
@@ -308,15 +313,28 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
     """Tokenize and pack one chunk, write it atomically, return its stats."""
     tokenizer = _TOKENIZERS.get(job.tokenizer_path) or _TOKENIZERS.setdefault(
         job.tokenizer_path, load_tokenizer(job.tokenizer_path))
+    rejects: list[dict[str, Any]] = []
+    refused: set[int] = set()
+    literals = 0
     if job.role == "instruction":
+        # In a conversation the template's markup is control tokens, so a literal in a message would
+        # become a real turn marker or EOS: such examples are refused (counted), never trained.
+        for k, messages in enumerate(job.texts):
+            found = sorted({t for _, content in messages for t in tokenizer.special_literals(content)})
+            if found:
+                refused.add(k)
+                path, line = job.where[k]
+                rejects.append(Reject(path, line, f"message text holds control-token literal(s) {found}; "
+                                      "the chat template would turn them into real control tokens").to_json())
         encoded = encode_examples(tokenizer, job.texts)
         ids_list = [ids for ids, _ in encoded]
         masks = [mask for _, mask in encoded]
     else:
+        # Raw text keeps such literals as text (encode_batch); how often it happened goes in the manifest.
+        literals = sum(len(tokenizer.special_literals(text)) for text in job.texts)
         ids_list = tokenizer.encode_batch(job.texts)
         masks = None
-    train = [i for i, h in enumerate(job.holdout) if not h]
-    rejects: list[dict[str, Any]] = []
+    train = [i for i, h in enumerate(job.holdout) if not h and i not in refused]
     if masks is not None:
         packed = pack_examples([(ids_list[i], masks[i]) for i in train], job.seq_len, tokenizer.eos_id)
         for k in packed.too_long:
@@ -325,13 +343,14 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
                                   f"is longer than seq_len {job.seq_len}; examples are never cut").to_json())
     else:
         packed = pack_documents([ids_list[i] for i in train], job.seq_len, tokenizer.eos_id)
-    holdout_idx = [i for i, h in enumerate(job.holdout) if h]
+    holdout_idx = [i for i, h in enumerate(job.holdout) if h and i not in refused]
     n_tokens = [len(ids) + (masks is None) for ids in ids_list]  # documents count their EOS
     stats = {
         "docs_train": len(train) - len(packed.too_long), "docs_holdout": len(holdout_idx),
         "tokens_train": sum(n_tokens[i] for i in train), "tokens_holdout": sum(n_tokens[i] for i in holdout_idx),
         "loss_tokens": int(packed.loss_mask.sum()), "rows": packed.num_rows,
-        "dropped_tokens": packed.dropped_tokens, "padding_tokens": packed.padding_tokens, "rejects": rejects,
+        "dropped_tokens": packed.dropped_tokens, "padding_tokens": packed.padding_tokens,
+        "special_token_literals": literals, "rejects": rejects,
     }
     final = _chunk_dir(Path(job.out_dir), job.index)
     with atomic_path(final) as tmp:
@@ -391,7 +410,7 @@ def _cache_key(spec: SourceSpec, options: BuildOptions, tokenizer: Tokenizer, in
     keyed = {"inputs": [i["sha256"] for i in inputs], "tokenizer": tokenizer.fingerprint,
              "read": asdict(spec.read), "dedup": spec.dedup, "holdout": [spec.holdout_fraction, spec.holdout_max_docs],
              "role": spec.role, "seq_len": options.seq_len, "seed": options.seed,
-             "docs_per_chunk": options.docs_per_chunk, "chunk_chars": options.chunk_chars, "format": 1}
+             "docs_per_chunk": options.docs_per_chunk, "chunk_chars": options.chunk_chars, "format": 2}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 

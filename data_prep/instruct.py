@@ -2,25 +2,44 @@
 
 With a chat template the tokenizer's own rendering is used; the text is split at
 each assistant turn by rendering growing prefixes of the conversation, so the
-mask follows the template exactly. Without one, a simple documented template:
+mask follows the template exactly. That needs every rendering to extend the
+previous one (the prompt's rendering is a prefix of the conversation's);
+templates that rewrite earlier turns (e.g. dropping past reasoning) break it,
+and the example is refused with an error naming the turn, rather than trained
+with a misplaced mask. The rendering is encoded with its control tokens
+parsed; the tokenizer's start ids (BOS) are prepended unless the template
+wrote them. When the template's end of turn is already the EOS, the example
+ends there (the EOS carries loss, so the model learns to stop); otherwise an
+EOS is appended. Either way there is exactly one end token, never two.
 
-    <|user|>\n{content}\n<|assistant|>\n{content}{EOS}
+Without a template, a simple documented one:
+
+    <|user|>\\n{content}\\n<|assistant|>\\n{content}{EOS}
 
 where only the assistant content and the EOS after the last assistant turn
-carry loss. Pieces are tokenized separately and concatenated; that is stable
-across runs but may differ by a token from tokenizing the joined string.
+carry loss; its markup and contents are encoded as plain text. Pieces are
+tokenized separately and concatenated; that is stable across runs but may
+differ by a token from tokenizing the joined string.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+from .errors import UserError
 from .tokenizer import Tokenizer
 
 Messages = Sequence[tuple[str, str]]
 
 
-def render_pieces(tokenizer: Tokenizer, messages: Messages) -> list[tuple[str, bool]]:
-    """Split a conversation into ``(text, carries_loss)`` pieces whose concatenation is the rendering."""
+class TemplateError(UserError):
+    """The chat template's renderings do not extend each other, so the loss mask cannot be placed."""
+
+
+def render_pieces(tokenizer: Tokenizer, messages: Messages) -> tuple[list[tuple[str, bool]], bool]:
+    """Split a conversation into ``(text, carries_loss)`` pieces whose concatenation is the rendering.
+
+    The flag says whether the tokenizer's chat template rendered it (its markup is control tokens).
+    """
     full = tokenizer.render_chat(messages, add_generation_prompt=False)
     if full is None:
         pieces: list[tuple[str, bool]] = []
@@ -31,38 +50,71 @@ def render_pieces(tokenizer: Tokenizer, messages: Messages) -> list[tuple[str, b
                 pieces.append(("\n", False))
         if pieces and pieces[-1] == ("\n", False):
             pieces.pop()  # the EOS that ends the example takes the final newline's place
-        return pieces
+        return pieces, False
     pieces = []
     done = ""
     for i, (role, _) in enumerate(messages):
         if role == "assistant":
             prompt = tokenizer.render_chat(messages[:i], add_generation_prompt=True) or ""
+            upto = tokenizer.render_chat(messages[: i + 1], add_generation_prompt=False) or ""
+            _check_extends(tokenizer, prompt, done, f"the prompt of turn {i}", "the turns before it")
+            _check_extends(tokenizer, upto, prompt, f"turn {i} (assistant)", "its prompt")
             if prompt[len(done):]:
                 pieces.append((prompt[len(done):], False))
-            upto = tokenizer.render_chat(messages[: i + 1], add_generation_prompt=False) or ""
             pieces.append((upto[len(prompt):], True))
             done = upto
+    _check_extends(tokenizer, full, done, "the whole conversation", "its last assistant turn")
     if full[len(done):]:
         pieces.append((full[len(done):], False))
-    return pieces
+    return pieces, True
+
+
+def _check_extends(tokenizer: Tokenizer, longer: str, shorter: str, what: str, of: str) -> None:
+    if not longer.startswith(shorter):
+        at = next((k for k, (a, b) in enumerate(zip(longer, shorter)) if a != b), min(len(longer), len(shorter)))
+        raise TemplateError(
+            f"{tokenizer.path}: the chat template renders {what} differently from {of} (they part at character "
+            f"{at}: {shorter[at:at + 30]!r} vs {longer[at:at + 30]!r}), so the loss mask cannot be placed; "
+            "use a template whose renderings extend each other")
 
 
 def encode_examples(tokenizer: Tokenizer, examples: Sequence[Messages]) -> list[tuple[list[int], list[int]]]:
-    """Tokenize examples in one batch call; each gets ``(ids, loss_mask)`` ending in EOS."""
+    """Tokenize examples in one batch call per kind; each gets ``(ids, loss_mask)`` with one end token."""
     rendered = [render_pieces(tokenizer, ex) for ex in examples]
-    flat = [text for pieces in rendered for text, _ in pieces]
-    ids_flat = tokenizer.encode_batch(flat) if flat else []
+    templated = [text for pieces, by_template in rendered if by_template for text, _ in pieces]
+    plain = [text for pieces, by_template in rendered if not by_template for text, _ in pieces]
+    encoded = {True: iter(tokenizer.encode_rendered(templated) if templated else []),
+               False: iter(tokenizer.encode_batch(plain, start=False) if plain else [])}
+    bos = list(tokenizer.bos_ids)
     out: list[tuple[list[int], list[int]]] = []
-    k = 0
-    for pieces in rendered:
+    for pieces, by_template in rendered:
         ids: list[int] = []
         mask: list[int] = []
+        answer_start = None
         for _, loss in pieces:
-            ids.extend(ids_flat[k])
-            mask.extend([int(loss)] * len(ids_flat[k]))
-            k += 1
-        ends_with_answer = bool(pieces) and pieces[-1][1]
-        ids.append(tokenizer.eos_id)
-        mask.append(int(ends_with_answer))
+            piece = next(encoded[by_template])
+            if loss:
+                answer_start = len(ids)
+            ids.extend(piece)
+            mask.extend([int(loss)] * len(piece))
+        if bos and ids[:len(bos)] != bos:
+            ids, mask = bos + ids, [0] * len(bos) + mask
+            answer_start = None if answer_start is None else answer_start + len(bos)
+        end = _template_eos(ids, tokenizer.eos_id, answer_start) if by_template else None
+        if end is not None:
+            ids, mask = ids[:end + 1], mask[:end + 1]
+        else:
+            ids.append(tokenizer.eos_id)
+            mask.append(int(bool(pieces) and pieces[-1][1]))
         out.append((ids, mask))
     return out
+
+
+def _template_eos(ids: list[int], eos_id: int, answer_start: int | None) -> int | None:
+    """Where the template's own EOS closes the last assistant turn, if it does."""
+    if answer_start is None:
+        return None
+    try:
+        return ids.index(eos_id, answer_start)
+    except ValueError:
+        return None

@@ -1,5 +1,15 @@
 """One tokenizer interface over a SentencePiece ``.model`` or a local Hugging Face tokenizer dir.
 
+Two ways to encode, because text has two origins:
+
+* ``encode_batch``: raw documents. Each starts the way the tokenizer itself
+  starts a text (``bos_ids``: Gemma's and Llama-3's tokenizers add BOS, so the
+  model sees it in training, replay and holdout as at inference), and a
+  control-token literal written in the text (``<|im_end|>``) stays text: it
+  must never become an EOS or turn marker mid-document.
+* ``encode_rendered``: the output of the tokenizer's own chat template, whose
+  markup *is* control tokens; nothing is prepended (templates write their BOS).
+
 The fingerprint hashes the tokenizer's files, so a packed cache built with one
 tokenizer is never mistaken for another's. No remote code is ever loaded.
 """
@@ -7,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -21,8 +32,19 @@ class Tokenizer(Protocol):
     fingerprint: str
     eos_id: int
     vocab_size: int
+    bos_ids: tuple[int, ...]  # what the tokenizer puts before every text it encodes (often BOS, often nothing)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+    def encode_batch(self, texts: Sequence[str], start: bool = True) -> list[list[int]]:
+        """Raw documents: ``bos_ids`` (unless ``start`` is False) + the text, control-token literals as text."""
+        ...
+
+    def encode_rendered(self, texts: Sequence[str]) -> list[list[int]]:
+        """Chat-template renderings: control tokens parsed, nothing prepended."""
+        ...
+
+    def special_literals(self, text: str) -> list[str]:
+        """The control-token strings written in ``text`` (encoded as text by ``encode_batch``)."""
+        ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -48,9 +70,18 @@ class SentencePieceTokenizer:
         self.vocab_size = int(self._sp.get_piece_size())
         self.fingerprint = _hash_files([Path(self.path)])
         self._threads = num_threads
+        # A .model file states no convention; SentencePiece's own encode adds nothing and never parses
+        # control pieces out of text, so raw and rendered text encode alike.
+        self.bos_ids: tuple[int, ...] = ()
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], start: bool = True) -> list[list[int]]:
         return self._sp.encode(list(texts), out_type=int, num_threads=self._threads)
+
+    def encode_rendered(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.encode_batch(texts)
+
+    def special_literals(self, text: str) -> list[str]:
+        return []
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -76,9 +107,29 @@ class HFTokenizer:
         self.vocab_size = len(self._tok)
         files = [Path(self.path) / f for f in HF_TOKENIZER_FILES if (Path(self.path) / f).is_file()]
         self.fingerprint = _hash_files(files)
+        self.bos_ids = self._start_convention()
+        specials = sorted({t for t in self._tok.all_special_tokens} | {
+            str(t) for t in getattr(self._tok, "added_tokens_decoder", {}).values()
+            if getattr(t, "special", False)}, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._tok(list(texts), add_special_tokens=False)["input_ids"]
+    def _start_convention(self) -> tuple[int, ...]:
+        """The ids the tokenizer adds before a text (its post-processor), read off a probe."""
+        probe = "Hello"
+        plain = self._tok(probe, add_special_tokens=False)["input_ids"]
+        full = self._tok(probe)["input_ids"]
+        start = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), 0)
+        return tuple(int(i) for i in full[:start])
+
+    def encode_batch(self, texts: Sequence[str], start: bool = True) -> list[list[int]]:
+        ids = self._tok(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [list(self.bos_ids) + x for x in ids] if self.bos_ids and start else ids
+
+    def encode_rendered(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._tok(list(texts), add_special_tokens=False, split_special_tokens=False)["input_ids"]
+
+    def special_literals(self, text: str) -> list[str]:
+        return self._special_re.findall(text) if self._special_re is not None else []
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids])

@@ -73,3 +73,19 @@ def lost(record_property: Callable[[str, object], None]) -> Callable[[int], int]
         return count
 
     return record
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a local HF directory (model + tokenizer): Llama, tied embeddings, ChatML, no BOS."""
+    from pipeline.real_models import materialise
+
+    return materialise("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """Gemma-3-270m base as a local HF directory: a 262k vocabulary and a tokenizer that adds <bos>."""
+    from pipeline.real_models import materialise
+
+    return materialise("gemma3")

@@ -43,7 +43,8 @@ def test_chat_template_masks_everything_but_assistant_turns(hf_dir):
                     ("user", "And a tuple?"), ("assistant", "An immutable one."))
     [(ids, mask)] = encode_examples(tok, [conversation])
     rendered = tok.render_chat(conversation, add_generation_prompt=False)
-    assert tok.decode(ids[:-1]) == rendered  # the template's own text, piece by piece
+    # the template's own text, piece by piece; its last end-of-turn is the EOS, so none is appended
+    assert tok.decode(ids) == rendered and ids[-1] == tok.eos_id != ids[-2]
     with_loss = tok.decode([t for t, m in zip(ids, mask) if m])
     assert "A mutable sequence." in with_loss and "An immutable one." in with_loss
     assert "What is a list?" not in with_loss and "Be brief." not in with_loss
