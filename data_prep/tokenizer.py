@@ -23,8 +23,11 @@ from typing import Protocol, Sequence
 
 from .errors import UserError
 
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                      "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja")
+# Everything a Hugging Face tokenizer directory may hold, and nothing else: a model directory doubles as
+# its tokenizer directory, so whoever copies "the tokenizer" copies exactly these (never weights or config.json).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                      "chat_template.json")
 
 
 class Tokenizer(Protocol):

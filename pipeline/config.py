@@ -8,6 +8,7 @@ the config file. Every error names the field and the bad value.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -15,6 +16,8 @@ from typing import Any, Union
 import yaml
 
 from data_prep.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # What the CLIs print as one line and exit 2 on: bad config, input or environment, not a bug.
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, UserError)
@@ -32,7 +35,7 @@ class ModelConfig:
     path: str | None = None  # local Hugging Face checkpoint dir
     config: dict[str, Any] | None = None  # or LlamaConfig fields for a from-scratch model (tests, demo)
     seed: int = 0  # init seed with ``config``
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (the DeepSpeed config's precision must agree)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto: bf16 on CUDA, fp32 on CPU (pipeline/precision.py)
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2; packed rows stay per-document in all
     trust_remote_code: bool = False  # run Python code shipped with model.path (only for checkpoints you trust)
@@ -174,6 +177,15 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     return cfg
 
 
+def resolve_precision(cfg: TrainConfig) -> None:
+    """Replace ``model.dtype: auto`` by the concrete dtype (see pipeline/precision.py), and log it."""
+    from .precision import resolve_dtype
+
+    requested = cfg.model.dtype
+    cfg.model.dtype = resolve_dtype(requested, cfg.deepspeed)
+    log.info("precision: %s (model.dtype: %s, %s)", cfg.model.dtype, requested, Path(cfg.deepspeed).name)
+
+
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     """A validated config from a dict as ``to_dict`` writes it (paths already resolved), e.g. a checkpoint's."""
     cfg = _build(TrainConfig, raw, "")
@@ -202,7 +214,8 @@ def validate(cfg: TrainConfig) -> None:
     need(bool(cfg.data.prep), "data.prep", cfg.data.prep, "the data_prep output directory")
     need((cfg.model.path is None) != (cfg.model.config is None), "model", (cfg.model.path, cfg.model.config),
          "exactly one of model.path or model.config")
-    need(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", cfg.model.dtype, "float32|bfloat16|float16")
+    need(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", cfg.model.dtype,
+         "auto|float32|bfloat16|float16")
     need(cfg.replay.samples_per_step >= 1, "replay.samples_per_step", cfg.replay.samples_per_step, ">= 1")
     need(cfg.replay.strategy not in ("tm", "l1", "l2") or bool(cfg.replay.cache), "replay.cache", cfg.replay.cache,
          f"set for replay.strategy '{cfg.replay.strategy}'")

@@ -37,7 +37,8 @@ def load_hf(path: str | Path) -> torch.nn.Module:
         from pipeline.export import export
 
         with tempfile.TemporaryDirectory() as tmp:
-            exported = export(path, Path(tmp) / "hf")
+            exported = Path(tmp) / "hf"
+            export(path, exported)
             return AutoModelForCausalLM.from_pretrained(str(exported), local_files_only=True, use_safetensors=True,
                                                         trust_remote_code=False).eval()
     if not (path / "config.json").is_file():

@@ -3,11 +3,15 @@
     python -m pipeline.export --checkpoint RUN/checkpoints/step00000100 --out RUN/hf [--verify]
 
 ZeRO-3 checkpoints hold each rank's partition; DeepSpeed's zero_to_fp32 joins
-them into one fp32 state dict, which is loaded strictly into the run's model
-architecture and saved with ``save_pretrained`` in the run's dtype. The
-tokenizer travels along: a Hugging Face tokenizer's files, or a SentencePiece
-model as ``tokenizer.model``. ``--verify`` loads the same checkpoint into a
-DeepSpeed engine and checks that both give the same logits on a probe.
+them into one fp32 state dict, which is loaded strictly into the run's
+architecture (built from its config: the base weights are never read) and
+saved with ``save_pretrained`` in the run's dtype. The tokenizer travels
+along: the tokenizer files of a Hugging Face directory (only those, since
+users point the tokenizer at the model directory itself, whose weights must
+not overwrite the trained ones), or a SentencePiece model as
+``tokenizer.model``. ``--verify`` loads the same checkpoint into a DeepSpeed
+engine and checks that both give the same logits on a probe *before* the
+export is moved into place: a failed check leaves no directory behind.
 """
 from __future__ import annotations
 
@@ -21,13 +25,23 @@ from typing import Any
 
 import torch
 
+from data_prep.errors import UserError
+
 log = logging.getLogger("pipeline.export")
 
+VERIFY_TOLERANCE = 1e-5  # max |logit difference|, fp32
 
-def export(checkpoint: Path, out: Path) -> Path:
+
+class ExportMismatch(UserError):
+    """The exported model's logits differ from the checkpoint's engine: the export is not kept."""
+
+
+def export(checkpoint: Path, out: Path, verify: bool = False) -> float | None:
+    """Write ``out``; with ``verify``, returns the max |logit difference| to the engine (else None)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from data_prep.atomic import atomic_path
+    from data_prep.tokenizer import HF_TOKENIZER_FILES
     from pipeline.data import PrepPaths
 
     _check_replaceable(out)
@@ -39,44 +53,51 @@ def export(checkpoint: Path, out: Path) -> Path:
     if missing or unexpected:
         raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
+    del state
     model = model.to(getattr(torch, cfg["model"]["dtype"]))
     with atomic_path(out) as tmp:
         tmp.mkdir()
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer = PrepPaths.read(cfg["data"]["prep"]).tokenizer
         if tokenizer.is_dir():
-            for f in tokenizer.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
+            for name in HF_TOKENIZER_FILES:
+                if (tokenizer / name).is_file():
+                    shutil.copy2(tokenizer / name, tmp / name)
         else:
             shutil.copy2(tokenizer, tmp / "tokenizer.model")
+        diff = None
+        if verify:
+            diff = verify_export(checkpoint, tmp)
+            log.info("verify: max |logit difference| exported vs engine = %.3g", diff)
+            if diff > VERIFY_TOLERANCE:
+                raise ExportMismatch(f"{out}: exported logits differ from the checkpoint's engine by {diff:.3g} "
+                                     f"(> {VERIFY_TOLERANCE}); nothing was written")
         (tmp / "training_run.json").write_text(json.dumps({"checkpoint": str(checkpoint), "config": cfg},
                                                           indent=1, sort_keys=True))
     log.info("exported %s → %s", checkpoint, out)
-    return out
+    return diff
 
 
-def verify(checkpoint: Path, out: Path) -> float:
+def verify_export(checkpoint: Path, exported_dir: Path) -> float:
     """Max |logit difference| between the exported model and an engine loaded from the checkpoint."""
     import deepspeed
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import config_from_dict
+    from pipeline.distributed import init_distributed
     from pipeline.ds_config import filled_ds_config
 
     cfg_dict = _run_config(checkpoint)
     cfg = config_from_dict(cfg_dict)
-    from pipeline.distributed import init_distributed
-
     init_distributed()
     model = _architecture(cfg_dict)
-    ds_cfg = filled_ds_config(cfg, 1)
+    ds_cfg = filled_ds_config(cfg, 1, model.config.get_text_config().hidden_size)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
                                       optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
     engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=False,
                            load_lr_scheduler_states=False)
     engine.eval()
-    exported = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+    exported = AutoModelForCausalLM.from_pretrained(str(exported_dir), local_files_only=True).eval()
     probe = torch.arange(2, 2 + 32).remainder(exported.config.vocab_size).unsqueeze(0)
     with torch.no_grad():
         a = engine(input_ids=probe, use_cache=False).logits.float()
@@ -102,12 +123,19 @@ def _check_replaceable(out: Path) -> None:
 
 
 def _architecture(cfg: dict[str, Any]) -> torch.nn.Module:
+    """The run's model class and config with fresh weights (from a checkpoint dir, only its config.json)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from pipeline.model import ModelSource, load_causal_lm
 
     m = cfg["model"]
-    source = ModelSource(path=cfg.get("init_from") or m["path"], config=m["config"] or {}, seed=m["seed"],
-                         trust_remote_code=m.get("trust_remote_code", False))
-    return load_causal_lm(source, None, m["attn_implementation"])
+    path = cfg.get("init_from") or m["path"]
+    if path is None:
+        return load_causal_lm(ModelSource(config=m["config"], seed=m["seed"]), None, m["attn_implementation"])
+    trust = m.get("trust_remote_code", False)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=m["attn_implementation"],
+                                            trust_remote_code=trust)
 
 
 def _tied(model: torch.nn.Module, key: str) -> bool:
@@ -126,13 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        out = export(Path(args.checkpoint), Path(args.out))
-        if args.verify:
-            diff = verify(Path(args.checkpoint), out)
+        diff = export(Path(args.checkpoint), Path(args.out), verify=args.verify)
+        if diff is not None:
             print(f"max_abs_logit_diff={diff:.3g}")
-            if diff > 1e-5:
-                log.error("exported logits differ from the engine's by %.3g", diff)
-                return 1
+    except ExportMismatch as e:
+        log.error("%s", one_line(e))
+        return 1
     except USER_ERRORS as e:
         log.error("%s", one_line(e))
         return 2

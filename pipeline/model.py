@@ -59,6 +59,18 @@ def load_causal_lm(source: ModelSource, ds_config: dict[str, Any] | None = None,
     return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
 
+def hidden_size(source: ModelSource) -> int:
+    """The model's hidden size, from its config alone (no weights are read)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if source.path is None:
+        config = LlamaConfig(**source.config) if "model_type" not in source.config else AutoConfig.for_model(**source.config)
+    else:
+        config = AutoConfig.from_pretrained(source.path, local_files_only=True,
+                                            trust_remote_code=source.trust_remote_code)
+    return int(config.get_text_config().hidden_size)
+
+
 def model_fingerprint(source: ModelSource) -> str:
     """Identifies the base weights: config + per file size and first/last 4 MB (or config + seed).
 

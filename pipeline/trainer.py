@@ -25,16 +25,18 @@ import torch.nn.functional as F
 from data_prep.tokenizer import load_tokenizer
 
 from .checkpoint import CheckpointManager
-from .config import TrainConfig, to_dict
+from .config import TrainConfig, resolve_precision, to_dict
 from .data import GlobalOrder, PrepPaths, loss_tokens, packed_inputs
 from .ds_config import filled_ds_config, inference_ds_config
 from .evaluate import holdout_perplexities
 from .gere.cache import GeReCache, pad_replay_rows
 from .gere.sampler import ReplaySampler
+from .isolation import check_document_isolation, forward_packed
 from .losses.replay import ReplayInputs, ReplayLossConfig, causal_ce, combine, replay_terms
 from .metrics import MetricsLogger, device_peak_flops, model_flops_utilization
-from .model import ModelSource, load_causal_lm, model_fingerprint
+from .model import ModelSource, hidden_size, load_causal_lm, model_fingerprint
 from .penalty import AnchorPull, diagonal_fisher
+from .precision import enable_tf32
 from .schedule import lr_at, warmup_steps_for
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         import deepspeed
 
+        resolve_precision(cfg)  # before anything reads model.dtype; the checkpoint records the concrete dtype
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.run_dir = Path(cfg.run_dir)
@@ -58,7 +61,8 @@ class Trainer:
                                        dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
         start_source = ModelSource(path=cfg.init_from, dtype=cfg.model.dtype,
                                    trust_remote_code=cfg.model.trust_remote_code) if cfg.init_from else self.base_source
-        ds_cfg = filled_ds_config(cfg, self.world)
+        enable_tf32()
+        ds_cfg = filled_ds_config(cfg, self.world, hidden_size(start_source))
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.rank,
                                              self.world)
         self.resume_from = self.checkpoints.resolve(cfg.checkpoint.resume)
@@ -72,10 +76,16 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None if "optimizer" in ds_cfg else torch.optim.AdamW(
             params, lr=cfg.peak_lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay)
+            weight_decay=cfg.optim.weight_decay, fused=True)  # one pass, no full-size temporaries
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
                                                lr_scheduler=self._scheduler, config=ds_cfg)
         self.device = self.engine.device
+        self.engine.eval()  # no dropout in the probe
+        error = check_document_isolation(self.engine, cfg.model.attn_implementation, model.config.vocab_size,
+                                         cfg.batch.micro_batch, getattr(torch, cfg.model.dtype), self.device)
+        self.engine.train()
+        log.info("document isolation: %s at micro_batch %d, packed vs alone logits differ by %.1g (relative)",
+                 cfg.model.attn_implementation, cfg.batch.micro_batch, error)
         self.replay_cfg = ReplayLossConfig(cfg.replay.strategy, cfg.replay.weight, cfg.replay.kl_temperature,
                                            cfg.replay.fused_tm)
         self._setup_replay()
@@ -139,7 +149,7 @@ class Trainer:
         weight_used = 0.0
         for j in range(accum):
             batch = {k: v.to(self.device) for k, v in packed_inputs(self.mixture[self.order.rows(self.step, j)]).items()}
-            logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            logits = forward_packed(engine, batch["input_ids"], batch["position_ids"], cfg.model.attn_implementation)
             ce_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                      ignore_index=-100, reduction="sum")
             loss = ce_sum / global_tokens * scale
@@ -251,8 +261,8 @@ class Trainer:
     def _kd_sum(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], rows: list[int]) -> torch.Tensor:
         """Sum over loss tokens of KL(teacher || student) at temperature T, scaled by T²."""
         with torch.no_grad():
-            teacher = self.teacher(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                   use_cache=False).logits
+            teacher = forward_packed(self.teacher, batch["input_ids"], batch["position_ids"],
+                                     self.cfg.model.attn_implementation)
         t = self.cfg.kd.temperature
         mask = batch["labels"][:, 1:] != -100
         if self.cfg.kd.rows == "general":

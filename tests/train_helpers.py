@@ -19,15 +19,17 @@ TINY_LLAMA = {"vocab_size": 768, "hidden_size": 48, "intermediate_size": 96, "nu
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
 
 
-def make_prep(sample, out: Path) -> Path:
+def make_prep(sample, out: Path, tokenizer: Path | None = None, seq_len: int = 64, replay_len: int = 32) -> Path:
+    """Domain (stdlib code) + 15% general (stdlib docs), a 16-sample replay shard, 5% holdouts."""
     from data_prep.config import parse_config
     from data_prep.prepare import prepare
 
-    cfg = parse_config({"tokenizer": str(sample.tokenizer), "out": str(out), "seq_len": 64, "docs_per_chunk": 16,
+    cfg = parse_config({"tokenizer": str(tokenizer or sample.tokenizer), "out": str(out), "seq_len": seq_len,
+                        "docs_per_chunk": 16,
                         "sources": [{"name": "code", "role": "domain", "paths": [str(sample.domain)]},
                                     {"name": "docs", "role": "general", "paths": [str(sample.general)]}],
                         "mix": {"general_ratio": 0.15, "batch_rows": 4},
-                        "replay": {"num_samples": 16, "replay_len": 32}, "holdout": {"fraction": 0.05}},
+                        "replay": {"num_samples": 16, "replay_len": replay_len}, "holdout": {"fraction": 0.05}},
                        base=out.parent, origin="test")
     prepare(cfg, quiet=True)
     return out

@@ -1,0 +1,136 @@
+"""The whole pipeline on a real pretrained checkpoint (SmolLM2-135M, sharded): what users bring.
+
+One module-scoped run does what a user does: prep with the model directory as
+tokenizer, the GeRe cache, a few CPT steps with TM replay on 2 ZeRO-3 ranks,
+export with --verify, eval base vs tuned. The tests then check each promise.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.isolation import DocumentLeak, check_document_isolation, forward_packed, isolation_error
+
+from .train_helpers import ROOT, env, make_prep, metrics, run_training, write_config
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def sharded_smollm2(smollm2, tmp_path_factory) -> Path:
+    """SmolLM2 saved as several safetensors shards plus its tokenizer: a base whose files an export must not copy."""
+    from transformers import AutoModelForCausalLM
+
+    from data_prep.tokenizer import HF_TOKENIZER_FILES
+
+    out = tmp_path_factory.mktemp("smollm2_sharded")
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2), local_files_only=True)
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size="150MB")
+    for name in HF_TOKENIZER_FILES:
+        if (smollm2 / name).is_file():
+            (out / name).write_bytes((smollm2 / name).read_bytes())
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_run(sample, sharded_smollm2, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("real_run")
+    prep = make_prep(sample, root / "prep", tokenizer=sharded_smollm2, seq_len=64, replay_len=32)
+    cache = root / "cache"
+    built = subprocess.run([sys.executable, "-m", "pipeline.gere", "--model-path", str(sharded_smollm2), "--replay",
+                            str(prep / "replay"), "--out", str(cache)], capture_output=True, text=True, env=env(),
+                           cwd=ROOT, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    config = write_config(root / "cpt.yaml", prep, root / "run", steps=3,
+                          model={"path": str(sharded_smollm2), "config": None},
+                          optim={"lr": 1e-4, "warmup_steps": 1}, checkpoint={"every": 0},
+                          replay={"strategy": "tm", "cache": str(cache), "samples_per_step": 2})
+    run_training(config)
+    checkpoint = root / "run" / "checkpoints" / (root / "run" / "checkpoints" / "latest").read_text().strip()
+    exported = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(checkpoint), "--out",
+                               str(root / "hf"), "--verify"], capture_output=True, text=True, env=env(), cwd=ROOT,
+                              timeout=600)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "max_abs_logit_diff=0" in exported.stdout  # the export's logits are the engine's, exactly
+    evaluated = subprocess.run([sys.executable, "-m", "pipeline.eval", "--model", str(root / "hf"), "--base",
+                                str(sharded_smollm2), "--prep", str(prep), "--max-docs", "4", "--out",
+                                str(root / "eval.json")], capture_output=True, text=True, env=env(), cwd=ROOT,
+                               timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    return {"root": root, "prep": prep, "run": root / "run", "hf": root / "hf", "base": sharded_smollm2,
+            "eval": root / "eval.json"}
+
+
+def test_tm_is_exactly_zero_at_step_1_and_the_loss_is_finite(real_run):
+    m = metrics(real_run["run"])
+    assert m[1]["loss/tm"] == 0.0  # the replay forward reproduces the cache built from the same checkpoint
+    assert all(torch.isfinite(torch.tensor(m[s]["loss"])) for s in (1, 2, 3))
+    assert m[3]["loss/tm"] > 0  # and the updates moved the activations
+
+
+def test_export_holds_the_trained_weights_not_the_base_ones(real_run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    hf, base = real_run["hf"], real_run["base"]
+    assert sorted(p.name for p in hf.glob("*.safetensors")) == ["model.safetensors"]  # no base shard copied in
+    assert not (hf / "model.safetensors.index.json").exists()
+    exported = load_file(str(hf / "model.safetensors"))
+    base_weights = {}
+    for shard in base.glob("model-*.safetensors"):
+        base_weights.update(load_file(str(shard)))
+    assert "lm_head.weight" not in exported and json.loads((hf / "config.json").read_text())["tie_word_embeddings"]
+    moved = max(float((exported[k] - base_weights[k]).abs().max()) for k in exported)
+    assert moved > 1e-6  # trained (the engine's logits equal the export's: checked by --verify in the fixture)
+    model = AutoModelForCausalLM.from_pretrained(str(hf), local_files_only=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    assert (hf / "chat_template.jinja").read_text() == (base / "chat_template.jinja").read_text()
+
+
+def test_eval_compares_base_and_tuned_on_both_holdouts(real_run):
+    result = json.loads(real_run["eval"].read_text())
+    for name in ("base", "tuned"):
+        assert 1 < result[name]["ppl/general"] < 1e4 and 1 < result[name]["ppl/domain"] < 1e4
+    assert result["base"]["ppl/general"] != result["tuned"]["ppl/general"]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_documents_do_not_see_each_other_at_micro_batch_2(smollm2, attn):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2), local_files_only=True, attn_implementation=attn).eval()
+    assert check_document_isolation(model, attn, model.config.vocab_size, 2, torch.float32) < 1e-4
+
+    def without_positions(**kw):  # what a version without the packed-sequence mask does: one long document
+        kw.pop("position_ids")
+        return model(**kw)
+
+    assert isolation_error(without_positions, attn, model.config.vocab_size, 2) > 1e-2
+    with pytest.raises(DocumentLeak, match=f"'{attn}'.*attend to each other"):
+        check_document_isolation(without_positions, attn, model.config.vocab_size, 2, torch.float32)
+
+
+def test_varlen_attention_runs_a_micro_batch_as_one_row(smollm2):
+    """FA2 keeps documents apart only in a batch of one row: forward_packed flattens, and the logits are the same."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2), local_files_only=True, attn_implementation="sdpa").eval()
+    seen: list[tuple[int, ...]] = []
+
+    def recording(**kw):
+        seen.append(tuple(kw["input_ids"].shape))
+        return model(**kw)
+
+    ids = torch.randint(4, 1000, (2, 16))
+    positions = torch.cat([torch.arange(10), torch.arange(6)]).repeat(2, 1)
+    with torch.no_grad():
+        flat = forward_packed(recording, ids, positions, "flash_attention_2")
+        rows = forward_packed(recording, ids, positions, "sdpa")
+    assert seen == [(1, 32), (2, 16)] and flat.shape == rows.shape
+    assert torch.allclose(flat, rows, atol=1e-4)
