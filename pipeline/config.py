@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -241,6 +243,7 @@ def _build(cls: Any, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ValueError(f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(fields))})")
@@ -251,30 +254,46 @@ def _build(cls: Any, raw: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(default):
             values[name] = _build(type(default), value, f"{prefix}{name}.")
         else:
-            values[name] = _check_type(value, default, f"{prefix}{name}", f.type)
+            values[name] = _coerce(value, hints[name], f"{prefix}{name}")
     return cls(**values)
 
 
-def _check_type(value: Any, default: Any, name: str, annotation: Any) -> Any:
-    text = str(annotation)
-    if value is None:
-        if "None" in text:
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """``value`` checked against the field's type annotation (and made a float where one is due)."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
             return None
+        for option in options:
+            if option is not type(None):
+                try:
+                    return _coerce(value, option, name)
+                except ValueError:
+                    pass
+        raise ValueError(f"{name} must be {_describe(annotation)}, got {value!r}")
+    if value is None:
         raise ValueError(f"{name} must not be null")
-    if "float" in text and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if "float" in text and isinstance(value, str):
+    if annotation is float and isinstance(value, str):
         try:
             return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         except ValueError:
-            if "str" not in text:
-                raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if "str" in text and isinstance(value, str):
+            pass
+    elif annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if "int" in text and isinstance(value, int) and not isinstance(value, bool):
+    elif annotation in (str, bool) and isinstance(value, annotation):
         return value
-    if "bool" in text and isinstance(value, bool):
+    elif typing.get_origin(annotation) is dict and isinstance(value, dict):
         return value
-    if "dict" in text and isinstance(value, dict):
-        return value
-    raise ValueError(f"{name} must be {text.replace('typing.', '')}, got {value!r}")
+    raise ValueError(f"{name} must be {_describe(annotation)}, got {value!r}")
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    origin = typing.get_origin(annotation)
+    return "a mapping" if origin is dict else {float: "a number", int: "an integer", str: "a string",
+                                                  bool: "true or false"}.get(annotation, str(annotation))

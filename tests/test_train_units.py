@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import datasets
 import pytest
@@ -78,10 +80,15 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
     (["tokens=1000"], "steps/tokens must be exactly one set"),
     (["replay.strategy=tm"], "replay.cache must be set"),
     (["batch.micro_batch=0"], "batch.micro_batch must be >= 1"),
+    (["model.config=oops"], "model.config must be a mapping or null, got 'oops'"),
+    (["steps=1.5"], "steps must be an integer or null, got 1.5"),
+    (["model.gradient_checkpointing=1"], "model.gradient_checkpointing must be true or false, got 1"),
+    (["replay.weight=[1]"], "replay.weight must be a number or a string, got [1]"),
+    (["model.dtype=fp8"], "model.dtype must be auto|float32|bfloat16|float16"),
 ])
 def test_bad_training_config_names_the_field(override, message, tmp_path):
     base = ["data.prep=p", "steps=5", "model.config={hidden_size: 8}"]
-    with pytest.raises(ValueError, match=message.replace("(", "\\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         load_train_config(None, base + override)
 
 
@@ -105,3 +112,39 @@ def test_the_example_config_in_launch_is_valid():
 
     cfg = load_train_config(Path(__file__).resolve().parents[1] / "launch" / "cpt_example.yaml")
     assert cfg.peak_lr == 2e-5 and cfg.replay.weight == "dynamic" and cfg.model.dtype == "bfloat16"
+
+
+def test_precision_auto_follows_the_deepspeed_json_then_the_device(tmp_path):
+    from pipeline.precision import resolve_dtype
+
+    root = Path(__file__).resolve().parents[1] / "ds_configs"
+    assert resolve_dtype("auto", root / "zero3_bf16.json", cuda=False) == "bfloat16"  # the JSON asks for bf16
+    assert resolve_dtype("auto", root / "zero3_cpu.json", cuda=True) == "bfloat16"  # GPU default
+    assert resolve_dtype("auto", root / "zero3_cpu.json", cuda=False) == "float32"
+    assert resolve_dtype("float32", root / "zero3_cpu.json", cuda=True) == "float32"  # explicit wins where no conflict
+    with pytest.raises(ValueError, match="model.dtype is float32 but .*zero3_bf16.json enables bf16"):
+        resolve_dtype("float32", root / "zero3_bf16.json")
+    both = tmp_path / "both.json"
+    both.write_text('{"bf16": {"enabled": true}, "fp16": {"enabled": true}}')
+    with pytest.raises(ValueError, match="enables both bf16 and fp16"):
+        resolve_dtype("auto", both)
+
+
+def test_auto_zero_buckets_follow_the_hidden_size():
+    from pipeline.ds_config import filled_ds_config
+
+    base = ["data.prep=p", "steps=5", "model.config={hidden_size: 8}", "model.dtype=float32"]
+    ds = filled_ds_config(load_train_config(None, base), world=2, hidden_size=576)
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 576 ** 2 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 576 ** 2)
+    assert ds["bf16"]["enabled"] is False and ds["train_batch_size"] == 2
+
+
+def test_eval_windows_predict_every_token_but_the_first_exactly_once():
+    from pipeline.evaluate import windows
+
+    lengths, seq_len = [1, 2, 5, 16, 17, 40], 8
+    predicted: dict[int, list[int]] = {d: [] for d in range(len(lengths))}
+    for d, start in windows(lengths, seq_len):
+        predicted[d] += range(start + 1, min(start + seq_len, lengths[d]))
+    assert all(predicted[d] == list(range(1, n)) for d, n in enumerate(lengths))
