@@ -1,6 +1,7 @@
 """Forgetting and learning: ``python -m pipeline.eval --model TUNED_HF_DIR --base BASE_HF_DIR --prep PREP``.
 
-Perplexity on the general and domain holdouts (each document alone), for the
+Perplexity on the general and domain holdouts (each document alone, whole
+documents in seq_len windows; see pipeline/evaluate.py), for the
 tuned model and, with ``--base``, the base model: general ppl change is
 forgetting, domain ppl change is learning. With ``--cache`` (a GeRe cache of
 the base model) also the TM loss of the tuned model on the replay set and the
@@ -60,10 +61,13 @@ def evaluate_model(model: torch.nn.Module, prep: str | Path, max_docs: int) -> d
                                     paths.seq_len, max_docs)
 
 
-def replay_drift(model: torch.nn.Module, prep: str | Path, cache_dir: str | Path, batch_size: int = 8) -> dict[str, float]:
-    """TM loss (reference) on the replay set and the share of activation states that changed."""
+def replay_drift(model: torch.nn.Module, prep: str | Path, cache_dir: str | Path, base_dir: str | Path,
+                 batch_size: int = 8) -> dict[str, float]:
+    """TM loss (reference) on the replay set and the share of activation states that changed since the base."""
     import datasets
 
+    from data_prep.tokenizer import load_tokenizer
+    from pipeline.model import ModelSource, model_fingerprint
     from pipeline.data import PrepPaths
     from pipeline.gere.cache import GeReCache, pad_replay_rows
     from pipeline.gere.labels import activation_states, unpack_states
@@ -72,7 +76,9 @@ def replay_drift(model: torch.nn.Module, prep: str | Path, cache_dir: str | Path
     paths = PrepPaths.read(prep)
     rows = datasets.load_from_disk(str(paths.replay / "data"))
     meta = json.loads((Path(cache_dir) / "meta.json").read_text())
-    cache = GeReCache.open(cache_dir, meta["model_fingerprint"], meta["tokenizer_fingerprint"])
+    # checked against the base model and the prep's tokenizer: a cache of another model would measure nothing
+    cache = GeReCache.open(cache_dir, model_fingerprint(ModelSource(path=str(base_dir))),
+                           load_tokenizer(paths.tokenizer).fingerprint)
     total = count = flipped = real = 0.0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
@@ -152,14 +158,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_eval(model_dir: str, prep: str, base_dir: str | None = None, cache: str | None = None,
              max_docs: int = 200) -> dict[str, Any]:
+    if cache and not base_dir:
+        raise ValueError("--cache needs --base: the cache is checked against the base model it was built from")
     results = {}
     for name, path in (("tuned", model_dir), ("base", base_dir)):
         if path is None:
             continue
         model = load_hf(path)
         r = evaluate_model(model, prep, max_docs)
-        if cache:
-            r.update(replay_drift(model, prep, cache))
+        if cache and name == "tuned":
+            r.update(replay_drift(model, prep, cache, base_dir))
+        elif cache:  # the cache *is* the base model's view: TM 0 and no state moved, by construction
+            r.update(replay_tm=0.0, replay_state_flip_rate=0.0)
         results[name] = r
     return compare(results["tuned"], results.get("base"))
 

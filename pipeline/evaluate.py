@@ -1,8 +1,11 @@
 """Perplexity on held-out documents, each document alone (no packing, so nothing leaks between them).
 
-Token-level: exp(total NLL / number of predicted tokens) over the first
-``seq_len`` tokens of each document. Ranks split the documents and all-reduce
-the sums; under ZeRO-3 every rank runs the same number of forwards.
+Token-level: exp(total NLL / number of predicted tokens) over whole documents.
+A document longer than ``seq_len`` is cut into windows of ``seq_len`` tokens
+that overlap by one token, so every token but the document's first is
+predicted exactly once; context restarts at each window (the model never
+sees more than the seq_len it trained on). Ranks split the windows and
+all-reduce the sums; under ZeRO-3 every rank runs the same number of forwards.
 """
 from __future__ import annotations
 
@@ -16,23 +19,30 @@ import torch.nn.functional as F
 Forward = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids → [1, L, V] logits
 
 
+def windows(doc_lengths: Sequence[int], seq_len: int) -> list[tuple[int, int]]:
+    """(document, start) of every window; consecutive windows share one token (the next one's context)."""
+    stride = seq_len - 1
+    return [(d, start) for d, n in enumerate(doc_lengths) for start in range(0, max(n - 1, 1), stride)]
+
+
 def perplexity(forward: Forward, docs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], seq_len: int,
                device: torch.device | str = "cpu") -> dict[str, float]:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = list(range(rank, len(docs), world))
-    rounds = math.ceil(len(docs) / world) if docs else 0
+    spans = windows([len(d) for d in docs], seq_len)
+    mine = spans[rank::world]
+    rounds = math.ceil(len(spans) / world) if spans else 0
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
         for k in range(rounds):
             real = k < len(mine)
-            i = mine[k] if real else 0  # a padding forward keeps ZeRO-3 collectives in step
-            ids = torch.as_tensor(docs[i][:seq_len], dtype=torch.long, device=device).unsqueeze(0)
+            d, start = mine[k] if real else spans[0]  # a padding forward keeps ZeRO-3 collectives in step
+            ids = torch.as_tensor(docs[d][start:start + seq_len], dtype=torch.long, device=device).unsqueeze(0)
+            target_mask = torch.as_tensor(masks[d][start + 1:start + seq_len], dtype=torch.bool, device=device)
             if ids.shape[1] < 2:
                 ids = torch.cat([ids, ids], 1)
-                real = False
+                target_mask = torch.zeros(1, dtype=torch.bool, device=device)
             logits = forward(ids)
-            target_mask = torch.as_tensor(masks[i][1:seq_len], dtype=torch.bool, device=device)
-            targets = ids[0, 1:].masked_fill(~target_mask[: ids.shape[1] - 1], -100)
+            targets = ids[0, 1:].masked_fill(~target_mask, -100)
             nll = F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=-100, reduction="sum")
             if real:
                 sums += torch.stack([nll.double(), (targets != -100).sum().double()])
