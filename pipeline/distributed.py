@@ -28,6 +28,9 @@ def init_distributed() -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     import deepspeed
 
+    from .host_memory import return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # before the model is loaded: every large block after this is mmapped
     deepspeed.init_distributed()
     shutdown_at_exit()
 
