@@ -10,9 +10,14 @@ same SentencePiece tokenizer, one thread each:
                → ``save_to_disk``, the recipe of the HF run_clm example.
 Then ours with 2 workers, and peak RSS of a build at 1x and 10x the corpus
 (separate processes) to show that memory does not grow with the corpus.
+Then the same with the Hugging Face tokenizer users bring (SmolLM2's, from
+pipeline.real_models, or --hf-tokenizer DIR): its own batch encode
+(``tokenizer(texts, add_special_tokens=False)``, one thread) against this
+pipeline with one worker, which also applies the tokenizer's start
+convention, encodes control-token literals as text and counts them.
 
-    python bench/data_prep.py [--repeat 8] [--seq-len 1024]
-Last line: ratio_vs_raw_tokenizer=<x> ratio_vs_hf_recipe=<y>
+    python bench/data_prep.py [--repeat 8] [--seq-len 1024] [--hf-tokenizer DIR]
+Last line: ratio_vs_raw_tokenizer=<x> ratio_vs_hf_recipe=<y> ratio_vs_raw_hf_tokenizer=<z>
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from data_prep.build import BuildOptions, SourceSpec, build_source, load_build  
 from data_prep.mix import mix  # noqa: E402
 from data_prep.sample import SampleSizes, train_sample_tokenizer, write_sample_corpora  # noqa: E402
 from data_prep.tokenizer import load_tokenizer  # noqa: E402
+from pipeline.real_models import materialise  # noqa: E402
 
 log = logging.getLogger("bench.data_prep")
 
@@ -63,6 +69,16 @@ def time_raw(model: Path, texts: list[str]) -> tuple[float, int]:
     tok = load_tokenizer(model)
     start = time.perf_counter()
     n = sum(len(ids) + 1 for i in range(0, len(texts), 1024) for ids in tok.encode_batch(texts[i:i + 1024]))  # + EOS
+    return time.perf_counter() - start, n
+
+
+def time_raw_hf(tokenizer_dir: Path, texts: list[str]) -> tuple[float, int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    start = time.perf_counter()
+    n = sum(len(ids) + 1 for i in range(0, len(texts), 1024)  # + EOS
+            for ids in tok(texts[i:i + 1024], add_special_tokens=False)["input_ids"])
     return time.perf_counter() - start, n
 
 
@@ -120,6 +136,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--runs", type=int, default=3, help="timed runs per step; the fastest is reported")
     p.add_argument("--skip-rss", action="store_true", help="skip the 1x vs 10x peak-RSS measurement")
+    p.add_argument("--hf-tokenizer", type=Path, help="Hugging Face tokenizer dir (default: SmolLM2's, materialised)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import datasets  # noqa: F401  imported before any timer: a one-off cost, not throughput
@@ -148,7 +165,18 @@ def main() -> None:
             rss10 = peak_rss_mb(corpus, model, root / "rss10", args.seq_len)
             print(f"peak RSS of a build (reader / worker): {rss1[0]:.0f} / {rss1[1]:.0f} MB at 1x, "
                   f"{rss10[0]:.0f} / {rss10[1]:.0f} MB at 10x ({rss10[0] / rss1[0]:.2f}x / {rss10[1] / rss1[1]:.2f}x)")
-        print(f"ratio_vs_raw_tokenizer={raw_s / ours_s:.3f} ratio_vs_hf_recipe={hf_s / ours_s:.3f}")
+        hf_dir = args.hf_tokenizer or materialise("smollm2")
+        hf_raw_s, hf_raw_tok = best_of(args.runs, time_raw_hf, hf_dir, texts)
+        hf_ours_s, hf_ours_tok = best_of(args.runs, time_ours, corpus, hf_dir, root / "ours_hf", args.seq_len, 1)
+        start_ids = len(load_tokenizer(hf_dir).bos_ids) * len(texts)  # ours starts documents as the tokenizer does
+        assert hf_ours_tok == hf_raw_tok + start_ids, (hf_raw_tok, hf_ours_tok)
+        print(f"\nHugging Face tokenizer {hf_dir}: {hf_raw_tok:,} tokens, best of {args.runs}")
+        print(f"| {'step':<40} | {'seconds':>8} | {'tokens/s':>10} | {'vs raw':>6} |")
+        print(f"|{'-' * 42}|{'-' * 10}|{'-' * 12}|{'-' * 8}|")
+        for name, s in (("raw HF batch encode (1 thread)", hf_raw_s), ("this pipeline, 1 worker", hf_ours_s)):
+            print(f"| {name:<40} | {s:>8.2f} | {hf_raw_tok / s:>10,.0f} | {hf_raw_s / s:>6.2f} |")
+        print(f"ratio_vs_raw_tokenizer={raw_s / ours_s:.3f} ratio_vs_hf_recipe={hf_s / ours_s:.3f} "
+              f"ratio_vs_raw_hf_tokenizer={hf_raw_s / hf_ours_s:.3f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

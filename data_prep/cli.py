@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=DEMO_DIR, help="demo directory")
     d.add_argument("--small", action="store_true", help="a smaller corpus (CI / quick look)")
     d.add_argument("--workers", type=int, default=2, help="tokenizer worker processes")
+    d.add_argument("--tokenizer", help="use this tokenizer (e.g. your Hugging Face model directory) instead of "
+                   "training a SentencePiece one on the sample")
     return p
 
 
@@ -206,7 +208,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), small=args.small, workers=args.workers, quiet=args.quiet)
+    run_demo(Path(args.out), small=args.small, workers=args.workers, quiet=args.quiet, tokenizer=args.tokenizer)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ from .sample import SMALL, SampleSizes, train_sample_tokenizer, write_sample_cor
 log = logging.getLogger(__name__)
 
 
-def demo_config(small: bool, workers: int) -> dict[str, Any]:
+def demo_config(small: bool, workers: int, tokenizer: str = "tokenizer/spm.model") -> dict[str, Any]:
     """The prep config the demo runs (paths relative to the demo directory)."""
     return {
-        "tokenizer": "tokenizer/spm.model", "out": "prep", "seq_len": 256 if small else 512, "seed": 1234,
+        "tokenizer": tokenizer, "out": "prep", "seq_len": 256 if small else 512, "seed": 1234,
         "docs_per_chunk": 64 if small else 256, "workers": workers, "max_reject_fraction": 0.01,
         "sources": [
             {"name": "stdlib_code", "role": "domain", "paths": ["corpora/domain.jsonl.gz"]},
@@ -32,13 +32,16 @@ def demo_config(small: bool, workers: int) -> dict[str, Any]:
     }
 
 
-def run_demo(out: Path, small: bool = False, workers: int = 2, quiet: bool = False) -> dict[str, Any]:
+def run_demo(out: Path, small: bool = False, workers: int = 2, quiet: bool = False,
+             tokenizer: str | None = None) -> dict[str, Any]:
+    """Corpora, a tokenizer (``tokenizer``, e.g. a user's model directory, or one trained here), prepare."""
     sizes: SampleSizes = SMALL if small else SampleSizes()
     corpora = write_sample_corpora(out / "corpora", sizes)
     model = out / "tokenizer" / "spm.model"
-    if not model.is_file():
+    if tokenizer is None and not model.is_file():
         train_sample_tokenizer([corpora["domain"], corpora["general"]], model, sizes.vocab_size)
         log.info("demo: trained a %d-piece SentencePiece tokenizer → %s", sizes.vocab_size, model)
     config_path = out / "prep.yaml"
-    write_text(config_path, yaml.safe_dump(demo_config(small, workers), sort_keys=False))
+    config = demo_config(small, workers, str(Path(tokenizer).resolve()) if tokenizer else str(model.relative_to(out)))
+    write_text(config_path, yaml.safe_dump(config, sort_keys=False))
     return prepare(load_config(config_path), quiet=quiet)

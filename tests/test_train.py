@@ -73,6 +73,18 @@ def test_export_round_trip_gives_the_engines_logits(reference, tmp_path):
     assert (tmp_path / "hf" / "tokenizer.model").is_file()
 
 
+@pytest.mark.reliability("checkpoints")
+def test_an_export_that_fails_verification_leaves_no_directory(reference, tmp_path, monkeypatch, lost):
+    import pipeline.export as export_module
+
+    _, run = reference
+    checkpoint = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    monkeypatch.setattr(export_module, "verify_export", lambda checkpoint, exported: 0.5)  # as a wrong export would
+    with pytest.raises(export_module.ExportMismatch, match="differ from the checkpoint's engine by 0.5"):
+        export_module.export(checkpoint, tmp_path / "hf", verify=True)
+    assert lost(len(list(tmp_path.iterdir()))) == 0  # neither the export nor its temporary is left
+
+
 @pytest.mark.reliability("security")
 def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(reference, prep, tmp_path, lost):
     import datasets

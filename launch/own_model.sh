@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Continued pretraining of your own Hugging Face checkpoint, start to finish, on 2 CPU ranks under ZeRO-3:
+# prep with the model directory as tokenizer → GeRe cache → CPT with 15% general mix and TM replay →
+# export (verified) → eval base vs tuned. The corpora are the embedded stdlib sample (domain: code,
+# general: docs); for your own data write a prep.yaml (README: Data prep) and a training YAML instead.
+#   launch/own_model.sh MODEL_DIR [OUT=runs/own_model] [STEPS=10]
+# e.g. launch/own_model.sh "$(python -m pipeline.real_models smollm2 | cut -f2)"
+set -euo pipefail
+model=$(realpath "$1"); out=${2:-runs/own_model}; steps=${3:-10}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"; out=$(realpath "$out")
+python -m data_prep demo --small --out "$out" --tokenizer "$model" -q
+python -m pipeline.gere --model-path "$model" --replay "$out/prep/replay" --out "$out/gere_cache"
+cat > "$out/cpt.yaml" <<YAML
+run_dir: $out/run
+steps: $steps
+deepspeed: $PWD/ds_configs/zero3_cpu.json
+model: {path: $model}
+data: {prep: $out/prep}
+optim: {lr: 1.0e-4, warmup_steps: 2}
+batch: {micro_batch: 1, grad_accum: 1}
+replay: {strategy: tm, cache: $out/gere_cache, samples_per_step: 2}
+checkpoint: {every: 0}
+eval: {max_docs: 16}
+YAML
+port=$(python -c 'from pipeline.demo import free_port; print(free_port())')
+deepspeed --num_gpus 2 --master_port "$port" --module pipeline.train --config "$out/cpt.yaml"
+python -m pipeline.export --checkpoint "$out/run/checkpoints/$(cat "$out/run/checkpoints/latest")" --out "$out/hf" --verify
+python -m pipeline.eval --model "$out/hf" --base "$model" --prep "$out/prep" --cache "$out/gere_cache" --max-docs 24 \
+    --out "$out/eval.json"
