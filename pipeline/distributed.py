@@ -31,6 +31,12 @@ def init_distributed() -> None:
     from .host_memory import return_freed_memory_to_os
 
     return_freed_memory_to_os()  # before the model is loaded: every large block after this is mmapped
+    from deepspeed.accelerator import get_accelerator
+
+    # Each rank on its own device before any collective: NCCL refuses two ranks on one GPU, and
+    # deepspeed.init_distributed does not pick the device (cuda:0 would be current on every rank).
+    # The CPU accelerator's set_device does nothing.
+    get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed()
     shutdown_at_exit()
 

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data_prep.progress import progress_bar
+
 Forward = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids → [1, L, V] logits
 
 
@@ -32,8 +34,10 @@ def perplexity(forward: Forward, docs: Sequence[Sequence[int]], masks: Sequence[
     mine = spans[rank::world]
     rounds = math.ceil(len(spans) / world) if spans else 0
     sums = torch.zeros(2, dtype=torch.float64, device=device)
+    bar = progress_bar(desc="eval", unit="window", total=rounds, quiet=rank != 0)
     with torch.no_grad():
         for k in range(rounds):
+            bar.update(1)
             real = k < len(mine)
             d, start = mine[k] if real else spans[0]  # a padding forward keeps ZeRO-3 collectives in step
             ids = torch.as_tensor(docs[d][start:start + seq_len], dtype=torch.long, device=device).unsqueeze(0)
@@ -46,6 +50,7 @@ def perplexity(forward: Forward, docs: Sequence[Sequence[int]], masks: Sequence[
             nll = F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=-100, reduction="sum")
             if real:
                 sums += torch.stack([nll.double(), (targets != -100).sum().double()])
+    bar.close()
     if dist.is_initialized():
         dist.all_reduce(sums)
     nll, tokens = float(sums[0]), float(sums[1])

@@ -229,6 +229,10 @@ class Trainer:
         if self.replay_cfg.strategy in ("tm", "l1", "l2"):
             self.cache = GeReCache.open(self.cfg.replay.cache, model_fingerprint(self.base_source),
                                         self.tokenizer.fingerprint, device=self.device)
+            if self.cfg.model.dtype != "float32":  # pipeline.gere builds in fp32 on one device
+                log.warning("replay: the GeRe cache holds fp32 activations and this run trains in %s, so the "
+                            "replay term starts slightly above 0 (a few states sit at a threshold)",
+                            self.cfg.model.dtype)
             if self.cache.meta["num_samples"] != len(self.replay_rows):
                 raise ValueError(f"{self.cfg.replay.cache}: built for {self.cache.meta['num_samples']} replay samples, "
                                  f"the shard has {len(self.replay_rows)}")
