@@ -111,7 +111,10 @@ def test_the_example_config_in_launch_is_valid():
     from pathlib import Path
 
     cfg = load_train_config(Path(__file__).resolve().parents[1] / "launch" / "cpt_example.yaml")
-    assert cfg.peak_lr == 2e-5 and cfg.replay.weight == "dynamic" and cfg.model.dtype == "bfloat16"
+    assert cfg.peak_lr == 2e-5 and cfg.replay.weight == "dynamic" and cfg.model.dtype == "auto"
+    from pipeline.precision import resolve_dtype
+
+    assert resolve_dtype(cfg.model.dtype, cfg.deepspeed, cuda=True) == "bfloat16"
 
 
 def test_precision_auto_follows_the_deepspeed_json_then_the_device(tmp_path):
