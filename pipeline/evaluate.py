@@ -1,11 +1,14 @@
 """Perplexity on held-out documents, each document alone (no packing, so nothing leaks between them).
 
-Token-level: exp(total NLL / number of predicted tokens) over whole documents.
-A document longer than ``seq_len`` is cut into windows of ``seq_len`` tokens
-that overlap by one token, so every token but the document's first is
-predicted exactly once; context restarts at each window (the model never
-sees more than the seq_len it trained on). Ranks split the windows and
-all-reduce the sums; under ZeRO-3 every rank runs the same number of forwards.
+Token-level: exp(total NLL / number of predicted tokens). ``pipeline.eval``
+(the forgetting measurement) scores whole documents: a document longer than
+``seq_len`` is cut into windows of ``seq_len`` tokens that overlap by one
+token, so every token but the document's first is predicted exactly once;
+context restarts at each window (the model never sees more than the seq_len
+it trained on). The trainer's periodic eval, a cheap trend line, scores each
+document's first window only (``whole_documents=False``). Ranks split the
+windows and all-reduce the sums; under ZeRO-3 every rank runs the same number
+of forwards.
 """
 from __future__ import annotations
 
@@ -21,16 +24,17 @@ from data_prep.progress import progress_bar
 Forward = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids → [1, L, V] logits
 
 
-def windows(doc_lengths: Sequence[int], seq_len: int) -> list[tuple[int, int]]:
+def windows(doc_lengths: Sequence[int], seq_len: int, whole_documents: bool = True) -> list[tuple[int, int]]:
     """(document, start) of every window; consecutive windows share one token (the next one's context)."""
     stride = seq_len - 1
-    return [(d, start) for d, n in enumerate(doc_lengths) for start in range(0, max(n - 1, 1), stride)]
+    return [(d, start) for d, n in enumerate(doc_lengths)
+            for start in (range(0, max(n - 1, 1), stride) if whole_documents else (0,))]
 
 
 def perplexity(forward: Forward, docs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], seq_len: int,
-               device: torch.device | str = "cpu") -> dict[str, float]:
+               device: torch.device | str = "cpu", whole_documents: bool = True) -> dict[str, float]:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    spans = windows([len(d) for d in docs], seq_len)
+    spans = windows([len(d) for d in docs], seq_len, whole_documents)
     mine = spans[rank::world]
     rounds = math.ceil(len(spans) / world) if spans else 0
     sums = torch.zeros(2, dtype=torch.float64, device=device)
@@ -58,11 +62,12 @@ def perplexity(forward: Forward, docs: Sequence[Sequence[int]], masks: Sequence[
 
 
 def holdout_perplexities(forward: Forward, holdout: dict[str, Any], seq_len: int, max_docs: int,
-                         device: torch.device | str = "cpu") -> dict[str, float]:
+                         device: torch.device | str = "cpu", whole_documents: bool = True) -> dict[str, float]:
     """{'ppl/general': ..., 'ppl/domain': ...} for the holdout splits given as datasets."""
     out = {}
     for role, ds in holdout.items():
         n = min(max_docs, len(ds))
         rows = ds.select(range(n))
-        out[f"ppl/{role}"] = perplexity(forward, rows["input_ids"], rows["loss_mask"], seq_len, device)["ppl"]
+        out[f"ppl/{role}"] = perplexity(forward, rows["input_ids"], rows["loss_mask"], seq_len, device,
+                                        whole_documents)["ppl"]
     return out

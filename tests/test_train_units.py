@@ -151,3 +151,4 @@ def test_eval_windows_predict_every_token_but_the_first_exactly_once():
     for d, start in windows(lengths, seq_len):
         predicted[d] += range(start + 1, min(start + seq_len, lengths[d]))
     assert all(predicted[d] == list(range(1, n)) for d, n in enumerate(lengths))
+    assert windows(lengths, seq_len, whole_documents=False) == [(d, 0) for d in range(len(lengths))]
