@@ -79,7 +79,3 @@ def packed_inputs(rows: dict[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
     labels = ids.masked_fill(~loss_mask | starts, -100)
     return {"input_ids": ids, "position_ids": positions, "labels": labels}
 
-
-def loss_tokens(rows: dict[str, Sequence[Any]]) -> int:
-    """How many positions of these rows carry loss: what the global CE mean divides by."""
-    return int((packed_inputs(rows)["labels"][:, 1:] != -100).sum())

@@ -2,7 +2,7 @@
 
 One step = grad_accum micro-batches per rank of packed task rows (+ replay
 rows). Task CE is a sum over tokens divided by the loss tokens of the whole
-global batch (counted from the data, no communication), times the factor
+global batch (each rank counts its own rows; one scalar all-reduce), times the factor
 DeepSpeed divides by (grad_accum × ranks): the gradient is the global token
 mean however the batch is split. Replay rows get their own forward (each
 document alone, padded to replay_len, as the GeRe cache saw them).
@@ -26,7 +26,7 @@ from data_prep.tokenizer import load_tokenizer
 
 from .checkpoint import CheckpointManager
 from .config import TrainConfig, resolve_precision, to_dict
-from .data import GlobalOrder, PrepPaths, loss_tokens, packed_inputs
+from .data import GlobalOrder, PrepPaths, packed_inputs
 from .ds_config import filled_ds_config, inference_ds_config
 from .evaluate import holdout_perplexities
 from .gere.cache import GeReCache, pad_replay_rows
@@ -142,13 +142,19 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         cfg, engine = self.cfg, self.engine
         accum, scale = cfg.batch.grad_accum, cfg.batch.grad_accum * self.world
-        global_tokens = max(loss_tokens(self.mixture[self.order.global_rows(self.step)]), 1)
+        # This rank's micro-batches are read before the first forward: their loss tokens, summed over ranks
+        # in one scalar all-reduce, are what the global mean divides by (each rank reads only its own rows).
+        micro = [{k: v.to(self.device) for k, v in packed_inputs(self.mixture[self.order.rows(self.step, j)]).items()}
+                 for j in range(accum)]
+        counted = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)], dtype=torch.float64,
+                               device=self.device)  # NCCL reduces device tensors only
+        dist.all_reduce(counted)
+        global_tokens = max(int(counted.item()), 1)
         replay_chunks = self._replay_chunks()
         lr = engine.get_lr()[0]
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # task CE, KD, replay CE, replay term
         weight_used = 0.0
-        for j in range(accum):
-            batch = {k: v.to(self.device) for k, v in packed_inputs(self.mixture[self.order.rows(self.step, j)]).items()}
+        for j, batch in enumerate(micro):
             logits = forward_packed(engine, batch["input_ids"], batch["position_ids"], cfg.model.attn_implementation)
             ce_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                      ignore_index=-100, reduction="sum")
@@ -189,7 +195,7 @@ class Trainer:
         self.engine.eval()
         try:
             return holdout_perplexities(lambda ids: self.engine(input_ids=ids, use_cache=False).logits, self.holdout,
-                                        self.seq_len, self.cfg.eval.max_docs, self.device)
+                                        self.seq_len, self.cfg.eval.max_docs, self.device, whole_documents=False)
         finally:
             self.engine.train()
 
