@@ -1,11 +1,13 @@
 """pipeline.train for real: 2 CPU ranks under the deepspeed launcher, ZeRO-3, a tiny Llama, stdlib text."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,27 @@ def test_cpt_loss_goes_down(reference):
     first, last = m[1]["loss"], (m[11]["loss"] + m[12]["loss"]) / 2
     assert last < first - 0.3, (first, last)
     assert m[12]["ppl/general"] > 0 and m[12]["ppl/domain"] > 0
+
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "reference_losses.json"
+GOLDEN_KEYS = ("loss", "loss/task_ce", "grad_norm", "ppl/general", "ppl/domain")
+
+
+def test_reference_run_reproduces_the_golden_losses(reference):
+    """Every logged loss of the 2-rank reference run, pinned: a change to the objective or its normalisation fails.
+
+    After an intended change: CPT_UPDATE_GOLDEN=1 python -m pytest tests/test_train.py -k golden
+    """
+    m = metrics(reference[1])
+    got = {str(step): {k: row[k] for k in GOLDEN_KEYS if k in row} for step, row in sorted(m.items())}
+    if os.environ.get("CPT_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps({"run": "tests/conftest.py::reference (12 steps, 2 ZeRO-3 CPU ranks, fp32)",
+                                      "losses": got}, indent=1, sort_keys=True) + "\n")
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    assert got.keys() == golden.keys()
+    for step, row in golden.items():
+        for key, value in row.items():  # fp32 on CPU; 1e-5 leaves room for another CPU's summation order
+            assert got[step][key] == pytest.approx(value, rel=1e-5), (step, key)
 
 
 def test_lr_follows_the_schedule_exactly(reference):
