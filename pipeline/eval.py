@@ -48,7 +48,8 @@ def load_hf(path: str | Path) -> torch.nn.Module:
                                                 trust_remote_code=False).eval()
 
 
-def evaluate_model(model: torch.nn.Module, prep: str | Path, max_docs: int) -> dict[str, float]:
+def evaluate_model(model: torch.nn.Module, prep: str | Path, max_docs: int,
+                   whole_documents: bool = True) -> dict[str, float]:
     import datasets
 
     from pipeline.data import PrepPaths
@@ -58,7 +59,7 @@ def evaluate_model(model: torch.nn.Module, prep: str | Path, max_docs: int) -> d
     holdout = {r: datasets.load_from_disk(str(p)) for r, p in paths.holdout.items() if r in ("general", "domain")}
     with torch.no_grad():
         return holdout_perplexities(lambda ids: model(input_ids=ids, use_cache=False).logits, holdout,
-                                    paths.seq_len, max_docs)
+                                    paths.seq_len, max_docs, whole_documents=whole_documents)
 
 
 def replay_drift(model: torch.nn.Module, prep: str | Path, cache_dir: str | Path, base_dir: str | Path,
