@@ -25,6 +25,7 @@ import torch
 
 from data_prep.atomic import atomic_path
 from data_prep.errors import UserError
+from pipeline.config import one_line
 
 log = logging.getLogger("pipeline.gguf")
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert_gguf(args.gguf, args.out, args.max_shard_size)
     except UserError as e:
-        log.error("%s", " ".join(str(e).split()))
+        log.error("%s", one_line(e))
         return 2
     return 0
 
