@@ -5,13 +5,18 @@ all-neutral inputs; value and gradient are compared per dtype.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.gere.labels import NEUTRAL, activation_states, pack_states, unpack_states
-from pipeline.losses.tm_loss import TMLossFunction, tm_loss_reference
+from pipeline.losses.tm_loss import BLOCK_T, TMLossFunction, tm_loss_reference
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or CUDA")
@@ -93,3 +98,50 @@ def test_bad_shapes_are_refused_with_the_shapes_in_the_message():
     h, packed, neg, pos, mask = make_case(1, 4, 16, torch.float32, seed=1)
     with pytest.raises(ValueError, match="do not match"):
         TMLossFunction.apply(h, packed[..., :2], neg, pos, mask)
+
+
+SM90_COMPILE = """
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pipeline.losses.tm_loss import BLOCK_T, _tm_backward_kernel, _tm_forward_kernel
+
+pointers = {"h_ptr": "*bf16", "packed_ptr": "*u8", "neg_ptr": "*fp32", "pos_ptr": "*fp32", "mask_ptr": "*u8",
+            "part_sum_ptr": "*fp32", "part_count_ptr": "*i32", "scale_ptr": "*fp32", "grad_ptr": "*bf16"}
+out = {}
+for name, kernel in (("forward", _tm_forward_kernel), ("backward", _tm_backward_kernel)):
+    signature = {arg: "constexpr" if arg.startswith("BLOCK_") else pointers.get(arg, "i32") for arg in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK_T": BLOCK_T, "BLOCK_H": 1024})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"]
+    out[name] = compiled.asm["ttir"]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_ttir() -> dict[str, str]:
+    """TTIR of both kernels compiled ahead of time for an H100 (sm_90, bf16 h); no GPU needed.
+
+    A subprocess because the code generator cannot run in a process where TRITON_INTERPRET=1 built triton.language.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set only to silence Triton's notice
+    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("kernel, row_strided", [("forward", 2), ("backward", 3)])
+def test_kernels_compile_for_sm90_with_int64_row_offsets(sm90_ttir, kernel, row_strided):
+    """Each rows * stride product is i64, so offsets past 2^31 elements do not wrap.
+
+    The overflow itself needs >= 2^31 elements (256k tokens x 8192 hidden: 4 GiB of bf16), too big to run
+    here, so the check is on the compiled IR. Integer arguments are compiled as i32, as Triton types
+    n_tokens and strides below 2^31: the case where i32 row offsets would wrap while every argument fits.
+    """
+    widths = re.findall(rf"arith\.muli [^:]*: tensor<{BLOCK_T}x1xi(\d+)>", sm90_ttir[kernel])
+    # one rows[:, None] * stride per row-strided tensor: h and packed, and grad in the backward pass
+    assert widths == ["64"] * row_strided, f"row offset products are i{widths}, expected {row_strided} x i64"

@@ -55,7 +55,28 @@ def tm_loss_reference(h: torch.Tensor, packed: torch.Tensor, neg: torch.Tensor, 
 def _tm_forward_kernel(h_ptr, packed_ptr, neg_ptr, pos_ptr, mask_ptr, part_sum_ptr, part_count_ptr,
                        n_tokens, hidden, stride_h, stride_packed,
                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid = tl.program_id(0)
+    """Masked sum of l and count of l > 0 over one block of BLOCK_T token rows, as one partial per program.
+
+    Args:
+        h_ptr: hidden states [n_tokens, hidden], fp32/bf16/fp16, unit stride along hidden; read as fp32.
+        packed_ptr: reference states [n_tokens, ceil(hidden / 4)] uint8; element j is bits 2*(j % 4) of
+            byte j // 4 (0 neutral, 1 neg, 2 pos), as written by ``pipeline.gere.labels.pack_states``.
+        neg_ptr, pos_ptr: thresholds [hidden] fp32.
+        mask_ptr: [n_tokens] uint8, nonzero for real tokens; other rows contribute nothing.
+        part_sum_ptr: out, [cdiv(n_tokens, BLOCK_T)] fp32, this program's sum of l. Partials, not an atomic
+            total, so the host reduces them in a fixed order and the loss is deterministic.
+        part_count_ptr: out, [cdiv(n_tokens, BLOCK_T)] int32, this program's count of l > 0 (at most
+            BLOCK_T * hidden, so int32 is enough per program; the host sums in int64).
+        n_tokens: rows of h; rows past it in the last block are masked off.
+        hidden: H, columns of h.
+        stride_h: elements between consecutive rows of h (>= hidden).
+        stride_packed: bytes between consecutive rows of packed.
+        BLOCK_T: token rows per program.
+        BLOCK_H: columns per loop step, a power of two; the loop walks H in steps of it.
+    """
+    # int64 row indices: rows * stride_h is an element offset, which wraps in int32 once n_tokens * hidden
+    # passes 2^31, e.g. beyond 256k tokens x 8192 hidden. Offsets within a row (cols) stay int32: < hidden.
+    pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     keep = tl.load(mask_ptr + rows, mask=rows < n_tokens, other=0) != 0
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
@@ -82,7 +103,19 @@ def _tm_forward_kernel(h_ptr, packed_ptr, neg_ptr, pos_ptr, mask_ptr, part_sum_p
 def _tm_backward_kernel(h_ptr, packed_ptr, neg_ptr, pos_ptr, mask_ptr, scale_ptr, grad_ptr,
                         n_tokens, hidden, stride_h, stride_packed, stride_grad,
                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    pid = tl.program_id(0)
+    """dL/dh = g * scale for one block of BLOCK_T token rows, g recomputed from h and the states.
+
+    Args:
+        h_ptr, packed_ptr, neg_ptr, pos_ptr, mask_ptr, n_tokens, hidden, stride_h, stride_packed, BLOCK_T,
+            BLOCK_H: as in ``_tm_forward_kernel``.
+        scale_ptr: [1] fp32, dL/dTM / count, or 0 when count == 0. A device tensor rather than a scalar
+            argument so the backward pass never waits on the GPU to read count back.
+        grad_ptr: out, [n_tokens, hidden], dtype of h; every element of every row < n_tokens is written
+            (zero on masked rows), so it may be allocated uninitialised.
+        stride_grad: elements between consecutive rows of grad.
+    """
+    # int64 row indices, as in the forward kernel: rows * stride wraps in int32 beyond 2^31 elements.
+    pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < n_tokens
     keep = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
@@ -143,7 +176,19 @@ def _forward(h2, p2, neg, pos, mask) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TMLossFunction(torch.autograd.Function):
-    """Fused TM loss; returns (loss, count), differentiable in ``h`` only."""
+    """Fused TM loss; returns (loss, count), differentiable in ``h`` only.
+
+    forward(h, packed, neg, pos, mask):
+        h: hidden states [..., H], fp32/bf16/fp16 (final layer, after the final norm).
+        packed: reference states [..., ceil(H / 4)] uint8, from ``pipeline.gere.labels.pack_states``.
+        neg, pos: thresholds [H], any float dtype (used as fp32).
+        mask: [...] (h's leading shape), 0/1 as bool or integer: 1 marks a real token, 0 padding.
+        Returns loss (0-dim fp32) and count (0-dim int64, the number of elements with l > 0; not
+        differentiable). h is saved in its own dtype (no fp32 copy); the backward pass re-reads it.
+
+    backward(grad_loss, grad_count): grad_loss is dL/dTM; grad_count is ignored (count is an integer).
+        Returns dL/dh in h's shape and dtype, and None for packed, neg, pos and mask.
+    """
 
     @staticmethod
     def forward(ctx, h, packed, neg, pos, mask):  # type: ignore[override]
@@ -173,7 +218,19 @@ def fused_available(device: torch.device) -> bool:
 
 def tm_loss(h: torch.Tensor, packed: torch.Tensor, neg: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
             fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """TM loss and violated-element count; ``fused=None`` picks the kernel where it can run."""
+    """TM loss and violated-element count.
+
+    Args:
+        h: hidden states [..., H], fp32/bf16/fp16; the only argument that gets a gradient.
+        packed: reference states [..., ceil(H / 4)] uint8, from ``pipeline.gere.labels.pack_states``.
+        neg, pos: thresholds [H] (per-dimension mean -/+ std of the reference activations).
+        mask: [...] (h's leading shape), 0/1 as bool or integer: 1 marks a real token, 0 padding.
+        fused: True runs the Triton kernels, False the PyTorch reference (which materialises [tokens, H]
+            intermediates), None picks the kernels where they can run (``fused_available``).
+
+    Returns:
+        (loss, count): 0-dim fp32 TM, and 0-dim int64 number of elements with l > 0.
+    """
     if fused is None:
         fused = fused_available(h.device)
     if fused:
