@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.gere.labels import activation_states, pack_states, packed_width  # noqa: E402
+from pipeline.gere.states import activation_states, pack_states, packed_width  # noqa: E402
 from pipeline.losses.tm_loss import TMLossFunction, tm_loss_reference  # noqa: E402
 
 

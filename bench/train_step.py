@@ -149,9 +149,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     prep = Path(args.prep) if args.prep else None
     if prep is None:
-        from data_prep.demo import run_demo
+        from data_prep.demo import build_demo_data
 
-        prep = Path(run_demo(work / "demo", quiet=True)["mixture"]).parent
+        prep = Path(build_demo_data(work / "demo", quiet=True)["mixture"]).parent
     from data_prep.tokenizer import load_tokenizer
     from pipeline.data import PrepPaths
 

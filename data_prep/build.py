@@ -40,6 +40,7 @@ from .progress import progress_bar
 from .readers import ReadOptions, read_documents, resolve_inputs
 from .schema import DOC_INDEX_SCHEMA, DOCUMENT_SCHEMA, packed_schema, read_ipc_file, write_ipc_file
 from .tokenizer import Tokenizer, load_tokenizer
+from .typed_config import setting
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,11 @@ class SourceSpec:
 class BuildOptions:
     """Options that shape the output (all part of the cache key) and limits that guard it."""
 
-    seq_len: int = 2048
-    seed: int = 1234
-    docs_per_chunk: int = 1024
-    chunk_chars: int = 4_000_000  # a chunk also ends here: ~1M tokens, so the dropped tail is < 0.2% at 2048
-    max_reject_fraction: float = 0.01
+    seq_len: int = setting(2048, "tokens per packed row")
+    seed: int = setting(1234, "seed of the holdout split and row order")
+    docs_per_chunk: int = setting(1024, "documents per independently packed (and cached) chunk")
+    chunk_chars: int = setting(4_000_000, "a chunk also ends here: ~1M tokens, so the dropped tail is < 0.2% at 2048")
+    max_reject_fraction: float = setting(0.01, "fail when more than this share of records is rejected")
 
     def __post_init__(self) -> None:
         if self.seq_len <= 1:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, run_cli
 
 log = logging.getLogger("data_prep")
 
@@ -25,15 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        args.run(args)
-    except UserError as e:
-        log.error("%s", e)
-        return 2
-    except KeyboardInterrupt:
-        log.error("interrupted; finished chunks are kept and a rerun resumes from them")
-        return 130
-    return 0
+    return run_cli(lambda: args.run(args), log,
+                   interrupted="interrupted; finished chunks are kept and a rerun resumes from them")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,68 +45,68 @@ def _parser() -> argparse.ArgumentParser:
         sp.set_defaults(run=run)
         return sp
 
-    b = add("build", "Tokenize and pack one source into a cached, resumable per-source build.", _cmd_build)
-    _source_args(b)
-    b.add_argument("--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory")
-    b.add_argument("--cache", required=True, help="cache root; the build goes to CACHE/ROLE/NAME-KEY/")
-    b.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row")
-    b.add_argument("--seed", type=int, default=1234, help="seed of the holdout split")
-    b.add_argument("--docs-per-chunk", type=int, default=1024, help="documents per independently packed chunk")
-    b.add_argument("--holdout-fraction", type=float, default=0.01, help="share of documents held out for eval")
-    b.add_argument("--holdout-max-docs", type=int, default=1000, help="cap on held-out documents")
-    b.add_argument("--max-reject-fraction", type=float, default=0.01,
+    build = add("build", "Tokenize and pack one source into a cached, resumable per-source build.", _cmd_build)
+    _source_args(build)
+    build.add_argument("--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory")
+    build.add_argument("--cache", required=True, help="cache root; the build goes to CACHE/ROLE/NAME-KEY/")
+    build.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row")
+    build.add_argument("--seed", type=int, default=1234, help="seed of the holdout split")
+    build.add_argument("--docs-per-chunk", type=int, default=1024, help="documents per independently packed chunk")
+    build.add_argument("--holdout-fraction", type=float, default=0.01, help="share of documents held out for eval")
+    build.add_argument("--holdout-max-docs", type=int, default=1000, help="cap on held-out documents")
+    build.add_argument("--max-reject-fraction", type=float, default=0.01,
                    help="fail when more than this share of records is rejected (see rejects.jsonl)")
-    b.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (reading overlaps with them; 0: all inline)")
-    b.add_argument("--num-shards", type=int, default=1, help="split the job into K independent pieces (SLURM array)")
-    b.add_argument("--shard-index", type=int, default=0, help="which piece this job runs, 0..K-1")
+    build.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (reading overlaps with them; 0: all inline)")
+    build.add_argument("--num-shards", type=int, default=1, help="split the job into K independent pieces (SLURM array)")
+    build.add_argument("--shard-index", type=int, default=0, help="which piece this job runs, 0..K-1")
 
-    m = add("merge", "Finish a build split into pieces: check every chunk exists and write build.json.", _cmd_merge)
-    m.add_argument("build_dir", help="the build directory the pieces wrote to")
+    merge = add("merge", "Finish a build split into pieces: check every chunk exists and write build.json.", _cmd_merge)
+    merge.add_argument("build_dir", help="the build directory the pieces wrote to")
 
-    x = add("mix", "Write the training mixture from builds at exact, per-batch-stratified token shares.", _cmd_mix)
-    x.add_argument("builds", nargs="+", help="build directories (their role comes from build.json)")
-    x.add_argument("--out", required=True, help="output directory (data/ + manifest.json)")
-    x.add_argument("--general-ratio", type=float, default=0.15, help="share of tokens from general data, in [0, 1)")
-    x.add_argument("--instruction-ratio", type=float, default=0.0, help="share of tokens from instruction data")
-    x.add_argument("--seed", type=int, default=1234, help="seed of the row order")
-    x.add_argument("--batch-rows", type=int, default=64, help="global batch (rows) the shares are checked against")
+    mix = add("mix", "Write the training mixture from builds at exact, per-batch-stratified token shares.", _cmd_mix)
+    mix.add_argument("builds", nargs="+", help="build directories (their role comes from build.json)")
+    mix.add_argument("--out", required=True, help="output directory (data/ + manifest.json)")
+    mix.add_argument("--general-ratio", type=float, default=0.15, help="share of tokens from general data, in [0, 1)")
+    mix.add_argument("--instruction-ratio", type=float, default=0.0, help="share of tokens from instruction data")
+    mix.add_argument("--seed", type=int, default=1234, help="seed of the row order")
+    mix.add_argument("--batch-rows", type=int, default=64, help="global batch (rows) the shares are checked against")
 
-    r = add("replay", "Sample N general documents into the GeRe replay shard (each alone, truncated).", _cmd_replay)
-    _source_args(r, role_default="general")
-    r.add_argument("--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory")
-    r.add_argument("--out", required=True, help="output directory (data/ + replay.json)")
-    r.add_argument("--num-samples", type=int, default=1000, help="replay documents (GeRe uses ~1000)")
-    r.add_argument("--replay-len", type=int, default=512, help="tokens kept per replay document")
-    r.add_argument("--selection", choices=("random", "first"), default="random",
+    replay = add("replay", "Sample N general documents into the GeRe replay shard (each alone, truncated).", _cmd_replay)
+    _source_args(replay, role_default="general")
+    replay.add_argument("--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory")
+    replay.add_argument("--out", required=True, help="output directory (data/ + replay.json)")
+    replay.add_argument("--num-samples", type=int, default=1000, help="replay documents (GeRe uses ~1000)")
+    replay.add_argument("--replay-len", type=int, default=512, help="tokens kept per replay document")
+    replay.add_argument("--selection", choices=("random", "first"), default="random",
                    help="seeded random sample, or the first N documents as the GeRe paper does")
-    r.add_argument("--seed", type=int, default=1234)
-    r.add_argument("--check-against", nargs="*", default=[], help="builds to report overlap with")
+    replay.add_argument("--seed", type=int, default=1234)
+    replay.add_argument("--check-against", nargs="*", default=[], help="builds to report overlap with")
 
-    h = add("holdout", "Gather the held-out documents of builds into per-role eval splits.", _cmd_holdout)
-    h.add_argument("builds", nargs="+", help="build directories")
-    h.add_argument("--out", required=True, help="output directory (ROLE/ + holdout.json)")
-    h.add_argument("--allow-overlap", action="store_true", help="allow holdout docs that occur in other sources' train")
+    holdout = add("holdout", "Gather the held-out documents of builds into per-role eval splits.", _cmd_holdout)
+    holdout.add_argument("builds", nargs="+", help="build directories")
+    holdout.add_argument("--out", required=True, help="output directory (ROLE/ + holdout.json)")
+    holdout.add_argument("--allow-overlap", action="store_true", help="allow holdout docs that occur in other sources' train")
 
-    s = add("stats", "Summarise a build or mixture: rows, tokens, shares, segment lengths.", _cmd_stats)
-    s.add_argument("path", help="mixture, saved dataset or build directory")
-    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats = add("stats", "Summarise a build or mixture: rows, tokens, shares, segment lengths.", _cmd_stats)
+    stats.add_argument("path", help="mixture, saved dataset or build directory")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    i = add("inspect", "Decode one packed row, segment by segment (no-loss tokens in ⟦ ⟧).", _cmd_inspect)
-    i.add_argument("path", help="mixture, saved dataset or build directory")
-    i.add_argument("--row", type=int, default=0, help="row index")
-    i.add_argument("--tokenizer", required=True, help="tokenizer the data was built with")
+    inspect = add("inspect", "Decode one packed row, segment by segment (no-loss tokens in ⟦ ⟧).", _cmd_inspect)
+    inspect.add_argument("path", help="mixture, saved dataset or build directory")
+    inspect.add_argument("--row", type=int, default=0, help="row index")
+    inspect.add_argument("--tokenizer", required=True, help="tokenizer the data was built with")
 
-    c = add("prepare", "Run the whole prep (build, mix, holdout, replay) from one YAML config.", _cmd_prepare)
-    c.add_argument("--config", required=True, help="YAML config (see README: Data prep config)")
-    c.add_argument("--num-shards", type=int, default=1, help="only build piece --shard-index of K (SLURM array); "
+    prepare = add("prepare", "Run the whole prep (build, mix, holdout, replay) from one YAML config.", _cmd_prepare)
+    prepare.add_argument("--config", required=True, help="YAML config (see README: Data prep config)")
+    prepare.add_argument("--num-shards", type=int, default=1, help="only build piece --shard-index of K (SLURM array); "
                    "then run once unsplit to finish")
-    c.add_argument("--shard-index", type=int, default=0, help="which piece this job builds, 0..K-1")
+    prepare.add_argument("--shard-index", type=int, default=0, help="which piece this job builds, 0..K-1")
 
-    d = add("demo", "Sample corpora from Python's own stdlib and docs, train a tokenizer, run prepare.", _cmd_demo)
-    d.add_argument("--out", default=DEMO_DIR, help="demo directory")
-    d.add_argument("--small", action="store_true", help="a smaller corpus (CI / quick look)")
-    d.add_argument("--workers", type=int, default=2, help="tokenizer worker processes")
-    d.add_argument("--tokenizer", help="use this tokenizer (e.g. your Hugging Face model directory) instead of "
+    demo = add("demo", "Sample corpora from Python's own stdlib and docs, train a tokenizer, run prepare.", _cmd_demo)
+    demo.add_argument("--out", default=DEMO_DIR, help="demo directory")
+    demo.add_argument("--small", action="store_true", help="a smaller corpus (CI / quick look)")
+    demo.add_argument("--workers", type=int, default=2, help="tokenizer worker processes")
+    demo.add_argument("--tokenizer", help="use this tokenizer (e.g. your Hugging Face model directory) instead of "
                    "training a SentencePiece one on the sample")
     return p
 
@@ -206,9 +199,9 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import build_demo_data
 
-    run_demo(Path(args.out), small=args.small, workers=args.workers, quiet=args.quiet, tokenizer=args.tokenizer)
+    build_demo_data(Path(args.out), small=args.small, workers=args.workers, quiet=args.quiet, tokenizer=args.tokenizer)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def demo_config(small: bool, workers: int, tokenizer: str = "tokenizer/spm.model
     }
 
 
-def run_demo(out: Path, small: bool = False, workers: int = 2, quiet: bool = False,
+def build_demo_data(out: Path, small: bool = False, workers: int = 2, quiet: bool = False,
              tokenizer: str | None = None) -> dict[str, Any]:
     """Corpora, a tokenizer (``tokenizer``, e.g. a user's model directory, or one trained here), prepare."""
     sizes: SampleSizes = SMALL if small else SampleSizes()

@@ -13,10 +13,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
 from .documents import Document, Reject, content_digest
 from .errors import InputError, UserError
+from .typed_config import setting
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".json.gz", ".json")
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".md")
@@ -30,13 +31,13 @@ BINARY_SNIFF_BYTES = 8192
 class ReadOptions:
     """How records become documents. Defaults suit a plain ``{"text": ...}`` jsonl corpus."""
 
-    instruction: bool = False
-    text_field: str = "text"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: str = "messages"
-    txt_mode: str = "file"  # "file": a .txt file is one document; "line": each non-empty line is one
-    max_doc_chars: int = 5_000_000  # longer documents are rejected, not silently truncated
+    instruction: bool = setting(False, "records are prompt/response or chat examples (set by the source's role)")
+    text_field: str = setting("text", "field holding a document's text")
+    prompt_field: str = setting("prompt", "field holding an instruction example's prompt")
+    response_field: str = setting("response", "field holding an instruction example's response")
+    messages_field: str = setting("messages", "field holding a chat example's messages")
+    txt_mode: Literal["file", "line"] = setting("file", "file: a .txt file is one document; line: each non-empty line")
+    max_doc_chars: int = setting(5_000_000, "longer documents are rejected, not silently truncated")
 
 
 def resolve_inputs(patterns: Iterable[str]) -> list[str]:

@@ -10,8 +10,10 @@ runs, machines and selection modes.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,50 @@ from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
+REPLAY_MANIFEST = "replay.json"
+REPLAY_DATA = "data"
+
+
+@dataclass(frozen=True)
+class ReplayShard:
+    """A replay shard on disk: ``replay.json`` (the manifest) and ``data/`` (a saved dataset, one row per sample).
+
+    The one place that knows the layout; ``build_replay`` writes it, the trainer,
+    the GeRe cache builder and eval read it through this type.
+    """
+
+    directory: Path
+    meta: dict[str, Any]
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str]) -> ReplayShard:
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / REPLAY_MANIFEST).read_text())
+        except FileNotFoundError:
+            raise UserError(f"{directory}: no {REPLAY_MANIFEST}; build the shard with `python -m data_prep replay` "
+                            "or `prepare`") from None
+        return cls(directory, meta)
+
+    @property
+    def replay_len(self) -> int:
+        return int(self.meta["replay_len"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return str(self.meta["tokenizer_fingerprint"])
+
+    def rows(self) -> Any:
+        """The samples as a ``datasets.Dataset`` (columns ``id``, ``input_ids``, ...), memory-mapped."""
+        import datasets  # the training side's dependency; building a shard needs only pyarrow
+
+        return datasets.load_from_disk(str(self.directory / REPLAY_DATA))
+
 
 def build_replay(spec: SourceSpec, tokenizer_path: str, out_dir: str | os.PathLike[str], num_samples: int = 1000,
                  replay_len: int = 512, selection: str = "random", seed: int = 1234,
                  check_against: list[str] | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Write the replay shard (a saved dataset under ``out_dir/data``) and ``replay.json``."""
+    """Write the replay shard (see ``ReplayShard``) to ``out_dir``; returns its manifest."""
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
     if replay_len < 2:
@@ -57,7 +98,7 @@ def build_replay(spec: SourceSpec, tokenizer_path: str, out_dir: str | os.PathLi
                       "input_ids": pa.array(samples, pa.list_(pa.int32())),
                       "loss_mask": pa.array([[1] * len(s) for s in samples], pa.list_(pa.uint8()))},
                      schema=DOCUMENT_SCHEMA)
-    written = write_dataset_dir(Path(out_dir) / "data", DOCUMENT_SCHEMA, [table], 1)
+    written = write_dataset_dir(Path(out_dir) / REPLAY_DATA, DOCUMENT_SCHEMA, [table], 1)
     lengths = np.array([len(s) for s in samples])
     digests = np.array([d.digest for d in chosen], dtype=np.uint64)
     overlap = {"train": 0, "holdout": 0}
@@ -75,7 +116,7 @@ def build_replay(spec: SourceSpec, tokenizer_path: str, out_dir: str | os.PathLi
         "tokenizer_fingerprint": tokenizer.fingerprint, "tokenizer_path": str(tokenizer_path),
         "overlap_with": {"builds": [os.path.relpath(b, out_dir) for b in check_against or []], **overlap}, "shards": written,
     }
-    write_json(Path(out_dir) / "replay.json", manifest)
+    write_json(Path(out_dir) / REPLAY_MANIFEST, manifest)
     log.info("replay: %d samples (mean %.0f tokens, %d truncated to %d) → %s", len(samples), lengths.mean(),
              manifest["truncated"], replay_len, out_dir)
     return manifest

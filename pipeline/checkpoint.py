@@ -13,7 +13,6 @@ directory, a universal conversion of another run's checkpoint included.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -28,11 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from data_prep.errors import UserError, out_of_space
 
-from .checkpoint_files import COMPLETE, read_complete, verify_checkpoint, write_complete
+from .checkpoint_files import COMPLETE, LATEST, CheckpointDir, read_complete, verify_checkpoint, write_complete
 
 log = logging.getLogger(__name__)
-
-LATEST = "latest"
 
 
 class CheckpointManager:
@@ -49,7 +46,7 @@ class CheckpointManager:
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
-            save_file(rng, str(self.root / tag / f"rng_rank{self.rank:05d}.safetensors"))
+            save_file(rng, str(CheckpointDir(self.root / tag).rng_file(self.rank)))
         except Exception as e:  # torch.save reports a full disk as an opaque RuntimeError
             if self._out_of_space(e):
                 latest = self.root / LATEST
@@ -59,7 +56,7 @@ class CheckpointManager:
             raise
         _barrier()
         if self.rank == 0:
-            (self.root / tag / "pipeline_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+            CheckpointDir(self.root / tag).write_state(state)
             write_complete(self.root / tag, world=self.world)
             self._point_latest(tag)
             self._purge(keep=tag)
@@ -75,20 +72,29 @@ class CheckpointManager:
             path = Path(resume)
             verify_checkpoint(path, self.rank, self.world)
             return path.parent, path.name
-        latest = self.root / LATEST
-        if not latest.is_file():
+        latest = CheckpointDir.latest(self.root)
+        if latest is None:
             return None
-        tag = latest.read_text().strip()
+        tag = latest.tag
         try:
-            verify_checkpoint(self.root / tag, self.rank, self.world)
-        except ValueError as e:
+            verify_checkpoint(latest.path, self.rank, self.world)
+        except UserError as e:
             earlier = [p.name for p in self._complete() if p.name < tag]
             hint = f" (the one before it: checkpoint.resume={self.root / earlier[-1]})" if earlier else ""
-            raise ValueError(f"{latest} names {tag}, which cannot be resumed: {e}{hint}") from None
+            raise UserError(f"{self.root / LATEST} names {tag}, which cannot be resumed: {e}{hint}") from None
         return self.root, tag
 
+    def resume_point(self, resume: str, ds_cfg: dict[str, Any]) -> tuple[Path, str] | None:
+        """The checkpoint to resume from (``resolve``), converted to DeepSpeed's universal format when another
+        number of ranks wrote it; ``ds_cfg`` is then told to load it as such."""
+        found = self.resolve(resume)
+        if found and self.saved_world(*found) != self.world:
+            found = self.to_universal(*found)
+            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+        return found
+
     def saved_world(self, root: Path, tag: str) -> int:
-        return json.loads((root / tag / "pipeline_state.json").read_text())["world"]
+        return CheckpointDir(root / tag).state()["world"]
 
     def to_universal(self, root: Path, tag: str) -> tuple[Path, str]:
         """Convert a checkpoint once to DeepSpeed's universal format, which loads on any number of ranks.
@@ -103,7 +109,7 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                             str(root / tag), "--output_folder", str(target)], check=True, stdout=subprocess.DEVNULL)
-            shutil.copy2(root / tag / "pipeline_state.json", target / "pipeline_state.json")
+            CheckpointDir(target).write_state(CheckpointDir(root / tag).state())
             write_complete(target, universal=True, source=source)
         _barrier()
         verify_checkpoint(target, self.rank, self.world)
@@ -113,15 +119,15 @@ class CheckpointManager:
     def _converted(target: Path, source: str) -> bool:
         try:
             return read_complete(target).get("source") == source
-        except ValueError:
+        except UserError:
             return False
 
     def load(self, engine: Any, root: Path, tag: str) -> dict[str, Any]:
         _, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
         if client is None:
-            raise ValueError(f"{root / tag}: DeepSpeed could not load this checkpoint")
-        rng_path = root / tag / f"rng_rank{self.rank:05d}.safetensors"
+            raise UserError(f"{root / tag}: DeepSpeed could not load this checkpoint")
+        rng_path = CheckpointDir(root / tag).rng_file(self.rank)
         if rng_path.is_file():  # absent in a universal checkpoint: RNG states are per rank
             rng = load_file(str(rng_path))
             torch.set_rng_state(rng["cpu"])

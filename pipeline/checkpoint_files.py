@@ -20,13 +20,67 @@ import json
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-COMPLETE = "COMPLETE"
+from data_prep.errors import UserError
+
+LATEST = "latest"  # in the checkpoint root: the tag of the newest complete checkpoint
+COMPLETE = "COMPLETE"  # in a tag directory, written last: every file and its size
+STATE = "pipeline_state.json"  # in a tag directory: step, tokens seen, sampler state, world, config
+
+
+@dataclass(frozen=True)
+class CheckpointDir:
+    """One checkpoint, RUN/checkpoints/<tag>/: DeepSpeed's files, per-rank RNG, ``STATE``, and ``COMPLETE`` last.
+
+    The one place that knows the layout; everything else asks this type.
+    """
+
+    path: Path
+
+    @classmethod
+    def latest(cls, root: str | Path) -> CheckpointDir | None:
+        """The checkpoint ``root/latest`` names, or None before the first save."""
+        pointer = Path(root) / LATEST
+        return cls(Path(root) / pointer.read_text().strip()) if pointer.is_file() else None
+
+    @classmethod
+    def latest_of_run(cls, run_dir: str | Path) -> CheckpointDir:
+        found = cls.latest(Path(run_dir) / "checkpoints")
+        if found is None:
+            raise UserError(f"{run_dir}: no checkpoint yet ({Path(run_dir) / 'checkpoints' / LATEST} is missing)")
+        return found
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+    def is_complete(self) -> bool:
+        return (self.path / COMPLETE).is_file()
+
+    def is_pipeline_checkpoint(self) -> bool:
+        return self.is_complete() and (self.path / STATE).is_file()
+
+    def state(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / STATE).read_text())
+        except FileNotFoundError:
+            raise UserError(f"{self.path}: not a pipeline checkpoint (no {STATE})") from None
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        (self.path / STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
+
+    def rng_file(self, rank: int) -> Path:
+        return self.path / f"rng_rank{rank:05d}.safetensors"
 
 
 def write_complete(tag_dir: Path, **info: Any) -> None:
@@ -42,11 +96,11 @@ def read_complete(tag_dir: Path) -> dict[str, Any]:
     try:
         info = json.loads((tag_dir / COMPLETE).read_text())
     except FileNotFoundError:
-        raise ValueError(f"{tag_dir}: not a complete checkpoint (no {COMPLETE} marker)") from None
+        raise UserError(f"{tag_dir}: not a complete checkpoint (no {COMPLETE} marker)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{tag_dir / COMPLETE}: unreadable (not written by this pipeline?)") from None
+        raise UserError(f"{tag_dir / COMPLETE}: unreadable (not written by this pipeline?)") from None
     if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
-        raise ValueError(f"{tag_dir / COMPLETE}: no file list (written by an older version?)")
+        raise UserError(f"{tag_dir / COMPLETE}: no file list (written by an older version?)")
     return info
 
 
@@ -118,7 +172,7 @@ def verify_checkpoint(tag_dir: Path, rank: int = 0, world: int = 1) -> None:
         if int(verdict.item()) != first_bad:
             first_bad, problem = int(verdict.item()), f"see rank {int(verdict.item()) % world}'s check"
     if first_bad < len(files):
-        raise ValueError(f"{tag_dir / files[first_bad][0]}: {problem}. Resume from an earlier checkpoint "
+        raise UserError(f"{tag_dir / files[first_bad][0]}: {problem}. Resume from an earlier checkpoint "
                          f"with checkpoint.resume=<dir>, or checkpoint.resume=never")
 
 

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from data_prep.errors import UserError
+
 
 @dataclass(frozen=True)
 class PrepPaths:
@@ -37,7 +39,7 @@ class PrepPaths:
         prep_dir = Path(prep_dir)
         meta_path = prep_dir / "prep.json"
         if not meta_path.is_file():
-            raise ValueError(f"{prep_dir}: no prep.json; run `python -m data_prep prepare` first")
+            raise UserError(f"{prep_dir}: no prep.json; run `python -m data_prep prepare` first")
         meta = json.loads(meta_path.read_text())
         return cls(Path(meta["mixture"]) / "data", Path(meta["replay"]) if meta.get("replay") else None,
                    {r: Path(p) for r, p in meta.get("holdout", {}).items()}, Path(meta["tokenizer"]), meta["seq_len"])
@@ -50,7 +52,7 @@ class GlobalOrder:
         self.num_rows, self.micro, self.accum, self.world, self.rank = num_rows, micro_batch, grad_accum, world, rank
         self.global_batch = micro_batch * grad_accum * world
         if num_rows < 1:
-            raise ValueError("the mixture has no rows")
+            raise UserError("the mixture has no rows")
 
     def rows(self, step: int, micro_index: int) -> list[int]:
         base = step * self.global_batch + (micro_index * self.world + self.rank) * self.micro

@@ -24,13 +24,21 @@ from typing import Any
 
 import yaml
 
+from data_prep.errors import UserError, run_cli
+
+from .checkpoint_files import CheckpointDir
+from .launch import ROOT, deepspeed_command
+
 log = logging.getLogger("pipeline.demo")
 
 MODEL = {"vocab_size": 4096, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024}
 FULL = {"base_steps": 300, "cpt_steps": 120, "small": False, "eval_docs": 100}
 QUICK = {"base_steps": 60, "cpt_steps": 16, "small": True, "eval_docs": 24}
-ROOT = Path(__file__).resolve().parents[1]
+
+
+class DemoStepFailed(UserError):
+    """A step of the demo exited non-zero; its own output above says why."""
 
 
 def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
@@ -38,9 +46,9 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     step("1/5 data prep: corpora, tokenizer, 15% general mix, replay shard, holdouts")
-    from data_prep.demo import run_demo as prep_demo
+    from data_prep.demo import build_demo_data
 
-    prep_demo(out, small=plan["small"], workers=2, quiet=True)
+    build_demo_data(out, small=plan["small"], workers=2, quiet=True)
     prep, vocab = out / "prep", _vocab(out)
     model = {**MODEL, "vocab_size": vocab}
     base_hf = out / "base" / "hf"
@@ -118,30 +126,18 @@ def _write(path: Path, cfg: dict[str, Any]) -> Path:
 
 
 def _launch(config: Path, ranks: int) -> None:
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    _run([launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--log_level", "warning",
-          "--module", "pipeline.train", "--config", str(config)])
-
-
-def free_port() -> int:
-    """A port nobody listens on: the launcher's default (29500) may be taken by another job."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    _run(deepspeed_command("pipeline.train", ["--config", str(config)], ranks))
 
 
 def _export(run: Path, out: Path) -> None:
-    latest = (run / "checkpoints" / "latest").read_text().strip()
-    _run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(run / "checkpoints" / latest),
-          "--out", str(out)])
+    checkpoint = CheckpointDir.latest_of_run(run)
+    _run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(checkpoint.path), "--out", str(out)])
 
 
 def _run(cmd: list[str]) -> None:
     result = subprocess.run(cmd, cwd=ROOT)
     if result.returncode != 0:
-        raise SystemExit(f"demo: step failed ({result.returncode}): {' '.join(cmd)}")
+        raise DemoStepFailed(f"demo: step failed ({result.returncode}): {' '.join(cmd)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("data_prep").setLevel(logging.WARNING)
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo")).resolve()
-    run_demo(out, args.quick, args.ranks)
-    return 0
+    return run_cli(lambda: run_demo(out, args.quick, args.ranks), log)
 
 
 if __name__ == "__main__":

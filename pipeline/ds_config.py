@@ -18,9 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data_prep.errors import UserError
+
 from .config import TrainConfig
 from .precision import fill_ds_precision
-
 
 AUTO_BUCKETS = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9}  # × H²
 AUTO_PERSISTENCE = 10  # × H
@@ -30,14 +31,14 @@ def filled_ds_config(cfg: TrainConfig, world: int, hidden_size: int | None = Non
     """The DeepSpeed config for this run; ``hidden_size`` fills ``"auto"`` ZeRO bucket sizes."""
     path = Path(cfg.deepspeed)
     if not path.is_file():
-        raise ValueError(f"deepspeed: config file {path} not found (see ds_configs/)")
+        raise UserError(f"deepspeed: config file {path} not found (see ds_configs/)")
     ds = json.loads(path.read_text())
     ds = copy.deepcopy(ds)
     zero = ds.get("zero_optimization", {})
     for key, value in zero.items():
         if value == "auto":
             if hidden_size is None:
-                raise ValueError(f"{path}: zero_optimization.{key} is 'auto' but the model's hidden size is unknown")
+                raise UserError(f"{path}: zero_optimization.{key} is 'auto' but the model's hidden size is unknown")
             zero[key] = (int(AUTO_BUCKETS[key] * hidden_size ** 2) if key in AUTO_BUCKETS
                          else AUTO_PERSISTENCE * hidden_size if key == "stage3_param_persistence_threshold"
                          else _unknown_auto(path, key))
@@ -56,7 +57,7 @@ def filled_ds_config(cfg: TrainConfig, world: int, hidden_size: int | None = Non
 
 
 def _unknown_auto(path: Path, key: str) -> int:
-    raise ValueError(f"{path}: zero_optimization.{key} cannot be 'auto' (only {', '.join(AUTO_BUCKETS)} and "
+    raise UserError(f"{path}: zero_optimization.{key} cannot be 'auto' (only {', '.join(AUTO_BUCKETS)} and "
                      "stage3_param_persistence_threshold can)")
 
 

@@ -1,7 +1,7 @@
 """Forgetting and learning: ``python -m pipeline.eval --model TUNED_HF_DIR --base BASE_HF_DIR --prep PREP``.
 
 Perplexity on the general and domain holdouts (each document alone, whole
-documents in seq_len windows; see pipeline/evaluate.py), for the
+documents in seq_len windows; see pipeline/perplexity.py), for the
 tuned model and, with ``--base``, the base model: general ppl change is
 forgetting, domain ppl change is learning. With ``--cache`` (a GeRe cache of
 the base model) also the TM loss of the tuned model on the replay set and the
@@ -12,7 +12,6 @@ under the launcher (documents split across ranks).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -20,9 +19,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 
-from pipeline.config import USER_ERRORS, one_line
+from data_prep.atomic import write_json
+from data_prep.errors import UserError, run_cli
+from data_prep.replay import ReplayShard
+from data_prep.tokenizer import load_tokenizer
+
+from .checkpoint_files import CheckpointDir
+from .data import PrepPaths
+from .gere.cache import GeReCache, pad_replay_rows
+from .gere.states import activation_states, unpack_states
+from .losses.tm_loss import tm_loss_reference
+from .model import ModelSource, model_fingerprint
+from .perplexity import holdout_perplexities
 
 log = logging.getLogger("pipeline.eval")
 
@@ -32,7 +43,7 @@ def load_hf(path: str | Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    if (path / "COMPLETE").is_file() and (path / "pipeline_state.json").is_file():
+    if CheckpointDir(path).is_pipeline_checkpoint():
         import tempfile
 
         from pipeline.export import export
@@ -43,18 +54,13 @@ def load_hf(path: str | Path) -> torch.nn.Module:
             return AutoModelForCausalLM.from_pretrained(str(exported), local_files_only=True, use_safetensors=True,
                                                         trust_remote_code=False).eval()
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not a Hugging Face model directory (export a checkpoint with pipeline.export)")
+        raise UserError(f"{path}: not a Hugging Face model directory (export a checkpoint with pipeline.export)")
     return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
                                                 trust_remote_code=False).eval()
 
 
 def evaluate_model(model: torch.nn.Module, prep: str | Path, max_docs: int,
                    whole_documents: bool = True) -> dict[str, float]:
-    import datasets
-
-    from pipeline.data import PrepPaths
-    from pipeline.evaluate import holdout_perplexities
-
     paths = PrepPaths.read(prep)
     holdout = {r: datasets.load_from_disk(str(p)) for r, p in paths.holdout.items() if r in ("general", "domain")}
     with torch.no_grad():
@@ -65,18 +71,9 @@ def evaluate_model(model: torch.nn.Module, prep: str | Path, max_docs: int,
 def replay_drift(model: torch.nn.Module, prep: str | Path, cache_dir: str | Path, base_dir: str | Path,
                  batch_size: int = 8) -> dict[str, float]:
     """TM loss (reference) on the replay set and the share of activation states that changed since the base."""
-    import datasets
-
-    from data_prep.tokenizer import load_tokenizer
-    from pipeline.model import ModelSource, model_fingerprint
-    from pipeline.data import PrepPaths
-    from pipeline.gere.cache import GeReCache, pad_replay_rows
-    from pipeline.gere.labels import activation_states, unpack_states
-    from pipeline.losses.tm_loss import tm_loss_reference
-
     paths = PrepPaths.read(prep)
-    rows = datasets.load_from_disk(str(paths.replay / "data"))
-    meta = json.loads((Path(cache_dir) / "meta.json").read_text())
+    shard = ReplayShard.open(paths.replay)
+    rows = shard.rows()
     # checked against the base model and the prep's tokenizer: a cache of another model would measure nothing
     cache = GeReCache.open(cache_dir, model_fingerprint(ModelSource(path=str(base_dir))),
                            load_tokenizer(paths.tokenizer).fingerprint)
@@ -84,7 +81,7 @@ def replay_drift(model: torch.nn.Module, prep: str | Path, cache_dir: str | Path
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             index = list(range(start, min(start + batch_size, len(rows))))
-            ids, mask = pad_replay_rows(rows[index]["input_ids"], meta["replay_len"])
+            ids, mask = pad_replay_rows(rows[index]["input_ids"], shard.replay_len)
             h = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             packed = cache.states(index)
             tm, n = tm_loss_reference(h, packed, cache.thresholds.neg, cache.thresholds.pos, mask)
@@ -142,25 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         torch.distributed.init_process_group("gloo")
         shutdown_at_exit()
-    try:
-        result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs)
-    except USER_ERRORS as e:
-        log.error("%s", one_line(e))
-        return 2
-    finish()
-    if rank == 0:
-        print(markdown_table(result))
-        if args.out:
-            from data_prep.atomic import write_json
 
-            write_json(args.out, result)
-    return 0
+    def body() -> None:
+        result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs)
+        finish()
+        if rank == 0:
+            print(markdown_table(result))
+            if args.out:
+                write_json(args.out, result)
+
+    return run_cli(body, log)
 
 
 def run_eval(model_dir: str, prep: str, base_dir: str | None = None, cache: str | None = None,
              max_docs: int = 200) -> dict[str, Any]:
     if cache and not base_dir:
-        raise ValueError("--cache needs --base: the cache is checked against the base model it was built from")
+        raise UserError("--cache needs --base: the cache is checked against the base model it was built from")
     results = {}
     for name, path in (("tuned", model_dir), ("base", base_dir)):
         if path is None:

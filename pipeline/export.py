@@ -25,7 +25,12 @@ from typing import Any
 
 import torch
 
-from data_prep.errors import UserError
+from data_prep.atomic import atomic_path
+from data_prep.errors import UserError, one_line, run_cli
+from data_prep.tokenizer import HF_TOKENIZER_FILES
+
+from .checkpoint_files import CheckpointDir, verify_checkpoint
+from .data import PrepPaths
 
 log = logging.getLogger("pipeline.export")
 
@@ -38,11 +43,7 @@ class ExportMismatch(UserError):
 
 def export(checkpoint: Path, out: Path, verify: bool = False) -> float | None:
     """Write ``out``; with ``verify``, returns the max |logit difference| to the engine (else None)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from data_prep.atomic import atomic_path
-    from data_prep.tokenizer import HF_TOKENIZER_FILES
-    from pipeline.data import PrepPaths
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # deepspeed: slow import
 
     _check_replaceable(out)
     cfg = _run_config(checkpoint)
@@ -51,7 +52,7 @@ def export(checkpoint: Path, out: Path, verify: bool = False) -> float | None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _tied(model, k)]
     if missing or unexpected:
-        raise ValueError(f"{checkpoint}: weights do not match the model (missing {missing[:3]}, "
+        raise UserError(f"{checkpoint}: weights do not match the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     del state
     model = model.to(getattr(torch, cfg["model"]["dtype"]))
@@ -107,19 +108,14 @@ def verify_export(checkpoint: Path, exported_dir: Path) -> float:
 
 def _run_config(checkpoint: Path) -> dict[str, Any]:
     """The run's config, once every file of the checkpoint has passed verify_checkpoint."""
-    from pipeline.checkpoint_files import verify_checkpoint
-
     verify_checkpoint(checkpoint)
-    marker = checkpoint / "pipeline_state.json"
-    if not marker.is_file():
-        raise ValueError(f"{checkpoint}: not a pipeline checkpoint (no pipeline_state.json)")
-    return json.loads(marker.read_text())["config"]
+    return CheckpointDir(checkpoint).state()["config"]
 
 
 def _check_replaceable(out: Path) -> None:
     """Export replaces an earlier export, never a directory of something else."""
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "training_run.json").is_file())):
-        raise ValueError(f"{out}: exists and is not an earlier export; choose another --out (nothing was written)")
+        raise UserError(f"{out}: exists and is not an earlier export; choose another --out (nothing was written)")
 
 
 def _architecture(cfg: dict[str, Any]) -> torch.nn.Module:
@@ -149,21 +145,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="Hugging Face model directory to write")
     p.add_argument("--verify", action="store_true", help="compare logits with a DeepSpeed engine on the checkpoint")
     args = p.parse_args(argv)
-    from pipeline.config import USER_ERRORS, one_line
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    try:
-        diff = export(Path(args.checkpoint), Path(args.out), verify=args.verify)
+
+    def body() -> int:
+        try:
+            diff = export(Path(args.checkpoint), Path(args.out), verify=args.verify)
+        except ExportMismatch as e:  # a distinct exit code: the checkpoint is fine, its export is not
+            log.error("%s", one_line(e))
+            return 1
         if diff is not None:
             print(f"max_abs_logit_diff={diff:.3g}")
-    except ExportMismatch as e:
-        log.error("%s", one_line(e))
-        return 1
-    except USER_ERRORS as e:
-        log.error("%s", one_line(e))
-        return 2
-    return 0
+        return 0
+
+    return run_cli(body, log)
 
 
 if __name__ == "__main__":

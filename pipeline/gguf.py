@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from data_prep.atomic import atomic_path
-from data_prep.errors import UserError
-from pipeline.config import one_line
+from data_prep.errors import UserError, run_cli
 
 log = logging.getLogger("pipeline.gguf")
 
@@ -71,12 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    try:
-        convert_gguf(args.gguf, args.out, args.max_shard_size)
-    except UserError as e:
-        log.error("%s", one_line(e))
-        return 2
-    return 0
+    return run_cli(lambda: convert_gguf(args.gguf, args.out, args.max_shard_size), log)
 
 
 if __name__ == "__main__":

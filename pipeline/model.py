@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from data_prep.errors import UserError
+
 HEAD_TAIL_BYTES = 4 << 20
 
 
@@ -30,9 +32,9 @@ class ModelSource:
 
     def __post_init__(self) -> None:
         if (self.path is None) == (not self.config):
-            raise ValueError("model: give exactly one of 'path' (HF checkpoint dir) or 'config' (from scratch)")
+            raise UserError("model: give exactly one of 'path' (HF checkpoint dir) or 'config' (from scratch)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got '{self.dtype}'")
+            raise UserError(f"model.dtype must be float32, bfloat16 or float16, got '{self.dtype}'")
 
 
 def load_causal_lm(source: ModelSource, ds_config: dict[str, Any] | None = None,
@@ -42,12 +44,11 @@ def load_causal_lm(source: ModelSource, ds_config: dict[str, Any] | None = None,
 
     dtype = getattr(torch, source.dtype)
     if source.path is not None:
+        pretrained_config(source)  # a missing config.json or unconsented remote code is a user error, said first
         keep_alive = _zero3_context(ds_config)  # noqa: F841  transformers reads it through a weak reference
         path = Path(source.path)
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path}: not a Hugging Face checkpoint (no config.json)")
         if not any(path.glob("*.safetensors")):
-            raise ValueError(f"{path}: no *.safetensors weights; pickled weights (*.bin, *.pt) are never loaded "
+            raise UserError(f"{path}: no *.safetensors weights; pickled weights (*.bin, *.pt) are never loaded "
                              "(convert them once, where you trust them, with save_pretrained(safe_serialization=True))")
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
                                                     local_files_only=True, attn_implementation=attn_implementation,
@@ -66,9 +67,24 @@ def hidden_size(source: ModelSource) -> int:
     if source.path is None:
         config = LlamaConfig(**source.config) if "model_type" not in source.config else AutoConfig.for_model(**source.config)
     else:
-        config = AutoConfig.from_pretrained(source.path, local_files_only=True,
-                                            trust_remote_code=source.trust_remote_code)
+        config = pretrained_config(source)
     return int(config.get_text_config().hidden_size)
+
+
+def pretrained_config(source: ModelSource) -> Any:
+    """The checkpoint's config; refusing to run code it ships is a user error naming the setting."""
+    from transformers import AutoConfig
+
+    path = Path(source.path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a Hugging Face checkpoint (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=source.trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(f"{path}: the model ships its own Python code, which is not run unless you trust it: set "
+                        "model.trust_remote_code: true (only for checkpoints you trust)") from None
 
 
 def model_fingerprint(source: ModelSource) -> str:

@@ -11,7 +11,21 @@ materialises the full weights and the anchor costs 4 bytes per local element.
 """
 from __future__ import annotations
 
+import logging
+from typing import Any, Iterator
+
 import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_fp32_param
+
+from data_prep.errors import UserError
+from data_prep.replay import ReplayShard
+
+from .config import TrainConfig
+from .gere.cache import pad_replay_rows
+from .losses.replay import causal_ce
+
+log = logging.getLogger(__name__)
 
 
 def _is_zero3(p: torch.nn.Parameter) -> bool:
@@ -20,16 +34,12 @@ def _is_zero3(p: torch.nn.Parameter) -> bool:
 
 def local_fp32(p: torch.nn.Parameter) -> torch.Tensor:
     if _is_zero3(p):
-        from deepspeed.utils import safe_get_local_fp32_param
-
         return safe_get_local_fp32_param(p)
     return p.data.float()
 
 
 def set_local_fp32(p: torch.nn.Parameter, value: torch.Tensor) -> None:
     if _is_zero3(p):
-        from deepspeed.utils import safe_set_local_fp32_param
-
         safe_set_local_fp32_param(p, value)  # the optimizer's fp32 master partition
         p.ds_tensor.data.copy_(value.reshape(p.ds_tensor.shape).to(p.ds_tensor.dtype))  # what forward gathers
     else:
@@ -38,8 +48,6 @@ def set_local_fp32(p: torch.nn.Parameter, value: torch.Tensor) -> None:
 
 def local_grad(p: torch.nn.Parameter) -> torch.Tensor:
     if _is_zero3(p):
-        from deepspeed.utils import safe_get_local_grad
-
         return safe_get_local_grad(p)
     return p.grad
 
@@ -77,8 +85,6 @@ def diagonal_fisher(engine, params: list[torch.nn.Parameter], batches, loss_fn) 
     DeepSpeed's reduction. Each backward is forced to be a gradient-accumulation boundary
     so gradients are reduced into the local partitions; zero_grad discards them after reading.
     """
-    import torch.distributed as dist
-
     params = [p for p in params if p.requires_grad]
     fisher = [torch.zeros_like(local_fp32(p)) for p in params]
     engine.set_gradient_accumulation_boundary(True)
@@ -101,5 +107,34 @@ def diagonal_fisher(engine, params: list[torch.nn.Parameter], batches, loss_fn) 
         dist.all_reduce(total)
     mean = float(total[0] / total[1]) / max(n, 1)
     if not mean > 0:
-        raise ValueError("EWC: the Fisher estimate is zero (no replay gradient reached the parameters)")
+        raise UserError("EWC: the Fisher estimate is zero (no replay gradient reached the parameters)")
     return [f / max(n, 1) / mean for f in fisher]
+
+
+def build_anchor_pull(cfg: TrainConfig, engine: Any, replay: ReplayShard | None, world: int,
+                      rank: int) -> AnchorPull | None:
+    """The configured penalty, anchored at the engine's current (start) weights: call before any resume."""
+    kind, params = cfg.penalty.kind, list(engine.module.parameters())
+    if kind == "none":
+        return None
+    if kind == "l2sp":
+        return AnchorPull(params, cfg.penalty.weight)
+    if replay is None:
+        raise UserError("penalty.kind 'ewc' estimates its Fisher on the replay shard; prep.json has none")
+    rows, per = replay.rows(), cfg.batch.micro_batch
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in range(cfg.penalty.ewc_batches):
+            start = ((b * world + rank) * per) % len(rows)
+            ids, mask = pad_replay_rows(rows[start:start + per]["input_ids"], replay.replay_len)
+            yield ids.to(engine.device), mask.to(engine.device)
+
+    def loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch
+        return causal_ce(engine(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+
+    fisher = diagonal_fisher(engine, params, batches(), loss)
+    peak = max(float(f.max()) for f in fisher if f.numel())
+    log.info("EWC: diagonal Fisher from %d replay batches; largest importance %.1fx the mean",
+             cfg.penalty.ewc_batches, peak)
+    return AnchorPull(params, cfg.penalty.weight, fisher)

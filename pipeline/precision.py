@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from data_prep.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -27,24 +29,24 @@ def requested_by_ds_json(ds: dict[str, Any]) -> str | None:
     """The dtype an explicit ``enabled: true`` in the DeepSpeed JSON asks for, or None."""
     asked = [dtype for dtype, block in DS_BLOCK.items() if ds.get(block, {}).get("enabled") is True]
     if len(asked) > 1:
-        raise ValueError("deepspeed: the JSON enables both bf16 and fp16; enable at most one")
+        raise UserError("deepspeed: the JSON enables both bf16 and fp16; enable at most one")
     return asked[0] if asked else None
 
 
 def resolve_dtype(model_dtype: str, ds_json: str | Path, cuda: bool | None = None) -> str:
     """The concrete training dtype for ``model.dtype`` (possibly ``auto``) and the DeepSpeed JSON."""
     if model_dtype not in (*DTYPES, "auto"):
-        raise ValueError(f"model.dtype must be one of auto, {', '.join(DTYPES)}, got {model_dtype!r}")
+        raise UserError(f"model.dtype must be one of auto, {', '.join(DTYPES)}, got {model_dtype!r}")
     path = Path(ds_json)
     try:
         asked = requested_by_ds_json(json.loads(path.read_text()))
     except FileNotFoundError:
-        raise ValueError(f"deepspeed: config file {path} not found (see ds_configs/)") from None
+        raise UserError(f"deepspeed: config file {path} not found (see ds_configs/)") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if model_dtype != "auto":
         if asked is not None and asked != model_dtype:
-            raise ValueError(f"model.dtype is {model_dtype} but {path} enables {DS_BLOCK[asked]}; "
+            raise UserError(f"model.dtype is {model_dtype} but {path} enables {DS_BLOCK[asked]}; "
                              "set model.dtype: auto, or make the two agree")
         return model_dtype
     if asked is not None:

@@ -25,7 +25,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable
 
-from data_prep.errors import UserError
+from data_prep.errors import UserError, run_cli
 
 log = logging.getLogger("pipeline.real_models")
 
@@ -87,13 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    try:
+
+    def body() -> None:
         for name in args.names:
             print(f"{name}\t{materialise(name)}")
-    except UserError as e:
-        log.error("%s", e)
-        return 2
-    return 0
+
+    return run_cli(body, log)
 
 
 if __name__ == "__main__":

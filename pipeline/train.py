@@ -12,6 +12,8 @@ import os
 import sys
 import warnings
 
+from data_prep.errors import run_cli
+
 log = logging.getLogger("pipeline.train")
 
 
@@ -20,44 +22,31 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="training YAML (paths relative to it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--help-config", action="store_true", help="print every config key (type, default, meaning)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     args = p.parse_args(argv)
+    from pipeline.config import config_reference, load_train_config  # after --help: pulls in torch
+
+    if args.help_config:
+        print(config_reference())
+        return 0
     rank = int(os.environ.get("RANK", "0"))
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from pipeline.config import USER_ERRORS, load_train_config, one_line
 
-    try:
-        cfg = load_train_config(args.config, args.set)
-    except USER_ERRORS as e:
-        log.error("%s", one_line(e))
-        return 2
-    from data_prep.errors import UserError, out_of_space
-    from pipeline.distributed import finish, init_distributed
-    from pipeline.trainer import Trainer
+    def body() -> None:
+        cfg = load_train_config(args.config, args.set)  # a bad config fails before any process group forms
+        from pipeline.distributed import finish, init_distributed
+        from pipeline.trainer import Trainer  # deepspeed and transformers: seconds to import
 
-    init_distributed()
+        init_distributed()
+        result = Trainer(cfg).train()
+        finish()
+        if rank == 0:
+            print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, sort_keys=True))
 
-    try:
-        trainer = Trainer(cfg)
-    except USER_ERRORS as e:
-        log.error("%s", one_line(e))
-        return 2
-    try:
-        result = trainer.train()
-    except UserError as e:  # not USER_ERRORS: a ValueError raised mid-training is a bug and keeps its traceback
-        log.error("%s", one_line(e))
-        return 2
-    except OSError as e:
-        if not out_of_space(e):
-            raise
-        log.error("%s: no space left on the device; the last complete checkpoint is intact", e.filename or cfg.run_dir)
-        return 2
-    finish()
-    if rank == 0:
-        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, sort_keys=True))
-    return 0
+    return run_cli(body, log, disk_full="no space left on the device; the last complete checkpoint is intact")
 
 
 if __name__ == "__main__":

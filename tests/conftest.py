@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import gzip
-import os
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable

@@ -179,7 +179,7 @@ def prepare_unknown_key(d: Path, good: list[str]):
 def prepare_wrong_type(d: Path, good: list[str]):
     args = prep_yaml(d, "tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x]}\n"
                         "mix: {general_ratio: high}\n")
-    return args, 0, Refused(("'mix.general_ratio' must be float",))
+    return args, 0, Refused(("prep.yaml: mix.general_ratio must be a number, got 'high'",))
 
 
 def ratio_out_of_range(d: Path, good: list[str]):

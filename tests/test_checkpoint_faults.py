@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_prep.errors import UserError
 from pipeline.checkpoint import CheckpointManager
 from pipeline.checkpoint_files import COMPLETE, write_complete
 
@@ -69,7 +70,7 @@ def test_a_damaged_latest_checkpoint_is_refused_naming_the_file_and_the_one_befo
     damage, name, reason = DAMAGE[kind]
     damage(run / "checkpoints" / LAST)
     before = digest(run)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(UserError) as error:
         CheckpointManager(run / "checkpoints", keep_last=10, rank=0, world=1).resolve("auto")
     message = str(error.value)
     assert lost(len(set(before.items()) ^ set(digest(run).items()))) == 0  # refused, nothing removed
@@ -85,7 +86,7 @@ def test_a_half_written_checkpoint_is_never_taken_and_an_explicit_one_is_refused
     truncate(half / OPTIM)
     manager = CheckpointManager(run / "checkpoints", keep_last=10, rank=0, world=1)
     assert manager.resolve("auto") == (run / "checkpoints", LAST)
-    with pytest.raises(ValueError, match=f"{half}: not a complete checkpoint"):
+    with pytest.raises(UserError, match=f"{half}: not a complete checkpoint"):
         manager.resolve(str(half))
     assert lost(0 if (run / "checkpoints" / LAST / COMPLETE).is_file() else 1) == 0
 
@@ -94,7 +95,7 @@ def test_a_half_written_checkpoint_is_never_taken_and_an_explicit_one_is_refused
 def test_a_checkpoint_that_would_run_code_is_refused_before_anything_unpickles_it(run, prep, tmp_path, lost):
     marker = tmp_path / "code_ran"
     hostile(run / "checkpoints" / LAST, marker)
-    with pytest.raises(ValueError, match=rf"{MODEL}: refused by the weights-only loader: .*GLOBAL"):
+    with pytest.raises(UserError, match=rf"{MODEL}: refused by the weights-only loader: .*GLOBAL"):
         CheckpointManager(run / "checkpoints", keep_last=10, rank=0, world=1).resolve("auto")
     export = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(run / "checkpoints" / LAST),
                              "--out", str(tmp_path / "hf")], capture_output=True, text=True, env=env(), cwd=ROOT,

@@ -6,9 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, cwd=cwd,
@@ -68,7 +65,9 @@ def test_bad_config_names_the_file_and_the_key_or_line(tmp_path):
     cfg.write_text("tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x], txt_mod: line}\n")
     assert_user_error(run("prepare", "--config", str(cfg)), "unknown key 'sources[0].txt_mod'")
     cfg.write_text("tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x]}\nmix: {general_ratio: high}\n")
-    assert_user_error(run("prepare", "--config", str(cfg)), "'mix.general_ratio' must be float")
+    assert_user_error(run("prepare", "--config", str(cfg)), "prep.yaml: mix.general_ratio must be a number, got 'high'")
+    cfg.write_text("tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x], txt_mode: page}\n")
+    assert_user_error(run("prepare", "--config", str(cfg)), "prep.yaml: sources[0].txt_mode must be file | line")
 
 
 

@@ -16,8 +16,8 @@ import torch
 from data_prep.build import SourceSpec
 from data_prep.replay import build_replay
 from pipeline.gere.cache import CacheMismatch, GeReCache, build_cache, pad_replay_rows
-from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
 from pipeline.losses.tm_loss import tm_loss
+from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
 
 TINY = {"vocab_size": 768, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
@@ -59,7 +59,7 @@ def test_thresholds_equal_a_float64_recomputation(built):
     cache = open_cache(built)
     torch.testing.assert_close(cache.thresholds.mean, real.mean(0).float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cache.thresholds.std, real.std(0, unbiased=False).float(), rtol=1e-6, atol=1e-6)
-    assert cache.meta["labels_bytes"] * 16 == cache.meta["fp32_activation_bytes"]  # H = 48: whole bytes
+    assert cache.meta["states_bytes"] * 16 == cache.meta["fp32_activation_bytes"]  # H = 48: whole bytes
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -127,6 +127,6 @@ def test_two_zero3_ranks_under_the_launcher_build_the_same_cache_as_one_process(
     t1, t2 = (load_file(str(tmp_path / d / "thresholds.safetensors")) for d in ("one", "two"))
     torch.testing.assert_close(t1["mean"], t2["mean"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(t1["std"], t2["std"], rtol=1e-6, atol=1e-7)
-    labels = [np.fromfile(tmp_path / d / "labels.u8", np.uint8) for d in ("one", "two")]
-    assert np.array_equal(*labels)
+    states = [np.fromfile(tmp_path / d / "states.u8", np.uint8) for d in ("one", "two")]
+    assert np.array_equal(*states)
     assert one["ids"] == two["ids"] and one["model_fingerprint"] == two["model_fingerprint"]

@@ -4,9 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_prep.errors import ConfigError, UserError
+from pipeline.config import KDConfig, ReplayConfig, load_train_config
 from pipeline.gere.cache import pad_replay_rows
 from pipeline.gere.sampler import ReplaySampler
-from pipeline.losses.replay import ReplayInputs, ReplayLossConfig, causal_ce, combine, replay_terms
+from pipeline.losses.objective import Objective, ReplayOutputs, TaskOutputs
+from pipeline.losses.replay import ReplayInputs, causal_ce, replay_terms
 from pipeline.model import load_causal_lm
 
 from .test_gere_cache import REPLAY_LEN, built, open_cache, replay  # noqa: F401  (module fixtures)
@@ -27,7 +30,7 @@ def test_sampler_resumes_the_same_sequence_from_its_state():
     b = ReplaySampler(13, 4, seed=1)
     b.load_state_dict(a.state_dict())
     assert [a.next_indices() for _ in range(9)] == [b.next_indices() for _ in range(9)]
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(UserError, match="seed"):
         ReplaySampler(13, 4, seed=2).load_state_dict(a.state_dict())
 
 
@@ -54,7 +57,7 @@ def test_each_strategy_is_near_zero_for_the_base_model_and_grows_when_weights_mo
     base = load_causal_lm(source).eval()
     model = load_causal_lm(source)
     inputs = step_inputs(built, [0, 3, 5, 7], teacher=base)
-    cfg = ReplayLossConfig(strategy=strategy, fused_tm=False)
+    cfg = ReplayConfig(strategy=strategy, fused_tm=False)
     before = replay_terms(cfg, *forward(model, inputs), inputs)[strategy].item()
     with torch.no_grad():
         for p in model.parameters():
@@ -80,22 +83,74 @@ def test_replay_ce_matches_the_models_own_loss_on_unpadded_rows(built):
     torch.testing.assert_close(ours, out.loss, rtol=1e-5, atol=1e-6)
 
 
+def objective_inputs(vocab: int = 11, hidden: int = 6) -> tuple[TaskOutputs, ReplayOutputs]:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, vocab, (2, 5), generator=g)
+    labels[0, :2] = -100  # no-loss prompt tokens
+    task = TaskOutputs(torch.randn(2, 5, vocab, generator=g, requires_grad=True), labels)
+    ids = torch.randint(0, vocab, (3, 4), generator=g)
+    rep = ReplayOutputs(torch.randn(3, 4, vocab, generator=g, requires_grad=True),
+                           torch.randn(3, 4, hidden, generator=g, requires_grad=True),
+                           ReplayInputs(ids, torch.ones(3, 4, dtype=torch.long),
+                                        features=torch.randn(3, 4, hidden, generator=g)))
+    return task, rep
+
+
+def test_the_objective_is_the_loss_backward_sees_and_its_parts_add_up_to_it():
+    task, rep = objective_inputs()
+    global_tokens, scale, accum = 20, 4, 2  # this micro-batch holds 8 of the global batch's 20 loss tokens
+    objective = Objective(ReplayConfig(strategy="l2", weight=0.5), KDConfig())
+    part = objective(task, rep, global_tokens, scale, accum)
+    ce_sum = torch.nn.functional.cross_entropy(task.logits[:, :-1].flatten(0, 1), task.labels[:, 1:].flatten(),
+                                               reduction="sum")
+    replay_ce = causal_ce(rep.logits, rep.inputs.input_ids, rep.inputs.attention_mask)
+    l2 = ((rep.hidden - rep.inputs.features) ** 2).mean()
+    expected = ce_sum / global_tokens * scale + replay_ce + 0.5 * l2
+    torch.testing.assert_close(part.loss, expected)
+    assert part.parts == pytest.approx({"task_ce": ce_sum.item(), "replay_ce": replay_ce.item() / accum,
+                                        "l2": l2.item() / accum})
+    part.loss.backward()
+    reference = [t.grad.clone() for t in (task.logits, rep.logits, rep.hidden)]
+    for t in (task.logits, rep.logits, rep.hidden):
+        t.grad = None
+    expected.backward()
+    for got, want in zip(reference, (task.logits.grad, rep.logits.grad, rep.hidden.grad)):
+        torch.testing.assert_close(got, want)
+
+
 def test_dynamic_weight_scales_the_term_to_ce_and_passes_no_gradient_through_the_weight():
-    task = torch.tensor(2.0, requires_grad=True)
-    replay_ce = torch.tensor(1.0, requires_grad=True)
-    tm = torch.tensor(0.25, requires_grad=True)
-    total, w = combine(ReplayLossConfig(strategy="tm", weight="dynamic"), task, {"replay_ce": replay_ce, "tm": tm})
-    total.backward()
-    assert w == pytest.approx(3.0 / 0.25)
-    assert total.item() == pytest.approx(3.0 + 3.0)
-    assert task.grad.item() == 1.0 and tm.grad.item() == pytest.approx(w)  # w is a constant in the graph
-    fixed, w100 = combine(ReplayLossConfig(strategy="tm", weight=100.0), task.detach(), {"replay_ce": replay_ce.detach(),
-                                                                                     "tm": tm.detach()})
-    assert w100 == 100.0 and fixed.item() == pytest.approx(3.0 + 25.0)
-    assert combine(ReplayLossConfig(strategy="none"), task.detach(), {})[0].item() == 2.0
+    task, rep = objective_inputs()
+    part = Objective(ReplayConfig(strategy="l1", weight="dynamic"), KDConfig())(task, rep, 8, 1, 1)
+    ce = part.parts["task_ce"] / 8 + part.parts["replay_ce"]
+    assert part.replay_weight == pytest.approx(ce / part.parts["l1"])
+    part.loss.backward()
+    grad = rep.hidden.grad.clone()  # d(w · l1)/dh with w a constant: w · sign(h - f) / numel
+    expected = part.replay_weight * torch.sign(rep.hidden - rep.inputs.features) / rep.hidden.numel()
+    torch.testing.assert_close(grad, expected.detach())
+    fixed = Objective(ReplayConfig(strategy="l1", weight=100.0), KDConfig())(task, rep, 8, 1, 1)
+    assert fixed.replay_weight == 100.0
+    none = Objective(ReplayConfig(strategy="none"), KDConfig())(task, None, 8, 1, 1)
+    assert none.loss.item() == pytest.approx(part.parts["task_ce"] / 8) and none.replay_weight == 0.0
 
 
-@pytest.mark.parametrize("bad", [{"strategy": "mse"}, {"weight": "auto"}, {"weight": -1.0}, {"kl_temperature": 0}])
-def test_bad_replay_config_is_a_clear_error(bad):
-    with pytest.raises(ValueError, match="replay\\."):
-        ReplayLossConfig(**bad)
+def test_kd_counts_only_loss_tokens_of_the_distilled_rows():
+    task, _ = objective_inputs()
+    task.teacher_logits = task.logits.detach() + torch.randn_like(task.logits)
+    kd = Objective(ReplayConfig(), KDConfig(weight=1.0, temperature=2.0))
+    both = kd(task, None, 8, 1, 1).parts["kd"]
+    task.distilled_rows = torch.tensor([False, True])
+    second = kd(task, None, 8, 1, 1).parts["kd"]
+    task.distilled_rows = torch.tensor([True, False])
+    first = kd(task, None, 8, 1, 1).parts["kd"]
+    assert 0 < first < both and 0 < second < both and first + second == pytest.approx(both)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("replay.strategy=mse", "replay.strategy must be none | ce | kl | l1 | l2 | tm"),
+    ("replay.weight=auto", "replay.weight must be a number or dynamic"),
+    ("replay.weight=-1", "replay.weight must be >= 0"),
+    ("replay.kl_temperature=0", "replay.kl_temperature must be > 0"),
+])
+def test_bad_replay_config_is_a_clear_error(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(None, ["data.prep=p", "steps=5", "model.config={hidden_size: 8}", bad])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.gere.labels import NEUTRAL, activation_states, pack_states, unpack_states
+from pipeline.gere.states import NEUTRAL, activation_states, pack_states, unpack_states
 from pipeline.losses.tm_loss import BLOCK_T, TMLossFunction, tm_loss_reference
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),

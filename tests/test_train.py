@@ -17,8 +17,17 @@ from pipeline.gere.cache import build_cache
 from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
 from pipeline.schedule import lr_at
 
-from .train_helpers import (ROOT, TINY_LLAMA, digest, env, final_weights, launcher_command, metrics, run_training,
-                            write_config)
+from .train_helpers import (
+    ROOT,
+    TINY_LLAMA,
+    digest,
+    env,
+    final_weights,
+    launcher_command,
+    metrics,
+    run_training,
+    write_config,
+)
 
 
 def test_cpt_loss_goes_down(reference):
@@ -110,8 +119,9 @@ def test_an_export_that_fails_verification_leaves_no_directory(reference, tmp_pa
 
 @pytest.mark.reliability("security")
 def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(reference, prep, tmp_path, lost):
-    import datasets
     import json
+
+    import datasets
 
     source = ModelSource(config=TINY_LLAMA, seed=0)
     base = load_causal_lm(source).eval()
@@ -163,8 +173,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(prep, tmp_pa
 
 def test_ewc_holds_the_weights_its_fisher_marks_important(reference, prep, tmp_path):
     """EWC lets unimportant weights move: measure what it protects, the Fisher-weighted distance."""
-    import datasets
     import json
+
+    import datasets
 
     from pipeline.gere.cache import pad_replay_rows
     from pipeline.losses.replay import causal_ce

@@ -5,11 +5,11 @@ import math
 import re
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 
 from data_prep.build import BuildOptions, SourceSpec, build_source, chunk_tables
+from data_prep.errors import ConfigError, UserError
 from pipeline.config import load_train_config
 from pipeline.data import GlobalOrder, packed_inputs
 from pipeline.model import ModelSource, load_causal_lm
@@ -76,19 +76,19 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
 @pytest.mark.parametrize("override, message", [
     (["optim.lr=-1"], "optim.lr must be > 0"),
     (["optim.sheduler=cosine"], "unknown key 'optim.sheduler'"),
-    (["stage=pretrain"], "stage must be one of"),
+    (["stage=pretrain"], "stage must be cpt | sft | mixed"),
     (["tokens=1000"], "steps/tokens must be exactly one set"),
     (["replay.strategy=tm"], "replay.cache must be set"),
     (["batch.micro_batch=0"], "batch.micro_batch must be >= 1"),
     (["model.config=oops"], "model.config must be a mapping or null, got 'oops'"),
     (["steps=1.5"], "steps must be an integer or null, got 1.5"),
     (["model.gradient_checkpointing=1"], "model.gradient_checkpointing must be true or false, got 1"),
-    (["replay.weight=[1]"], "replay.weight must be a number or a string, got [1]"),
-    (["model.dtype=fp8"], "model.dtype must be auto|float32|bfloat16|float16"),
+    (["replay.weight=[1]"], "replay.weight must be a number or dynamic, got [1]"),
+    (["model.dtype=fp8"], "model.dtype must be auto | float32 | bfloat16 | float16"),
 ])
 def test_bad_training_config_names_the_field(override, message, tmp_path):
     base = ["data.prep=p", "steps=5", "model.config={hidden_size: 8}"]
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_train_config(None, base + override)
 
 
@@ -125,11 +125,11 @@ def test_precision_auto_follows_the_deepspeed_json_then_the_device(tmp_path):
     assert resolve_dtype("auto", root / "zero3_cpu.json", cuda=True) == "bfloat16"  # GPU default
     assert resolve_dtype("auto", root / "zero3_cpu.json", cuda=False) == "float32"
     assert resolve_dtype("float32", root / "zero3_cpu.json", cuda=True) == "float32"  # explicit wins where no conflict
-    with pytest.raises(ValueError, match="model.dtype is float32 but .*zero3_bf16.json enables bf16"):
+    with pytest.raises(UserError, match="model.dtype is float32 but .*zero3_bf16.json enables bf16"):
         resolve_dtype("float32", root / "zero3_bf16.json")
     both = tmp_path / "both.json"
     both.write_text('{"bf16": {"enabled": true}, "fp16": {"enabled": true}}')
-    with pytest.raises(ValueError, match="enables both bf16 and fp16"):
+    with pytest.raises(UserError, match="enables both bf16 and fp16"):
         resolve_dtype("auto", both)
 
 
@@ -144,7 +144,7 @@ def test_auto_zero_buckets_follow_the_hidden_size():
 
 
 def test_eval_windows_predict_every_token_but_the_first_exactly_once():
-    from pipeline.evaluate import windows
+    from pipeline.perplexity import windows
 
     lengths, seq_len = [1, 2, 5, 16, 17, 40], 8
     predicted: dict[int, list[int]] = {d: [] for d in range(len(lengths))}

@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.demo import free_port
+from pipeline.checkpoint_files import CheckpointDir
+from pipeline.launch import ROOT, deepspeed_command, launch_env
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_LLAMA = {"vocab_size": 768, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
 
@@ -52,13 +49,11 @@ def write_config(path: Path, prep: Path, run_dir: Path, **sections: Any) -> Path
 
 
 def launcher_command(config: Path, ranks: int = 2) -> list[str]:
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "pipeline.train",
-            "--config", str(config)]
+    return deepspeed_command("pipeline.train", ["--config", str(config)], ranks, log_level="info")
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    return launch_env()
 
 
 def run_training(config: Path, ranks: int = 2) -> subprocess.CompletedProcess[str]:
@@ -80,8 +75,8 @@ def metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
 def final_weights(run_dir: Path) -> dict[str, Any]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    root = run_dir / "checkpoints"
-    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=(root / "latest").read_text().strip())
+    latest = CheckpointDir.latest_of_run(run_dir)
+    return get_fp32_state_dict_from_zero_checkpoint(str(latest.root), tag=latest.tag)
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -15,9 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-from pipeline.config import USER_ERRORS, one_line
+from data_prep.errors import run_cli
 
 log = logging.getLogger("pipeline.gere")
 
@@ -42,58 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        build_from_args(args)
-    except USER_ERRORS as e:
-        log.error("%s", one_line(e))
-        return 2
-    return 0
+    return run_cli(lambda: build_from_args(args), log)
 
 
 def build_from_args(args: argparse.Namespace) -> Path:
-    import datasets
+    from pipeline.gere.build import build_gere_cache  # torch and transformers: after --help, not before
+    from pipeline.model import ModelSource
 
-    from pipeline.gere.cache import build_cache
-    from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
-
-    replay_dir = Path(args.replay)
-    if not (replay_dir / "replay.json").is_file():
-        raise FileNotFoundError(f"{replay_dir}: no replay.json; build the shard with `python -m data_prep replay`")
-    replay_meta = json.loads((replay_dir / "replay.json").read_text())
-    rows = datasets.load_from_disk(str(replay_dir / "data"))
     if args.model_config:
-        config = json.loads(Path(args.model_config).read_text())
-        source = ModelSource(config=config, seed=args.seed)
+        source = ModelSource(config=json.loads(Path(args.model_config).read_text()), seed=args.seed)
     else:
         source = ModelSource(path=args.model_path, trust_remote_code=args.trust_remote_code)
     ds_config = json.loads(Path(args.deepspeed).read_text()) if args.deepspeed else None
-    device = torch.device("cpu")
-    if ds_config:
-        import deepspeed
-
-        from pipeline.distributed import init_distributed
-
-        init_distributed()
-        from deepspeed.accelerator import get_accelerator
-
-        device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
-    model = load_causal_lm(source, ds_config)
-    model.eval()
-    if ds_config:
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-        module = engine.module
-    else:
-        module = model.to(device)
-    hidden = module.config.hidden_size
-    top = max((max(r) for r in rows["input_ids"] if r), default=-1)
-    if top >= module.config.vocab_size:
-        raise ValueError(f"{replay_dir}: token id {top} is outside the model's vocabulary of "
-                         f"{module.config.vocab_size}; the replay shard was built with another tokenizer")
-    return build_cache(lambda ids, mask: final_hidden_states(module, ids, mask), rows["input_ids"], rows["id"],
-                       args.out, hidden_size=hidden, replay_len=replay_meta["replay_len"],
-                       batch_size=args.batch_size, model_fingerprint=model_fingerprint(source),
-                       tokenizer_fingerprint=replay_meta["tokenizer_fingerprint"], device=device,
-                       features=args.features)
+    return build_gere_cache(source, args.replay, args.out, batch_size=args.batch_size, features=args.features,
+                            ds_config=ds_config)
 
 
 if __name__ == "__main__":

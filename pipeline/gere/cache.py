@@ -2,7 +2,7 @@
 
 Built once before training: thresholds (fp32 [H] mean and std of the final
 hidden states over every real replay token) and each element's state,
-memory-mapped as ``labels.u8`` [N, replay_len, ceil(H/4)] — 1/16 of the fp32
+memory-mapped as ``states.u8`` [N, replay_len, ceil(H/4)] — 1/16 of the fp32
 activations the reference implementation stores. Two passes over the replay
 set (statistics, then states) avoid holding any activations. Ranks split the
 samples; under ZeRO-3 every rank must run the same number of forwards (each
@@ -27,7 +27,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .labels import activation_states, pack_states, packed_width
+from data_prep.errors import UserError
+
+from .states import activation_states, pack_states, packed_width
+
+STATES_FILE = "states.u8"  # [N, replay_len, ceil(H/4)] uint8: 4 two-bit states per byte
 from .thresholds import MomentAccumulator, Thresholds
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ HiddenFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 FORMAT_VERSION = 1
 
 
-class CacheMismatch(ValueError):
+class CacheMismatch(UserError):
     """The cache was built for another model, tokenizer or replay set."""
 
 
@@ -47,7 +51,7 @@ def pad_replay_rows(rows: Sequence[Sequence[int]], replay_len: int, pad_id: int 
     mask = torch.zeros((len(rows), replay_len), dtype=torch.long)
     for i, r in enumerate(rows):
         if len(r) > replay_len:
-            raise ValueError(f"replay sample {i} has {len(r)} tokens > replay_len {replay_len}")
+            raise UserError(f"replay sample {i} has {len(r)} tokens > replay_len {replay_len}")
         ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
         mask[i, :len(r)] = 1
     return ids, mask
@@ -60,7 +64,7 @@ class GeReCache:
     directory: Path
     meta: dict[str, Any]
     thresholds: Thresholds
-    labels: np.ndarray  # [N, replay_len, ceil(H/4)] uint8, memory-mapped
+    packed_states: np.ndarray  # [N, replay_len, ceil(H/4)] uint8, memory-mapped
     feature_map: np.ndarray | None = None  # [N, replay_len, H] bf16 bits as uint16, when built with features
 
     @classmethod
@@ -76,22 +80,25 @@ class GeReCache:
                 raise CacheMismatch(f"{directory}: built for another {what} ({meta[f'{what}_fingerprint']}, "
                                     f"this run uses {expected}); rebuild the cache for this {what}")
         t = load_file(str(directory / "thresholds.safetensors"), device=str(device))
-        labels = np.memmap(directory / "labels.u8", dtype=np.uint8, mode="r",
+        if not (directory / STATES_FILE).is_file():
+            raise CacheMismatch(f"{directory}: no {STATES_FILE} (built by an older version?); rebuild it with "
+                                "pipeline.gere")
+        packed = np.memmap(directory / STATES_FILE, dtype=np.uint8, mode="r",
                            shape=(meta["num_samples"], meta["replay_len"], packed_width(meta["hidden_size"])))
         features = None
         if meta.get("features"):
             features = np.memmap(directory / "features.bf16", dtype=np.uint16, mode="r",
                                  shape=(meta["num_samples"], meta["replay_len"], meta["hidden_size"]))
-        return cls(directory, meta, Thresholds(t["mean"], t["std"]), labels, features)
+        return cls(directory, meta, Thresholds(t["mean"], t["std"]), packed, features)
 
     def states(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """Packed states of replay samples ``indices``: [B, replay_len, ceil(H/4)] uint8."""
-        return torch.from_numpy(np.ascontiguousarray(self.labels[np.asarray(indices)])).to(device)
+        return torch.from_numpy(np.ascontiguousarray(self.packed_states[np.asarray(indices)])).to(device)
 
     def features(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """Cached reference hidden states (bf16) of replay samples ``indices``, for L1/L2 imitation."""
         if self.feature_map is None:
-            raise ValueError(f"{self.directory}: built without features; rebuild with --features for l1/l2 replay")
+            raise UserError(f"{self.directory}: built without features; rebuild with --features for l1/l2 replay")
         bits = np.ascontiguousarray(self.feature_map[np.asarray(indices)]).view(np.int16)
         return torch.from_numpy(bits).view(torch.bfloat16).to(device)
 
@@ -124,13 +131,13 @@ def build_cache(hidden_fn: HiddenFn, samples: Sequence[Sequence[int]], ids: Sequ
         if rank == 0:
             shutil.rmtree(building, ignore_errors=True)
             building.mkdir(parents=True)
-            np.memmap(building / "labels.u8", dtype=np.uint8, mode="w+",
+            np.memmap(building / STATES_FILE, dtype=np.uint8, mode="w+",
                       shape=(len(samples), replay_len, packed_width(hidden_size))).flush()
             if features:
                 np.memmap(building / "features.bf16", dtype=np.uint16, mode="w+",
                           shape=(len(samples), replay_len, hidden_size)).flush()
         _barrier()
-        labels = np.memmap(building / "labels.u8", dtype=np.uint8, mode="r+",
+        packed = np.memmap(building / STATES_FILE, dtype=np.uint8, mode="r+",
                            shape=(len(samples), replay_len, packed_width(hidden_size)))
         feature_map = np.memmap(building / "features.bf16", dtype=np.uint16, mode="r+",
                                 shape=(len(samples), replay_len, hidden_size)) if features else None
@@ -139,14 +146,14 @@ def build_cache(hidden_fn: HiddenFn, samples: Sequence[Sequence[int]], ids: Sequ
             if chunk:
                 states = activation_states(h[:len(chunk)], thresholds.neg, thresholds.pos)
                 states[mask[:len(chunk)] == 0] = 0  # padding positions: neutral, and masked out anyway
-                labels[np.asarray(chunk)] = pack_states(states).cpu().numpy()
+                packed[np.asarray(chunk)] = pack_states(states).cpu().numpy()
                 if feature_map is not None:
                     bits = h[:len(chunk)].to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
                     feature_map[np.asarray(chunk)] = bits
-        labels.flush()
+        packed.flush()
         if feature_map is not None:
             feature_map.flush()
-        del labels, feature_map
+        del packed, feature_map
     _barrier()
     if rank == 0:
         save_file({"mean": thresholds.mean.cpu().contiguous(), "std": thresholds.std.cpu().contiguous()},
@@ -155,14 +162,14 @@ def build_cache(hidden_fn: HiddenFn, samples: Sequence[Sequence[int]], ids: Sequ
                 "hidden_size": hidden_size, "ids": list(ids), "lengths": [len(s) for s in samples],
                 "tokens": int(sum(len(s) for s in samples)), "model_fingerprint": model_fingerprint,
                 "tokenizer_fingerprint": tokenizer_fingerprint, "world_size": world, "features": features,
-                "labels_bytes": len(samples) * replay_len * packed_width(hidden_size),
+                "states_bytes": len(samples) * replay_len * packed_width(hidden_size),
                 "fp32_activation_bytes": len(samples) * replay_len * hidden_size * 4}
         (building / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         building.rename(out_dir)
-        log.info("GeRe cache: %d samples, %d tokens, labels %.1f MB (fp32 activations would be %.1f MB) → %s",
-                 len(samples), meta["tokens"], meta["labels_bytes"] / 2**20, meta["fp32_activation_bytes"] / 2**20,
+        log.info("GeRe cache: %d samples, %d tokens, states %.1f MB (fp32 activations would be %.1f MB) → %s",
+                 len(samples), meta["tokens"], meta["states_bytes"] / 2**20, meta["fp32_activation_bytes"] / 2**20,
                  out_dir)
     _barrier()
     return out_dir

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from data_prep.errors import UserError
+
 
 class ReplaySampler:
     def __init__(self, num_samples: int, per_step: int, seed: int = 0) -> None:
         if num_samples < 1 or per_step < 1:
-            raise ValueError(f"replay needs num_samples >= 1 and per_step >= 1, got {num_samples}, {per_step}")
+            raise UserError(f"replay needs num_samples >= 1 and per_step >= 1, got {num_samples}, {per_step}")
         self.num_samples, self.per_step, self.seed = num_samples, per_step, seed
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
@@ -33,7 +35,7 @@ class ReplaySampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["seed"] != self.seed or state["num_samples"] != self.num_samples:
-            raise ValueError(f"replay sampler state is for seed {state['seed']} / {state['num_samples']} samples, "
+            raise UserError(f"replay sampler state is for seed {state['seed']} / {state['num_samples']} samples, "
                              f"this run has seed {self.seed} / {self.num_samples}")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from data_prep.errors import UserError
+
 
 @dataclass
 class Thresholds:
@@ -47,7 +49,7 @@ class MomentAccumulator:
             dist.all_reduce(packed)
             self.count, self.total, self.squares = packed[0], packed[1:1 + len(self.total)], packed[1 + len(self.total):]
         if self.count <= 0:
-            raise ValueError("no real tokens were seen; the replay set is empty")
+            raise UserError("no real tokens were seen; the replay set is empty")
         mean = self.total / self.count
         var = (self.squares / self.count - mean * mean).clamp_min(0.0)
         return Thresholds(mean.float(), var.sqrt().float())

@@ -8,38 +8,19 @@
     tm    GeRe's threshold-based margin loss against the cached 2-bit states
 
 CE on replay rows is added for every strategy except none (the paper trains on
-replay text as well); ``weight`` multiplies the strategy's own term: a number,
-or "dynamic" = CE / term with both detached, so the term is scaled to CE's size.
+replay text as well). How the terms are weighted into the step's loss is
+``pipeline/losses/objective.py``'s job.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
 
+from ..config import ReplayConfig
+from .kl import kl_sum
 from .tm_loss import tm_loss
-
-STRATEGIES = ("none", "ce", "kl", "l1", "l2", "tm")
-
-
-@dataclass(frozen=True)
-class ReplayLossConfig:
-    strategy: str = "tm"
-    weight: Union[float, str] = 1.0  # a number, or "dynamic"
-    kl_temperature: float = 1.0
-    fused_tm: bool | None = None  # None: the Triton kernel where it runs (CUDA), else the reference
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"replay.strategy must be one of {STRATEGIES}, got '{self.strategy}'")
-        if isinstance(self.weight, str) and self.weight != "dynamic":
-            raise ValueError(f"replay.weight must be a number or 'dynamic', got '{self.weight}'")
-        if not isinstance(self.weight, str) and self.weight < 0:
-            raise ValueError(f"replay.weight must be >= 0, got {self.weight}")
-        if self.kl_temperature <= 0:
-            raise ValueError(f"replay.kl_temperature must be > 0, got {self.kl_temperature}")
 
 
 @dataclass
@@ -63,9 +44,13 @@ def causal_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor)
                            ignore_index=-100)
 
 
-def replay_terms(cfg: ReplayLossConfig, logits: torch.Tensor, hidden: torch.Tensor,
+def replay_terms(cfg: ReplayConfig, logits: torch.Tensor, hidden: torch.Tensor,
                  batch: ReplayInputs) -> dict[str, torch.Tensor]:
-    """{'replay_ce': ..., '<strategy>': ...}: the unweighted pieces, for logging and for ``combine``."""
+    """{'replay_ce': ..., '<strategy>': ...}: the unweighted terms, each a mean over the replay tokens.
+
+    Missing inputs are a wiring bug (the config was validated and the trainer
+    loads what the strategy needs), so they raise ``ValueError``, not a user error.
+    """
     if cfg.strategy == "none":
         return {}
     mask = batch.attention_mask
@@ -84,23 +69,5 @@ def replay_terms(cfg: ReplayLossConfig, logits: torch.Tensor, hidden: torch.Tens
     elif cfg.strategy == "kl":
         if batch.teacher_logits is None:
             raise ValueError("replay.strategy 'kl' needs the frozen base model's logits on the replay rows")
-        t = cfg.kl_temperature
-        student = F.log_softmax(logits.float() / t, dim=-1)
-        teacher = F.log_softmax(batch.teacher_logits.float() / t, dim=-1)
-        kl = (teacher.exp() * (teacher - student)).sum(-1)
-        terms["kl"] = (kl * mask).sum() / mask.sum().clamp_min(1) * t * t
+        terms["kl"] = kl_sum(logits, batch.teacher_logits, mask, cfg.kl_temperature) / mask.sum().clamp_min(1)
     return terms
-
-
-def combine(cfg: ReplayLossConfig, task_ce: torch.Tensor, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """total = task CE + replay CE + w · term; returns (total, w used)."""
-    total = task_ce + terms.get("replay_ce", torch.zeros_like(task_ce))
-    term = terms.get(cfg.strategy) if cfg.strategy not in ("none", "ce") else None
-    if term is None:
-        return total, 0.0
-    if cfg.weight == "dynamic":
-        ce = total.detach()
-        w = float(ce / term.detach()) if float(term.detach()) > 0 else 0.0
-    else:
-        w = float(cfg.weight)
-    return total + w * term, w

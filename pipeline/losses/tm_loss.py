@@ -1,7 +1,7 @@
 """GeRe's threshold-based margin (TM) loss: fused Triton kernel, autograd Function, PyTorch reference.
 
 For a replay token's hidden state h (final layer, after the final norm) and the
-reference model's 2-bit state s of each element (see ``pipeline.gere.labels``),
+reference model's 2-bit state s of each element (see ``pipeline.gere.states``),
 with per-dimension thresholds neg = m - std, pos = m + std:
 
     s = neg:      l = relu(h - neg)                  (stay at or below neg)
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.gere.labels import NEG, POS, packed_width, unpack_states
+from pipeline.gere.states import NEG, POS, packed_width, unpack_states
 
 BLOCK_T = 4  # token rows per program: few rows, many columns keeps loads coalesced along H
 
@@ -60,7 +60,7 @@ def _tm_forward_kernel(h_ptr, packed_ptr, neg_ptr, pos_ptr, mask_ptr, part_sum_p
     Args:
         h_ptr: hidden states [n_tokens, hidden], fp32/bf16/fp16, unit stride along hidden; read as fp32.
         packed_ptr: reference states [n_tokens, ceil(hidden / 4)] uint8; element j is bits 2*(j % 4) of
-            byte j // 4 (0 neutral, 1 neg, 2 pos), as written by ``pipeline.gere.labels.pack_states``.
+            byte j // 4 (0 neutral, 1 neg, 2 pos), as written by ``pipeline.gere.states.pack_states``.
         neg_ptr, pos_ptr: thresholds [hidden] fp32.
         mask_ptr: [n_tokens] uint8, nonzero for real tokens; other rows contribute nothing.
         part_sum_ptr: out, [cdiv(n_tokens, BLOCK_T)] fp32, this program's sum of l. Partials, not an atomic
@@ -180,7 +180,7 @@ class TMLossFunction(torch.autograd.Function):
 
     forward(h, packed, neg, pos, mask):
         h: hidden states [..., H], fp32/bf16/fp16 (final layer, after the final norm).
-        packed: reference states [..., ceil(H / 4)] uint8, from ``pipeline.gere.labels.pack_states``.
+        packed: reference states [..., ceil(H / 4)] uint8, from ``pipeline.gere.states.pack_states``.
         neg, pos: thresholds [H], any float dtype (used as fp32).
         mask: [...] (h's leading shape), 0/1 as bool or integer: 1 marks a real token, 0 padding.
         Returns loss (0-dim fp32) and count (0-dim int64, the number of elements with l > 0; not
@@ -222,7 +222,7 @@ def tm_loss(h: torch.Tensor, packed: torch.Tensor, neg: torch.Tensor, pos: torch
 
     Args:
         h: hidden states [..., H], fp32/bf16/fp16; the only argument that gets a gradient.
-        packed: reference states [..., ceil(H / 4)] uint8, from ``pipeline.gere.labels.pack_states``.
+        packed: reference states [..., ceil(H / 4)] uint8, from ``pipeline.gere.states.pack_states``.
         neg, pos: thresholds [H] (per-dimension mean -/+ std of the reference activations).
         mask: [...] (h's leading shape), 0/1 as bool or integer: 1 marks a real token, 0 padding.
         fused: True runs the Triton kernels, False the PyTorch reference (which materialises [tokens, H]

@@ -1,0 +1,85 @@
+"""The replay side of a training step: which replay rows each micro-batch gets, and what comes with them.
+
+Built from the training config: the replay shard named by the prep, the
+sampler (seeded, resumable), and for the cached strategies the GeRe cache,
+checked against the base model and the prep's tokenizer. Each step draws
+``replay.samples_per_step`` samples and gives every (rank, micro-batch) slot an
+equal share, so the replay terms average to the intended mean.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from data_prep.errors import ConfigError, UserError
+from data_prep.replay import ReplayShard
+
+from ..config import CACHED_STRATEGIES, TrainConfig
+from ..data import PrepPaths
+from ..losses.replay import ReplayInputs
+from ..model import ModelSource, model_fingerprint
+from .cache import GeReCache, pad_replay_rows
+from .sampler import ReplaySampler
+
+log = logging.getLogger(__name__)
+
+
+class ReplayFeed:
+    def __init__(self, cfg: TrainConfig, shard: ReplayShard, cache: GeReCache | None, world: int, rank: int) -> None:
+        self.strategy, self.grad_accum, self.world, self.rank = cfg.replay.strategy, cfg.batch.grad_accum, world, rank
+        self.shard, self.cache, self.replay_len = shard, cache, shard.replay_len
+        self.rows = shard.rows()
+        slots = world * cfg.batch.grad_accum
+        if cfg.replay.samples_per_step % slots:
+            raise ConfigError(f"replay.samples_per_step ({cfg.replay.samples_per_step}) must be a multiple of "
+                              f"ranks × grad_accum ({slots})")
+        self.sampler = ReplaySampler(len(self.rows), cfg.replay.samples_per_step, cfg.seed)
+        if cache is not None and cache.meta["num_samples"] != len(self.rows):
+            raise UserError(f"{cfg.replay.cache}: built for {cache.meta['num_samples']} replay samples, the shard "
+                            f"{shard.directory} has {len(self.rows)}")
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, prep: PrepPaths, base: ModelSource, tokenizer_fingerprint: str,
+                    world: int, rank: int, device: torch.device) -> ReplayFeed | None:
+        """None when ``replay.strategy`` is none."""
+        if cfg.replay.strategy == "none":
+            return None
+        if prep.replay is None:
+            raise UserError(f"{cfg.data.prep}: no replay shard in prep.json; replay.strategy needs one")
+        cache = None
+        if cfg.replay.strategy in CACHED_STRATEGIES:
+            cache = GeReCache.open(cfg.replay.cache, model_fingerprint(base), tokenizer_fingerprint, device=device)
+            if cfg.model.dtype != "float32":  # pipeline.gere builds in fp32 on one device
+                log.warning("replay: the GeRe cache holds fp32 activations and this run trains in %s, so the "
+                            "replay term starts slightly above 0 (a few states sit at a threshold)", cfg.model.dtype)
+        return cls(cfg, ReplayShard.open(prep.replay), cache, world, rank)
+
+    def step_chunks(self) -> list[list[int]]:
+        """Draw the next step's samples; returns this rank's share for each micro-batch."""
+        drawn = self.sampler.next_indices()
+        per = len(drawn) // (self.world * self.grad_accum)
+        return [drawn[(j * self.world + self.rank) * per:(j * self.world + self.rank + 1) * per]
+                for j in range(self.grad_accum)]
+
+    def inputs(self, index: list[int], device: torch.device, teacher: Any = None) -> ReplayInputs:
+        """Padded rows and what the strategy compares against: cached states/features, or the teacher's logits."""
+        ids, mask = pad_replay_rows(self.rows[index]["input_ids"], self.replay_len)
+        ids, mask = ids.to(device), mask.to(device)
+        inputs = ReplayInputs(ids, mask)
+        if self.cache is not None:
+            inputs.states = self.cache.states(index, device)
+            inputs.neg, inputs.pos = self.cache.thresholds.neg, self.cache.thresholds.pos
+            if self.strategy in ("l1", "l2"):
+                inputs.features = self.cache.features(index, device)
+        if self.strategy == "kl":
+            with torch.no_grad():
+                inputs.teacher_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return inputs
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)

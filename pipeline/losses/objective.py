@@ -1,0 +1,116 @@
+"""The training objective: the one place a step's loss is formed from its parts.
+
+    loss = task CE + kd.weight · KD + replay CE + w · replay term
+
+Task CE and KD are sums over the micro-batch's loss tokens divided by the loss
+tokens of the whole global batch, times ``scale`` (grad_accum × ranks, the
+factor DeepSpeed divides by): the gradient is the global token mean however the
+batch is split over ranks and micro-batches. The replay terms are means over
+this micro-batch's replay tokens (each rank's replay rows are an equal share).
+``w`` is ``replay.weight``, or with ``dynamic`` (task + replay CE) / term with
+both detached, so the term has CE's size.
+
+The trainer runs the forwards and hands their outputs here; what this module
+returns is exactly what backward sees, and its named parts are what is logged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..config import KDConfig, ReplayConfig
+from .kl import kl_sum
+from .replay import ReplayInputs, replay_terms
+
+
+@dataclass
+class TaskOutputs:
+    """A micro-batch of packed task rows after the forward."""
+
+    logits: torch.Tensor  # [B, L, V]
+    labels: torch.Tensor  # [B, L], -100 where no loss
+    teacher_logits: torch.Tensor | None = None  # frozen base model on the same rows (KD)
+    distilled_rows: torch.Tensor | None = None  # [B] bool: rows KD applies to (kd.rows: general); None: all
+
+
+@dataclass
+class ReplayOutputs:
+    """A micro-batch of replay rows after their forward."""
+
+    logits: torch.Tensor  # [R, replay_len, V]
+    hidden: torch.Tensor  # [R, replay_len, H]: final-layer states, after the final norm
+    inputs: ReplayInputs
+
+
+@dataclass
+class MicroBatchLoss:
+    loss: torch.Tensor  # what backward sees
+    parts: dict[str, float]  # unweighted parts, additive over micro-batches and ranks (see Objective.summarize)
+    replay_weight: float  # w used for the replay term (0 without one)
+
+
+class Objective:
+    def __init__(self, replay: ReplayConfig, kd: KDConfig) -> None:
+        self.replay, self.kd = replay, kd
+        self.strategy_term = replay.strategy not in ("none", "ce")  # a term beyond replay CE
+
+    def __call__(self, task: TaskOutputs, replay: ReplayOutputs | None, global_tokens: int,
+                 scale: float, grad_accum: int) -> MicroBatchLoss:
+        targets = task.labels[:, 1:]
+        ce_sum = F.cross_entropy(task.logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                 ignore_index=-100, reduction="sum")
+        loss = ce_sum / global_tokens * scale
+        parts = {"task_ce": ce_sum.item()}
+        if self.kd.weight > 0:
+            if task.teacher_logits is None:
+                raise ValueError("kd.weight > 0 needs the teacher's logits on the task rows")
+            mask = targets != -100
+            if task.distilled_rows is not None:
+                mask = mask & task.distilled_rows[:, None]
+            kd_sum = kl_sum(task.logits[:, :-1], task.teacher_logits[:, :-1], mask, self.kd.temperature)
+            loss = loss + self.kd.weight * kd_sum / global_tokens * scale
+            parts["kd"] = kd_sum.item()
+        weight = 0.0
+        if replay is not None:
+            terms = replay_terms(self.replay, replay.logits, replay.hidden, replay.inputs)
+            loss = loss + terms["replay_ce"]
+            parts["replay_ce"] = terms["replay_ce"].item() / grad_accum
+            if self.strategy_term:
+                term = terms[self.replay.strategy]
+                weight = self._weight((ce_sum / global_tokens * scale).detach() + terms["replay_ce"].detach(), term.detach())
+                loss = loss + weight * term
+                parts[self.replay.strategy] = term.item() / grad_accum
+        return MicroBatchLoss(loss, parts, weight)
+
+    def _weight(self, ce: torch.Tensor, term: torch.Tensor) -> float:
+        if self.replay.weight != "dynamic":
+            return float(self.replay.weight)
+        return float(ce / term) if float(term) > 0 else 0.0
+
+    def summarize(self, sums: dict[str, float], global_tokens: int, world: int, device: torch.device,
+                  replay_weight: float) -> dict[str, float]:
+        """The step's logged parts (summed over ranks) and ``loss``, the objective as optimized.
+
+        One all-reduce of a float64 vector on ``device`` (NCCL reduces device tensors only).
+        """
+        names = ["task_ce", "kd", "replay_ce", self.replay.strategy]
+        totals = torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        task_ce, kd, replay_ce, term = totals.tolist()
+        out = {"loss/task_ce": task_ce / global_tokens}
+        loss = out["loss/task_ce"]
+        if self.kd.weight > 0:
+            out["loss/kd"] = kd / global_tokens
+            loss += self.kd.weight * out["loss/kd"]
+        if "replay_ce" in sums:
+            out["loss/replay_ce"] = replay_ce / world
+            loss += out["loss/replay_ce"]
+            if self.strategy_term:
+                out[f"loss/{self.replay.strategy}"] = term / world
+                out["replay_weight"] = replay_weight
+                loss += replay_weight * out[f"loss/{self.replay.strategy}"]
+        out["loss"] = loss
+        return out
