@@ -16,9 +16,10 @@ pipeline.real_models, or --hf-tokenizer DIR): its own batch encode
 pipeline with one worker, which also applies the tokenizer's start
 convention, encodes control-token literals as text and counts them.
 
-    python bench/data_prep.py [--repeat 8] [--seq-len 1024] [--hf-tokenizer DIR]
+    python -m bench.data_prep [--repeat 8] [--seq-len 1024] [--hf-tokenizer DIR]
 Last line: ratio_vs_raw_tokenizer=<x> ratio_vs_hf_recipe=<y> ratio_vs_raw_hf_tokenizer=<z>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_prep.build import BuildOptions, SourceSpec, build_source, load_build  # noqa: E402
-from data_prep.mix import mix  # noqa: E402
-from data_prep.sample import SampleSizes, train_sample_tokenizer, write_sample_corpora  # noqa: E402
-from data_prep.tokenizer import load_tokenizer  # noqa: E402
-from pipeline.real_models import materialise  # noqa: E402
+from data_prep.build import BuildOptions, SourceSpec, build_source, load_build
+from data_prep.mix import mix
+from data_prep.sample import SampleSizes, train_sample_tokenizer, write_sample_corpora
+from data_prep.tokenizer import load_tokenizer
+from pipeline.real_models import materialise
 
 log = logging.getLogger("bench.data_prep")
 
@@ -68,7 +67,7 @@ def best_of(runs: int, fn, *args):
 def time_raw(model: Path, texts: list[str]) -> tuple[float, int]:
     tok = load_tokenizer(model)
     start = time.perf_counter()
-    n = sum(len(ids) + 1 for i in range(0, len(texts), 1024) for ids in tok.encode_batch(texts[i:i + 1024]))  # + EOS
+    n = sum(len(ids) + 1 for i in range(0, len(texts), 1024) for ids in tok.encode_batch(texts[i : i + 1024]))  # + EOS
     return time.perf_counter() - start, n
 
 
@@ -77,8 +76,11 @@ def time_raw_hf(tokenizer_dir: Path, texts: list[str]) -> tuple[float, int]:
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     start = time.perf_counter()
-    n = sum(len(ids) + 1 for i in range(0, len(texts), 1024)  # + EOS
-            for ids in tok(texts[i:i + 1024], add_special_tokens=False)["input_ids"])
+    n = sum(
+        len(ids) + 1
+        for i in range(0, len(texts), 1024)  # + EOS
+        for ids in tok(texts[i : i + 1024], add_special_tokens=False)["input_ids"]
+    )
     return time.perf_counter() - start, n
 
 
@@ -106,7 +108,7 @@ def time_hf_recipe(corpus: Path, model: Path, work: Path, seq_len: int) -> tuple
     def group_texts(batch):  # as in transformers' examples/pytorch/language-modeling/run_clm.py
         flat = [t for ids in batch["input_ids"] for t in ids]
         total = len(flat) // seq_len * seq_len
-        return {"input_ids": [flat[i:i + seq_len] for i in range(0, total, seq_len)]}
+        return {"input_ids": [flat[i : i + seq_len] for i in range(0, total, seq_len)]}
 
     tokenized = raw.map(tokenize, batched=True, remove_columns=["text"])
     n = sum(len(ids) for ids in tokenized["input_ids"])
@@ -118,14 +120,21 @@ def time_hf_recipe(corpus: Path, model: Path, work: Path, seq_len: int) -> tuple
 def peak_rss_mb(corpus: Path, model: Path, work: Path, seq_len: int) -> tuple[float, float]:
     """Peak RSS (MB) of a build's reader process and of its largest worker, in a fresh process tree."""
     shutil.rmtree(work, ignore_errors=True)
-    code = ("import sys, resource; from data_prep.build import *; "
-            f"build_source(SourceSpec(name='m', role='domain', paths=({str(corpus)!r},), holdout_fraction=0.0), "
-            f"BuildOptions(seq_len={seq_len}), {str(model)!r}, {str(work)!r}, quiet=True); "
-            # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so it would count this bench
-            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
-            "print(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys, resource; from data_prep.build import *; "
+        f"build_source(SourceSpec(name='m', role='domain', paths=({str(corpus)!r},), holdout_fraction=0.0), "
+        f"BuildOptions(seq_len={seq_len}), {str(model)!r}, {str(work)!r}, quiet=True); "
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so it would count this bench
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+        "print(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     main_kb, worker_kb = out.stdout.strip().splitlines()[-1].split()
     return int(main_kb) / 1024, int(worker_kb) / 1024
 
@@ -140,6 +149,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import datasets  # noqa: F401  imported before any timer: a one-off cost, not throughput
+
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     root = Path(tempfile.mkdtemp(prefix="bench-data-prep-"))
     try:
@@ -150,10 +160,17 @@ def main() -> None:
         ours2_s, _ = best_of(args.runs, time_ours, corpus, model, root / "ours2", args.seq_len, 2)
         hf_s, hf_tok = best_of(args.runs, time_hf_recipe, corpus, model, root / "hf", args.seq_len)
         assert raw_tok == ours_tok == hf_tok, (raw_tok, ours_tok, hf_tok)  # same work, or the ratios mean nothing
-        rows = [("raw tokenizer encode_batch (1 thread)", raw_s), ("this pipeline, 1 worker", ours_s),
-                ("this pipeline, 2 workers", ours2_s), ("HF recipe (map+group_texts+save)", hf_s)]
-        print(f"\nbest of {args.runs} runs each; corpus: {len(texts):,} docs, {raw_tok:,} tokens ({mb:.1f} MB jsonl.gz), seq_len {args.seq_len}, "
-              f"{os.cpu_count()} cores")
+        rows = [
+            ("raw tokenizer encode_batch (1 thread)", raw_s),
+            ("this pipeline, 1 worker", ours_s),
+            ("this pipeline, 2 workers", ours2_s),
+            ("HF recipe (map+group_texts+save)", hf_s),
+        ]
+        print(
+            f"\nbest of {args.runs} runs each; corpus: {len(texts):,} docs, {raw_tok:,} tokens ({mb:.1f} MB jsonl.gz), "
+            f"seq_len {args.seq_len}, "
+            f"{os.cpu_count()} cores"
+        )
         print(f"| {'step':<40} | {'seconds':>8} | {'tokens/s':>10} | {'vs raw':>6} |")
         print(f"|{'-' * 42}|{'-' * 10}|{'-' * 12}|{'-' * 8}|")
         for name, s in rows:
@@ -163,8 +180,10 @@ def main() -> None:
             small = write_corpus(root / "rss-1x.jsonl.gz", texts[: len(texts) // 10 or 1])
             rss1 = peak_rss_mb(small, model, root / "rss1", args.seq_len)
             rss10 = peak_rss_mb(corpus, model, root / "rss10", args.seq_len)
-            print(f"peak RSS of a build (reader / worker): {rss1[0]:.0f} / {rss1[1]:.0f} MB at 1x, "
-                  f"{rss10[0]:.0f} / {rss10[1]:.0f} MB at 10x ({rss10[0] / rss1[0]:.2f}x / {rss10[1] / rss1[1]:.2f}x)")
+            print(
+                f"peak RSS of a build (reader / worker): {rss1[0]:.0f} / {rss1[1]:.0f} MB at 1x, "
+                f"{rss10[0]:.0f} / {rss10[1]:.0f} MB at 10x ({rss10[0] / rss1[0]:.2f}x / {rss10[1] / rss1[1]:.2f}x)"
+            )
         hf_dir = args.hf_tokenizer or materialise("smollm2")
         hf_raw_s, hf_raw_tok = best_of(args.runs, time_raw_hf, hf_dir, texts)
         hf_ours_s, hf_ours_tok = best_of(args.runs, time_ours, corpus, hf_dir, root / "ours_hf", args.seq_len, 1)
@@ -175,8 +194,10 @@ def main() -> None:
         print(f"|{'-' * 42}|{'-' * 10}|{'-' * 12}|{'-' * 8}|")
         for name, s in (("raw HF batch encode (1 thread)", hf_raw_s), ("this pipeline, 1 worker", hf_ours_s)):
             print(f"| {name:<40} | {s:>8.2f} | {hf_raw_tok / s:>10,.0f} | {hf_raw_s / s:>6.2f} |")
-        print(f"ratio_vs_raw_tokenizer={raw_s / ours_s:.3f} ratio_vs_hf_recipe={hf_s / ours_s:.3f} "
-              f"ratio_vs_raw_hf_tokenizer={hf_raw_s / hf_ours_s:.3f}")
+        print(
+            f"ratio_vs_raw_tokenizer={raw_s / ours_s:.3f} ratio_vs_hf_recipe={hf_s / ours_s:.3f} "
+            f"ratio_vs_raw_hf_tokenizer={hf_raw_s / hf_ours_s:.3f}"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

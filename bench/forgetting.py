@@ -9,9 +9,10 @@ holdouts. Rows: naive CPT (no general mix, no replay); + 15% general mix;
 mix + TM again at 3x and 10x the lr.
 
     python -m pipeline.demo            # once: builds runs/demo (prep, base model, GeRe cache)
-    python bench/forgetting.py [--steps 60]
+    python -m bench.forgetting [--steps 60]
 Last line: tm_forgetting_vs_naive=<x> tm_learning_vs_naive=<y> (goal x <= 0.25, y >= 0.95)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,18 +24,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import yaml
 
-import yaml  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline.checkpoint_files import CheckpointDir
+from pipeline.launch import ROOT, run_deepspeed
 
 VARIANTS: list[tuple[str, bool, dict[str, Any], float]] = [  # name, general mix, extra config, lr multiplier
     ("naive CPT", False, {}, 1.0),
     ("+ 15% general mix", True, {}, 1.0),
     ("+ mix + GeRe replay CE", True, {"replay": {"strategy": "ce", "samples_per_step": 4}}, 1.0),
     ("+ mix + GeRe TM", True, {"replay": {"strategy": "tm", "samples_per_step": 4, "weight": 1.0}}, 1.0),
-    ("+ mix + GeRe TM (dynamic w)", True, {"replay": {"strategy": "tm", "samples_per_step": 4, "weight": "dynamic"}}, 1.0),
+    (
+        "+ mix + GeRe TM (dynamic w)",
+        True,
+        {"replay": {"strategy": "tm", "samples_per_step": 4, "weight": "dynamic"}},
+        1.0,
+    ),
     ("+ mix + KD", True, {"kd": {"weight": 1.0}}, 1.0),
     ("+ mix + L2-SP", True, {"penalty": {"kind": "l2sp", "weight": 50.0}}, 1.0),
     ("+ mix + EWC", True, {"penalty": {"kind": "ewc", "weight": 50.0}}, 1.0),
@@ -58,32 +63,40 @@ def no_mix_prep(demo: Path) -> Path:
     return out
 
 
-def run_variant(name: str, prep: Path, extra: dict[str, Any], lr: float, args: argparse.Namespace, demo: Path,
-                out: Path) -> float:
+def run_variant(
+    name: str, prep: Path, extra: dict[str, Any], lr: float, args: argparse.Namespace, demo: Path, out: Path
+) -> float:
     cfg: dict[str, Any] = {
-        "run_dir": str(out), "stage": "cpt", "steps": args.steps, "seed": 0,
-        "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"), "model": {"path": str(demo / "base" / "hf")},
-        "data": {"prep": str(prep)}, "optim": {"lr": lr, "warmup_steps": 5, "min_lr_ratio": 0.1},
-        "batch": {"micro_batch": 2, "grad_accum": 2}, "checkpoint": {"every": 0, "keep_last": 1, "resume": "never"},
-        "eval": {"max_docs": 8}, "log": {"tensorboard": False}}
+        "run_dir": str(out),
+        "stage": "cpt",
+        "steps": args.steps,
+        "seed": 0,
+        "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"),
+        "model": {"path": str(demo / "base" / "hf")},
+        "data": {"prep": str(prep)},
+        "optim": {"lr": lr, "warmup_steps": 5, "min_lr_ratio": 0.1},
+        "batch": {"micro_batch": 2, "grad_accum": 2},
+        "checkpoint": {"every": 0, "keep_last": 1, "resume": "never"},
+        "eval": {"max_docs": 8},
+        "log": {"tensorboard": False},
+    }
     for key, value in extra.items():
         cfg[key] = {**value, **({"cache": str(demo / "gere_cache")} if key == "replay" else {})}
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     start = time.perf_counter()
-    from pipeline.demo import free_port
-
-    result = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--log_level", "warning",
-                             "--module", "pipeline.train",
-                             "--config", str(out / "config.yaml")], cwd=ROOT, capture_output=True, text=True)
+    result = run_deepspeed("pipeline.train", ["--config", str(out / "config.yaml")], capture=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{name}: training failed\n{result.stderr[-3000:]}")
-    latest = (out / "checkpoints" / "latest").read_text().strip()
-    subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(out / "checkpoints" / latest),
-                    "--out", str(out / "hf")], cwd=ROOT, check=True, capture_output=True)
+    latest = CheckpointDir.latest_of_run(out)
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.export", "--checkpoint", str(latest.path), "--out", str(out / "hf")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     return seconds
 
 
@@ -111,9 +124,14 @@ def main() -> None:
         rows.append((name, evaluate_model(load_hf(out / "hf"), preps[True], args.eval_docs), seconds))
         print(f"  done: {name} ({seconds:.0f} s)", flush=True)
     g0, d0 = base["ppl/general"], base["ppl/domain"]
-    print(f"\n{args.steps} steps of 4 x 512 tokens from the demo base, lr {args.lr:g} (1x), 2 CPU ranks; "
-          f"holdouts: {args.eval_docs} docs per split")
-    print(f"| {'run':<30} | {'general ppl':>11} | {'Δ general':>9} | {'domain ppl':>10} | {'Δ domain':>8} | {'wall s':>6} |")
+    print(
+        f"\n{args.steps} steps of 4 x 512 tokens from the demo base, lr {args.lr:g} (1x), 2 CPU ranks; "
+        f"holdouts: {args.eval_docs} docs per split"
+    )
+    print(
+        f"| {'run':<30} | {'general ppl':>11} | {'Δ general':>9} | {'domain ppl':>10} | {'Δ domain':>8} "
+        f"| {'wall s':>6} |"
+    )
     print(f"|{'-' * 32}|{'-' * 13}|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 8}|")
     for name, r, s in rows:
         g, d = r["ppl/general"], r["ppl/domain"]
@@ -123,10 +141,14 @@ def main() -> None:
     for suffix in ("", ", 3x lr", ", 10x lr"):
         naive, tm = by.get(f"naive CPT{suffix}"), by.get(f"+ mix + GeRe TM{suffix}")
         if naive and tm:
-            forget = (tm["ppl/general"] - g0) / (naive["ppl/general"] - g0) if naive["ppl/general"] != g0 else float("nan")
+            forget = (
+                (tm["ppl/general"] - g0) / (naive["ppl/general"] - g0) if naive["ppl/general"] != g0 else float("nan")
+            )
             learn = (d0 - tm["ppl/domain"]) / (d0 - naive["ppl/domain"]) if naive["ppl/domain"] != d0 else float("nan")
             tag = suffix.strip(", ").replace(" ", "_") or "1x"
-            print(f"{tag}: TM's general-ppl rise is {forget:.2f} of naive's; its domain-ppl gain {learn:.2f} of naive's")
+            print(
+                f"{tag}: TM's general-ppl rise is {forget:.2f} of naive's; its domain-ppl gain {learn:.2f} of naive's"
+            )
             if not summary:
                 summary = [f"tm_forgetting_vs_naive={forget:.3f}", f"tm_learning_vs_naive={learn:.3f}"]
     print(" ".join(summary))

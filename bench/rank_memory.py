@@ -12,10 +12,11 @@ The model-state share is what a rank must hold: 20 bytes/param in fp32
 The baseline is a rank's resident size before the model loads (interpreter,
 torch, DeepSpeed, transformers).
 
-    python bench/rank_memory.py [--model DIR] [--steps 3]
+    python -m bench.rank_memory [--model DIR] [--steps 3]
 tok/s is the mean of steps 2.. (one run each: a few percent of noise).
 Last line: peak_rss_gb=<today> peak_vs_before=<today/row 1> model_states_gb=<share> baseline_gb=<b>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pipeline.demo import free_port  # noqa: E402
-from pipeline.real_models import materialise  # noqa: E402
+from pipeline.launch import ROOT, free_port
+from pipeline.real_models import materialise
 
 
 def make_prep(model: Path, out: Path) -> Path:
@@ -42,12 +40,23 @@ def make_prep(model: Path, out: Path) -> Path:
     from data_prep.sample import SMALL, write_sample_corpora
 
     corpora = write_sample_corpora(out / "corpora", SMALL)
-    cfg = parse_config({"tokenizer": str(model), "out": str(out / "prep"), "seq_len": 64, "docs_per_chunk": 64,
-                        "sources": [{"name": "code", "role": "domain", "paths": [str(corpora["domain"])]},
-                                    {"name": "docs", "role": "general", "paths": [str(corpora["general"])]}],
-                        "mix": {"general_ratio": 0.15, "batch_rows": 4},
-                        "replay": {"num_samples": 16, "replay_len": 32}, "holdout": {"fraction": 0.05}},
-                       base=out, origin="bench")
+    cfg = parse_config(
+        {
+            "tokenizer": str(model),
+            "out": str(out / "prep"),
+            "seq_len": 64,
+            "docs_per_chunk": 64,
+            "sources": [
+                {"name": "code", "role": "domain", "paths": [str(corpora["domain"])]},
+                {"name": "docs", "role": "general", "paths": [str(corpora["general"])]},
+            ],
+            "mix": {"general_ratio": 0.15, "batch_rows": 4},
+            "replay": {"num_samples": 16, "replay_len": 32},
+            "holdout": {"fraction": 0.05},
+        },
+        base=out,
+        origin="bench",
+    )
     prepare(cfg, quiet=True)
     return out / "prep"
 
@@ -75,8 +84,17 @@ def run(config: Path, env: dict[str, str]) -> tuple[float, float]:
     watcher = threading.Thread(target=sample_peak, args=(stop, peaks), daemon=True)
     started = time.perf_counter()
     watcher.start()
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                "--module", "pipeline.train", "--config", str(config)]
+    launcher = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "pipeline.train",
+        "--config",
+        str(config),
+    ]
     result = subprocess.run(launcher, capture_output=True, text=True, env=env, cwd=ROOT)
     stop.set()
     watcher.join()
@@ -102,48 +120,91 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-rank-memory-") as tmp:
         root = Path(tmp)
         prep = make_prep(model, root)
-        subprocess.run([sys.executable, "-m", "pipeline.gere", "--model-path", str(model), "--replay",
-                        str(prep / "replay"), "--out", str(root / "cache")], check=True, capture_output=True, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.gere",
+                "--model-path",
+                str(model),
+                "--replay",
+                str(prep / "replay"),
+                "--out",
+                str(root / "cache"),
+            ],
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+        )
         ds_default = json.loads((ROOT / "ds_configs" / "zero3_cpu.json").read_text())
         for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
             ds_default["zero_optimization"].pop(key)  # DeepSpeed's own defaults
         (root / "ds_default.json").write_text(json.dumps(ds_default))
         rows = []
         baseline_env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        for name, ds, malloc_defaults in (("DeepSpeed default buckets, glibc defaults", root / "ds_default.json", "1"),
-                                          ("buckets from hidden size", ROOT / "ds_configs" / "zero3_cpu.json", "1"),
-                                          ("+ freed memory returned to the OS", ROOT / "ds_configs" / "zero3_cpu.json",
-                                           "0")):
+        for name, ds, malloc_defaults in (
+            ("DeepSpeed default buckets, glibc defaults", root / "ds_default.json", "1"),
+            ("buckets from hidden size", ROOT / "ds_configs" / "zero3_cpu.json", "1"),
+            ("+ freed memory returned to the OS", ROOT / "ds_configs" / "zero3_cpu.json", "0"),
+        ):
             config = root / f"cpt{len(rows)}.yaml"
-            config.write_text(yaml.safe_dump({
-                "run_dir": str(root / f"run{len(rows)}"), "steps": args.steps, "deepspeed": str(ds),
-                "model": {"path": str(model)}, "data": {"prep": str(prep)},
-                "optim": {"lr": 1e-4, "warmup_steps": 1}, "batch": {"micro_batch": 2},
-                "replay": {"strategy": "tm", "cache": str(root / "cache"), "samples_per_step": 2},
-                "eval": {"max_docs": 2}, "log": {"tensorboard": False}}))
+            config.write_text(
+                yaml.safe_dump(
+                    {
+                        "run_dir": str(root / f"run{len(rows)}"),
+                        "steps": args.steps,
+                        "deepspeed": str(ds),
+                        "model": {"path": str(model)},
+                        "data": {"prep": str(prep)},
+                        "optim": {"lr": 1e-4, "warmup_steps": 1},
+                        "batch": {"micro_batch": 2},
+                        "replay": {"strategy": "tm", "cache": str(root / "cache"), "samples_per_step": 2},
+                        "eval": {"max_docs": 2},
+                        "log": {"tensorboard": False},
+                    }
+                )
+            )
             peak, seconds = run(config, {**baseline_env, "CPT_MALLOC_DEFAULTS": malloc_defaults})
             logged = [json.loads(line) for line in (root / f"run{len(rows)}" / "metrics.jsonl").open()]
             losses = [r.get("loss") for r in logged]
             tok_s = [r["tok_s"] for r in logged if "tok_s" in r and r["step"] > 1]  # step 1 carries warm-up
             rows.append((name, peak, seconds, losses, sum(tok_s) / len(tok_s)))
-    probe = subprocess.run([sys.executable, "-c", "import torch, deepspeed, transformers, datasets; "
-                            "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"],
-                           capture_output=True, text=True, cwd=ROOT)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch, deepspeed, transformers, datasets; "
+            "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     baseline = int(probe.stdout.strip().splitlines()[-1]) / 1e6
     states = n_params * 20 / 2 / 1e9
-    print(f"\n{model.name}: {n_params / 1e6:.0f}M params, 2 ZeRO-3 CPU ranks, fp32, seq_len 64, micro_batch 2, "
-          f"TM replay 2 rows/step, {args.steps} steps; peak VmHWM of the larger rank")
-    print(f"model states per rank (20 B/param / 2): {states:.2f} GB; a rank before loading the model: {baseline:.2f} GB")
-    print(f"| {'configuration':<44} | {'peak GB':>7} | {'vs first':>8} | {'over baseline / states':>22} | "
-          f"{'tok/s':>6} | {'run s':>5} |")
+    print(
+        f"\n{model.name}: {n_params / 1e6:.0f}M params, 2 ZeRO-3 CPU ranks, fp32, seq_len 64, micro_batch 2, "
+        f"TM replay 2 rows/step, {args.steps} steps; peak VmHWM of the larger rank"
+    )
+    print(
+        f"model states per rank (20 B/param / 2): {states:.2f} GB; a rank before loading the model: {baseline:.2f} GB"
+    )
+    print(
+        f"| {'configuration':<44} | {'peak GB':>7} | {'vs first':>8} | {'over baseline / states':>22} | "
+        f"{'tok/s':>6} | {'run s':>5} |"
+    )
     print(f"|{'-' * 46}|{'-' * 9}|{'-' * 10}|{'-' * 24}|{'-' * 8}|{'-' * 7}|")
     for name, peak, seconds, _, tok_s in rows:
-        print(f"| {name:<44} | {peak:>7.2f} | {peak / rows[0][1]:>8.2f} | {(peak - baseline) / states:>22.2f} | "
-              f"{tok_s:>6.1f} | {seconds:>5.0f} |")
+        print(
+            f"| {name:<44} | {peak:>7.2f} | {peak / rows[0][1]:>8.2f} | {(peak - baseline) / states:>22.2f} | "
+            f"{tok_s:>6.1f} | {seconds:>5.0f} |"
+        )
     same = all(r[3] == rows[0][3] for r in rows)
     print(f"losses identical across rows: {same}")
-    print(f"peak_rss_gb={rows[-1][1]:.2f} peak_vs_before={rows[-1][1] / rows[0][1]:.3f} model_states_gb={states:.2f} "
-          f"baseline_gb={baseline:.2f}")
+    print(
+        f"peak_rss_gb={rows[-1][1]:.2f} peak_vs_before={rows[-1][1] / rows[0][1]:.3f} model_states_gb={states:.2f} "
+        f"baseline_gb={baseline:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ moments over 10 seeds) only here. Each case records how many items it lost
 (good documents, earlier output files, checkpoint files, weight tensors that
 differ from an uninterrupted run) before asserting that number is 0.
 
-    python bench/reliability.py            # everything, ~7 min on 2 cores
-    python bench/reliability.py --fast     # without the slow seeds (what CI runs)
+    python -m bench.reliability            # everything, ~7 min on 2 cores
+    python -m bench.reliability --fast     # without the slow seeds (what CI runs)
 Last line: reliability_cases=<n> passed=<n> data_lost=<n>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,11 +75,15 @@ def summary_table(cases: dict[str, Case]) -> list[str]:
         group = by_category[category]
         lost = sum(c.lost or 0 for c in group)
         unrecorded = sum(c.lost is None for c in group)
-        lines.append(f"| {category} | {len(group)} | {sum(c.outcome == 'passed' for c in group)} | {lost}"
-                     f"{f' ({unrecorded} not recorded)' if unrecorded else ''} | {sum(c.seconds for c in group):.0f} |")
+        lines.append(
+            f"| {category} | {len(group)} | {sum(c.outcome == 'passed' for c in group)} | {lost}"
+            f"{f' ({unrecorded} not recorded)' if unrecorded else ''} | {sum(c.seconds for c in group):.0f} |"
+        )
     total_lost = sum(c.lost or 0 for c in cases.values())
-    lines.append(f"| **all** | {len(cases)} | {sum(c.outcome == 'passed' for c in cases.values())} | {total_lost} | "
-                 f"{sum(c.seconds for c in cases.values()):.0f} |")
+    lines.append(
+        f"| **all** | {len(cases)} | {sum(c.outcome == 'passed' for c in cases.values())} | {total_lost} | "
+        f"{sum(c.seconds for c in cases.values()):.0f} |"
+    )
     return lines
 
 
@@ -101,9 +106,11 @@ def main() -> int:
         print("no reliability cases were collected", file=sys.stderr)
         return 1
 
-    print(f"\nReliability cases ({'fast only' if args.fast else 'all'}), run by pytest -m '{marker}' "
-          f"in {elapsed:.0f} s; data lost = good documents, earlier output files, checkpoint files or weight "
-          "tensors that did not survive\n")
+    print(
+        f"\nReliability cases ({'fast only' if args.fast else 'all'}), run by pytest -m '{marker}' "
+        f"in {elapsed:.0f} s; data lost = good documents, earlier output files, checkpoint files or weight "
+        "tensors that did not survive\n"
+    )
     print("\n".join(summary_table(cases)))
     kills = [(nodeid, c) for nodeid, c in cases.items() if "kill_point" in c.properties]
     if kills:

@@ -9,34 +9,31 @@ torch.cuda.max_memory_allocated). On a GPU the fused kernel's achieved
 bandwidth (bytes it must move / time) is compared with a device-to-device copy
 measured in the same process. Also: GeRe cache size for 1000 x 563 tokens.
 
-    python bench/tm_loss.py                      # CPU: B=4 L=512 H=4096
-    python bench/tm_loss.py --device cuda --batch 2 --length 4096 --hidden 4096
+    python -m bench.tm_loss                      # CPU: B=4 L=512 H=4096
+    python -m bench.tm_loss --device cuda --batch 2 --length 4096 --hidden 4096
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.gere.states import activation_states, pack_states, packed_width  # noqa: E402
-from pipeline.losses.tm_loss import TMLossFunction, tm_loss_reference  # noqa: E402
+from pipeline.gere.states import activation_states, pack_states, packed_width
+from pipeline.losses.tm_loss import TMLossFunction, tm_loss_reference
 
 
-def make_inputs(b: int, l: int, h: int, dtype: torch.dtype, device: str):
+def make_inputs(b: int, length: int, h: int, dtype: torch.dtype, device: str):
     g = torch.Generator().manual_seed(0)
-    ref = torch.randn(b, l, h, generator=g)
+    ref = torch.randn(b, length, h, generator=g)
     mean, std = ref.mean((0, 1)), ref.std((0, 1))
     packed = pack_states(activation_states(ref, mean - std, mean + std))
     x = (ref + 0.3 * torch.randn(ref.shape, generator=g)).to(dtype)
-    mask = torch.ones(b, l, dtype=torch.long)
-    mask[:, -l // 8:] = 0  # some padding, as replay rows have
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[:, -length // 8 :] = 0  # some padding, as replay rows have
     return [t.to(device) for t in (x, packed, mean - std, mean + std, mask)]
 
 
@@ -107,14 +104,18 @@ def main() -> None:
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     inputs = make_inputs(args.batch, args.length, args.hidden, dtype, args.device)
-    variants: dict[str, Callable] = {"reference": tm_loss_reference,
-                                     "compiled reference": torch.compile(tm_loss_reference)}
+    variants: dict[str, Callable] = {
+        "reference": tm_loss_reference,
+        "compiled reference": torch.compile(tm_loss_reference),
+    }
     if args.device == "cuda":
         variants["fused (Triton)"] = TMLossFunction.apply
     results = {name: measure(fn, inputs, args.iters, args.device) for name, fn in variants.items()}
     ref_s, ref_mb = results["reference"]
-    print(f"\nTM loss forward+backward, B={args.batch} L={args.length} H={args.hidden} {args.dtype} on {args.device}, "
-          f"median of {args.iters}")
+    print(
+        f"\nTM loss forward+backward, B={args.batch} L={args.length} H={args.hidden} {args.dtype} on {args.device}, "
+        f"median of {args.iters}"
+    )
     print(f"| {'variant':<20} | {'ms':>9} | {'vs reference':>12} | {'peak extra MB':>13} |")
     print(f"|{'-' * 22}|{'-' * 11}|{'-' * 14}|{'-' * 15}|")
     for name, (s, mb) in results.items():
@@ -123,17 +124,24 @@ def main() -> None:
     if "fused (Triton)" in results:
         fused_s, fused_mb = results["fused (Triton)"]
         elems = args.batch * args.length * args.hidden
-        moved = 2 * (elems * inputs[0].element_size() + args.batch * args.length * packed_width(args.hidden)) \
-            + elems * inputs[0].element_size()  # forward reads h + states; backward reads both again, writes dL/dh
+        moved = (
+            2 * (elems * inputs[0].element_size() + args.batch * args.length * packed_width(args.hidden))
+            + elems * inputs[0].element_size()
+        )  # forward reads h + states; backward reads both again, writes dL/dh
         bw = moved / fused_s
         peak_bw = copy_bandwidth(1 << 30)
         print(f"fused: {bw / 1e9:.0f} GB/s achieved vs {peak_bw / 1e9:.0f} GB/s device copy = {bw / peak_bw:.2f}")
-        summary += [f"fused_speedup={ref_s / fused_s:.2f}", f"fused_memory_ratio={ref_mb / max(fused_mb, 1e-3):.1f}",
-                    f"fused_bandwidth_fraction={bw / peak_bw:.3f}"]
-    n, l, h = 1000, 563, 4096
-    ours, fp32 = n * l * packed_width(h), n * l * h * 4
-    print(f"GeRe cache for {n} samples x {l} tokens at H={h}: 2-bit states {ours / 2**20:.0f} MB "
-          f"vs fp32 activations {fp32 / 2**20:.0f} MB ({fp32 / ours:.0f}x smaller)")
+        summary += [
+            f"fused_speedup={ref_s / fused_s:.2f}",
+            f"fused_memory_ratio={ref_mb / max(fused_mb, 1e-3):.1f}",
+            f"fused_bandwidth_fraction={bw / peak_bw:.3f}",
+        ]
+    n, length, h = 1000, 563, 4096
+    ours, fp32 = n * length * packed_width(h), n * length * h * 4
+    print(
+        f"GeRe cache for {n} samples x {length} tokens at H={h}: 2-bit states {ours / 2**20:.0f} MB "
+        f"vs fp32 activations {fp32 / 2**20:.0f} MB ({fp32 / ours:.0f}x smaller)"
+    )
     summary.append(f"cache_ratio_vs_fp32={fp32 / ours:.0f}")
     print(" ".join(summary))
 

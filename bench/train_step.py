@@ -13,36 +13,48 @@ cost beyond the extra tokens themselves (goal <= 0.05).
 
 On CPU the HF Trainer only runs DeepSpeed in a world of one (accelerate sees
 one process on CPU ranks), so run it with one rank:
-    deepspeed --num_gpus 1 bench/train_step.py
-On GPUs: deepspeed --num_gpus 8 bench/train_step.py --deepspeed ds_configs/zero3_bf16.json --dtype bfloat16
+    deepspeed --num_gpus 1 --module bench.train_step
+On GPUs: deepspeed --num_gpus 8 --module bench.train_step --deepspeed ds_configs/zero3_bf16.json --dtype bfloat16
 Last line: ratio_vs_hf_trainer=<x> gere_overhead=<y>
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
-         "num_key_value_heads": 4, "max_position_embeddings": 1024}
+MODEL = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+}
 
 
 def overrides(prep: Path, run: Path, args: argparse.Namespace, vocab: int, **extra: str) -> list[str]:
     model = {**MODEL, "vocab_size": vocab}
-    base = {"data.prep": str(prep), "run_dir": str(run), "steps": str(args.warmup + args.steps),
-            "deepspeed": str(Path(args.deepspeed).resolve()), "model.config": json.dumps(model),
-            "model.dtype": args.dtype, "batch.micro_batch": str(args.micro_batch), "optim.lr": "1e-4",
-            "log.tensorboard": "false", "checkpoint.resume": "never"}
+    base = {
+        "data.prep": str(prep),
+        "run_dir": str(run),
+        "steps": str(args.warmup + args.steps),
+        "deepspeed": str(Path(args.deepspeed).resolve()),
+        "model.config": json.dumps(model),
+        "model.dtype": args.dtype,
+        "batch.micro_batch": str(args.micro_batch),
+        "optim.lr": "1e-4",
+        "log.tensorboard": "false",
+        "checkpoint.resume": "never",
+    }
     return [f"{k}={v}" for k, v in {**base, **extra}.items()]
 
 
@@ -93,17 +105,27 @@ def time_hf(cfg_overrides: list[str], args: argparse.Namespace) -> float:
             sync()
             times.append(time.perf_counter() - self.start)
 
-    targs = TrainingArguments(output_dir=str(Path(cfg.run_dir) / "hf"), per_device_train_batch_size=cfg.batch.micro_batch,
-                              gradient_accumulation_steps=cfg.batch.grad_accum, max_steps=cfg.steps,
-                              learning_rate=cfg.peak_lr, deepspeed=ds, report_to=[], save_strategy="no",
-                              logging_strategy="no", remove_unused_columns=False, dataloader_num_workers=0,
-                              disable_tqdm=True, bf16=cfg.model.dtype == "bfloat16")
+    targs = TrainingArguments(
+        output_dir=str(Path(cfg.run_dir) / "hf"),
+        per_device_train_batch_size=cfg.batch.micro_batch,
+        gradient_accumulation_steps=cfg.batch.grad_accum,
+        max_steps=cfg.steps,
+        learning_rate=cfg.peak_lr,
+        deepspeed=ds,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        bf16=cfg.model.dtype == "bfloat16",
+    )
 
     def collate(rows):
         return packed_inputs({k: [r[k] for r in rows] for k in ("input_ids", "loss_mask", "doc_lens")})
 
     Trainer(model=model, args=targs, train_dataset=mixture, data_collator=collate, callbacks=[Clock()]).train()
-    timed = times[args.warmup:]
+    timed = times[args.warmup :]
     return sum(timed) / len(timed)
 
 
@@ -113,20 +135,13 @@ def sync() -> None:
 
 
 def build_cache_for(prep: Path, cfg_overrides: list[str], out: Path) -> Path:
-    import datasets
-
     from pipeline.config import load_train_config
-    from pipeline.gere.cache import build_cache
-    from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
+    from pipeline.gere.build import build_gere_cache
+    from pipeline.model import ModelSource
 
     cfg = load_train_config(None, cfg_overrides)
     source = ModelSource(config=cfg.model.config, seed=cfg.model.seed, dtype=cfg.model.dtype)
-    model = load_causal_lm(source).eval()
-    meta = json.loads((prep / "replay" / "replay.json").read_text())
-    rows = datasets.load_from_disk(str(prep / "replay" / "data"))
-    return build_cache(lambda i, m: final_hidden_states(model, i, m), rows["input_ids"], rows["id"], out,
-                       hidden_size=cfg.model.config["hidden_size"], replay_len=meta["replay_len"], batch_size=8,
-                       model_fingerprint=model_fingerprint(source), tokenizer_fingerprint=meta["tokenizer_fingerprint"])
+    return build_gere_cache(source, prep / "replay", out, batch_size=8)
 
 
 def main() -> None:
@@ -162,18 +177,28 @@ def main() -> None:
     cache = build_cache_for(prep, plain, work / "cache") if rank == 0 else work / "cache"
     torch.distributed.barrier()
     ours_s, tokens, _ = time_ours(plain, args)
-    gere = overrides(prep, work / "gere", args, vocab, **{"replay.strategy": "tm", "replay.cache": str(cache),
-                                                           "replay.samples_per_step": str(args.replay_per_step)})
+    gere = overrides(
+        prep,
+        work / "gere",
+        args,
+        vocab,
+        **{"replay.strategy": "tm", "replay.cache": str(cache), "replay.samples_per_step": str(args.replay_per_step)},
+    )
     gere_s, _, replay_tokens = time_ours(gere, args)
     hf_s = time_hf(overrides(prep, work / "hf", args, vocab), args)
     if rank != 0:
         return
     share = replay_tokens / tokens
-    rows = [("this loop", ours_s), ("HF Trainer + same DeepSpeed config", hf_s),
-            (f"this loop + GeRe TM ({args.replay_per_step} replay rows)", gere_s)]
+    rows = [
+        ("this loop", ours_s),
+        ("HF Trainer + same DeepSpeed config", hf_s),
+        (f"this loop + GeRe TM ({args.replay_per_step} replay rows)", gere_s),
+    ]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    print(f"\n{world} rank(s) on {'cuda' if torch.cuda.is_available() else 'cpu'}, model {MODEL} vocab {vocab}, "
-          f"{tokens} task tokens/step, mean of {args.steps} steps after {args.warmup}")
+    print(
+        f"\n{world} rank(s) on {'cuda' if torch.cuda.is_available() else 'cpu'}, model {MODEL} vocab {vocab}, "
+        f"{tokens} task tokens/step, mean of {args.steps} steps after {args.warmup}"
+    )
     print(f"| {'variant':<44} | {'s/step':>7} | {'tokens/s':>9} | {'vs this loop':>12} |")
     print(f"|{'-' * 46}|{'-' * 9}|{'-' * 11}|{'-' * 14}|")
     for name, s in rows:

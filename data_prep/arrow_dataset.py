@@ -6,21 +6,23 @@ this writes the same layout (Arrow IPC stream shards + ``state.json`` +
 atomically: the directory appears, complete, only at the end. The fingerprint
 is the content hash, so identical data gives byte-identical directories.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 
 from .atomic import atomic_path, sha256_file
 
 
-def write_dataset_dir(out_dir: str | os.PathLike[str], schema: pa.Schema, shards: Iterable[pa.Table],
-                      num_shards: int) -> list[dict[str, object]]:
+def write_dataset_dir(
+    out_dir: str | os.PathLike[str], schema: pa.Schema, shards: Iterable[pa.Table], num_shards: int
+) -> list[dict[str, object]]:
     """Write ``num_shards`` tables as a saved dataset; returns ``[{file, rows, sha256}]``."""
     import datasets
 
@@ -38,8 +40,14 @@ def write_dataset_dir(out_dir: str | os.PathLike[str], schema: pa.Schema, shards
             raise RuntimeError(f"expected {num_shards} shards, got {len(written)}")
         fingerprint = hashlib.sha256("".join(str(w["sha256"]) for w in written).encode()).hexdigest()[:16]
         datasets.DatasetInfo(features=features).write_to_directory(str(tmp))
-        state = {"_data_files": [{"filename": w["file"]} for w in written], "_fingerprint": fingerprint,
-                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
-                 "_output_all_columns": False, "_split": None}
+        state = {
+            "_data_files": [{"filename": w["file"]} for w in written],
+            "_fingerprint": fingerprint,
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
         (Path(tmp) / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
     return written

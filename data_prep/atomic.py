@@ -4,6 +4,7 @@ Every file is written under a temporary name in the same directory and renamed
 into place once fully flushed; readers therefore see either the old state or the
 complete new file, never a torn one (a kill mid-write leaves only a ``.tmp-*``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import UserError, out_of_space
 
@@ -41,8 +43,10 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync_dir(final.parent)
     except OSError as e:
         if out_of_space(e):
-            raise UserError(f"{final}: no space left on the device while writing it; nothing was replaced "
-                            "(an earlier complete version, if any, is intact)") from None
+            raise UserError(
+                f"{final}: no space left on the device while writing it; nothing was replaced "
+                "(an earlier complete version, if any, is intact)"
+            ) from None
         raise
     finally:
         if tmp.is_dir():

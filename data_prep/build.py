@@ -13,6 +13,7 @@ So the bytes of every chunk depend on the source, tokenizer and options alone,
 never on the number of workers or pieces. The cache directory name is a key
 over exactly those inputs: re-mixing at another ratio never re-tokenizes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,10 +23,11 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -70,7 +72,9 @@ class SourceSpec:
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise UserError(f"source '{self.name}': holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.read.instruction != (self.role == "instruction"):
-            object.__setattr__(self, "read", ReadOptions(**{**asdict(self.read), "instruction": self.role == "instruction"}))
+            object.__setattr__(
+                self, "read", ReadOptions(**{**asdict(self.read), "instruction": self.role == "instruction"})
+            )
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,9 @@ class BuildOptions:
         if self.seq_len <= 1:
             raise UserError(f"seq_len must be > 1, got {self.seq_len}")
         if self.docs_per_chunk < 1 or self.chunk_chars < 1:
-            raise UserError(f"docs_per_chunk and chunk_chars must be >= 1, got {self.docs_per_chunk}, "
-                            f"{self.chunk_chars}")
+            raise UserError(
+                f"docs_per_chunk and chunk_chars must be >= 1, got {self.docs_per_chunk}, {self.chunk_chars}"
+            )
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise UserError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
 
@@ -109,8 +114,16 @@ class ChunkJob:
     where: list[tuple[str, int]] = field(default_factory=list)  # (path, line) for worker-side rejects
 
 
-def build_source(spec: SourceSpec, options: BuildOptions, tokenizer_path: str, cache_dir: str | os.PathLike[str],
-                 workers: int = 1, num_shards: int = 1, shard_index: int = 0, quiet: bool = False) -> Path:
+def build_source(
+    spec: SourceSpec,
+    options: BuildOptions,
+    tokenizer_path: str,
+    cache_dir: str | os.PathLike[str],
+    workers: int = 1,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    quiet: bool = False,
+) -> Path:
     """Build (or resume, or reuse) the cache for ``spec``; returns its directory.
 
     With ``num_shards > 1`` only this piece's chunks are made; the directory is
@@ -131,15 +144,30 @@ def build_source(spec: SourceSpec, options: BuildOptions, tokenizer_path: str, c
         stale += remove_stale_temporaries(out_dir)
     if stale:
         log.info("%s: removed %d unfinished file(s) of an earlier, interrupted run", spec.name, stale)
-    write_json(out_dir / "spec.json", {"spec": _spec_json(spec), "options": asdict(options),
-                                       "tokenizer": {"path": str(tokenizer_path), "fingerprint": tokenizer.fingerprint,
-                                                     "bos_ids": list(tokenizer.bos_ids)},
-                                       "inputs": inputs, "version": __version__})
+    write_json(
+        out_dir / "spec.json",
+        {
+            "spec": _spec_json(spec),
+            "options": asdict(options),
+            "tokenizer": {
+                "path": str(tokenizer_path),
+                "fingerprint": tokenizer.fingerprint,
+                "bos_ids": list(tokenizer.bos_ids),
+            },
+            "inputs": inputs,
+            "version": __version__,
+        },
+    )
     reader_stats = _run_chunks(spec, options, files, tokenizer_path, out_dir, workers, num_shards, shard_index, quiet)
     write_json(out_dir / READER_STATS, reader_stats)
     if _missing_chunks(out_dir, reader_stats["num_chunks"]):
-        log.info("%s: piece %d/%d done; run `data_prep merge %s` once every piece has finished",
-                 spec.name, shard_index + 1, num_shards, out_dir)
+        log.info(
+            "%s: piece %d/%d done; run `data_prep merge %s` once every piece has finished",
+            spec.name,
+            shard_index + 1,
+            num_shards,
+            out_dir,
+        )
         return out_dir
     finalize(out_dir)
     return out_dir
@@ -154,8 +182,10 @@ def finalize(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     spec = json.loads((out_dir / "spec.json").read_text())
     missing = _missing_chunks(out_dir, reader["num_chunks"])
     if missing:
-        raise UserError(f"{out_dir}: {len(missing)} chunk(s) not built yet (first: {missing[0]}); "
-                        "run the remaining build pieces first")
+        raise UserError(
+            f"{out_dir}: {len(missing)} chunk(s) not built yet (first: {missing[0]}); "
+            "run the remaining build pieces first"
+        )
     totals: Counter[str] = Counter()
     rejects = list(reader["rejects"])
     chunks = []
@@ -174,25 +204,45 @@ def finalize(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise RejectLimitExceeded(
             f"{spec['spec']['name']}: {len(rejects)} of {records} records rejected ({fraction:.2%} > "
             f"max_reject_fraction {max_fraction:.2%}); see {out_dir / 'rejects.jsonl'} "
-            f"(by reason: {dict(reasons)}). Fix the input or raise --max-reject-fraction.")
+            f"(by reason: {dict(reasons)}). Fix the input or raise --max-reject-fraction."
+        )
     summary = {
-        "name": spec["spec"]["name"], "role": spec["spec"]["role"], "seq_len": spec["options"]["seq_len"],
-        "tokenizer_fingerprint": spec["tokenizer"]["fingerprint"], "inputs": spec["inputs"],
+        "name": spec["spec"]["name"],
+        "role": spec["spec"]["role"],
+        "seq_len": spec["options"]["seq_len"],
+        "tokenizer_fingerprint": spec["tokenizer"]["fingerprint"],
+        "inputs": spec["inputs"],
         # every document starts with these ids, as the tokenizer starts a text (BOS, or nothing)
         "document_start_ids": spec["tokenizer"]["bos_ids"],
         # control-token strings written in raw text, encoded as text (not as the control ids)
         "special_token_literals": totals["special_token_literals"],
-        "records": records, "duplicates": reader["duplicates"], "rejects": len(rejects),
+        "records": records,
+        "duplicates": reader["duplicates"],
+        "rejects": len(rejects),
         "rejects_by_reason": dict(sorted(reasons.items())),
-        "docs_train": totals["docs_train"], "docs_holdout": totals["docs_holdout"],
-        "tokens_train": totals["tokens_train"], "tokens_holdout": totals["tokens_holdout"],
-        "loss_tokens": totals["loss_tokens"], "rows": totals["rows"], "dropped_tokens": totals["dropped_tokens"],
-        "padding_tokens": totals["padding_tokens"], "chunks": chunks, "version": __version__,
+        "docs_train": totals["docs_train"],
+        "docs_holdout": totals["docs_holdout"],
+        "tokens_train": totals["tokens_train"],
+        "tokens_holdout": totals["tokens_holdout"],
+        "loss_tokens": totals["loss_tokens"],
+        "rows": totals["rows"],
+        "dropped_tokens": totals["dropped_tokens"],
+        "padding_tokens": totals["padding_tokens"],
+        "chunks": chunks,
+        "version": __version__,
     }
     write_json(out_dir / BUILD_MARKER, summary)
-    log.info("%s: %d rows of %d tokens from %d documents (%d duplicates, %d rejected, %d held out) → %s",
-             summary["name"], summary["rows"], summary["seq_len"], summary["docs_train"], reader["duplicates"],
-             len(rejects), summary["docs_holdout"], out_dir)
+    log.info(
+        "%s: %d rows of %d tokens from %d documents (%d duplicates, %d rejected, %d held out) → %s",
+        summary["name"],
+        summary["rows"],
+        summary["seq_len"],
+        summary["docs_train"],
+        reader["duplicates"],
+        len(rejects),
+        summary["docs_holdout"],
+        out_dir,
+    )
     return summary
 
 
@@ -215,8 +265,18 @@ def chunk_tables(build_dir: str | os.PathLike[str], name: str) -> Iterator[pa.Ta
 
 # --- reading side: runs in the main process ----------------------------------------------------------
 
-def _run_chunks(spec: SourceSpec, options: BuildOptions, files: list[str], tokenizer_path: str, out_dir: Path,
-                workers: int, num_shards: int, shard_index: int, quiet: bool) -> dict[str, Any]:
+
+def _run_chunks(
+    spec: SourceSpec,
+    options: BuildOptions,
+    files: list[str],
+    tokenizer_path: str,
+    out_dir: Path,
+    workers: int,
+    num_shards: int,
+    shard_index: int,
+    quiet: bool,
+) -> dict[str, Any]:
     done = {int(p.name) for p in (out_dir / "chunks").iterdir() if p.name.isdigit()}
     if done:
         log.info("%s: resuming, %d chunk(s) already built", spec.name, len(done))
@@ -264,8 +324,9 @@ def _run_chunks(spec: SourceSpec, options: BuildOptions, files: list[str], token
                     counts["duplicates"] += 1
                     continue
                 seen.add(item.digest)
-            keyed = int.from_bytes(hashlib.blake2b(item.digest.to_bytes(8, "little"), digest_size=4,
-                                                   key=salt).digest(), "little")
+            keyed = int.from_bytes(
+                hashlib.blake2b(item.digest.to_bytes(8, "little"), digest_size=4, key=salt).digest(), "little"
+            )
             held = keyed < holdout_cut and holdout_taken < spec.holdout_max_docs
             holdout_taken += held
             chars += _append(job, item, held)
@@ -282,8 +343,12 @@ def _run_chunks(spec: SourceSpec, options: BuildOptions, files: list[str], token
             pool.shutdown(cancel_futures=True)
     if counts["records"] == 0:
         raise UserError(f"source '{spec.name}': inputs {list(spec.paths)} hold no records")
-    return {"num_chunks": job.index, "records": counts["records"], "duplicates": counts["duplicates"],
-            "rejects": rejects}
+    return {
+        "num_chunks": job.index,
+        "records": counts["records"],
+        "duplicates": counts["duplicates"],
+        "rejects": rejects,
+    }
 
 
 def _append(job: ChunkJob, doc: Document, held: bool) -> int:
@@ -313,7 +378,8 @@ _TOKENIZERS: dict[str, Tokenizer] = {}
 def process_chunk(job: ChunkJob) -> dict[str, Any]:
     """Tokenize and pack one chunk, write it atomically, return its stats."""
     tokenizer = _TOKENIZERS.get(job.tokenizer_path) or _TOKENIZERS.setdefault(
-        job.tokenizer_path, load_tokenizer(job.tokenizer_path))
+        job.tokenizer_path, load_tokenizer(job.tokenizer_path)
+    )
     rejects: list[dict[str, Any]] = []
     refused: set[int] = set()
     literals = 0
@@ -325,8 +391,14 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
             if found:
                 refused.add(k)
                 path, line = job.where[k]
-                rejects.append(Reject(path, line, f"message text holds control-token literal(s) {found}; "
-                                      "the chat template would turn them into real control tokens").to_json())
+                rejects.append(
+                    Reject(
+                        path,
+                        line,
+                        f"message text holds control-token literal(s) {found}; "
+                        "the chat template would turn them into real control tokens",
+                    ).to_json()
+                )
         encoded = encode_examples(tokenizer, job.texts)
         ids_list = [ids for ids, _ in encoded]
         masks = [mask for _, mask in encoded]
@@ -340,32 +412,60 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
         packed = pack_examples([(ids_list[i], masks[i]) for i in train], job.seq_len, tokenizer.eos_id)
         for k in packed.too_long:
             path, line = job.where[train[k]]
-            rejects.append(Reject(path, line, f"instruction example of {len(ids_list[train[k]])} tokens "
-                                  f"is longer than seq_len {job.seq_len}; examples are never cut").to_json())
+            rejects.append(
+                Reject(
+                    path,
+                    line,
+                    f"instruction example of {len(ids_list[train[k]])} tokens "
+                    f"is longer than seq_len {job.seq_len}; examples are never cut",
+                ).to_json()
+            )
     else:
         packed = pack_documents([ids_list[i] for i in train], job.seq_len, tokenizer.eos_id)
     holdout_idx = [i for i, h in enumerate(job.holdout) if h and i not in refused]
     n_tokens = [len(ids) + (masks is None) for ids in ids_list]  # documents count their EOS
     stats = {
-        "docs_train": len(train) - len(packed.too_long), "docs_holdout": len(holdout_idx),
-        "tokens_train": sum(n_tokens[i] for i in train), "tokens_holdout": sum(n_tokens[i] for i in holdout_idx),
-        "loss_tokens": int(packed.loss_mask.sum()), "rows": packed.num_rows,
-        "dropped_tokens": packed.dropped_tokens, "padding_tokens": packed.padding_tokens,
-        "special_token_literals": literals, "rejects": rejects,
+        "docs_train": len(train) - len(packed.too_long),
+        "docs_holdout": len(holdout_idx),
+        "tokens_train": sum(n_tokens[i] for i in train),
+        "tokens_holdout": sum(n_tokens[i] for i in holdout_idx),
+        "loss_tokens": int(packed.loss_mask.sum()),
+        "rows": packed.num_rows,
+        "dropped_tokens": packed.dropped_tokens,
+        "padding_tokens": packed.padding_tokens,
+        "special_token_literals": literals,
+        "rejects": rejects,
     }
     final = _chunk_dir(Path(job.out_dir), job.index)
     with atomic_path(final) as tmp:
         tmp.mkdir()
         write_ipc_file(str(tmp / "rows.arrow"), _rows_table(packed, job))
-        write_ipc_file(str(tmp / "docs.arrow"), pa.table({
-            "digest": pa.array(job.digests, pa.uint64()), "n_tokens": pa.array(n_tokens, pa.int32()),
-            "holdout": pa.array(job.holdout, pa.bool_())}, schema=DOC_INDEX_SCHEMA))
-        write_ipc_file(str(tmp / "holdout.arrow"), pa.table({
-            "id": [f"{job.source}:{job.digests[i]:016x}" for i in holdout_idx],
-            "input_ids": pa.array([ids_list[i] + ([] if masks else [tokenizer.eos_id]) for i in holdout_idx],
-                                  pa.list_(pa.int32())),
-            "loss_mask": pa.array([masks[i] if masks else [1] * n_tokens[i] for i in holdout_idx],
-                                  pa.list_(pa.uint8()))}, schema=DOCUMENT_SCHEMA))
+        write_ipc_file(
+            str(tmp / "docs.arrow"),
+            pa.table(
+                {
+                    "digest": pa.array(job.digests, pa.uint64()),
+                    "n_tokens": pa.array(n_tokens, pa.int32()),
+                    "holdout": pa.array(job.holdout, pa.bool_()),
+                },
+                schema=DOC_INDEX_SCHEMA,
+            ),
+        )
+        write_ipc_file(
+            str(tmp / "holdout.arrow"),
+            pa.table(
+                {
+                    "id": [f"{job.source}:{job.digests[i]:016x}" for i in holdout_idx],
+                    "input_ids": pa.array(
+                        [ids_list[i] + ([] if masks else [tokenizer.eos_id]) for i in holdout_idx], pa.list_(pa.int32())
+                    ),
+                    "loss_mask": pa.array(
+                        [masks[i] if masks else [1] * n_tokens[i] for i in holdout_idx], pa.list_(pa.uint8())
+                    ),
+                },
+                schema=DOCUMENT_SCHEMA,
+            ),
+        )
         write_json(tmp / "stats.json", stats)
     return stats
 
@@ -374,13 +474,17 @@ def _rows_table(packed: PackedRows, job: ChunkJob) -> pa.Table:
     n, seq_len = packed.input_ids.shape
     ids = pa.FixedSizeListArray.from_arrays(pa.array(packed.input_ids.reshape(-1), pa.int32()), seq_len)
     mask = pa.FixedSizeListArray.from_arrays(pa.array(packed.loss_mask.reshape(-1), pa.uint8()), seq_len)
-    doc_lens = pa.ListArray.from_arrays(pa.array(packed.seg_offsets, pa.int32()), pa.array(packed.seg_lengths, pa.int32()))
-    return pa.table([ids, mask, doc_lens,
-                     pa.array([job.role] * n, pa.string()), pa.array([job.source] * n, pa.string())],
-                    schema=packed_schema(seq_len))
+    doc_lens = pa.ListArray.from_arrays(
+        pa.array(packed.seg_offsets, pa.int32()), pa.array(packed.seg_lengths, pa.int32())
+    )
+    return pa.table(
+        [ids, mask, doc_lens, pa.array([job.role] * n, pa.string()), pa.array([job.source] * n, pa.string())],
+        schema=packed_schema(seq_len),
+    )
 
 
 # --- helpers ------------------------------------------------------------------------------------------
+
 
 def _chunk_dir(out_dir: Path, index: int) -> Path:
     return out_dir / "chunks" / f"{index:06d}"
@@ -408,10 +512,19 @@ def _spec_json(spec: SourceSpec) -> dict[str, Any]:
 
 
 def _cache_key(spec: SourceSpec, options: BuildOptions, tokenizer: Tokenizer, inputs: list[dict[str, str]]) -> str:
-    keyed = {"inputs": [i["sha256"] for i in inputs], "tokenizer": tokenizer.fingerprint,
-             "read": asdict(spec.read), "dedup": spec.dedup, "holdout": [spec.holdout_fraction, spec.holdout_max_docs],
-             "role": spec.role, "seq_len": options.seq_len, "seed": options.seed,
-             "docs_per_chunk": options.docs_per_chunk, "chunk_chars": options.chunk_chars, "format": 2}
+    keyed = {
+        "inputs": [i["sha256"] for i in inputs],
+        "tokenizer": tokenizer.fingerprint,
+        "read": asdict(spec.read),
+        "dedup": spec.dedup,
+        "holdout": [spec.holdout_fraction, spec.holdout_max_docs],
+        "role": spec.role,
+        "seq_len": options.seq_len,
+        "seed": options.seed,
+        "docs_per_chunk": options.docs_per_chunk,
+        "chunk_chars": options.chunk_chars,
+        "format": 2,
+    }
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 

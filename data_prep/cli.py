@@ -3,14 +3,15 @@
 User errors (bad input, bad options) print one line naming the file and exit 2;
 anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from . import __version__
 from .errors import UserError, run_cli
@@ -23,41 +24,64 @@ DEMO_DIR = "runs/demo"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run_cli(lambda: args.run(args), log,
-                   interrupted="interrupted; finished chunks are kept and a rerun resumes from them")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    return run_cli(
+        lambda: args.run(args), log, interrupted="interrupted; finished chunks are kept and a rerun resumes from them"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep", description=(
-        "Offline data prep for continued pretraining: tokenize and pack corpora into Arrow rows of exactly "
-        "seq_len tokens, mix domain/general/instruction data at exact token shares, and build the GeRe replay "
-        "shard and held-out eval splits. Start with `demo` (no download needed) or `prepare --config`."))
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description=(
+            "Offline data prep for continued pretraining: tokenize and pack corpora into Arrow rows of exactly "
+            "seq_len tokens, mix domain/general/instruction data at exact token shares, and build the GeRe replay "
+            "shard and held-out eval splits. Start with `demo` (no download needed) or `prepare --config`."
+        ),
+    )
     p.add_argument("--version", action="version", version=f"data_prep {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_: str, run: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_, parents=[common],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sp = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            parents=[common],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         sp.set_defaults(run=run)
         return sp
 
     build = add("build", "Tokenize and pack one source into a cached, resumable per-source build.", _cmd_build)
     _source_args(build)
-    build.add_argument("--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory")
+    build.add_argument(
+        "--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory"
+    )
     build.add_argument("--cache", required=True, help="cache root; the build goes to CACHE/ROLE/NAME-KEY/")
     build.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row")
     build.add_argument("--seed", type=int, default=1234, help="seed of the holdout split")
     build.add_argument("--docs-per-chunk", type=int, default=1024, help="documents per independently packed chunk")
     build.add_argument("--holdout-fraction", type=float, default=0.01, help="share of documents held out for eval")
     build.add_argument("--holdout-max-docs", type=int, default=1000, help="cap on held-out documents")
-    build.add_argument("--max-reject-fraction", type=float, default=0.01,
-                   help="fail when more than this share of records is rejected (see rejects.jsonl)")
-    build.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (reading overlaps with them; 0: all inline)")
-    build.add_argument("--num-shards", type=int, default=1, help="split the job into K independent pieces (SLURM array)")
+    build.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=0.01,
+        help="fail when more than this share of records is rejected (see rejects.jsonl)",
+    )
+    build.add_argument(
+        "--workers", type=int, default=1, help="tokenizer worker processes (reading overlaps with them; 0: all inline)"
+    )
+    build.add_argument(
+        "--num-shards", type=int, default=1, help="split the job into K independent pieces (SLURM array)"
+    )
     build.add_argument("--shard-index", type=int, default=0, help="which piece this job runs, 0..K-1")
 
     merge = add("merge", "Finish a build split into pieces: check every chunk exists and write build.json.", _cmd_merge)
@@ -71,21 +95,31 @@ def _parser() -> argparse.ArgumentParser:
     mix.add_argument("--seed", type=int, default=1234, help="seed of the row order")
     mix.add_argument("--batch-rows", type=int, default=64, help="global batch (rows) the shares are checked against")
 
-    replay = add("replay", "Sample N general documents into the GeRe replay shard (each alone, truncated).", _cmd_replay)
+    replay = add(
+        "replay", "Sample N general documents into the GeRe replay shard (each alone, truncated).", _cmd_replay
+    )
     _source_args(replay, role_default="general")
-    replay.add_argument("--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory")
+    replay.add_argument(
+        "--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory"
+    )
     replay.add_argument("--out", required=True, help="output directory (data/ + replay.json)")
     replay.add_argument("--num-samples", type=int, default=1000, help="replay documents (GeRe uses ~1000)")
     replay.add_argument("--replay-len", type=int, default=512, help="tokens kept per replay document")
-    replay.add_argument("--selection", choices=("random", "first"), default="random",
-                   help="seeded random sample, or the first N documents as the GeRe paper does")
+    replay.add_argument(
+        "--selection",
+        choices=("random", "first"),
+        default="random",
+        help="seeded random sample, or the first N documents as the GeRe paper does",
+    )
     replay.add_argument("--seed", type=int, default=1234)
     replay.add_argument("--check-against", nargs="*", default=[], help="builds to report overlap with")
 
     holdout = add("holdout", "Gather the held-out documents of builds into per-role eval splits.", _cmd_holdout)
     holdout.add_argument("builds", nargs="+", help="build directories")
     holdout.add_argument("--out", required=True, help="output directory (ROLE/ + holdout.json)")
-    holdout.add_argument("--allow-overlap", action="store_true", help="allow holdout docs that occur in other sources' train")
+    holdout.add_argument(
+        "--allow-overlap", action="store_true", help="allow holdout docs that occur in other sources' train"
+    )
 
     stats = add("stats", "Summarise a build or mixture: rows, tokens, shares, segment lengths.", _cmd_stats)
     stats.add_argument("path", help="mixture, saved dataset or build directory")
@@ -98,25 +132,42 @@ def _parser() -> argparse.ArgumentParser:
 
     prepare = add("prepare", "Run the whole prep (build, mix, holdout, replay) from one YAML config.", _cmd_prepare)
     prepare.add_argument("--config", required=True, help="YAML config (see README: Data prep config)")
-    prepare.add_argument("--num-shards", type=int, default=1, help="only build piece --shard-index of K (SLURM array); "
-                   "then run once unsplit to finish")
+    prepare.add_argument(
+        "--num-shards",
+        type=int,
+        default=1,
+        help="only build piece --shard-index of K (SLURM array); then run once unsplit to finish",
+    )
     prepare.add_argument("--shard-index", type=int, default=0, help="which piece this job builds, 0..K-1")
 
     demo = add("demo", "Sample corpora from Python's own stdlib and docs, train a tokenizer, run prepare.", _cmd_demo)
     demo.add_argument("--out", default=DEMO_DIR, help="demo directory")
     demo.add_argument("--small", action="store_true", help="a smaller corpus (CI / quick look)")
     demo.add_argument("--workers", type=int, default=2, help="tokenizer worker processes")
-    demo.add_argument("--tokenizer", help="use this tokenizer (e.g. your Hugging Face model directory) instead of "
-                   "training a SentencePiece one on the sample")
+    demo.add_argument(
+        "--tokenizer",
+        help="use this tokenizer (e.g. your Hugging Face model directory) instead of "
+        "training a SentencePiece one on the sample",
+    )
     return p
 
 
 def _source_args(p: argparse.ArgumentParser, role_default: str | None = None) -> None:
     p.add_argument("--name", required=True, help="source name (letters, digits, - _ .)")
-    p.add_argument("--role", choices=("domain", "general", "instruction"), default=role_default,
-                   required=role_default is None, help="what the source is for")
-    p.add_argument("--input", nargs="+", required=True, dest="inputs",
-                   help="files, directories or globs: jsonl[.gz|.zst], parquet, txt, arrow, saved datasets")
+    p.add_argument(
+        "--role",
+        choices=("domain", "general", "instruction"),
+        default=role_default,
+        required=role_default is None,
+        help="what the source is for",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        dest="inputs",
+        help="files, directories or globs: jsonl[.gz|.zst], parquet, txt, arrow, saved datasets",
+    )
     p.add_argument("--text-field", default="text", help="JSON/column field holding the text")
     p.add_argument("--txt-mode", choices=("file", "line"), default="file", help="a .txt file is one doc, or each line")
     p.add_argument("--max-doc-chars", type=int, default=5_000_000, help="reject longer documents")
@@ -128,8 +179,15 @@ def _spec(args: argparse.Namespace, holdout: tuple[float, int] = (0.0, 0)):
     from .readers import ReadOptions
 
     read = ReadOptions(text_field=args.text_field, txt_mode=args.txt_mode, max_doc_chars=args.max_doc_chars)
-    return SourceSpec(name=args.name, role=args.role, paths=tuple(args.inputs), read=read, dedup=not args.no_dedup,
-                      holdout_fraction=holdout[0], holdout_max_docs=holdout[1])
+    return SourceSpec(
+        name=args.name,
+        role=args.role,
+        paths=tuple(args.inputs),
+        read=read,
+        dedup=not args.no_dedup,
+        holdout_fraction=holdout[0],
+        holdout_max_docs=holdout[1],
+    )
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
@@ -137,11 +195,22 @@ def _cmd_build(args: argparse.Namespace) -> None:
 
     if args.workers < 0 or args.num_shards < 1:
         raise UserError("--workers must be >= 0 and --num-shards >= 1")
-    options = BuildOptions(seq_len=args.seq_len, seed=args.seed, docs_per_chunk=args.docs_per_chunk,
-                           max_reject_fraction=args.max_reject_fraction)
-    out = build_source(_spec(args, (args.holdout_fraction, args.holdout_max_docs)), options, args.tokenizer,
-                       args.cache, workers=args.workers, num_shards=args.num_shards, shard_index=args.shard_index,
-                       quiet=args.quiet)
+    options = BuildOptions(
+        seq_len=args.seq_len,
+        seed=args.seed,
+        docs_per_chunk=args.docs_per_chunk,
+        max_reject_fraction=args.max_reject_fraction,
+    )
+    out = build_source(
+        _spec(args, (args.holdout_fraction, args.holdout_max_docs)),
+        options,
+        args.tokenizer,
+        args.cache,
+        workers=args.workers,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        quiet=args.quiet,
+    )
     print(out)
 
 
@@ -157,15 +226,31 @@ def _cmd_merge(args: argparse.Namespace) -> None:
 def _cmd_mix(args: argparse.Namespace) -> None:
     from .mix import mix
 
-    mix(args.builds, args.out, args.general_ratio, args.instruction_ratio, seed=args.seed,
-        batch_rows=args.batch_rows, quiet=args.quiet)
+    mix(
+        args.builds,
+        args.out,
+        args.general_ratio,
+        args.instruction_ratio,
+        seed=args.seed,
+        batch_rows=args.batch_rows,
+        quiet=args.quiet,
+    )
 
 
 def _cmd_replay(args: argparse.Namespace) -> None:
     from .replay import build_replay
 
-    build_replay(_spec(args), args.tokenizer, args.out, args.num_samples, args.replay_len, args.selection,
-                 args.seed, check_against=args.check_against, quiet=args.quiet)
+    build_replay(
+        _spec(args),
+        args.tokenizer,
+        args.out,
+        args.num_samples,
+        args.replay_len,
+        args.selection,
+        args.seed,
+        check_against=args.check_against,
+        quiet=args.quiet,
+    )
 
 
 def _cmd_holdout(args: argparse.Namespace) -> None:
@@ -192,8 +277,9 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     from .config import load_config
     from .prepare import prepare
 
-    summary = prepare(load_config(args.config), quiet=args.quiet, num_shards=args.num_shards,
-                      shard_index=args.shard_index)
+    summary = prepare(
+        load_config(args.config), quiet=args.quiet, num_shards=args.num_shards, shard_index=args.shard_index
+    )
     if summary is not None:
         print(json.dumps(summary["achieved_token_share"]))
 

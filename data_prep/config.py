@@ -4,6 +4,7 @@ Relative paths are taken relative to the config file, so a config and its data
 can move together. Unknown keys are errors (a typo must not silently fall back
 to a default), and every error names the file and the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,22 +77,37 @@ def parse_config(raw: dict[str, Any], base: Path, origin: str) -> PrepareConfig:
     sources = tuple(_source(s, i, base, origin, holdout) for i, s in enumerate(raw["sources"]))
     build_options = build(BuildOptions, {k: v for k, v in raw.items() if k in BUILD_KEYS}, "", origin)
     replay_raw = raw.get("replay", {})
-    replay = (None if replay_raw is None or replay_raw is False
-              else build(ReplayShardConfig, replay_raw, "replay.", origin))
+    replay = (
+        None if replay_raw is None or replay_raw is False else build(ReplayShardConfig, replay_raw, "replay.", origin)
+    )
     workers = raw.get("workers", 1)
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"{origin}: 'workers' must be an integer >= 1, got {workers!r}")
-    return PrepareConfig(tokenizer=str(base / raw["tokenizer"]), out=str(base / raw["out"]), sources=sources,
-                         build=build_options, workers=workers, mix=build(MixConfig, raw.get("mix", {}), "mix.", origin),
-                         replay=replay, holdout=holdout)
+    return PrepareConfig(
+        tokenizer=str(base / raw["tokenizer"]),
+        out=str(base / raw["out"]),
+        sources=sources,
+        build=build_options,
+        workers=workers,
+        mix=build(MixConfig, raw.get("mix", {}), "mix.", origin),
+        replay=replay,
+        holdout=holdout,
+    )
 
 
 def config_reference() -> str:
     """The prepare config's sections, as the docs show them."""
-    top = reference(BuildOptions, "Top level (`data_prep prepare --config`)")
+    top = reference(
+        BuildOptions, "Top level (`data_prep prepare --config`; besides `tokenizer`, `out`, `sources`, `workers`)"
+    )
     source = reference(ReadOptions, "`sources[i]` (besides `name`, `role`, `paths`, `dedup`)", "sources[i].")
-    return "\n".join([top, source] + [reference(cls, f"`{name}`", f"{name}.") for name, cls in
-                                        (("mix", MixConfig), ("replay", ReplayShardConfig), ("holdout", HoldoutConfig))])
+    return "\n".join(
+        [top, source]
+        + [
+            reference(cls, f"`{name}`", f"{name}.")
+            for name, cls in (("mix", MixConfig), ("replay", ReplayShardConfig), ("holdout", HoldoutConfig))
+        ]
+    )
 
 
 def _source(raw: Any, i: int, base: Path, origin: str, holdout: HoldoutConfig) -> SourceSpec:
@@ -103,11 +119,21 @@ def _source(raw: Any, i: int, base: Path, origin: str, holdout: HoldoutConfig) -
         if key not in raw:
             raise ConfigError(f"{origin}: {where} is missing '{key}'")
     paths = raw["paths"] if isinstance(raw["paths"], list) else [raw["paths"]]
-    read = build(ReadOptions, {k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(ReadOptions)}},
-                 where + ".", origin)
-    return SourceSpec(name=str(raw["name"]), role=str(raw["role"]), paths=tuple(str(base / p) for p in paths),
-                      read=read, dedup=bool(raw.get("dedup", True)), holdout_fraction=holdout.fraction,
-                      holdout_max_docs=holdout.max_docs)
+    read = build(
+        ReadOptions,
+        {k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(ReadOptions)}},
+        where + ".",
+        origin,
+    )
+    return SourceSpec(
+        name=str(raw["name"]),
+        role=str(raw["role"]),
+        paths=tuple(str(base / p) for p in paths),
+        read=read,
+        dedup=bool(raw.get("dedup", True)),
+        holdout_fraction=holdout.fraction,
+        holdout_max_docs=holdout.max_docs,
+    )
 
 
 def _no_unknown(raw: dict[str, Any], known: set[str], origin: str, prefix: str) -> None:

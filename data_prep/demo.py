@@ -1,4 +1,5 @@
 """The embedded default, end to end: sample corpora → tokenizer → prepare, no download needed."""
+
 from __future__ import annotations
 
 import logging
@@ -18,22 +19,32 @@ log = logging.getLogger(__name__)
 def demo_config(small: bool, workers: int, tokenizer: str = "tokenizer/spm.model") -> dict[str, Any]:
     """The prep config the demo runs (paths relative to the demo directory)."""
     return {
-        "tokenizer": tokenizer, "out": "prep", "seq_len": 256 if small else 512, "seed": 1234,
-        "docs_per_chunk": 64 if small else 256, "workers": workers, "max_reject_fraction": 0.01,
+        "tokenizer": tokenizer,
+        "out": "prep",
+        "seq_len": 256 if small else 512,
+        "seed": 1234,
+        "docs_per_chunk": 64 if small else 256,
+        "workers": workers,
+        "max_reject_fraction": 0.01,
         "sources": [
             {"name": "stdlib_code", "role": "domain", "paths": ["corpora/domain.jsonl.gz"]},
             {"name": "python_docs", "role": "general", "paths": ["corpora/general.jsonl.gz"]},
             {"name": "docstring_qa", "role": "instruction", "paths": ["corpora/instruction.jsonl"]},
         ],
         "mix": {"general_ratio": 0.15, "instruction_ratio": 0.0, "batch_rows": 32},
-        "replay": {"source": "python_docs", "num_samples": 100 if small else 1000, "replay_len": 256 if small else 512,
-                   "selection": "random"},
+        "replay": {
+            "source": "python_docs",
+            "num_samples": 100 if small else 1000,
+            "replay_len": 256 if small else 512,
+            "selection": "random",
+        },
         "holdout": {"fraction": 0.05, "max_docs": 200},
     }
 
 
-def build_demo_data(out: Path, small: bool = False, workers: int = 2, quiet: bool = False,
-             tokenizer: str | None = None) -> dict[str, Any]:
+def build_demo_data(
+    out: Path, small: bool = False, workers: int = 2, quiet: bool = False, tokenizer: str | None = None
+) -> dict[str, Any]:
     """Corpora, a tokenizer (``tokenizer``, e.g. a user's model directory, or one trained here), prepare."""
     sizes: SampleSizes = SMALL if small else SampleSizes()
     corpora = write_sample_corpora(out / "corpora", sizes)

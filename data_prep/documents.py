@@ -1,4 +1,5 @@
 """The unit that flows through data prep: one document (or instruction example)."""
+
 from __future__ import annotations
 
 import hashlib

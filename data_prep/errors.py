@@ -5,11 +5,12 @@ CLIs print it as one line and exit 2. Anything else that escapes (a
 ``ValueError`` from inside DeepSpeed or transformers included) is a bug and
 keeps its traceback. Library code raises; only ``run_cli`` chooses exit codes.
 """
+
 from __future__ import annotations
 
 import errno
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -45,8 +46,13 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def run_cli(body: Callable[[], object], log: logging.Logger, *, interrupted: str = "interrupted",
-            disk_full: str = "no space left on the device") -> int:
+def run_cli(
+    body: Callable[[], object],
+    log: logging.Logger,
+    *,
+    interrupted: str = "interrupted",
+    disk_full: str = "no space left on the device",
+) -> int:
     """Run a command's body and turn its outcome into an exit code.
 
     0 on success (or the int the body returns); a ``UserError`` or a full disk: one

@@ -5,6 +5,7 @@ packing, so they never enter training rows. Across sources the same text
 could still sit in one source's train and another's holdout: that is checked
 here and reported (and refused unless allowed), by content hash.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,7 +27,9 @@ from .schema import DOCUMENT_SCHEMA
 log = logging.getLogger(__name__)
 
 
-def build_holdout(build_dirs: list[str], out_dir: str | os.PathLike[str], allow_overlap: bool = False) -> dict[str, Any]:
+def build_holdout(
+    build_dirs: list[str], out_dir: str | os.PathLike[str], allow_overlap: bool = False
+) -> dict[str, Any]:
     """Write ``out_dir/<role>/`` (saved datasets) and ``holdout.json``; returns the summary."""
     builds = [load_build(d) for d in build_dirs]
     train = np.concatenate([doc_digests(b["dir"], holdout=False) for b in builds]) if builds else np.zeros(0, np.uint64)
@@ -38,15 +41,22 @@ def build_holdout(build_dirs: list[str], out_dir: str | os.PathLike[str], allow_
         digests = np.concatenate([doc_digests(b["dir"], holdout=True) for b in members])
         overlap = int(np.isin(digests, train).sum())
         if overlap and not allow_overlap:
-            raise UserError(f"{role} holdout: {overlap} document(s) also occur in another source's training data; "
-                            "dedupe the sources or pass --allow-overlap")
+            raise UserError(
+                f"{role} holdout: {overlap} document(s) also occur in another source's training data; "
+                "dedupe the sources or pass --allow-overlap"
+            )
         if table.num_rows == 0:
             log.warning("%s holdout is empty: raise holdout_fraction or add data", role)
         write_dataset_dir(Path(out_dir) / role, DOCUMENT_SCHEMA, [table], 1)
         lengths = pc.list_value_length(table.column("input_ids")).to_numpy() if table.num_rows else np.zeros(0)
-        summary["splits"][role] = {"docs": table.num_rows, "tokens": int(lengths.sum()), "overlap_with_train": overlap,
-                                   "sources": [b["name"] for b in members]}
-        log.info("holdout %s: %d documents, %d tokens → %s", role, table.num_rows, int(lengths.sum()),
-                 Path(out_dir) / role)
+        summary["splits"][role] = {
+            "docs": table.num_rows,
+            "tokens": int(lengths.sum()),
+            "overlap_with_train": overlap,
+            "sources": [b["name"] for b in members],
+        }
+        log.info(
+            "holdout %s: %d documents, %d tokens → %s", role, table.num_rows, int(lengths.sum()), Path(out_dir) / role
+        )
     write_json(Path(out_dir) / "holdout.json", summary)
     return summary

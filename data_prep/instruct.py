@@ -21,9 +21,10 @@ carry loss; its markup and contents are encoded as plain text. Pieces are
 tokenized separately and concatenated; that is stable across runs but may
 differ by a token from tokenizing the joined string.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import UserError
 from .tokenizer import Tokenizer
@@ -59,13 +60,13 @@ def render_pieces(tokenizer: Tokenizer, messages: Messages) -> tuple[list[tuple[
             upto = tokenizer.render_chat(messages[: i + 1], add_generation_prompt=False) or ""
             _check_extends(tokenizer, prompt, done, f"the prompt of turn {i}", "the turns before it")
             _check_extends(tokenizer, upto, prompt, f"turn {i} (assistant)", "its prompt")
-            if prompt[len(done):]:
-                pieces.append((prompt[len(done):], False))
-            pieces.append((upto[len(prompt):], True))
+            if prompt[len(done) :]:
+                pieces.append((prompt[len(done) :], False))
+            pieces.append((upto[len(prompt) :], True))
             done = upto
     _check_extends(tokenizer, full, done, "the whole conversation", "its last assistant turn")
-    if full[len(done):]:
-        pieces.append((full[len(done):], False))
+    if full[len(done) :]:
+        pieces.append((full[len(done) :], False))
     return pieces, True
 
 
@@ -74,8 +75,9 @@ def _check_extends(tokenizer: Tokenizer, longer: str, shorter: str, what: str, o
         at = next((k for k, (a, b) in enumerate(zip(longer, shorter)) if a != b), min(len(longer), len(shorter)))
         raise TemplateError(
             f"{tokenizer.path}: the chat template renders {what} differently from {of} (they part at character "
-            f"{at}: {shorter[at:at + 30]!r} vs {longer[at:at + 30]!r}), so the loss mask cannot be placed; "
-            "use a template whose renderings extend each other")
+            f"{at}: {shorter[at : at + 30]!r} vs {longer[at : at + 30]!r}), so the loss mask cannot be placed; "
+            "use a template whose renderings extend each other"
+        )
 
 
 def encode_examples(tokenizer: Tokenizer, examples: Sequence[Messages]) -> list[tuple[list[int], list[int]]]:
@@ -83,8 +85,10 @@ def encode_examples(tokenizer: Tokenizer, examples: Sequence[Messages]) -> list[
     rendered = [render_pieces(tokenizer, ex) for ex in examples]
     templated = [text for pieces, by_template in rendered if by_template for text, _ in pieces]
     plain = [text for pieces, by_template in rendered if not by_template for text, _ in pieces]
-    encoded = {True: iter(tokenizer.encode_rendered(templated) if templated else []),
-               False: iter(tokenizer.encode_batch(plain, start=False) if plain else [])}
+    encoded = {
+        True: iter(tokenizer.encode_rendered(templated) if templated else []),
+        False: iter(tokenizer.encode_batch(plain, start=False) if plain else []),
+    }
     bos = list(tokenizer.bos_ids)
     out: list[tuple[list[int], list[int]]] = []
     for pieces, by_template in rendered:
@@ -97,12 +101,12 @@ def encode_examples(tokenizer: Tokenizer, examples: Sequence[Messages]) -> list[
                 answer_start = len(ids)
             ids.extend(piece)
             mask.extend([int(loss)] * len(piece))
-        if bos and ids[:len(bos)] != bos:
+        if bos and ids[: len(bos)] != bos:
             ids, mask = bos + ids, [0] * len(bos) + mask
             answer_start = None if answer_start is None else answer_start + len(bos)
         end = _template_eos(ids, tokenizer.eos_id, answer_start) if by_template else None
         if end is not None:
-            ids, mask = ids[:end + 1], mask[:end + 1]
+            ids, mask = ids[: end + 1], mask[: end + 1]
         else:
             ids.append(tokenizer.eos_id)
             mask.append(int(bool(pieces) and pieces[-1][1]))

@@ -10,13 +10,15 @@ permutation; every domain row is used once; general/instruction rows are drawn
 without replacement, and reused in further permutations only if too few exist
 (a warning says how often). The order is final: training must not reshuffle.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +39,7 @@ SHARD_BYTES = 256 << 20
 
 def stratified_roles(n: int, general_ratio: float, instruction_ratio: float = 0.0) -> np.ndarray:
     """Role code per position (0 domain, 1 general, 2 instruction), spread evenly (Bresenham)."""
+
     def spread(count: int, ratio: float) -> np.ndarray:
         ideal = np.floor(np.arange(count + 1) * ratio + 0.5)
         return np.diff(ideal).astype(bool)
@@ -59,14 +62,23 @@ def max_batch_deviation(roles: np.ndarray, role: int, ratio: float, batch_rows: 
     return float(np.max(np.abs(counts - batch_rows * ratio)))
 
 
-def mix(build_dirs: list[str], out_dir: str | os.PathLike[str], general_ratio: float, instruction_ratio: float = 0.0,
-        seed: int = 1234, batch_rows: int = 64, quiet: bool = False) -> dict[str, Any]:
+def mix(
+    build_dirs: list[str],
+    out_dir: str | os.PathLike[str],
+    general_ratio: float,
+    instruction_ratio: float = 0.0,
+    seed: int = 1234,
+    batch_rows: int = 64,
+    quiet: bool = False,
+) -> dict[str, Any]:
     """Write the mixture to ``out_dir`` (a saved dataset) with ``manifest.json``; returns the manifest."""
     _check_ratio("--general-ratio", general_ratio)
     _check_ratio("--instruction-ratio", instruction_ratio)
     if general_ratio + instruction_ratio >= 1.0:
-        raise UserError(f"general ({general_ratio}) + instruction ({instruction_ratio}) ratios must leave room "
-                        "for domain data (sum < 1)")
+        raise UserError(
+            f"general ({general_ratio}) + instruction ({instruction_ratio}) ratios must leave room "
+            "for domain data (sum < 1)"
+        )
     if batch_rows < 1:
         raise UserError(f"--batch-rows must be >= 1, got {batch_rows}")
     builds = [load_build(d) for d in build_dirs]
@@ -110,7 +122,7 @@ def mix(build_dirs: list[str], out_dir: str | os.PathLike[str], general_ratio: f
 
     def shards() -> Iterator[pa.Table]:
         for s in range(num_shards):
-            idx = order[s * rows_per_shard:(s + 1) * rows_per_shard]
+            idx = order[s * rows_per_shard : (s + 1) * rows_per_shard]
             yield everything.take(pa.array(idx))
             bar.update(len(idx))
 
@@ -123,8 +135,15 @@ def mix(build_dirs: list[str], out_dir: str | os.PathLike[str], general_ratio: f
         source["dir"] = os.path.relpath(source["dir"], out_dir)
     write_json(Path(out_dir) / "manifest.json", manifest)
     shares = manifest["achieved_token_share"]
-    log.info("mixture: %d rows × %d tokens; shares domain %.4f general %.4f instruction %.4f → %s",
-             n, seq_len, shares["domain"], shares["general"], shares["instruction"], out_dir)
+    log.info(
+        "mixture: %d rows × %d tokens; shares domain %.4f general %.4f instruction %.4f → %s",
+        n,
+        seq_len,
+        shares["domain"],
+        shares["general"],
+        shares["instruction"],
+        out_dir,
+    )
     return manifest
 
 
@@ -139,8 +158,10 @@ def _check_compatible(builds: list[dict[str, Any]]) -> None:
         if b["seq_len"] != first["seq_len"]:
             raise UserError(f"{b['dir']}: seq_len {b['seq_len']} differs from {first['dir']}'s {first['seq_len']}")
         if b["tokenizer_fingerprint"] != first["tokenizer_fingerprint"]:
-            raise UserError(f"{b['dir']}: built with another tokenizer than {first['dir']} "
-                            f"({b['tokenizer_fingerprint']} vs {first['tokenizer_fingerprint']})")
+            raise UserError(
+                f"{b['dir']}: built with another tokenizer than {first['dir']} "
+                f"({b['tokenizer_fingerprint']} vs {first['tokenizer_fingerprint']})"
+            )
     names = [b["name"] for b in builds]
     if len(set(names)) != len(names):
         raise UserError(f"source names must be unique in a mixture, got {names}")
@@ -169,27 +190,68 @@ def _draw(pool: np.ndarray, need: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _manifest(builds: list[dict[str, Any]], roles: np.ndarray, picks: dict[int, np.ndarray],
-              available: dict[str, int], requested: dict[str, float], reuse: dict[str, float], seed: int,
-              batch_rows: int, written: list[dict[str, Any]], seq_len: int) -> dict[str, Any]:
+def _manifest(
+    builds: list[dict[str, Any]],
+    roles: np.ndarray,
+    picks: dict[int, np.ndarray],
+    available: dict[str, int],
+    requested: dict[str, float],
+    reuse: dict[str, float],
+    seed: int,
+    batch_rows: int,
+    written: list[dict[str, Any]],
+    seq_len: int,
+) -> dict[str, Any]:
     n = len(roles)
     counts = {r: int((roles == c).sum()) for r, c in ROLE_CODES.items()}
-    ratio = {"general": requested["general"], "instruction": requested["instruction"],
-             "domain": 1.0 - requested["general"] - requested["instruction"]}
+    ratio = {
+        "general": requested["general"],
+        "instruction": requested["instruction"],
+        "domain": 1.0 - requested["general"] - requested["instruction"],
+    }
     return {
-        "version": __version__, "seed": seed, "seq_len": seq_len, "rows": n, "tokens": n * seq_len,
+        "version": __version__,
+        "seed": seed,
+        "seq_len": seq_len,
+        "rows": n,
+        "tokens": n * seq_len,
         "tokenizer_fingerprint": builds[0]["tokenizer_fingerprint"],
         "document_start_ids": builds[0]["document_start_ids"],
         "requested_token_share": ratio,
         "achieved_token_share": {r: (counts[r] / n if n else 0.0) for r in ROLE_CODES},
-        "rows_by_role": counts, "rows_available_by_role": available,
+        "rows_by_role": counts,
+        "rows_available_by_role": available,
         "reuse_factor_by_role": {r: round(v, 4) for r, v in reuse.items()},
-        "order": {"kind": "stratified", "batch_rows_checked": batch_rows,
-                  "max_deviation_rows": {r: max_batch_deviation(roles, c, ratio[r], batch_rows)
-                                         for r, c in ROLE_CODES.items()},
-                  "note": "rows are in training order; do not reshuffle"},
-        "sources": [{k: b[k] for k in ("name", "role", "dir", "inputs", "records", "duplicates", "rejects",
-                                       "rejects_by_reason", "docs_train", "docs_holdout", "tokens_train", "rows",
-                                       "dropped_tokens", "padding_tokens", "special_token_literals")} for b in builds],
+        "order": {
+            "kind": "stratified",
+            "batch_rows_checked": batch_rows,
+            "max_deviation_rows": {
+                r: max_batch_deviation(roles, c, ratio[r], batch_rows) for r, c in ROLE_CODES.items()
+            },
+            "note": "rows are in training order; do not reshuffle",
+        },
+        "sources": [
+            {
+                k: b[k]
+                for k in (
+                    "name",
+                    "role",
+                    "dir",
+                    "inputs",
+                    "records",
+                    "duplicates",
+                    "rejects",
+                    "rejects_by_reason",
+                    "docs_train",
+                    "docs_holdout",
+                    "tokens_train",
+                    "rows",
+                    "dropped_tokens",
+                    "padding_tokens",
+                    "special_token_literals",
+                )
+            }
+            for b in builds
+        ],
         "shards": written,
     }

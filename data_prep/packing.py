@@ -11,10 +11,11 @@ Instruction examples are never cut: they are placed whole, in order, and a
 row that cannot take the next example is filled with EOS padding that carries
 no loss (its own segment). An example longer than ``seq_len`` is rejected.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -53,14 +54,15 @@ def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> 
     ends = np.cumsum(lengths)
     starts = ends - lengths
     for d, s, e in zip(docs, starts, ends):
-        flat[s:e - 1] = d
+        flat[s : e - 1] = d
         flat[e - 1] = eos_id
     n_rows = total // seq_len
     used = n_rows * seq_len
     input_ids = flat[:used].reshape(n_rows, seq_len)
     offsets, seg_lengths = _segments_per_row(ends, n_rows, seq_len)
-    return PackedRows(input_ids, np.ones_like(input_ids, dtype=np.uint8), offsets, seg_lengths,
-                      dropped_tokens=total - used)
+    return PackedRows(
+        input_ids, np.ones_like(input_ids, dtype=np.uint8), offsets, seg_lengths, dropped_tokens=total - used
+    )
 
 
 def _segments_per_row(doc_ends: np.ndarray, n_rows: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,8 +76,7 @@ def _segments_per_row(doc_ends: np.ndarray, n_rows: int, seq_len: int) -> tuple[
     return bounds.astype(np.int32), lengths.astype(np.int32)
 
 
-def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int,
-                  pad_id: int) -> PackedRows:
+def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int, pad_id: int) -> PackedRows:
     """Place whole ``(ids, loss_mask)`` examples into rows in order; pad the unfillable rest."""
     rows_ids: list[np.ndarray] = []
     rows_mask: list[np.ndarray] = []
@@ -105,8 +106,8 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_l
             continue
         if fill + n > seq_len:
             flush()
-        ids_buf[fill:fill + n] = ids
-        mask_buf[fill:fill + n] = mask
+        ids_buf[fill : fill + n] = ids
+        mask_buf[fill : fill + n] = mask
         segs.append(n)
         fill += n
     if fill:

@@ -4,6 +4,7 @@ The order is the sorted list of resolved input files, then the order within
 each file, so every worker and every shard of a split job sees the same stream.
 Nothing here holds more than one record (or one Parquet/Arrow batch) in memory.
 """
+
 from __future__ import annotations
 
 import glob
@@ -11,9 +12,10 @@ import gzip
 import io
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 from .documents import Document, Reject, content_digest
 from .errors import InputError, UserError
@@ -59,8 +61,10 @@ def resolve_inputs(patterns: Iterable[str]) -> list[str]:
                 found.update(str(f) for f in sorted(p.rglob("*")) if f.is_file() and _known(f.name))
             else:
                 if not _known(p.name):
-                    raise InputError(str(p), f"unknown file type; expected one of {', '.join(KNOWN_SUFFIXES)} "
-                                     "or a saved datasets directory")
+                    raise InputError(
+                        str(p),
+                        f"unknown file type; expected one of {', '.join(KNOWN_SUFFIXES)} or a saved datasets directory",
+                    )
                 found.add(str(p))
     if not found:
         raise UserError(f"no input files found in {list(patterns)}")
@@ -250,8 +254,12 @@ def _validate_instruction(path: str, line: int, record: dict[str, Any], options:
                 return Reject(path, line, f"field '{key}': {problem}")
         messages = [("user", record[options.prompt_field]), ("assistant", record[options.response_field])]
     else:
-        return Reject(path, line, f"needs '{options.messages_field}' or '{options.prompt_field}'+"
-                      f"'{options.response_field}' (fields: {', '.join(sorted(record))})")
+        return Reject(
+            path,
+            line,
+            f"needs '{options.messages_field}' or '{options.prompt_field}'+"
+            f"'{options.response_field}' (fields: {', '.join(sorted(record))})",
+        )
     frozen = tuple(messages)
     return Document(path, line, messages=frozen, digest=content_digest(None, frozen))
 

@@ -8,6 +8,7 @@ reservoir sample over the whole stream (one pass, O(N) memory), or the first N
 documents as the paper does. Ids are ``<source>:<content hash>``: stable across
 runs, machines and selection modes.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,9 @@ class ReplayShard:
         try:
             meta = json.loads((directory / REPLAY_MANIFEST).read_text())
         except FileNotFoundError:
-            raise UserError(f"{directory}: no {REPLAY_MANIFEST}; build the shard with `python -m data_prep replay` "
-                            "or `prepare`") from None
+            raise UserError(
+                f"{directory}: no {REPLAY_MANIFEST}; build the shard with `python -m data_prep replay` or `prepare`"
+            ) from None
         return cls(directory, meta)
 
     @property
@@ -73,9 +75,17 @@ class ReplayShard:
         return datasets.load_from_disk(str(self.directory / REPLAY_DATA))
 
 
-def build_replay(spec: SourceSpec, tokenizer_path: str, out_dir: str | os.PathLike[str], num_samples: int = 1000,
-                 replay_len: int = 512, selection: str = "random", seed: int = 1234,
-                 check_against: list[str] | None = None, quiet: bool = False) -> dict[str, Any]:
+def build_replay(
+    spec: SourceSpec,
+    tokenizer_path: str,
+    out_dir: str | os.PathLike[str],
+    num_samples: int = 1000,
+    replay_len: int = 512,
+    selection: str = "random",
+    seed: int = 1234,
+    check_against: list[str] | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
     """Write the replay shard (see ``ReplayShard``) to ``out_dir``; returns its manifest."""
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
@@ -90,14 +100,23 @@ def build_replay(spec: SourceSpec, tokenizer_path: str, out_dir: str | os.PathLi
     if not chosen:
         raise UserError(f"source '{spec.name}': no usable documents to sample replay data from")
     if len(chosen) < num_samples:
-        log.warning("replay: only %d usable documents in '%s'; the shard has %d samples, not %d",
-                    seen_docs, spec.name, len(chosen), num_samples)
+        log.warning(
+            "replay: only %d usable documents in '%s'; the shard has %d samples, not %d",
+            seen_docs,
+            spec.name,
+            len(chosen),
+            num_samples,
+        )
     ids = tokenizer.encode_batch([d.text for d in chosen])
     samples = [(doc_ids + [tokenizer.eos_id])[:replay_len] for doc_ids in ids]
-    table = pa.table({"id": [f"{spec.name}:{d.digest:016x}" for d in chosen],
-                      "input_ids": pa.array(samples, pa.list_(pa.int32())),
-                      "loss_mask": pa.array([[1] * len(s) for s in samples], pa.list_(pa.uint8()))},
-                     schema=DOCUMENT_SCHEMA)
+    table = pa.table(
+        {
+            "id": [f"{spec.name}:{d.digest:016x}" for d in chosen],
+            "input_ids": pa.array(samples, pa.list_(pa.int32())),
+            "loss_mask": pa.array([[1] * len(s) for s in samples], pa.list_(pa.uint8())),
+        },
+        schema=DOCUMENT_SCHEMA,
+    )
     written = write_dataset_dir(Path(out_dir) / REPLAY_DATA, DOCUMENT_SCHEMA, [table], 1)
     lengths = np.array([len(s) for s in samples])
     digests = np.array([d.digest for d in chosen], dtype=np.uint64)
@@ -106,19 +125,39 @@ def build_replay(spec: SourceSpec, tokenizer_path: str, out_dir: str | os.PathLi
         overlap["train"] += int(np.isin(digests, doc_digests(build_dir, holdout=False)).sum())
         overlap["holdout"] += int(np.isin(digests, doc_digests(build_dir, holdout=True)).sum())
     if overlap["train"] or overlap["holdout"]:
-        log.warning("replay: %d sample(s) also occur in training data and %d in holdout data (listed builds)",
-                    overlap["train"], overlap["holdout"])
+        log.warning(
+            "replay: %d sample(s) also occur in training data and %d in holdout data (listed builds)",
+            overlap["train"],
+            overlap["holdout"],
+        )
     manifest = {
-        "version": __version__, "source": spec.name, "inputs": list(spec.paths), "selection": selection,
-        "seed": seed, "num_samples": len(samples), "requested_samples": num_samples, "replay_len": replay_len,
-        "documents_seen": seen_docs, "rejects": rejected, "tokens": int(lengths.sum()),
-        "mean_len": float(lengths.mean()), "truncated": int((lengths == replay_len).sum()),
-        "tokenizer_fingerprint": tokenizer.fingerprint, "tokenizer_path": str(tokenizer_path),
-        "overlap_with": {"builds": [os.path.relpath(b, out_dir) for b in check_against or []], **overlap}, "shards": written,
+        "version": __version__,
+        "source": spec.name,
+        "inputs": list(spec.paths),
+        "selection": selection,
+        "seed": seed,
+        "num_samples": len(samples),
+        "requested_samples": num_samples,
+        "replay_len": replay_len,
+        "documents_seen": seen_docs,
+        "rejects": rejected,
+        "tokens": int(lengths.sum()),
+        "mean_len": float(lengths.mean()),
+        "truncated": int((lengths == replay_len).sum()),
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "tokenizer_path": str(tokenizer_path),
+        "overlap_with": {"builds": [os.path.relpath(b, out_dir) for b in check_against or []], **overlap},
+        "shards": written,
     }
     write_json(Path(out_dir) / REPLAY_MANIFEST, manifest)
-    log.info("replay: %d samples (mean %.0f tokens, %d truncated to %d) → %s", len(samples), lengths.mean(),
-             manifest["truncated"], replay_len, out_dir)
+    log.info(
+        "replay: %d samples (mean %.0f tokens, %d truncated to %d) → %s",
+        len(samples),
+        lengths.mean(),
+        manifest["truncated"],
+        replay_len,
+        out_dir,
+    )
     return manifest
 
 

@@ -9,6 +9,7 @@ mtime 0), so the build cache stays valid between runs. The tokenizer is a
 SentencePiece model trained to be lossless on code: identity normalisation,
 whitespace kept, newline a piece of its own, byte fallback for the rest.
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,16 +19,28 @@ import json
 import logging
 import os
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__",
-             "ensurepip", "tkinter", "config-3", "venv"}
+SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "site-packages",
+    "dist-packages",
+    "lib2to3",
+    "turtledemo",
+    "__pycache__",
+    "ensurepip",
+    "tkinter",
+    "config-3",
+    "venv",
+}
 
 
 @dataclass(frozen=True)
@@ -41,8 +54,9 @@ class SampleSizes:
     vocab_size: int = 4096
 
 
-SMALL = SampleSizes(domain_chars=400_000, general_chars=300_000, max_file_chars=20_000,
-                    instruction_examples=200, vocab_size=1024)
+SMALL = SampleSizes(
+    domain_chars=400_000, general_chars=300_000, max_file_chars=20_000, instruction_examples=200, vocab_size=1024
+)
 
 
 def stdlib_files() -> list[Path]:
@@ -80,13 +94,27 @@ def write_sample_corpora(out: str | os.PathLike[str], sizes: SampleSizes = Sampl
                 used["general"] += len(doc)
         if len(instruction) < sizes.instruction_examples:
             instruction.extend(_instruction_pairs(rel, tree, sizes.instruction_examples - len(instruction)))
-        if all(used[r] >= getattr(sizes, f"{r}_chars") for r in used) and len(instruction) >= sizes.instruction_examples:
+        if (
+            all(used[r] >= getattr(sizes, f"{r}_chars") for r in used)
+            and len(instruction) >= sizes.instruction_examples
+        ):
             break
-    paths = {"domain": out / "domain.jsonl.gz", "general": out / "general.jsonl.gz", "instruction": out / "instruction.jsonl"}
+    paths = {
+        "domain": out / "domain.jsonl.gz",
+        "general": out / "general.jsonl.gz",
+        "instruction": out / "instruction.jsonl",
+    }
     for role, rows in (("domain", domain), ("general", general), ("instruction", instruction)):
         _write_jsonl(paths[role], rows)
-    log.info("sample corpora: %d domain files (%d chars), %d general docs (%d chars), %d instruction examples → %s",
-             len(domain), used["domain"], len(general), used["general"], len(instruction), out)
+    log.info(
+        "sample corpora: %d domain files (%d chars), %d general docs (%d chars), %d instruction examples → %s",
+        len(domain),
+        used["domain"],
+        len(general),
+        used["general"],
+        len(instruction),
+        out,
+    )
     return paths
 
 
@@ -100,11 +128,27 @@ def train_sample_tokenizer(corpora: list[Path], out_model: str | os.PathLike[str
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(corpora), model_writer=model, vocab_size=vocab_size, model_type="unigram",
-        character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-        split_digits=True, user_defined_symbols=["\n", "\t"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2)
+        sentence_iterator=_lines(corpora),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        user_defined_symbols=["\n", "\t"],
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        input_sentence_size=0,
+        minloglevel=2,
+    )
     with atomic_path(out_model) as tmp:
         tmp.write_bytes(model.getvalue())
     return Path(out_model)

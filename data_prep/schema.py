@@ -11,33 +11,40 @@ Document-level rows (replay shard, holdout splits):
     input_ids  list<int32>                       one document alone (+ EOS if it fits)
     loss_mask  list<uint8>
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
 
 
 def packed_schema(seq_len: int) -> pa.Schema:
-    return pa.schema([
-        ("input_ids", pa.list_(pa.int32(), seq_len)),
-        ("loss_mask", pa.list_(pa.uint8(), seq_len)),
-        ("doc_lens", pa.list_(pa.int32())),
-        ("role", pa.string()),
-        ("source", pa.string()),
-    ])
+    return pa.schema(
+        [
+            ("input_ids", pa.list_(pa.int32(), seq_len)),
+            ("loss_mask", pa.list_(pa.uint8(), seq_len)),
+            ("doc_lens", pa.list_(pa.int32())),
+            ("role", pa.string()),
+            ("source", pa.string()),
+        ]
+    )
 
 
-DOCUMENT_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("input_ids", pa.list_(pa.int32())),
-    ("loss_mask", pa.list_(pa.uint8())),
-])
+DOCUMENT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("loss_mask", pa.list_(pa.uint8())),
+    ]
+)
 
 # One entry per accepted document of a chunk: what stats, overlap checks and histograms need.
-DOC_INDEX_SCHEMA = pa.schema([
-    ("digest", pa.uint64()),
-    ("n_tokens", pa.int32()),
-    ("holdout", pa.bool_()),
-])
+DOC_INDEX_SCHEMA = pa.schema(
+    [
+        ("digest", pa.uint64()),
+        ("n_tokens", pa.int32()),
+        ("holdout", pa.bool_()),
+    ]
+)
 
 
 def write_ipc_file(path: str, table: pa.Table) -> None:

@@ -1,4 +1,5 @@
 """stats / inspect: what is in a build or a mixture, and what row i says when decoded."""
+
 from __future__ import annotations
 
 import json
@@ -41,16 +42,28 @@ def summarize(path: str | Path) -> dict[str, Any]:
     n = table.num_rows
     edges = sorted({2**k for k in range(int(np.log2(seq_len)) + 1)} | {seq_len + 1})
     hist = np.histogram(seg, bins=edges)[0].tolist() if len(seg) else [0] * (len(edges) - 1)
-    return {"rows": n, "seq_len": seq_len, "tokens": n * seq_len, "loss_tokens": loss,
-            "rows_by_role": dict(roles), "token_share_by_role": {r: c / n for r, c in roles.items()},
-            "rows_by_source": {f"{s} ({r})": c for (s, r), c in sources.items()},
-            "segments": int(len(seg)), "segment_len_histogram": {f"[{lo},{hi})": c for lo, hi, c in zip(edges, edges[1:], hist)}}
+    return {
+        "rows": n,
+        "seq_len": seq_len,
+        "tokens": n * seq_len,
+        "loss_tokens": loss,
+        "rows_by_role": dict(roles),
+        "token_share_by_role": {r: c / n for r, c in roles.items()},
+        "rows_by_source": {f"{s} ({r})": c for (s, r), c in sources.items()},
+        "segments": int(len(seg)),
+        "segment_len_histogram": {f"[{lo},{hi})": c for lo, hi, c in zip(edges, edges[1:], hist)},
+    }
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    lines = [f"rows {s['rows']:,} × seq_len {s['seq_len']} = {s['tokens']:,} tokens ({s['loss_tokens']:,} with loss)",
-             "", f"{'role':<14}{'rows':>10}{'share':>10}"]
-    lines += [f"{r:<14}{s['rows_by_role'][r]:>10,}{s['token_share_by_role'][r]:>10.4f}" for r in sorted(s["rows_by_role"])]
+    lines = [
+        f"rows {s['rows']:,} × seq_len {s['seq_len']} = {s['tokens']:,} tokens ({s['loss_tokens']:,} with loss)",
+        "",
+        f"{'role':<14}{'rows':>10}{'share':>10}",
+    ]
+    lines += [
+        f"{r:<14}{s['rows_by_role'][r]:>10,}{s['token_share_by_role'][r]:>10.4f}" for r in sorted(s["rows_by_role"])
+    ]
     lines += ["", f"{'source':<30}{'rows':>10}"] + [f"{k:<30}{v:>10,}" for k, v in sorted(s["rows_by_source"].items())]
     lines += ["", f"document segments per row-length bucket ({s['segments']:,} segments)"]
     peak = max(s["segment_len_histogram"].values() or [1]) or 1
@@ -68,7 +81,7 @@ def inspect_row(path: str | Path, index: int, tokenizer: Tokenizer) -> str:
     out = [f"row {index}: role={row['role']} source={row['source']} segments={row['doc_lens']}"]
     start = 0
     for k, n in enumerate(row["doc_lens"]):
-        ids, mask = row["input_ids"][start:start + n], row["loss_mask"][start:start + n]
+        ids, mask = row["input_ids"][start : start + n], row["loss_mask"][start : start + n]
         out.append(f"--- segment {k}: {n} tokens, {sum(mask)} with loss")
         out.append(_render_runs(ids, mask, tokenizer))
         start += n

@@ -13,21 +13,32 @@ Two ways to encode, because text has two origins:
 The fingerprint hashes the tokenizer's files, so a packed cache built with one
 tokenizer is never mistaken for another's. No remote code is ever loaded.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from .errors import UserError
 
 # Everything a Hugging Face tokenizer directory may hold, and nothing else: a model directory doubles as
 # its tokenizer directory, so whoever copies "the tokenizer" copies exactly these (never weights or config.json).
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                      "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-                      "chat_template.json")
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 class Tokenizer(Protocol):
@@ -111,9 +122,12 @@ class HFTokenizer:
         files = [Path(self.path) / f for f in HF_TOKENIZER_FILES if (Path(self.path) / f).is_file()]
         self.fingerprint = _hash_files(files)
         self.bos_ids = self._start_convention()
-        specials = sorted({t for t in self._tok.all_special_tokens} | {
-            str(t) for t in getattr(self._tok, "added_tokens_decoder", {}).values()
-            if getattr(t, "special", False)}, key=len, reverse=True)
+        specials = sorted(
+            {t for t in self._tok.all_special_tokens}
+            | {str(t) for t in getattr(self._tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)},
+            key=len,
+            reverse=True,
+        )
         self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def _start_convention(self) -> tuple[int, ...]:
@@ -121,7 +135,7 @@ class HFTokenizer:
         probe = "Hello"
         plain = self._tok(probe, add_special_tokens=False)["input_ids"]
         full = self._tok(probe)["input_ids"]
-        start = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), 0)
+        start = next((k for k in range(len(full) - len(plain) + 1) if full[k : k + len(plain)] == plain), 0)
         return tuple(int(i) for i in full[:start])
 
     def encode_batch(self, texts: Sequence[str], start: bool = True) -> list[list[int]]:
@@ -148,8 +162,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """Load a tokenizer from a ``.model`` file or a Hugging Face directory, with a clear error."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{p}: tokenizer not found (expected a SentencePiece .model file or a "
-                        "Hugging Face tokenizer directory)")
+        raise UserError(
+            f"{p}: tokenizer not found (expected a SentencePiece .model file or a Hugging Face tokenizer directory)"
+        )
     if p.is_file():
         return SentencePieceTokenizer(str(p))
     if not any((p / f).is_file() for f in HF_TOKENIZER_FILES):

@@ -6,6 +6,7 @@ From that single declaration come the validation (unknown keys, wrong types,
 values outside a ``Literal`` are refused, naming the key), the ``--help-config``
 reference and ``docs/config.md``, so the documentation cannot drift from the code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise InputError(str(path), f"invalid YAML: {getattr(e, 'problem', e)}",
-                         line=mark.line + 1 if mark else None) from None
+        raise InputError(
+            str(path), f"invalid YAML: {getattr(e, 'problem', e)}", line=mark.line + 1 if mark else None
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -138,8 +140,9 @@ def describe(annotation: Any) -> str:
         return "a mapping"
     if origin is tuple:
         return f"a list of {describe(typing.get_args(annotation)[0]).removeprefix('a ').removeprefix('an ')}s"
-    return {float: "a number", int: "an integer", str: "a string", bool: "true or false"}.get(annotation,
-                                                                                           str(annotation))
+    return {float: "a number", int: "an integer", str: "a string", bool: "true or false"}.get(
+        annotation, str(annotation)
+    )
 
 
 def choices(cls: Any, name: str) -> tuple[Any, ...]:

@@ -1,1 +1,1 @@
-"""Training side: GeRe replay (cache + TM loss); training loop, eval and export to follow."""
+"""Training side: config, the training loop under DeepSpeed ZeRO-3, GeRe replay, checkpoints, eval and export."""

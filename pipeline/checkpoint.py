@@ -11,6 +11,7 @@ against the manifest, its CRCs and torch's weights-only loader
 (checkpoint_files). Everything is written under the run's checkpoint
 directory, a universal conversion of another run's checkpoint included.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,9 +51,11 @@ class CheckpointManager:
         except Exception as e:  # torch.save reports a full disk as an opaque RuntimeError
             if self._out_of_space(e):
                 latest = self.root / LATEST
-                raise UserError(f"{self.root / tag}: no space left on the device while saving step {step}; it is "
-                                f"not marked complete and {latest} still names "
-                                f"{latest.read_text().strip() if latest.is_file() else 'nothing'}") from None
+                raise UserError(
+                    f"{self.root / tag}: no space left on the device while saving step {step}; it is "
+                    f"not marked complete and {latest} still names "
+                    f"{latest.read_text().strip() if latest.is_file() else 'nothing'}"
+                ) from None
             raise
         _barrier()
         if self.rank == 0:
@@ -107,8 +110,19 @@ class CheckpointManager:
             log.info("checkpoint %s was written by another number of ranks: converting it to %s", tag, target)
             shutil.rmtree(target, ignore_errors=True)
             self.root.mkdir(parents=True, exist_ok=True)
-            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                            str(root / tag), "--output_folder", str(target)], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "deepspeed.checkpoint.ds_to_universal",
+                    "--input_folder",
+                    str(root / tag),
+                    "--output_folder",
+                    str(target),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             CheckpointDir(target).write_state(CheckpointDir(root / tag).state())
             write_complete(target, universal=True, source=source)
         _barrier()
@@ -123,8 +137,9 @@ class CheckpointManager:
             return False
 
     def load(self, engine: Any, root: Path, tag: str) -> dict[str, Any]:
-        _, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+        _, client = engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if client is None:
             raise UserError(f"{root / tag}: DeepSpeed could not load this checkpoint")
         rng_path = CheckpointDir(root / tag).rng_file(self.rank)
@@ -168,15 +183,18 @@ class CheckpointManager:
         if latest.is_file() and latest.read_text().strip() == tag:
             earlier = [p.name for p in self._complete() if p.name < tag]
             self._point_latest(earlier[-1] if earlier else None)
-        log.warning("checkpoint %s exists (%s); replacing it", target,
-                    "complete, from a branch resumed away from" if (target / COMPLETE).is_file() else "half-written")
+        log.warning(
+            "checkpoint %s exists (%s); replacing it",
+            target,
+            "complete, from a branch resumed away from" if (target / COMPLETE).is_file() else "half-written",
+        )
         shutil.rmtree(target)
 
     def _purge(self, keep: str) -> None:
         for p in self._tags():
             if not (p / COMPLETE).is_file() and p.name != keep:
                 shutil.rmtree(p, ignore_errors=True)  # a save that was killed half-way
-        for p in self._complete()[:-self.keep_last]:
+        for p in self._complete()[: -self.keep_last]:
             if p.name != keep:
                 shutil.rmtree(p, ignore_errors=True)
 

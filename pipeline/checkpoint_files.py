@@ -13,6 +13,7 @@ export hands a checkpoint to DeepSpeed, every file in it is checked here:
 Under N ranks each rank checks every N-th file and all ranks agree on the
 verdict, so a resume reads each file once more in total.
 """
+
 from __future__ import annotations
 
 import enum
@@ -85,8 +86,11 @@ class CheckpointDir:
 
 def write_complete(tag_dir: Path, **info: Any) -> None:
     """Mark ``tag_dir`` complete: ``info`` plus every file's size, written atomically, last."""
-    files = {p.relative_to(tag_dir).as_posix(): p.stat().st_size
-             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    files = {
+        p.relative_to(tag_dir).as_posix(): p.stat().st_size
+        for p in sorted(tag_dir.rglob("*"))
+        if p.is_file() and p.name != COMPLETE
+    }
     tmp = tag_dir / f".{COMPLETE}.tmp"
     tmp.write_text(json.dumps({**info, "files": files}, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, tag_dir / COMPLETE)
@@ -153,8 +157,10 @@ def file_problem(path: Path, size: int) -> str | None:
 def _unpickler_reason(error: Exception) -> str:
     """The one line of torch's long weights-only message that says what the file asked for."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else
-                type(error).__name__)
+    return next(
+        (line for line in lines if "GLOBAL" in line or "Unsupported" in line),
+        lines[0] if lines else type(error).__name__,
+    )
 
 
 def verify_checkpoint(tag_dir: Path, rank: int = 0, world: int = 1) -> None:
@@ -172,8 +178,10 @@ def verify_checkpoint(tag_dir: Path, rank: int = 0, world: int = 1) -> None:
         if int(verdict.item()) != first_bad:
             first_bad, problem = int(verdict.item()), f"see rank {int(verdict.item()) % world}'s check"
     if first_bad < len(files):
-        raise UserError(f"{tag_dir / files[first_bad][0]}: {problem}. Resume from an earlier checkpoint "
-                         f"with checkpoint.resume=<dir>, or checkpoint.resume=never")
+        raise UserError(
+            f"{tag_dir / files[first_bad][0]}: {problem}. Resume from an earlier checkpoint "
+            f"with checkpoint.resume=<dir>, or checkpoint.resume=never"
+        )
 
 
 def _collective_device() -> torch.device:

@@ -6,6 +6,7 @@ those declarations and ``python -m pipeline.train --help-config`` prints them.
 Stage presets fill the peak lr the user leaves out. Paths are relative to the
 config file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,10 +34,12 @@ class ModelConfig:
     config: dict[str, Any] | None = setting(None, "or LlamaConfig fields for a from-scratch model")
     seed: int = setting(0, "init seed with `config`")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
-        "auto", "auto: what the DeepSpeed JSON enables, else bf16 on CUDA and fp32 on CPU")
+        "auto", "auto: what the DeepSpeed JSON enables, else bf16 on CUDA and fp32 on CPU"
+    )
     gradient_checkpointing: bool = setting(False, "recompute activations in backward (less memory, ~30% slower)")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = setting(
-        "sdpa", "attention kernel; packed rows stay per-document with every one")
+        "sdpa", "attention kernel; packed rows stay per-document with every one"
+    )
     trust_remote_code: bool = setting(False, "run Python code shipped with model.path (only for checkpoints you trust)")
 
 
@@ -75,8 +78,11 @@ class BatchConfig:
 class ReplayConfig:
     """The replay term of the objective (pipeline/losses/objective.py): GeRe and the strategies it compares."""
 
-    strategy: ReplayStrategy = setting("none", "none | ce (replay CE) | kl (to the base model) | l1/l2 (cached "
-                                               "features) | tm (GeRe threshold margin on cached 2-bit states)")
+    strategy: ReplayStrategy = setting(
+        "none",
+        "none | ce (replay CE) | kl (to the base model) | l1/l2 (cached "
+        "features) | tm (GeRe threshold margin on cached 2-bit states)",
+    )
     weight: float | Literal["dynamic"] = setting(1.0, "multiplies the strategy's term; dynamic: CE / term (detached)")
     samples_per_step: int = setting(4, "replay samples per global batch (a multiple of ranks × grad_accum)")
     cache: str | None = setting(None, "GeRe cache directory from `python -m pipeline.gere` (tm, l1, l2)")
@@ -198,6 +204,7 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Rules that span fields or bound a number (types and choices were checked on load)."""
+
     def need(ok: bool, name: str, value: Any, rule: str) -> None:
         if not ok:
             raise ConfigError(f"{name} must be {rule}, got {value!r}")
@@ -207,18 +214,30 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.tokens is None or cfg.tokens > 0, "tokens", cfg.tokens, "> 0")
     need(cfg.peak_lr > 0, "optim.lr", cfg.optim.lr, "> 0")
     need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", cfg.optim.min_lr_ratio, "in [0, 1]")
-    need(cfg.optim.warmup_steps is None or cfg.optim.warmup_steps >= 0, "optim.warmup_steps",
-         cfg.optim.warmup_steps, ">= 0")
+    need(
+        cfg.optim.warmup_steps is None or cfg.optim.warmup_steps >= 0,
+        "optim.warmup_steps",
+        cfg.optim.warmup_steps,
+        ">= 0",
+    )
     need(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", cfg.optim.warmup_ratio, "in [0, 1)")
     need(cfg.optim.grad_clip >= 0, "optim.grad_clip", cfg.optim.grad_clip, ">= 0")
     need(cfg.batch.micro_batch >= 1, "batch.micro_batch", cfg.batch.micro_batch, ">= 1")
     need(cfg.batch.grad_accum >= 1, "batch.grad_accum", cfg.batch.grad_accum, ">= 1")
     need(bool(cfg.data.prep), "data.prep", cfg.data.prep, "the data_prep output directory")
-    need((cfg.model.path is None) != (cfg.model.config is None), "model", (cfg.model.path, cfg.model.config),
-         "exactly one of model.path or model.config")
+    need(
+        (cfg.model.path is None) != (cfg.model.config is None),
+        "model",
+        (cfg.model.path, cfg.model.config),
+        "exactly one of model.path or model.config",
+    )
     need(cfg.replay.samples_per_step >= 1, "replay.samples_per_step", cfg.replay.samples_per_step, ">= 1")
-    need(cfg.replay.strategy not in CACHED_STRATEGIES or bool(cfg.replay.cache), "replay.cache", cfg.replay.cache,
-         f"set for replay.strategy '{cfg.replay.strategy}'")
+    need(
+        cfg.replay.strategy not in CACHED_STRATEGIES or bool(cfg.replay.cache),
+        "replay.cache",
+        cfg.replay.cache,
+        f"set for replay.strategy '{cfg.replay.strategy}'",
+    )
     need(cfg.replay.weight == "dynamic" or cfg.replay.weight >= 0, "replay.weight", cfg.replay.weight, ">= 0")
     need(cfg.replay.kl_temperature > 0, "replay.kl_temperature", cfg.replay.kl_temperature, "> 0")
     need(cfg.kd.weight >= 0, "kd.weight", cfg.kd.weight, ">= 0")

@@ -13,12 +13,14 @@ document segment (transformers then keeps attention inside each document)
 and labels masked (-100) at each segment's first token (it must not be
 predicted from the previous document) and where loss_mask is 0.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,14 +37,19 @@ class PrepPaths:
     seq_len: int
 
     @classmethod
-    def read(cls, prep_dir: str | Path) -> "PrepPaths":
+    def read(cls, prep_dir: str | Path) -> PrepPaths:
         prep_dir = Path(prep_dir)
         meta_path = prep_dir / "prep.json"
         if not meta_path.is_file():
             raise UserError(f"{prep_dir}: no prep.json; run `python -m data_prep prepare` first")
         meta = json.loads(meta_path.read_text())
-        return cls(Path(meta["mixture"]) / "data", Path(meta["replay"]) if meta.get("replay") else None,
-                   {r: Path(p) for r, p in meta.get("holdout", {}).items()}, Path(meta["tokenizer"]), meta["seq_len"])
+        return cls(
+            Path(meta["mixture"]) / "data",
+            Path(meta["replay"]) if meta.get("replay") else None,
+            {r: Path(p) for r, p in meta.get("holdout", {}).items()},
+            Path(meta["tokenizer"]),
+            meta["seq_len"],
+        )
 
 
 class GlobalOrder:
@@ -75,9 +82,8 @@ def packed_inputs(rows: dict[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
     for b, lens in enumerate(rows["doc_lens"]):
         offset = 0
         for n in lens:
-            positions[b, offset:offset + n] = torch.arange(n)
+            positions[b, offset : offset + n] = torch.arange(n)
             starts[b, offset] = True
             offset += n
     labels = ids.masked_fill(~loss_mask | starts, -100)
     return {"input_ids": ids, "position_ids": positions, "labels": labels}
-

@@ -10,6 +10,7 @@
    (``RUN/cpt/report.md`` with plots), printed at the end.
 Each step is skipped when its output is already there, so a rerun is quick.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,15 @@ from .launch import ROOT, deepspeed_command
 
 log = logging.getLogger("pipeline.demo")
 
-MODEL = {"vocab_size": 4096, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024}
+MODEL = {
+    "vocab_size": 4096,
+    "hidden_size": 128,
+    "intermediate_size": 344,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+}
 FULL = {"base_steps": 300, "cpt_steps": 120, "small": False, "eval_docs": 100}
 QUICK = {"base_steps": 60, "cpt_steps": 16, "small": True, "eval_docs": 24}
 
@@ -55,12 +63,22 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
     if not (base_hf / "config.json").is_file():
         step(f"2/5 base model: pretrain a tiny Llama on general text for {plan['base_steps']} steps")
         base_prep = _general_only_prep(out, plan["small"])
-        config = _write(out / "base.yaml", {
-            "run_dir": str(out / "base"), "stage": "cpt", "steps": plan["base_steps"], "seed": 0,
-            "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"), "model": {"config": model, "seed": 0},
-            "data": {"prep": str(base_prep)}, "optim": {"lr": 3e-3, "warmup_steps": 10, "min_lr_ratio": 0.1},
-            "batch": {"micro_batch": 4, "grad_accum": 1}, "checkpoint": {"every": 100, "keep_last": 1},
-            "eval": {"max_docs": plan["eval_docs"]}})
+        config = _write(
+            out / "base.yaml",
+            {
+                "run_dir": str(out / "base"),
+                "stage": "cpt",
+                "steps": plan["base_steps"],
+                "seed": 0,
+                "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"),
+                "model": {"config": model, "seed": 0},
+                "data": {"prep": str(base_prep)},
+                "optim": {"lr": 3e-3, "warmup_steps": 10, "min_lr_ratio": 0.1},
+                "batch": {"micro_batch": 4, "grad_accum": 1},
+                "checkpoint": {"every": 100, "keep_last": 1},
+                "eval": {"max_docs": plan["eval_docs"]},
+            },
+        )
         _launch(config, ranks)
         _export(out / "base", base_hf)
     else:
@@ -68,21 +86,41 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
     cache = out / "gere_cache"
     step("3/5 GeRe cache of the base model over the replay shard")
     if not (cache / "meta.json").is_file() or json.loads((cache / "meta.json").read_text()).get("base") != str(base_hf):
-        _run([sys.executable, "-m", "pipeline.gere", "--model-path", str(base_hf), "--replay", str(prep / "replay"),
-              "--out", str(cache)])
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.gere",
+                "--model-path",
+                str(base_hf),
+                "--replay",
+                str(prep / "replay"),
+                "--out",
+                str(cache),
+            ]
+        )
         meta = json.loads((cache / "meta.json").read_text())
         (cache / "meta.json").write_text(json.dumps({**meta, "base": str(base_hf)}, indent=1))
     step(f"4/5 continued pretraining: {plan['cpt_steps']} steps, 15% general mix + GeRe TM replay")
     cpt = out / "cpt"
     shutil.rmtree(cpt, ignore_errors=True)
-    config = _write(out / "cpt.yaml", {
-        "run_dir": str(cpt), "stage": "cpt", "steps": plan["cpt_steps"], "seed": 0,
-        "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"), "model": {"path": str(base_hf)},
-        "data": {"prep": str(prep)}, "optim": {"lr": 1e-3, "warmup_steps": 5, "min_lr_ratio": 0.1},
-        "batch": {"micro_batch": 2, "grad_accum": 2},
-        "replay": {"strategy": "tm", "cache": str(cache), "samples_per_step": 4, "weight": 1.0},
-        "checkpoint": {"every": 0, "keep_last": 1}, "eval": {"every": max(plan["cpt_steps"] // 4, 1),
-                                                              "max_docs": plan["eval_docs"]}})
+    config = _write(
+        out / "cpt.yaml",
+        {
+            "run_dir": str(cpt),
+            "stage": "cpt",
+            "steps": plan["cpt_steps"],
+            "seed": 0,
+            "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"),
+            "model": {"path": str(base_hf)},
+            "data": {"prep": str(prep)},
+            "optim": {"lr": 1e-3, "warmup_steps": 5, "min_lr_ratio": 0.1},
+            "batch": {"micro_batch": 2, "grad_accum": 2},
+            "replay": {"strategy": "tm", "cache": str(cache), "samples_per_step": 4, "weight": 1.0},
+            "checkpoint": {"every": 0, "keep_last": 1},
+            "eval": {"every": max(plan["cpt_steps"] // 4, 1), "max_docs": plan["eval_docs"]},
+        },
+    )
     _launch(config, ranks)
     _export(cpt, cpt / "hf")
     step("5/5 evaluation: base vs tuned on the general and domain holdouts")
@@ -113,8 +151,12 @@ def _general_only_prep(out: Path, small: bool) -> Path:
 
     cfg = demo_config(small=small, workers=2)
     general = next(s for s in cfg["sources"] if s["role"] == "general")
-    cfg.update(out="base_prep", sources=[{**general, "name": "python_docs_only", "role": "domain"}],
-               mix={"general_ratio": 0.0}, replay=None)
+    cfg.update(
+        out="base_prep",
+        sources=[{**general, "name": "python_docs_only", "role": "domain"}],
+        mix={"general_ratio": 0.0},
+        replay=None,
+    )
     path = _write(out / "base_prep.yaml", cfg)
     prepare(load_config(path), quiet=True)
     return out / "base_prep"
@@ -141,8 +183,9 @@ def _run(cmd: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default=None, help="demo directory (default runs/demo, or runs/demo-quick)")
     p.add_argument("--quick", action="store_true", help="a small corpus and few steps (~3 minutes; for CI)")
     p.add_argument("--ranks", type=int, default=2, help="training ranks (CPU processes)")

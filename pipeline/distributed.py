@@ -2,13 +2,14 @@
 
 A process group left to interpreter teardown can abort the process after the
 work is done: gloo's worker threads may still be joinable when their objects
-are destroyed ("terminate called without an active exception", SIGABRT; a
-rank did so after its final checkpoint in one of a CI run's ~20 launches). torch's documented
-shutdown is ``destroy_process_group`` near the end of main; :func:`finish`
-first waits at a barrier, so no rank tears its group down while another still
-has a collective in flight. An exit handler destroys the group on every other
+are destroyed ("terminate called without an active exception", SIGABRT,
+after the final checkpoint is already written). torch's documented shutdown
+is ``destroy_process_group`` near the end of main; :func:`finish` first waits
+at a barrier, so no rank tears its group down while another still has a
+collective in flight. An exit handler destroys the group on every other
 path (errors, ``sys.exit``); it does nothing once :func:`finish` has run.
 """
+
 from __future__ import annotations
 
 import atexit

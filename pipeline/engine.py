@@ -4,10 +4,12 @@ The trained engine is checked before it is handed out: the tokenizer fits its
 vocabulary, the rows fit its positions, and packed documents do not attend to
 each other with the configured attention (``pipeline/isolation.py``).
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import deepspeed
 import torch
@@ -27,20 +29,29 @@ Scheduler = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRSchedul
 def model_sources(cfg: TrainConfig) -> tuple[ModelSource, ModelSource]:
     """(base, start): the base model (GeRe cache, teacher, fingerprints) and the weights training starts from."""
     m = cfg.model
-    base = ModelSource(path=m.path, config=m.config or {}, seed=m.seed, dtype=m.dtype,
-                       trust_remote_code=m.trust_remote_code)
-    start = ModelSource(path=cfg.init_from, dtype=m.dtype, trust_remote_code=m.trust_remote_code) \
-        if cfg.init_from else base
+    base = ModelSource(
+        path=m.path, config=m.config or {}, seed=m.seed, dtype=m.dtype, trust_remote_code=m.trust_remote_code
+    )
+    start = (
+        ModelSource(path=cfg.init_from, dtype=m.dtype, trust_remote_code=m.trust_remote_code) if cfg.init_from else base
+    )
     return base, start
 
 
-def build_engine(cfg: TrainConfig, source: ModelSource, ds_cfg: dict[str, Any], scheduler: Scheduler,
-                 tokenizer_vocab: int, seq_len: int) -> Any:
+def build_engine(
+    cfg: TrainConfig,
+    source: ModelSource,
+    ds_cfg: dict[str, Any],
+    scheduler: Scheduler,
+    tokenizer_vocab: int,
+    seq_len: int,
+) -> Any:
     """The trained model under DeepSpeed (ZeRO-3 partitions it at construction), in train mode."""
     model = load_causal_lm(source, ds_cfg, cfg.model.attn_implementation)
     if tokenizer_vocab > model.config.vocab_size:
-        raise ConfigError(f"the prep's tokenizer has {tokenizer_vocab} tokens, the model's vocabulary only "
-                          f"{model.config.vocab_size}")
+        raise ConfigError(
+            f"the prep's tokenizer has {tokenizer_vocab} tokens, the model's vocabulary only {model.config.vocab_size}"
+        )
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise ConfigError(f"data seq_len {seq_len} is above the model's max_position_embeddings {limit}")
@@ -48,17 +59,32 @@ def build_engine(cfg: TrainConfig, source: ModelSource, ds_cfg: dict[str, Any], 
         model.gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
-    optimizer = None if "optimizer" in ds_cfg else torch.optim.AdamW(
-        params, lr=cfg.peak_lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-        fused=True)  # one pass, no full-size temporaries
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
-                                      lr_scheduler=scheduler, config=ds_cfg)
+    optimizer = (
+        None
+        if "optimizer" in ds_cfg
+        else torch.optim.AdamW(
+            params, lr=cfg.peak_lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, fused=True
+        )
+    )  # one pass, no full-size temporaries
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler, config=ds_cfg
+    )
     engine.eval()  # no dropout in the probe
-    error = check_document_isolation(engine, cfg.model.attn_implementation, model.config.vocab_size,
-                                     cfg.batch.micro_batch, getattr(torch, cfg.model.dtype), engine.device)
+    error = check_document_isolation(
+        engine,
+        cfg.model.attn_implementation,
+        model.config.vocab_size,
+        cfg.batch.micro_batch,
+        getattr(torch, cfg.model.dtype),
+        engine.device,
+    )
     engine.train()
-    log.info("document isolation: %s at micro_batch %d, packed vs alone logits differ by %.1g (relative)",
-             cfg.model.attn_implementation, cfg.batch.micro_batch, error)
+    log.info(
+        "document isolation: %s at micro_batch %d, packed vs alone logits differ by %.1g (relative)",
+        cfg.model.attn_implementation,
+        cfg.batch.micro_batch,
+        error,
+    )
     return engine
 
 

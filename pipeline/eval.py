@@ -9,6 +9,7 @@ share of final-layer activation states (neg/neutral/pos) that moved: how far
 the model drifted where GeRe holds it. Runs as one process or as N ranks
 under the launcher (documents split across ranks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,32 +52,42 @@ def load_hf(path: str | Path) -> torch.nn.Module:
         with tempfile.TemporaryDirectory() as tmp:
             exported = Path(tmp) / "hf"
             export(path, exported)
-            return AutoModelForCausalLM.from_pretrained(str(exported), local_files_only=True, use_safetensors=True,
-                                                        trust_remote_code=False).eval()
+            return AutoModelForCausalLM.from_pretrained(
+                str(exported), local_files_only=True, use_safetensors=True, trust_remote_code=False
+            ).eval()
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face model directory (export a checkpoint with pipeline.export)")
-    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
-                                                trust_remote_code=False).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False
+    ).eval()
 
 
-def evaluate_model(model: torch.nn.Module, prep: str | Path, max_docs: int,
-                   whole_documents: bool = True) -> dict[str, float]:
+def evaluate_model(
+    model: torch.nn.Module, prep: str | Path, max_docs: int, whole_documents: bool = True
+) -> dict[str, float]:
     paths = PrepPaths.read(prep)
     holdout = {r: datasets.load_from_disk(str(p)) for r, p in paths.holdout.items() if r in ("general", "domain")}
     with torch.no_grad():
-        return holdout_perplexities(lambda ids: model(input_ids=ids, use_cache=False).logits, holdout,
-                                    paths.seq_len, max_docs, whole_documents=whole_documents)
+        return holdout_perplexities(
+            lambda ids: model(input_ids=ids, use_cache=False).logits,
+            holdout,
+            paths.seq_len,
+            max_docs,
+            whole_documents=whole_documents,
+        )
 
 
-def replay_drift(model: torch.nn.Module, prep: str | Path, cache_dir: str | Path, base_dir: str | Path,
-                 batch_size: int = 8) -> dict[str, float]:
+def replay_drift(
+    model: torch.nn.Module, prep: str | Path, cache_dir: str | Path, base_dir: str | Path, batch_size: int = 8
+) -> dict[str, float]:
     """TM loss (reference) on the replay set and the share of activation states that changed since the base."""
     paths = PrepPaths.read(prep)
     shard = ReplayShard.open(paths.replay)
     rows = shard.rows()
     # checked against the base model and the prep's tokenizer: a cache of another model would measure nothing
-    cache = GeReCache.open(cache_dir, model_fingerprint(ModelSource(path=str(base_dir))),
-                           load_tokenizer(paths.tokenizer).fingerprint)
+    cache = GeReCache.open(
+        cache_dir, model_fingerprint(ModelSource(path=str(base_dir))), load_tokenizer(paths.tokenizer).fingerprint
+    )
     total = count = flipped = real = 0.0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
@@ -111,19 +122,28 @@ def markdown_table(result: dict[str, Any]) -> str:
     for name in ("base", "tuned"):
         r = result.get(name)
         if r:
-            lines.append(f"| {name} | {r.get('ppl/general', math.nan):.2f} | {r.get('ppl/domain', math.nan):.2f} | "
-                         f"{r.get('replay_tm', math.nan):.4f} | {r.get('replay_state_flip_rate', math.nan):.2%} |")
+            lines.append(
+                f"| {name} | {r.get('ppl/general', math.nan):.2f} | {r.get('ppl/domain', math.nan):.2f} | "
+                f"{r.get('replay_tm', math.nan):.4f} | {r.get('replay_state_flip_rate', math.nan):.2%} |"
+            )
     if "general_ppl_change" in result:
-        lines += ["", f"general ppl change (forgetting): {result['general_ppl_change']:+.1%}; "
-                      f"domain ppl change (learning): {result['domain_ppl_change']:+.1%}"]
+        lines += [
+            "",
+            f"general ppl change (forgetting): {result['general_ppl_change']:+.1%}; "
+            f"domain ppl change (learning): {result['domain_ppl_change']:+.1%}",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="tuned model: Hugging Face directory or a training checkpoint "
-                   "(RUN/checkpoints/stepNNNNNNNN)")
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="tuned model: Hugging Face directory or a training checkpoint (RUN/checkpoints/stepNNNNNNNN)",
+    )
     p.add_argument("--base", help="base model directory to compare with")
     p.add_argument("--prep", required=True, help="data_prep output (holdouts, replay shard)")
     p.add_argument("--cache", help="GeRe cache of the base model: adds replay TM and activation-state drift")
@@ -132,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from pipeline.distributed import finish, shutdown_at_exit
 
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
@@ -151,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(body, log)
 
 
-def run_eval(model_dir: str, prep: str, base_dir: str | None = None, cache: str | None = None,
-             max_docs: int = 200) -> dict[str, Any]:
+def run_eval(
+    model_dir: str, prep: str, base_dir: str | None = None, cache: str | None = None, max_docs: int = 200
+) -> dict[str, Any]:
     if cache and not base_dir:
         raise UserError("--cache needs --base: the cache is checked against the base model it was built from")
     results = {}

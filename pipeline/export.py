@@ -13,6 +13,7 @@ not overwrite the trained ones), or a SentencePiece model as
 engine and checks that both give the same logits on a probe *before* the
 export is moved into place: a failed check leaves no directory behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def export(checkpoint: Path, out: Path, verify: bool = False) -> float | None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _tied(model, k)]
     if missing or unexpected:
-        raise UserError(f"{checkpoint}: weights do not match the model (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{checkpoint}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     del state
     model = model.to(getattr(torch, cfg["model"]["dtype"]))
     with atomic_path(out) as tmp:
@@ -71,10 +73,13 @@ def export(checkpoint: Path, out: Path, verify: bool = False) -> float | None:
             diff = verify_export(checkpoint, tmp)
             log.info("verify: max |logit difference| exported vs engine = %.3g", diff)
             if diff > VERIFY_TOLERANCE:
-                raise ExportMismatch(f"{out}: exported logits differ from the checkpoint's engine by {diff:.3g} "
-                                     f"(> {VERIFY_TOLERANCE}); nothing was written")
-        (tmp / "training_run.json").write_text(json.dumps({"checkpoint": str(checkpoint), "config": cfg},
-                                                          indent=1, sort_keys=True))
+                raise ExportMismatch(
+                    f"{out}: exported logits differ from the checkpoint's engine by {diff:.3g} "
+                    f"(> {VERIFY_TOLERANCE}); nothing was written"
+                )
+        (tmp / "training_run.json").write_text(
+            json.dumps({"checkpoint": str(checkpoint), "config": cfg}, indent=1, sort_keys=True)
+        )
     log.info("exported %s → %s", checkpoint, out)
     return diff
 
@@ -93,10 +98,15 @@ def verify_export(checkpoint: Path, exported_dir: Path) -> float:
     init_distributed()
     model = _architecture(cfg_dict)
     ds_cfg = filled_ds_config(cfg, 1, model.config.get_text_config().hidden_size)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg,
-                                      optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
-    engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=False,
-                           load_lr_scheduler_states=False)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        config=ds_cfg,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+    )
+    engine.load_checkpoint(
+        str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=False, load_lr_scheduler_states=False
+    )
     engine.eval()
     exported = AutoModelForCausalLM.from_pretrained(str(exported_dir), local_files_only=True).eval()
     probe = torch.arange(2, 2 + 32).remainder(exported.config.vocab_size).unsqueeze(0)
@@ -130,8 +140,9 @@ def _architecture(cfg: dict[str, Any]) -> torch.nn.Module:
         return load_causal_lm(ModelSource(config=m["config"], seed=m["seed"]), None, m["attn_implementation"])
     trust = m.get("trust_remote_code", False)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=m["attn_implementation"],
-                                            trust_remote_code=trust)
+    return AutoModelForCausalLM.from_config(
+        config, attn_implementation=m["attn_implementation"], trust_remote_code=trust
+    )
 
 
 def _tied(model: torch.nn.Module, key: str) -> bool:
@@ -139,14 +150,16 @@ def _tied(model: torch.nn.Module, key: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (RUN/checkpoints/stepNNNNNNNN)")
     p.add_argument("--out", required=True, help="Hugging Face model directory to write")
     p.add_argument("--verify", action="store_true", help="compare logits with a DeepSpeed engine on the checkpoint")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
     def body() -> int:
         try:

@@ -14,6 +14,7 @@ The weights are the dequantised 4/5-bit values, not the original bf16 ones:
 good enough to fine-tune and to test on, not to compare against published
 scores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ from data_prep.errors import UserError, run_cli
 log = logging.getLogger("pipeline.gguf")
 
 
-def convert_gguf(gguf_file: str | Path, out: str | Path, max_shard_size: str | int = "5GB",
-                 tokenizer_only: bool = False) -> Path:
+def convert_gguf(
+    gguf_file: str | Path, out: str | Path, max_shard_size: str | int = "5GB", tokenizer_only: bool = False
+) -> Path:
     """Write ``out`` as a Hugging Face model + tokenizer directory (or the tokenizer alone) from ``gguf_file``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,8 +45,9 @@ def convert_gguf(gguf_file: str | Path, out: str | Path, max_shard_size: str | i
             with atomic_path(out) as tmp:
                 tokenizer.save_pretrained(str(tmp))
             return out
-        quantised = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
-                                                         dtype=torch.float32)
+        quantised = AutoModelForCausalLM.from_pretrained(
+            str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
+        )
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{gguf_file}: transformers cannot read this GGUF file: {e}") from None
     config = quantised.config
@@ -56,20 +59,23 @@ def convert_gguf(gguf_file: str | Path, out: str | Path, max_shard_size: str | i
         tmp.mkdir()
         model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(str(tmp))
-    log.info("converted %s → %s (%.0fM parameters, fp32)", gguf_file, out,
-             sum(p.numel() for p in model.parameters()) / 1e6)
+    log.info(
+        "converted %s → %s (%.0fM parameters, fp32)", gguf_file, out, sum(p.numel() for p in model.parameters()) / 1e6
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.gguf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.gguf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("gguf", help="a .gguf file (any quantisation transformers can dequantise)")
     p.add_argument("--out", required=True, help="Hugging Face directory to write (model and tokenizer)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     return run_cli(lambda: convert_gguf(args.gguf, args.out, args.max_shard_size), log)
 
 

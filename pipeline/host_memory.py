@@ -11,6 +11,7 @@ losses bitwise (``bench/rank_memory.py``). Pinned memory for CPU offload
 comes from the CUDA allocator and is not affected. Not glibc (musl, macOS):
 nothing to do. ``CPT_MALLOC_DEFAULTS=1`` keeps glibc's own behaviour.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -14,9 +14,11 @@ transformers version, so the trainer checks it before training
 (:func:`check_document_isolation`): each document of a probe batch must get
 the same logits packed as alone, or the run is refused.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -30,19 +32,26 @@ class DocumentLeak(UserError):
     """Packed documents see each other with this attention implementation and transformers version."""
 
 
-def forward_packed(model: Callable[..., Any], input_ids: torch.Tensor, position_ids: torch.Tensor,
-                   attn_implementation: str) -> torch.Tensor:
+def forward_packed(
+    model: Callable[..., Any], input_ids: torch.Tensor, position_ids: torch.Tensor, attn_implementation: str
+) -> torch.Tensor:
     """Logits ``[B, L, V]`` of packed rows, with attention kept inside each document."""
     rows, length = input_ids.shape
     if attn_implementation in VARLEN_FROM_ONE_ROW and rows > 1:
-        logits = model(input_ids=input_ids.reshape(1, rows * length), position_ids=position_ids.reshape(1, -1),
-                       use_cache=False).logits
+        logits = model(
+            input_ids=input_ids.reshape(1, rows * length), position_ids=position_ids.reshape(1, -1), use_cache=False
+        ).logits
         return logits.view(rows, length, -1)
     return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
-def isolation_error(model: Callable[..., Any], attn_implementation: str, vocab_size: int, micro_batch: int,
-                    device: torch.device | str = "cpu") -> float:
+def isolation_error(
+    model: Callable[..., Any],
+    attn_implementation: str,
+    vocab_size: int,
+    micro_batch: int,
+    device: torch.device | str = "cpu",
+) -> float:
     """Largest |packed − alone| logit difference over a probe batch, relative to the largest logit.
 
     Every rank runs the same forwards in the same order (ZeRO-3 gathers parameters collectively).
@@ -56,22 +65,31 @@ def isolation_error(model: Callable[..., Any], attn_implementation: str, vocab_s
     for row in range(micro_batch):
         start = 0
         for n in splits[row % len(splits)]:
-            positions[row, start:start + n] = torch.arange(n)
+            positions[row, start : start + n] = torch.arange(n)
             docs.append((row, start, n))
             start += n
     with torch.no_grad():
         packed = forward_packed(model, ids, positions, attn_implementation).float()
         worst = scale = 0.0
         for row, start, n in docs:
-            alone = model(input_ids=ids[row:row + 1, start:start + n],
-                          position_ids=torch.arange(n, device=ids.device).unsqueeze(0), use_cache=False).logits.float()
-            worst = max(worst, float((packed[row, start:start + n] - alone[0]).abs().max()))
+            alone = model(
+                input_ids=ids[row : row + 1, start : start + n],
+                position_ids=torch.arange(n, device=ids.device).unsqueeze(0),
+                use_cache=False,
+            ).logits.float()
+            worst = max(worst, float((packed[row, start : start + n] - alone[0]).abs().max()))
             scale = max(scale, float(alone.abs().max()))
     return worst / max(scale, 1e-6)
 
 
-def check_document_isolation(model: Callable[..., Any], attn_implementation: str, vocab_size: int,
-                             micro_batch: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
+def check_document_isolation(
+    model: Callable[..., Any],
+    attn_implementation: str,
+    vocab_size: int,
+    micro_batch: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> float:
     """Refuse to train when packed documents would attend to each other; returns the measured error."""
     import transformers
 
@@ -80,5 +98,6 @@ def check_document_isolation(model: Callable[..., Any], attn_implementation: str
         raise DocumentLeak(
             f"model.attn_implementation '{attn_implementation}' with transformers {transformers.__version__} lets "
             f"packed documents attend to each other (logits packed vs alone differ by {error:.2g} of the largest "
-            f"logit at micro_batch {micro_batch}); use sdpa or eager with transformers >= 5.23, or micro_batch 1")
+            f"logit at micro_batch {micro_batch}); use sdpa or eager with transformers >= 5.23, or micro_batch 1"
+        )
     return error

@@ -1,4 +1,5 @@
 """Run a pipeline module under the ``deepspeed`` launcher on this machine: the demo, benches and tests share it."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,18 @@ def deepspeed_command(module: str, args: list[str], ranks: int = 2, log_level: s
     Without GPUs DeepSpeed falls back to its CPU accelerator, one process per rank, with gloo.
     """
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--log_level", log_level,
-            "--module", module, *args]
+    return [
+        launcher,
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "--log_level",
+        log_level,
+        "--module",
+        module,
+        *args,
+    ]
 
 
 def launch_env() -> dict[str, str]:
@@ -35,8 +46,15 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def run_deepspeed(module: str, args: list[str], ranks: int = 2, capture: bool = False,
-                  timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+def run_deepspeed(
+    module: str, args: list[str], ranks: int = 2, capture: bool = False, timeout: float | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``module`` on ``ranks`` local ranks and wait; the caller checks ``returncode``."""
-    return subprocess.run(deepspeed_command(module, args, ranks), cwd=ROOT, env=launch_env(), text=True,
-                          capture_output=capture, timeout=timeout)
+    return subprocess.run(
+        deepspeed_command(module, args, ranks),
+        cwd=ROOT,
+        env=launch_env(),
+        text=True,
+        capture_output=capture,
+        timeout=timeout,
+    )

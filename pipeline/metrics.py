@@ -1,4 +1,5 @@
 """Rank-0 metrics: a progress bar, JSONL lines and TensorBoard scalars; other ranks stay quiet."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,14 @@ class MetricsLogger:
                 log.warning("tensorboard is not installed; logging to metrics.jsonl only")
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                         disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            disable=not sys.stderr.isatty(),
+            dynamic_ncols=True,
+        )
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -39,8 +46,7 @@ class MetricsLogger:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "lr", "tok_s")},
-                              refresh=False)
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "lr", "tok_s")}, refresh=False)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:

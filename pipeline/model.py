@@ -5,6 +5,7 @@ makes ``from_pretrained`` build the model inside ``deepspeed.zero.Init``, so no
 rank ever holds a full checkpoint's weights. Weights load
 from safetensors only and no remote code runs unless the caller asks.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,9 @@ class ModelSource:
             raise UserError(f"model.dtype must be float32, bfloat16 or float16, got '{self.dtype}'")
 
 
-def load_causal_lm(source: ModelSource, ds_config: dict[str, Any] | None = None,
-                   attn_implementation: str = "sdpa") -> torch.nn.Module:
+def load_causal_lm(
+    source: ModelSource, ds_config: dict[str, Any] | None = None, attn_implementation: str = "sdpa"
+) -> torch.nn.Module:
     """The model, partitioned at construction when ``ds_config`` enables ZeRO-3."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
@@ -48,15 +50,24 @@ def load_causal_lm(source: ModelSource, ds_config: dict[str, Any] | None = None,
         keep_alive = _zero3_context(ds_config)  # noqa: F841  transformers reads it through a weak reference
         path = Path(source.path)
         if not any(path.glob("*.safetensors")):
-            raise UserError(f"{path}: no *.safetensors weights; pickled weights (*.bin, *.pt) are never loaded "
-                             "(convert them once, where you trust them, with save_pretrained(safe_serialization=True))")
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
-                                                    local_files_only=True, attn_implementation=attn_implementation,
-                                                    trust_remote_code=source.trust_remote_code)
+            raise UserError(
+                f"{path}: no *.safetensors weights; pickled weights (*.bin, *.pt) are never loaded "
+                "(convert them once, where you trust them, with save_pretrained(safe_serialization=True))"
+            )
+        return AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            attn_implementation=attn_implementation,
+            trust_remote_code=source.trust_remote_code,
+        )
     # A from-scratch model is small by nature (tests, demo): built whole from its seed on every rank and
     # partitioned by deepspeed.initialize, so its weights are the same with or without ZeRO-3.
     torch.manual_seed(source.seed)
-    config = LlamaConfig(**source.config) if "model_type" not in source.config else AutoConfig.for_model(**source.config)
+    config = (
+        LlamaConfig(**source.config) if "model_type" not in source.config else AutoConfig.for_model(**source.config)
+    )
     return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
 
@@ -65,7 +76,9 @@ def hidden_size(source: ModelSource) -> int:
     from transformers import AutoConfig, LlamaConfig
 
     if source.path is None:
-        config = LlamaConfig(**source.config) if "model_type" not in source.config else AutoConfig.for_model(**source.config)
+        config = (
+            LlamaConfig(**source.config) if "model_type" not in source.config else AutoConfig.for_model(**source.config)
+        )
     else:
         config = pretrained_config(source)
     return int(config.get_text_config().hidden_size)
@@ -83,8 +96,10 @@ def pretrained_config(source: ModelSource) -> Any:
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise
-        raise UserError(f"{path}: the model ships its own Python code, which is not run unless you trust it: set "
-                        "model.trust_remote_code: true (only for checkpoints you trust)") from None
+        raise UserError(
+            f"{path}: the model ships its own Python code, which is not run unless you trust it: set "
+            "model.trust_remote_code: true (only for checkpoints you trust)"
+        ) from None
 
 
 def model_fingerprint(source: ModelSource) -> str:
@@ -95,8 +110,9 @@ def model_fingerprint(source: ModelSource) -> str:
     """
     h = hashlib.sha256()
     if source.path is None:
-        h.update(json.dumps({"config": source.config, "seed": source.seed, "dtype": source.dtype},
-                            sort_keys=True).encode())
+        h.update(
+            json.dumps({"config": source.config, "seed": source.seed, "dtype": source.dtype}, sort_keys=True).encode()
+        )
         return h.hexdigest()[:16]
     path = Path(source.path)
     for f in sorted(path.iterdir()):

@@ -9,10 +9,12 @@ partition through DeepSpeed's public ``safe_get/set_local_fp32_param`` and the
 local working copy (``ds_tensor``) the next forward gathers, so no rank ever
 materialises the full weights and the anchor costs 4 bytes per local element.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,8 +57,9 @@ def local_grad(p: torch.nn.Parameter) -> torch.Tensor:
 class AnchorPull:
     """L2-SP (``importance=None``) or EWC (per-element importance over the local partitions)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], weight: float,
-                 importance: list[torch.Tensor] | None = None) -> None:
+    def __init__(
+        self, params: list[torch.nn.Parameter], weight: float, importance: list[torch.Tensor] | None = None
+    ) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.weight = weight
         self.anchor = [local_fp32(p).detach().clone() for p in self.params]
@@ -101,8 +104,11 @@ def diagonal_fisher(engine, params: list[torch.nn.Parameter], batches, loss_fn) 
             n += 1
     finally:
         engine.set_gradient_accumulation_boundary(None)  # back to DeepSpeed's own micro-step counting
-    total = torch.tensor([float(sum(f.sum() for f in fisher)), float(sum(f.numel() for f in fisher))],
-                         dtype=torch.float64, device=engine.device)  # NCCL reduces device tensors only
+    total = torch.tensor(
+        [float(sum(f.sum() for f in fisher)), float(sum(f.numel() for f in fisher))],
+        dtype=torch.float64,
+        device=engine.device,
+    )  # NCCL reduces device tensors only
     if dist.is_initialized():
         dist.all_reduce(total)
     mean = float(total[0] / total[1]) / max(n, 1)
@@ -111,8 +117,9 @@ def diagonal_fisher(engine, params: list[torch.nn.Parameter], batches, loss_fn) 
     return [f / max(n, 1) / mean for f in fisher]
 
 
-def build_anchor_pull(cfg: TrainConfig, engine: Any, replay: ReplayShard | None, world: int,
-                      rank: int) -> AnchorPull | None:
+def build_anchor_pull(
+    cfg: TrainConfig, engine: Any, replay: ReplayShard | None, world: int, rank: int
+) -> AnchorPull | None:
     """The configured penalty, anchored at the engine's current (start) weights: call before any resume."""
     kind, params = cfg.penalty.kind, list(engine.module.parameters())
     if kind == "none":
@@ -126,7 +133,7 @@ def build_anchor_pull(cfg: TrainConfig, engine: Any, replay: ReplayShard | None,
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for b in range(cfg.penalty.ewc_batches):
             start = ((b * world + rank) * per) % len(rows)
-            ids, mask = pad_replay_rows(rows[start:start + per]["input_ids"], replay.replay_len)
+            ids, mask = pad_replay_rows(rows[start : start + per]["input_ids"], replay.replay_len)
             yield ids.to(engine.device), mask.to(engine.device)
 
     def loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -135,6 +142,7 @@ def build_anchor_pull(cfg: TrainConfig, engine: Any, replay: ReplayShard | None,
 
     fisher = diagonal_fisher(engine, params, batches(), loss)
     peak = max(float(f.max()) for f in fisher if f.numel())
-    log.info("EWC: diagonal Fisher from %d replay batches; largest importance %.1fx the mean",
-             cfg.penalty.ewc_batches, peak)
+    log.info(
+        "EWC: diagonal Fisher from %d replay batches; largest importance %.1fx the mean", cfg.penalty.ewc_batches, peak
+    )
     return AnchorPull(params, cfg.penalty.weight, fisher)

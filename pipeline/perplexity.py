@@ -10,10 +10,12 @@ document's first window only (``whole_documents=False``). Ranks split the
 windows and all-reduce the sums; under ZeRO-3 every rank runs the same number
 of forwards.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,12 +29,21 @@ Forward = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids → [1, L, V] log
 def windows(doc_lengths: Sequence[int], seq_len: int, whole_documents: bool = True) -> list[tuple[int, int]]:
     """(document, start) of every window; consecutive windows share one token (the next one's context)."""
     stride = seq_len - 1
-    return [(d, start) for d, n in enumerate(doc_lengths)
-            for start in (range(0, max(n - 1, 1), stride) if whole_documents else (0,))]
+    return [
+        (d, start)
+        for d, n in enumerate(doc_lengths)
+        for start in (range(0, max(n - 1, 1), stride) if whole_documents else (0,))
+    ]
 
 
-def perplexity(forward: Forward, docs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], seq_len: int,
-               device: torch.device | str = "cpu", whole_documents: bool = True) -> dict[str, float]:
+def perplexity(
+    forward: Forward,
+    docs: Sequence[Sequence[int]],
+    masks: Sequence[Sequence[int]],
+    seq_len: int,
+    device: torch.device | str = "cpu",
+    whole_documents: bool = True,
+) -> dict[str, float]:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     spans = windows([len(d) for d in docs], seq_len, whole_documents)
     mine = spans[rank::world]
@@ -44,8 +55,8 @@ def perplexity(forward: Forward, docs: Sequence[Sequence[int]], masks: Sequence[
             bar.update(1)
             real = k < len(mine)
             d, start = mine[k] if real else spans[0]  # a padding forward keeps ZeRO-3 collectives in step
-            ids = torch.as_tensor(docs[d][start:start + seq_len], dtype=torch.long, device=device).unsqueeze(0)
-            target_mask = torch.as_tensor(masks[d][start + 1:start + seq_len], dtype=torch.bool, device=device)
+            ids = torch.as_tensor(docs[d][start : start + seq_len], dtype=torch.long, device=device).unsqueeze(0)
+            target_mask = torch.as_tensor(masks[d][start + 1 : start + seq_len], dtype=torch.bool, device=device)
             if ids.shape[1] < 2:
                 ids = torch.cat([ids, ids], 1)
                 target_mask = torch.zeros(1, dtype=torch.bool, device=device)
@@ -61,13 +72,20 @@ def perplexity(forward: Forward, docs: Sequence[Sequence[int]], masks: Sequence[
     return {"nll": nll, "tokens": tokens, "ppl": math.exp(nll / tokens) if tokens else float("nan")}
 
 
-def holdout_perplexities(forward: Forward, holdout: dict[str, Any], seq_len: int, max_docs: int,
-                         device: torch.device | str = "cpu", whole_documents: bool = True) -> dict[str, float]:
+def holdout_perplexities(
+    forward: Forward,
+    holdout: dict[str, Any],
+    seq_len: int,
+    max_docs: int,
+    device: torch.device | str = "cpu",
+    whole_documents: bool = True,
+) -> dict[str, float]:
     """{'ppl/general': ..., 'ppl/domain': ...} for the holdout splits given as datasets."""
     out = {}
     for role, ds in holdout.items():
         n = min(max_docs, len(ds))
         rows = ds.select(range(n))
-        out[f"ppl/{role}"] = perplexity(forward, rows["input_ids"], rows["loss_mask"], seq_len, device,
-                                        whole_documents)["ppl"]
+        out[f"ppl/{role}"] = perplexity(
+            forward, rows["input_ids"], rows["loss_mask"], seq_len, device, whole_documents
+        )["ppl"]
     return out

@@ -8,6 +8,7 @@ that contradicts an explicit ``enabled: true`` in the JSON is an error rather
 than a silent choice of one of them. The resolved dtype is written into the
 run's config, so a checkpoint, its export and its GeRe cache agree on it.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,10 @@ def resolve_dtype(model_dtype: str, ds_json: str | Path, cuda: bool | None = Non
         raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if model_dtype != "auto":
         if asked is not None and asked != model_dtype:
-            raise UserError(f"model.dtype is {model_dtype} but {path} enables {DS_BLOCK[asked]}; "
-                             "set model.dtype: auto, or make the two agree")
+            raise UserError(
+                f"model.dtype is {model_dtype} but {path} enables {DS_BLOCK[asked]}; "
+                "set model.dtype: auto, or make the two agree"
+            )
         return model_dtype
     if asked is not None:
         return asked

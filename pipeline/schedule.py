@@ -4,13 +4,15 @@ A pure function of the step, so a resumed run and the tests compute the same
 value without replaying anything. ``step`` counts optimizer steps from 0; the
 lr of step 0 is the first warmup value (never 0, which would waste a step).
 """
+
 from __future__ import annotations
 
 import math
 
 
-def lr_at(step: int, peak: float, total_steps: int, warmup_steps: int, decay: str = "cosine",
-          min_lr_ratio: float = 0.1) -> float:
+def lr_at(
+    step: int, peak: float, total_steps: int, warmup_steps: int, decay: str = "cosine", min_lr_ratio: float = 0.1
+) -> float:
     if warmup_steps > 0 and step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if decay == "constant":

@@ -3,6 +3,7 @@
 Also runs as one plain process (``python -m pipeline.train --config ...``).
 Overrides: ``--set optim.lr=1e-5 --set steps=200``. See README: Training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ log = logging.getLogger("pipeline.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="training YAML (paths relative to it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--help-config", action="store_true", help="print every config key (type, default, meaning)")
@@ -32,8 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rank = int(os.environ.get("RANK", "0"))
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
     def body() -> None:
         cfg = load_train_config(args.config, args.set)  # a bad config fails before any process group forms

@@ -6,6 +6,7 @@ GeRe cache saw them). The loss is formed by ``pipeline/losses/objective.py``;
 each component (engines, replay feed, penalty, checkpoints) is built from the
 config in its own module and handed to this loop.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,22 +58,28 @@ class Trainer:
         tokenizer = load_tokenizer(self.prep.tokenizer)
         base, start = model_sources(cfg)
         ds_cfg = filled_ds_config(cfg, self.world, hidden_size(start))
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.rank,
-                                             self.world)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.rank, self.world
+        )
         self.resume_from = self.checkpoints.resume_point(cfg.checkpoint.resume, ds_cfg)
         self.engine = build_engine(cfg, start, ds_cfg, self._scheduler, tokenizer.vocab_size, self.seq_len)
         self.device = self.engine.device
         self.teacher = build_teacher(cfg, base, ds_cfg) if needs_teacher(cfg) else None
-        self.replay = ReplayFeed.from_config(cfg, self.prep, base, tokenizer.fingerprint, self.world, self.rank,
-                                             self.device)
-        self.pull = build_anchor_pull(cfg, self.engine, ReplayShard.open(self.prep.replay) if self.prep.replay
-                                      else None, self.world, self.rank)  # anchored at the start weights
+        self.replay = ReplayFeed.from_config(
+            cfg, self.prep, base, tokenizer.fingerprint, self.world, self.rank, self.device
+        )
+        self.pull = build_anchor_pull(
+            cfg, self.engine, ReplayShard.open(self.prep.replay) if self.prep.replay else None, self.world, self.rank
+        )  # anchored at the start weights
         self.objective = Objective(cfg.replay, cfg.kd)
         self.step, self.tokens_seen = 0, 0
         self._resume()
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard)
-        self.holdout = {role: datasets.load_from_disk(str(p)) for role, p in self.prep.holdout.items()
-                        if role in ("general", "domain")}
+        self.holdout = {
+            role: datasets.load_from_disk(str(p))
+            for role, p in self.prep.holdout.items()
+            if role in ("general", "domain")
+        }
         self._stop = False
         self.peak_flops = device_peak_flops(cfg.log.peak_tflops)
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
@@ -90,8 +97,11 @@ class Trainer:
                 last = self.train_step()
                 self.step += 1
                 self.tokens_seen += self.order.global_batch * self.seq_len
-                last.update(tokens_seen=self.tokens_seen, epoch=self.order.epoch(self.step),
-                            tok_s=self.order.global_batch * self.seq_len / (time.perf_counter() - started))
+                last.update(
+                    tokens_seen=self.tokens_seen,
+                    epoch=self.order.epoch(self.step),
+                    tok_s=self.order.global_batch * self.seq_len / (time.perf_counter() - started),
+                )
                 if self.peak_flops:
                     last["mfu"] = model_flops_utilization(last["tok_s"] / self.world, self.n_params, self.peak_flops)
                 if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
@@ -121,10 +131,13 @@ class Trainer:
         accum, scale = cfg.batch.grad_accum, cfg.batch.grad_accum * self.world
         # This rank's micro-batches are read before the first forward: their loss tokens, summed over ranks
         # in one scalar all-reduce, are what the global mean divides by (each rank reads only its own rows).
-        micro = [{k: v.to(self.device) for k, v in packed_inputs(self.mixture[self.order.rows(self.step, j)]).items()}
-                 for j in range(accum)]
-        counted = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)], dtype=torch.float64,
-                               device=self.device)  # NCCL reduces device tensors only
+        micro = [
+            {k: v.to(self.device) for k, v in packed_inputs(self.mixture[self.order.rows(self.step, j)]).items()}
+            for j in range(accum)
+        ]
+        counted = torch.tensor(
+            [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)], dtype=torch.float64, device=self.device
+        )  # NCCL reduces device tensors only
         dist.all_reduce(counted)
         global_tokens = max(int(counted.item()), 1)
         replay_chunks = self.replay.step_chunks() if self.replay else [None] * accum
@@ -149,40 +162,55 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
         try:
-            return holdout_perplexities(lambda ids: self.engine(input_ids=ids, use_cache=False).logits, self.holdout,
-                                        self.seq_len, self.cfg.eval.max_docs, self.device, whole_documents=False)
+            return holdout_perplexities(
+                lambda ids: self.engine(input_ids=ids, use_cache=False).logits,
+                self.holdout,
+                self.seq_len,
+                self.cfg.eval.max_docs,
+                self.device,
+                whole_documents=False,
+            )
         finally:
             self.engine.train()
 
     def save(self) -> Path:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "global_batch": self.order.global_batch,
-                 "world": self.world, "config": to_dict(self.cfg),
-                 "replay_sampler": self.replay.state_dict() if self.replay else None}
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "global_batch": self.order.global_batch,
+            "world": self.world,
+            "config": to_dict(self.cfg),
+            "replay_sampler": self.replay.state_dict() if self.replay else None,
+        }
         return self.checkpoints.save(self.engine, self.step, state)
 
     # --- pieces ---------------------------------------------------------------------------------------
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         peak, o = self.cfg.peak_lr, self.cfg.optim
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(
-            s, peak, self.total_steps, self.warmup, o.decay, o.min_lr_ratio) / peak)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_at(s, peak, self.total_steps, self.warmup, o.decay, o.min_lr_ratio) / peak
+        )
 
     def _task_forward(self, batch: dict[str, torch.Tensor], rows: list[int]) -> TaskOutputs:
         attn = self.cfg.model.attn_implementation
-        task = TaskOutputs(forward_packed(self.engine, batch["input_ids"], batch["position_ids"], attn),
-                           batch["labels"])
+        task = TaskOutputs(
+            forward_packed(self.engine, batch["input_ids"], batch["position_ids"], attn), batch["labels"]
+        )
         if self.cfg.kd.weight > 0:
             with torch.no_grad():
                 task.teacher_logits = forward_packed(self.teacher, batch["input_ids"], batch["position_ids"], attn)
             if self.cfg.kd.rows == "general":
-                task.distilled_rows = torch.tensor([r == "general" for r in self.mixture[rows]["role"]],
-                                                   device=self.device)
+                task.distilled_rows = torch.tensor(
+                    [r == "general" for r in self.mixture[rows]["role"]], device=self.device
+                )
         return task
 
     def _replay_forward(self, index: list[int]) -> ReplayOutputs:
         inputs = self.replay.inputs(index, self.device, self.teacher)
-        out = self.engine(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, output_hidden_states=True,
-                          use_cache=False)
+        out = self.engine(
+            input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, output_hidden_states=True, use_cache=False
+        )
         return ReplayOutputs(out.logits, out.hidden_states[-1], inputs)
 
     def _resume(self) -> None:
@@ -190,8 +218,10 @@ class Trainer:
             return
         state = self.checkpoints.load(self.engine, *self.resume_from)
         if state["global_batch"] != self.order.global_batch:
-            raise ConfigError(f"checkpoint has global batch {state['global_batch']} rows, this run "
-                             f"{self.order.global_batch}: the data order would change")
+            raise ConfigError(
+                f"checkpoint has global batch {state['global_batch']} rows, this run "
+                f"{self.order.global_batch}: the data order would change"
+            )
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.replay is not None and state.get("replay_sampler"):
             self.replay.load_state_dict(state["replay_sampler"])

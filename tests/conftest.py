@@ -1,12 +1,13 @@
 """Shared fixtures: real text from Python's stdlib and a throwaway tokenizer trained on it."""
+
 from __future__ import annotations
 
 import gzip
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -15,8 +16,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from data_prep.sample import SampleSizes, train_sample_tokenizer, write_sample_corpora
 
-TINY = SampleSizes(domain_chars=150_000, general_chars=120_000, max_file_chars=12_000,
-                   instruction_examples=120, vocab_size=768)
+TINY = SampleSizes(
+    domain_chars=150_000, general_chars=120_000, max_file_chars=12_000, instruction_examples=120, vocab_size=768
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,6 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Sample:
     paths = write_sample_corpora(root / "corpora", TINY)
     model = train_sample_tokenizer([paths["domain"], paths["general"]], root / "spm.model", TINY.vocab_size)
     return Sample(root, paths["domain"], paths["general"], paths["instruction"], model)
-
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +69,7 @@ def lost(record_property: Callable[[str, object], None]) -> Callable[[int], int]
 
     Tests record before they assert that the count is 0, so the bench can total what a failure lost.
     """
+
     def record(count: int) -> int:
         record_property("data_lost", count)
         return count

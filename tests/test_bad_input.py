@@ -7,6 +7,7 @@ nothing written, earlier outputs byte-identical). Every case is a row of
 bench/reliability.py's table; ``lost`` counts good documents or earlier files
 that did not survive.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -15,9 +16,9 @@ import shutil
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,6 +60,7 @@ def build(*inputs: Path, role: str = "domain") -> list[str]:
 
 
 # --- data: counted rejects ------------------------------------------------------------------------------
+
 
 def malformed_json(d: Path, good: list[str]):
     path = jsonl(d / "a.jsonl", *good_records(good[:4]), b'{"text": "no closing brace"', *good_records(good[4:]))
@@ -138,6 +140,7 @@ def instruction_without_answer(d: Path, good: list[str]):
 
 # --- data: refused --------------------------------------------------------------------------------------
 
+
 def corrupt_parquet(d: Path, good: list[str]):
     pq.write_table(pa.table({"text": good}), d / "a.parquet")
     data = (d / "a.parquet").read_bytes()
@@ -161,6 +164,7 @@ def too_many_rejects(d: Path, good: list[str]):
 
 # --- config ---------------------------------------------------------------------------------------------
 
+
 def prep_yaml(d: Path, text: str) -> list[str]:
     (d / "prep.yaml").write_text(text)
     return ["prepare", "--config", str(d / "prep.yaml")]
@@ -177,8 +181,9 @@ def prepare_unknown_key(d: Path, good: list[str]):
 
 
 def prepare_wrong_type(d: Path, good: list[str]):
-    args = prep_yaml(d, "tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x]}\n"
-                        "mix: {general_ratio: high}\n")
+    args = prep_yaml(
+        d, "tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x]}\nmix: {general_ratio: high}\n"
+    )
     return args, 0, Refused(("prep.yaml: mix.general_ratio must be a number, got 'high'",))
 
 
@@ -203,6 +208,7 @@ def corrupt_tokenizer(d: Path, good: list[str]):
 
 # --- security -------------------------------------------------------------------------------------------
 
+
 def pickle_as_data(d: Path, good: list[str]):
     (d / "data.pkl").write_bytes(b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00.")
     return build(d / "data.pkl"), 0, Refused(("data.pkl: unknown file type",))
@@ -215,13 +221,40 @@ def name_with_a_path(d: Path, good: list[str]):
 
 
 DATA_CASES: dict[str, tuple[str, Case]] = {
-    **{f.__name__: ("bad input: data", f) for f in (
-        malformed_json, truncated_json, invalid_utf8, nul_bytes, empty_documents, huge_document, wrong_field_names,
-        text_not_a_string, not_an_object, mixed_parquet_schemas, truncated_gzip, binary_file,
-        instruction_without_answer, corrupt_parquet, missing_input, empty_input, too_many_rejects)},
-    **{f.__name__: ("bad input: config", f) for f in (
-        prepare_bad_yaml, prepare_unknown_key, prepare_wrong_type, ratio_out_of_range, seq_len_too_small,
-        missing_tokenizer, corrupt_tokenizer)},
+    **{
+        f.__name__: ("bad input: data", f)
+        for f in (
+            malformed_json,
+            truncated_json,
+            invalid_utf8,
+            nul_bytes,
+            empty_documents,
+            huge_document,
+            wrong_field_names,
+            text_not_a_string,
+            not_an_object,
+            mixed_parquet_schemas,
+            truncated_gzip,
+            binary_file,
+            instruction_without_answer,
+            corrupt_parquet,
+            missing_input,
+            empty_input,
+            too_many_rejects,
+        )
+    },
+    **{
+        f.__name__: ("bad input: config", f)
+        for f in (
+            prepare_bad_yaml,
+            prepare_unknown_key,
+            prepare_wrong_type,
+            ratio_out_of_range,
+            seq_len_too_small,
+            missing_tokenizer,
+            corrupt_tokenizer,
+        )
+    },
     **{f.__name__: ("security", f) for f in (pickle_as_data, name_with_a_path)},
 }
 
@@ -230,15 +263,30 @@ DATA_CASES: dict[str, tuple[str, Case]] = {
 def earlier_build(sample, tmp_path_factory) -> Path:
     """A cache holding one complete build, which no failing command may touch."""
     cache = tmp_path_factory.mktemp("earlier") / "cache"
-    result = data_prep("build", "--name", "docs", "--role", "general", "--input", str(sample.general), "--cache",
-                       str(cache), "--tokenizer", str(sample.tokenizer), "--seq-len", "32", "-q")
+    result = data_prep(
+        "build",
+        "--name",
+        "docs",
+        "--role",
+        "general",
+        "--input",
+        str(sample.general),
+        "--cache",
+        str(cache),
+        "--tokenizer",
+        str(sample.tokenizer),
+        "--seq-len",
+        "32",
+        "-q",
+    )
     assert result.returncode == 0, result.stderr
     return cache
 
 
 def data_prep(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env(), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, cwd=ROOT, env=env(), timeout=300
+    )
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], needles: tuple[str, ...]) -> None:
@@ -263,8 +311,13 @@ def test_bad_data_or_prep_config(name, sample, earlier_build, tmp_path, lost):
     before = digest(cache)
     args, expected_docs, expected = case(tmp_path, good)
     if args[0] == "build":
-        defaults = {"--cache": str(cache), "--seq-len": "32", "--workers": "0", "--tokenizer": str(sample.tokenizer),
-                    "--max-reject-fraction": "0.5" if isinstance(expected, Rejected) else None}
+        defaults = {
+            "--cache": str(cache),
+            "--seq-len": "32",
+            "--workers": "0",
+            "--tokenizer": str(sample.tokenizer),
+            "--max-reject-fraction": "0.5" if isinstance(expected, Rejected) else None,
+        }
         args += ["-q"] + [a for k, v in defaults.items() if v is not None and k not in args for a in (k, v)]
     result = data_prep(*args)
     if isinstance(expected, Rejected):
@@ -289,19 +342,32 @@ def test_bad_data_or_prep_config(name, sample, earlier_build, tmp_path, lost):
 
 # --- training config and model ----------------------------------------------------------------------------
 
+
 def train_cli(config: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     args = [a for o in overrides for a in ("--set", o)]
-    return subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(config), *args],
-                          capture_output=True, text=True, cwd=ROOT, env=env(), timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env(),
+        timeout=600,
+    )
 
 
 def remote_code_model(d: Path) -> Path:
     """A model directory whose config asks for its own Python code, which would leave a marker if it ran."""
     model = d / "custom_model"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "custom", "architectures": ["CustomModel"],
-                                                   "auto_map": {"AutoConfig": "modeling.CustomConfig",
-                                                                "AutoModelForCausalLM": "modeling.CustomModel"}}))
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "custom",
+                "architectures": ["CustomModel"],
+                "auto_map": {"AutoConfig": "modeling.CustomConfig", "AutoModelForCausalLM": "modeling.CustomModel"},
+            }
+        )
+    )
     (model / "modeling.py").write_text(f"open({str(d / 'code_ran')!r}, 'w').close()\n")
     (model / "model.safetensors").write_bytes(b"")
     return model
@@ -329,35 +395,57 @@ def other_models_cache(d: Path, prep: Path) -> Path:
     model = load_causal_lm(source).eval()
     meta = json.loads((prep / "replay" / "replay.json").read_text())
     rows = datasets.load_from_disk(str(prep / "replay" / "data"))
-    return build_cache(lambda i, m: final_hidden_states(model, i, m), rows["input_ids"], rows["id"], d / "cache",
-                       hidden_size=TINY_LLAMA["hidden_size"], replay_len=meta["replay_len"], batch_size=4,
-                       model_fingerprint=model_fingerprint(source), tokenizer_fingerprint=meta["tokenizer_fingerprint"])
+    return build_cache(
+        lambda i, m: final_hidden_states(model, i, m),
+        rows["input_ids"],
+        rows["id"],
+        d / "cache",
+        hidden_size=TINY_LLAMA["hidden_size"],
+        replay_len=meta["replay_len"],
+        batch_size=4,
+        model_fingerprint=model_fingerprint(source),
+        tokenizer_fingerprint=meta["tokenizer_fingerprint"],
+    )
 
 
 TRAIN_CASES: dict[str, tuple[str, Callable[[Path, Path], tuple[dict, list[str]]], tuple[str, ...]]] = {
-    "train_unknown_key": ("bad input: config", lambda d, p: ({"optim": {"lr_peak": 1e-4}}, []),
-                          ("unknown key", "optim.lr_peak")),
+    "train_unknown_key": (
+        "bad input: config",
+        lambda d, p: ({"optim": {"lr_peak": 1e-4}}, []),
+        ("unknown key", "optim.lr_peak"),
+    ),
     "train_negative_lr": ("bad input: config", lambda d, p: ({}, ["optim.lr=-1e-5"]), ("optim.lr", "> 0")),
     "train_wrong_type": ("bad input: config", lambda d, p: ({"steps": "many"}, []), ("steps",)),
-    "train_missing_prep": ("bad input: config", lambda d, p: ({"data": {"prep": str(d / "no_prep")}}, []),
-                           ("no_prep",)),
-    "seq_len_above_model_max": ("bad input: config",
-                                lambda d, p: ({"model": {"config": {**TINY_LLAMA, "max_position_embeddings": 32}}}, []),
-                                ("seq_len 64 is above the model's max_position_embeddings 32",)),
-    "tokenizer_model_vocab_mismatch": ("bad input: config",
-                                       lambda d, p: ({"model": {"config": {**TINY_LLAMA, "vocab_size": 500}}}, []),
-                                       ("768 tokens", "vocabulary only 500")),
-    "replay_cache_from_another_model": ("bad input: config",
-                                        lambda d, p: ({"replay": {"strategy": "tm",
-                                                                  "cache": str(other_models_cache(d, p))}}, []),
-                                        ("built for another model",)),
-    "remote_code_not_run": ("security",
-                            lambda d, p: ({"model": {"config": None, "path": str(remote_code_model(d))}}, []),
-                            ("trust_remote_code",)),
-    "pickled_weights_not_loaded": ("security",
-                                   lambda d, p: ({"model": {"config": None, "path": str(pickled_weights_model(d))}},
-                                                 []),
-                                   ("no *.safetensors weights",)),
+    "train_missing_prep": (
+        "bad input: config",
+        lambda d, p: ({"data": {"prep": str(d / "no_prep")}}, []),
+        ("no_prep",),
+    ),
+    "seq_len_above_model_max": (
+        "bad input: config",
+        lambda d, p: ({"model": {"config": {**TINY_LLAMA, "max_position_embeddings": 32}}}, []),
+        ("seq_len 64 is above the model's max_position_embeddings 32",),
+    ),
+    "tokenizer_model_vocab_mismatch": (
+        "bad input: config",
+        lambda d, p: ({"model": {"config": {**TINY_LLAMA, "vocab_size": 500}}}, []),
+        ("768 tokens", "vocabulary only 500"),
+    ),
+    "replay_cache_from_another_model": (
+        "bad input: config",
+        lambda d, p: ({"replay": {"strategy": "tm", "cache": str(other_models_cache(d, p))}}, []),
+        ("built for another model",),
+    ),
+    "remote_code_not_run": (
+        "security",
+        lambda d, p: ({"model": {"config": None, "path": str(remote_code_model(d))}}, []),
+        ("trust_remote_code",),
+    ),
+    "pickled_weights_not_loaded": (
+        "security",
+        lambda d, p: ({"model": {"config": None, "path": str(pickled_weights_model(d))}}, []),
+        ("no *.safetensors weights",),
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """build: byte-identical for any worker count or piece split, resumable, cached, deduped, holdout disjoint."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,25 +20,35 @@ OPTIONS = BuildOptions(seq_len=128, seed=7, docs_per_chunk=6)
 
 def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every output file, by relative path (spec.json names the tokenizer path, so it is left out)."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "spec.json"}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "spec.json"
+    }
 
 
 def spec(sample, role="domain", **kw) -> SourceSpec:
-    return SourceSpec(name=f"s-{role}", role=role, paths=(str(getattr(sample, role)),),
-                      holdout_fraction=kw.pop("holdout_fraction", 0.1), **kw)
+    return SourceSpec(
+        name=f"s-{role}",
+        role=role,
+        paths=(str(getattr(sample, role)),),
+        holdout_fraction=kw.pop("holdout_fraction", 0.1),
+        **kw,
+    )
 
 
 def test_output_is_identical_for_1_or_2_workers_and_for_a_2_piece_split(sample, tmp_path):
     one = build_source(spec(sample), OPTIONS, str(sample.tokenizer), tmp_path / "w1", workers=1, quiet=True)
     two = build_source(spec(sample), OPTIONS, str(sample.tokenizer), tmp_path / "w2", workers=2, quiet=True)
-    first = build_source(spec(sample), OPTIONS, str(sample.tokenizer), tmp_path / "k2", num_shards=2, shard_index=0,
-                         quiet=True)
+    first = build_source(
+        spec(sample), OPTIONS, str(sample.tokenizer), tmp_path / "k2", num_shards=2, shard_index=0, quiet=True
+    )
     assert not (first / "build.json").exists()  # half the chunks: not presented as complete
     with pytest.raises(UserError, match="not built yet"):
         finalize(first)
-    second = build_source(spec(sample), OPTIONS, str(sample.tokenizer), tmp_path / "k2", num_shards=2,
-                          shard_index=1, quiet=True)
+    second = build_source(
+        spec(sample), OPTIONS, str(sample.tokenizer), tmp_path / "k2", num_shards=2, shard_index=1, quiet=True
+    )
     assert second == first and (second / "build.json").is_file()
     assert load_build(one)["chunks"] and len(load_build(one)["chunks"]) > 3
     assert tree_digest(one) == tree_digest(two) == tree_digest(second)
@@ -68,8 +79,9 @@ def test_finished_build_is_reused_and_a_changed_option_gets_a_new_cache(sample, 
     stamp = (first / "build.json").stat().st_mtime_ns
     assert build_source(spec(sample), OPTIONS, str(sample.tokenizer), tmp_path, quiet=True) == first
     assert (first / "build.json").stat().st_mtime_ns == stamp
-    other = build_source(spec(sample), BuildOptions(seq_len=96, seed=7, docs_per_chunk=6), str(sample.tokenizer),
-                         tmp_path, quiet=True)
+    other = build_source(
+        spec(sample), BuildOptions(seq_len=96, seed=7, docs_per_chunk=6), str(sample.tokenizer), tmp_path, quiet=True
+    )
     assert other != first
 
 
@@ -105,10 +117,21 @@ def test_prepare_split_into_pieces_then_finished_unsplit_equals_a_single_run(sam
     from data_prep.prepare import prepare
 
     def config(out):
-        return parse_config({"tokenizer": str(sample.tokenizer), "out": str(out), "seq_len": 64, "docs_per_chunk": 8,
-                             "sources": [{"name": "d", "role": "domain", "paths": [str(sample.domain)]},
-                                         {"name": "g", "role": "general", "paths": [str(sample.general)]}],
-                             "replay": {"num_samples": 5, "replay_len": 16}}, base=tmp_path, origin="test")
+        return parse_config(
+            {
+                "tokenizer": str(sample.tokenizer),
+                "out": str(out),
+                "seq_len": 64,
+                "docs_per_chunk": 8,
+                "sources": [
+                    {"name": "d", "role": "domain", "paths": [str(sample.domain)]},
+                    {"name": "g", "role": "general", "paths": [str(sample.general)]},
+                ],
+                "replay": {"num_samples": 5, "replay_len": 16},
+            },
+            base=tmp_path,
+            origin="test",
+        )
 
     prepare(config(tmp_path / "single"), quiet=True)
     assert prepare(config(tmp_path / "split"), quiet=True, num_shards=3, shard_index=0) is None
@@ -130,9 +153,31 @@ def test_a_build_killed_mid_run_and_rerun_ends_identical_to_a_clean_one(sample, 
 
     opts = BuildOptions(seq_len=64, seed=7, docs_per_chunk=2)
     clean = build_source(spec(sample), opts, str(sample.tokenizer), tmp_path / "clean", workers=0, quiet=True)
-    args = [sys.executable, "-m", "data_prep", "build", "--name", "s-domain", "--role", "domain", "--input",
-            str(sample.domain), "--tokenizer", str(sample.tokenizer), "--cache", str(tmp_path / "killed"),
-            "--seq-len", "64", "--seed", "7", "--docs-per-chunk", "2", "--holdout-fraction", "0.1", "-q"]
+    args = [
+        sys.executable,
+        "-m",
+        "data_prep",
+        "build",
+        "--name",
+        "s-domain",
+        "--role",
+        "domain",
+        "--input",
+        str(sample.domain),
+        "--tokenizer",
+        str(sample.tokenizer),
+        "--cache",
+        str(tmp_path / "killed"),
+        "--seq-len",
+        "64",
+        "--seed",
+        "7",
+        "--docs-per-chunk",
+        "2",
+        "--holdout-fraction",
+        "0.1",
+        "-q",
+    ]
     proc = subprocess.Popen(args, start_new_session=True)
     chunks = tmp_path / "killed" / "domain" / clean.name / "chunks"
     deadline = time.monotonic() + 60

@@ -1,4 +1,5 @@
 """Damaged, half-written and hostile checkpoints: a clear error naming the file, nothing run, nothing deleted."""
+
 from __future__ import annotations
 
 import builtins
@@ -52,7 +53,7 @@ def truncate(path: Path) -> None:
 def flip_bytes(path: Path) -> None:
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])  # same size, other bytes
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])  # same size, other bytes
     path.write_bytes(bytes(data))
 
 
@@ -97,9 +98,22 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_anything_unpickles_i
     hostile(run / "checkpoints" / LAST, marker)
     with pytest.raises(UserError, match=rf"{MODEL}: refused by the weights-only loader: .*GLOBAL"):
         CheckpointManager(run / "checkpoints", keep_last=10, rank=0, world=1).resolve("auto")
-    export = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(run / "checkpoints" / LAST),
-                             "--out", str(tmp_path / "hf")], capture_output=True, text=True, env=env(), cwd=ROOT,
-                            timeout=300)
+    export = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.export",
+            "--checkpoint",
+            str(run / "checkpoints" / LAST),
+            "--out",
+            str(tmp_path / "hf"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert export.returncode == 2 and "Traceback" not in export.stderr and "weights-only" in export.stderr
     assert not marker.exists() and not (tmp_path / "hf").exists()
     lost(0)
@@ -129,8 +143,11 @@ def test_enum_members_pickled_by_name_pass_the_check_and_no_other_getattr_does(t
 
     assert file_problem(*saved("by_value", ZeroStageEnum.weights)) is None
     assert file_problem(*saved("by_name", ByName(ZeroStageEnum, "weights"))) is None
-    reaches = {"a method of an allowed class": ByName(LossScaler, "update_scale"),
-               "not a member": ByName(ZeroStageEnum, "__class__"), "a tensor method": ByName(torch.Tensor, "add_")}
+    reaches = {
+        "a method of an allowed class": ByName(LossScaler, "update_scale"),
+        "not a member": ByName(ZeroStageEnum, "__class__"),
+        "a tensor method": ByName(torch.Tensor, "add_"),
+    }
     refused = {what: file_problem(*saved(what.replace(" ", "_"), value)) for what, value in reaches.items()}
     assert lost(sum(problem is None for problem in refused.values())) == 0, refused
     assert all("weights-only" in problem for problem in refused.values()), refused
@@ -141,8 +158,14 @@ def test_training_on_a_damaged_checkpoint_exits_with_one_line_and_keeps_it(run, 
     truncate(run / "checkpoints" / LAST / OPTIM)
     before = digest(run / "checkpoints")
     config = write_config(tmp_path / "cpt.yaml", prep, run)
-    result = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(config)], capture_output=True,
-                            text=True, env=env(), cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert lost(len(set(before.items()) ^ set(digest(run / "checkpoints").items()))) == 0
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"{OPTIM}: " in result.stderr and "truncated" in result.stderr
@@ -154,8 +177,14 @@ def test_export_never_replaces_a_directory_that_is_not_an_export(reference, tmp_
     precious.mkdir()
     (precious / "todo.txt").write_text("keep me\n")
     checkpoint = reference[1] / "checkpoints" / LAST
-    result = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(checkpoint), "--out",
-                             str(precious)], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.export", "--checkpoint", str(checkpoint), "--out", str(precious)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=300,
+    )
     assert lost(0 if (precious / "todo.txt").read_text() == "keep me\n" else 1) == 0
     assert result.returncode == 2 and "is not an earlier export" in result.stderr
     assert "Traceback" not in result.stderr
@@ -164,8 +193,11 @@ def test_export_never_replaces_a_directory_that_is_not_an_export(reference, tmp_
 def test_the_manifest_lists_every_file_a_save_wrote(reference):
     tag_dir = reference[1] / "checkpoints" / LAST
     manifest = json.loads((tag_dir / COMPLETE).read_text())
-    on_disk = {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in tag_dir.rglob("*")
-               if p.is_file() and p.name != COMPLETE}
+    on_disk = {
+        p.relative_to(tag_dir).as_posix(): p.stat().st_size
+        for p in tag_dir.rglob("*")
+        if p.is_file() and p.name != COMPLETE
+    }
     assert manifest["files"] == on_disk and manifest["world"] == 2
     assert {MODEL, OPTIM, "pipeline_state.json", "rng_rank00001.safetensors"} <= set(on_disk)
 
@@ -196,5 +228,9 @@ def test_a_step_saved_again_never_leaves_latest_on_a_directory_being_written(tmp
     assert lost(0 if manager.resolve("auto") == (tmp_path, "step00000004") else 1) == 0
     manager.save(FakeEngine(), 8, {"step": 8})
     assert sorted(p.name for p in (tmp_path / "step00000008").iterdir()) == [
-        COMPLETE, "pipeline_state.json", "rng_rank00000.safetensors", "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+        COMPLETE,
+        "pipeline_state.json",
+        "rng_rank00000.safetensors",
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+    ]
     assert manager.resolve("auto") == (tmp_path, "step00000008")

@@ -1,4 +1,5 @@
 """The CLI as a user meets it: clear one-line errors naming the file, exit codes, no tracebacks."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ from pathlib import Path
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def assert_user_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -38,8 +40,22 @@ def test_too_many_rejects_fail_the_build_and_leave_no_completion_marker(sample, 
     lines = [{"text": t} for t in sample.texts("general")[:10]] + ["not json"] * 3
     path = tmp_path / "half.jsonl"
     path.write_text("".join((json.dumps(r) if isinstance(r, dict) else r) + "\n" for r in lines))
-    args = ["build", "--name", "half", "--role", "general", "--input", str(path), "--tokenizer", str(sample.tokenizer),
-            "--cache", str(tmp_path / "cache"), "--seq-len", "64", "-q"]
+    args = [
+        "build",
+        "--name",
+        "half",
+        "--role",
+        "general",
+        "--input",
+        str(path),
+        "--tokenizer",
+        str(sample.tokenizer),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--seq-len",
+        "64",
+        "-q",
+    ]
     result = run(*args)
     assert_user_error(result, "3 of 13 records rejected", "rejects.jsonl", "malformed JSON")
     build_dir = next((tmp_path / "cache" / "general").iterdir())
@@ -52,8 +68,10 @@ def test_too_many_rejects_fail_the_build_and_leave_no_completion_marker(sample, 
 
 
 def test_mix_ratio_out_of_range_is_refused(tmp_path):
-    assert_user_error(run("mix", str(tmp_path), "--out", str(tmp_path / "m"), "--general-ratio", "1.0"),
-                      "--general-ratio must be in [0, 1)")
+    assert_user_error(
+        run("mix", str(tmp_path), "--out", str(tmp_path / "m"), "--general-ratio", "1.0"),
+        "--general-ratio must be in [0, 1)",
+    )
 
 
 def test_bad_config_names_the_file_and_the_key_or_line(tmp_path):
@@ -64,11 +82,12 @@ def test_bad_config_names_the_file_and_the_key_or_line(tmp_path):
     assert_user_error(run("prepare", "--config", str(cfg)), "prep.yaml:")
     cfg.write_text("tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x], txt_mod: line}\n")
     assert_user_error(run("prepare", "--config", str(cfg)), "unknown key 'sources[0].txt_mod'")
-    cfg.write_text("tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x]}\nmix: {general_ratio: high}\n")
+    cfg.write_text(
+        "tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x]}\nmix: {general_ratio: high}\n"
+    )
     assert_user_error(run("prepare", "--config", str(cfg)), "prep.yaml: mix.general_ratio must be a number, got 'high'")
     cfg.write_text("tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x], txt_mode: page}\n")
     assert_user_error(run("prepare", "--config", str(cfg)), "prep.yaml: sources[0].txt_mode must be file | line")
-
 
 
 def test_demo_runs_end_to_end_and_stats_and_inspect_read_it(tmp_path):
@@ -84,3 +103,31 @@ def test_demo_runs_end_to_end_and_stats_and_inspect_read_it(tmp_path):
     assert again.returncode == 0 and "cached build found" in again.stderr  # a rerun re-tokenizes nothing
 
 
+def test_the_config_reference_page_is_generated_from_the_declarations():
+    from pipeline.config_reference import render
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert page.read_text() == render(), "regenerate: python -m pipeline.config_reference > docs/config.md"
+    assert "| `replay.strategy` | none \\| ce \\| kl \\| l1 \\| l2 \\| tm |" in page.read_text()
+
+
+def test_help_config_prints_every_training_key():
+    from dataclasses import fields, is_dataclass
+
+    from pipeline.config import TrainConfig
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--help-config"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    ).stdout
+
+    def keys(cls, prefix=""):
+        for f in fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            yield from keys(type(default), f"{prefix}{f.name}.") if is_dataclass(default) else [f"{prefix}{f.name}"]
+
+    missing = [k for k in keys(TrainConfig) if f"| `{k}` |" not in shown]
+    assert not missing and "| `optim.decay` | cosine \\| linear \\| constant |" in shown

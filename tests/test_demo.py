@@ -1,4 +1,5 @@
 """The README's main command in its CI-sized form: the whole pipeline end to end on 2 CPU ranks."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,14 @@ from .train_helpers import ROOT, env
 
 def test_quick_demo_runs_every_stage_and_reports_base_vs_tuned(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "pipeline.demo", "--quick", "--out", str(out)],
-                            capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.demo", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     evaluation = json.loads((out / "cpt" / "eval.json").read_text())
     # the base model's own view is the cache (TM 0 at step 1 is tested in test_train); the tuned model drifted

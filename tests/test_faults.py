@@ -5,9 +5,10 @@ moment a checkpoint directory appears (mid-save); the launcher takes the other
 rank down; a resume ends with the uninterrupted run's weights, bit for bit, and
 ``latest`` never names a half-written checkpoint. Data prep: ``prepare`` is
 killed at a random moment and rerun; its output is byte-identical to a clean
-run. Minutes per seed, so marked slow: ``python bench/reliability.py`` runs
+run. Minutes per seed, so marked slow: ``python -m bench.reliability`` runs
 them (``pytest -m slow`` does too).
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,9 @@ def rank_pids(session: int) -> dict[int, int]:
         try:
             if os.getpgid(int(entry.name)) != session or b"pipeline.train" not in (entry / "cmdline").read_bytes():
                 continue
-            environ = dict(item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
+            environ = dict(
+                item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item
+            )
         except (OSError, ValueError):
             continue
         if b"RANK" in environ and b"LOCAL_RANK" in environ:
@@ -65,15 +68,21 @@ def lines(path: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.reliability("faults: training kills")
 @pytest.mark.parametrize("seed", TRAIN_SEEDS)
-def test_kill_one_rank_at_a_random_point_then_resume_gives_the_uninterrupted_weights(seed, reference, prep,
-                                                                                     tmp_path, lost,
-                                                                                     record_property):
+def test_kill_one_rank_at_a_random_point_then_resume_gives_the_uninterrupted_weights(
+    seed, reference, prep, tmp_path, lost, record_property
+):
     rng = random.Random(seed)
     victim, in_save = rng.randrange(2), seed % 2 == 1
     run = tmp_path / "run"
     config = write_config(tmp_path / "cpt.yaml", prep, run)
-    proc = subprocess.Popen(launcher_command(config), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        launcher_command(config),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         if in_save:  # the moment the save's directory appears, before its COMPLETE marker
             tag = run / "checkpoints" / f"step{2 * rng.randint(1, 5):08d}"
@@ -90,8 +99,11 @@ def test_kill_one_rank_at_a_random_point_then_resume_gives_the_uninterrupted_wei
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    record_property("kill_point", f"rank {victim} {'in the save of ' + tag.name if in_save else f'in step {step}'}"
-                                  f"{' (mid-save)' if mid_save else ''}")
+    record_property(
+        "kill_point",
+        f"rank {victim} {'in the save of ' + tag.name if in_save else f'in step {step}'}"
+        f"{' (mid-save)' if mid_save else ''}",
+    )
     latest = run / "checkpoints" / "latest"
     assert not latest.exists() or (run / "checkpoints" / latest.read_text().strip() / "COMPLETE").is_file()
     run_training(config)  # resume: auto
@@ -103,15 +115,26 @@ def test_kill_one_rank_at_a_random_point_then_resume_gives_the_uninterrupted_wei
 @pytest.mark.slow
 @pytest.mark.reliability("faults: data prep kills")
 @pytest.mark.parametrize("seed", PREP_SEEDS)
-def test_prepare_killed_at_a_random_moment_then_rerun_is_byte_identical(seed, sample, tmp_path, lost,
-                                                                          record_property):
+def test_prepare_killed_at_a_random_moment_then_rerun_is_byte_identical(seed, sample, tmp_path, lost, record_property):
     config = tmp_path / "prep.yaml"
-    config.write_text(yaml.safe_dump({
-        "tokenizer": str(sample.tokenizer), "out": "out", "seq_len": 64, "docs_per_chunk": 8, "workers": 2,
-        "sources": [{"name": "code", "role": "domain", "paths": [str(sample.domain)]},
-                    {"name": "docs", "role": "general", "paths": [str(sample.general)]}],
-        "mix": {"general_ratio": 0.15, "batch_rows": 4}, "replay": {"num_samples": 16, "replay_len": 32},
-        "holdout": {"fraction": 0.05}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "tokenizer": str(sample.tokenizer),
+                "out": "out",
+                "seq_len": 64,
+                "docs_per_chunk": 8,
+                "workers": 2,
+                "sources": [
+                    {"name": "code", "role": "domain", "paths": [str(sample.domain)]},
+                    {"name": "docs", "role": "general", "paths": [str(sample.general)]},
+                ],
+                "mix": {"general_ratio": 0.15, "batch_rows": 4},
+                "replay": {"num_samples": 16, "replay_len": 32},
+                "holdout": {"fraction": 0.05},
+            }
+        )
+    )
     command = [sys.executable, "-m", "data_prep", "prepare", "--config", str(config), "-q"]
     started = time.monotonic()
     subprocess.run(command, check=True, capture_output=True, env=env(), cwd=ROOT, timeout=600)
@@ -120,15 +143,19 @@ def test_prepare_killed_at_a_random_moment_then_rerun_is_byte_identical(seed, sa
     shutil.rmtree(tmp_path / "out")
 
     delay = random.Random(seed).uniform(0.05, 0.95) * clean_seconds
-    proc = subprocess.Popen(command, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     time.sleep(delay)
     os.killpg(proc.pid, signal.SIGKILL)  # the reader and its workers
     proc.wait()
     out = tmp_path / "out"
     builds = len(list(out.glob("cache/*/*/build.json")))
-    done = [name for name in ("mixture/manifest.json", "holdout/holdout.json", "replay/replay.json", "prep.json")
-            if (out / name).exists()] + [f"{builds} build{'' if builds == 1 else 's'}"]
+    done = [
+        name
+        for name in ("mixture/manifest.json", "holdout/holdout.json", "replay/replay.json", "prep.json")
+        if (out / name).exists()
+    ] + [f"{builds} build{'' if builds == 1 else 's'}"]
     record_property("kill_point", f"{delay:.2f} s of {clean_seconds:.2f} s; done by then: {', '.join(done)}")
     rerun = subprocess.run(command, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -1,4 +1,5 @@
 """GeRe cache on a tiny Llama and real replay text: thresholds, exact-zero TM, refusal, 1 vs 2 ranks."""
+
 from __future__ import annotations
 
 import json
@@ -19,16 +20,30 @@ from pipeline.gere.cache import CacheMismatch, GeReCache, build_cache, pad_repla
 from pipeline.losses.tm_loss import tm_loss
 from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
 
-TINY = {"vocab_size": 768, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+TINY = {
+    "vocab_size": 768,
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
 REPLAY_LEN = 40
 
 
 @pytest.fixture(scope="module")
 def replay(sample, tmp_path_factory):
     out = tmp_path_factory.mktemp("replay")
-    build_replay(SourceSpec(name="gen", role="general", paths=(str(sample.general),)), str(sample.tokenizer), out,
-                 num_samples=24, replay_len=REPLAY_LEN, seed=3, quiet=True)
+    build_replay(
+        SourceSpec(name="gen", role="general", paths=(str(sample.general),)),
+        str(sample.tokenizer),
+        out,
+        num_samples=24,
+        replay_len=REPLAY_LEN,
+        seed=3,
+        quiet=True,
+    )
     return out
 
 
@@ -38,10 +53,18 @@ def built(replay, tmp_path_factory):
     model = load_causal_lm(source).eval()
     rows = datasets.load_from_disk(str(replay / "data"))
     meta = json.loads((replay / "replay.json").read_text())
-    out = build_cache(lambda i, m: final_hidden_states(model, i, m), rows["input_ids"], rows["id"],
-                      tmp_path_factory.mktemp("cache") / "c", hidden_size=TINY["hidden_size"], replay_len=REPLAY_LEN,
-                      batch_size=5, model_fingerprint=model_fingerprint(source),
-                      tokenizer_fingerprint=meta["tokenizer_fingerprint"], features=True)
+    out = build_cache(
+        lambda i, m: final_hidden_states(model, i, m),
+        rows["input_ids"],
+        rows["id"],
+        tmp_path_factory.mktemp("cache") / "c",
+        hidden_size=TINY["hidden_size"],
+        replay_len=REPLAY_LEN,
+        batch_size=5,
+        model_fingerprint=model_fingerprint(source),
+        tokenizer_fingerprint=meta["tokenizer_fingerprint"],
+        features=True,
+    )
     return source, model, rows, meta, out
 
 
@@ -110,15 +133,54 @@ def test_two_zero3_ranks_under_the_launcher_build_the_same_cache_as_one_process(
     model.save_pretrained(str(ckpt), safe_serialization=True)
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    single = subprocess.run([sys.executable, "-m", "pipeline.gere", "--model-path", str(ckpt), "--replay", str(replay),
-                             "--out", str(tmp_path / "one"), "--batch-size", "5"], capture_output=True, text=True,
-                            env=env, cwd=root, timeout=600)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.gere",
+            "--model-path",
+            str(ckpt),
+            "--replay",
+            str(replay),
+            "--out",
+            str(tmp_path / "one"),
+            "--batch-size",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    multi = subprocess.run([launcher, "--num_gpus", "2", "--master_port", "29531", "--module", "pipeline.gere",
-                            "--model-path", str(ckpt), "--replay", str(replay), "--out", str(tmp_path / "two"),
-                            "--batch-size", "5", "--deepspeed", str(root / "ds_configs" / "zero3_cpu.json")],
-                           capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    multi = subprocess.run(
+        [
+            launcher,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            "29531",
+            "--module",
+            "pipeline.gere",
+            "--model-path",
+            str(ckpt),
+            "--replay",
+            str(replay),
+            "--out",
+            str(tmp_path / "two"),
+            "--batch-size",
+            "5",
+            "--deepspeed",
+            str(root / "ds_configs" / "zero3_cpu.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
+    )
     assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
     one, two = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("one", "two"))
     assert two["world_size"] == 2 and one["world_size"] == 1

@@ -1,4 +1,5 @@
 """mix: exact shares in every global batch, determinism, datasets-loadable output, clear errors."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,9 +19,18 @@ OPTIONS = BuildOptions(seq_len=96, seed=3, docs_per_chunk=16, max_reject_fractio
 @pytest.fixture(scope="module")
 def builds(sample, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return [str(build_source(SourceSpec(name=f"src-{r}", role=r, paths=(str(getattr(sample, r)),),
-                                        holdout_fraction=0.0), OPTIONS, str(sample.tokenizer), cache, quiet=True))
-            for r in ("domain", "general", "instruction")]
+    return [
+        str(
+            build_source(
+                SourceSpec(name=f"src-{r}", role=r, paths=(str(getattr(sample, r)),), holdout_fraction=0.0),
+                OPTIONS,
+                str(sample.tokenizer),
+                cache,
+                quiet=True,
+            )
+        )
+        for r in ("domain", "general", "instruction")
+    ]
 
 
 def test_general_share_is_within_one_row_in_every_global_batch(builds, tmp_path):
@@ -79,7 +89,12 @@ def test_ratio_outside_unit_interval_is_a_clear_error(builds, tmp_path, ratio):
 
 
 def test_builds_with_other_seq_len_are_refused(sample, builds, tmp_path):
-    other = build_source(SourceSpec(name="other", role="general", paths=(str(sample.general),)),
-                         BuildOptions(seq_len=64, docs_per_chunk=16), str(sample.tokenizer), tmp_path, quiet=True)
+    other = build_source(
+        SourceSpec(name="other", role="general", paths=(str(sample.general),)),
+        BuildOptions(seq_len=64, docs_per_chunk=16),
+        str(sample.tokenizer),
+        tmp_path,
+        quiet=True,
+    )
     with pytest.raises(UserError, match="seq_len 64 differs"):
         mix([builds[0], str(other)], tmp_path / "out", general_ratio=0.1, quiet=True)

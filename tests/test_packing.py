@@ -1,4 +1,5 @@
 """Packing invariants on real stdlib text: exact rows, EOS separators, boundaries, lossless decode."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +16,7 @@ def unpack_documents(input_ids: np.ndarray, doc_lens: list[list[int]], eos_id: i
     for row, lens in zip(input_ids, doc_lens):
         start = 0
         for n in lens:
-            current.extend(row[start:start + n].tolist())
+            current.extend(row[start : start + n].tolist())
             start += n
             if current[-1] == eos_id:  # every document ends in EOS; text never encodes to it
                 docs.append(current[:-1])
@@ -62,8 +63,12 @@ def test_instruction_examples_are_whole_and_prompt_tokens_carry_no_loss(sample):
 
     tok = load_tokenizer(sample.tokenizer)
     records = [json.loads(line) for line in sample.instruction.read_text().splitlines()]
-    examples = [tuple((m["role"], m["content"]) for m in r["messages"]) if "messages" in r
-                else (("user", r["prompt"]), ("assistant", r["response"])) for r in records]
+    examples = [
+        tuple((m["role"], m["content"]) for m in r["messages"])
+        if "messages" in r
+        else (("user", r["prompt"]), ("assistant", r["response"]))
+        for r in records
+    ]
     encoded = encode_examples(tok, examples)
     packed = pack_examples(encoded, 192, tok.eos_id)
 
@@ -74,7 +79,7 @@ def test_instruction_examples_are_whole_and_prompt_tokens_carry_no_loss(sample):
         assert sum(lens) == 192
         start = 0
         for n in lens:
-            segments.append((row[start:start + n].tolist(), mask[start:start + n].tolist()))
+            segments.append((row[start : start + n].tolist(), mask[start : start + n].tolist()))
             start += n
     real = [s for s in segments if any(s[1])]
     padding = [s for s in segments if not any(s[1])]

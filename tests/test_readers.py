@@ -1,4 +1,5 @@
 """Readers: every supported format yields the same documents; bad records become named rejects."""
+
 from __future__ import annotations
 
 import gzip
@@ -46,15 +47,17 @@ def test_all_formats_yield_the_same_documents_in_order(tmp_path):
 
 def test_bad_records_become_rejects_naming_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(b'{"text": "good one"}\n'
-                     b'{"text": "truncated\n'
-                     b'{"text": "bad \xff\xfe utf8"}\n'
-                     b'{"text": ""}\n'
-                     b'{"body": "wrong field"}\n'
-                     b'{"text": 42}\n'
-                     b'[1, 2]\n'
-                     b'{"text": "nul \\u0000 inside"}\n'
-                     b'{"text": "good two"}\n')
+    path.write_bytes(
+        b'{"text": "good one"}\n'
+        b'{"text": "truncated\n'
+        b'{"text": "bad \xff\xfe utf8"}\n'
+        b'{"text": ""}\n'
+        b'{"body": "wrong field"}\n'
+        b'{"text": 42}\n'
+        b"[1, 2]\n"
+        b'{"text": "nul \\u0000 inside"}\n'
+        b'{"text": "good two"}\n'
+    )
     items = docs([path])
     assert texts(items) == ["good one", "good two"]
     rejects = {r.line: r.reason for r in items if isinstance(r, Reject)}
@@ -90,13 +93,24 @@ def test_truncated_gzip_is_a_reject_after_the_good_lines(tmp_path):
 
 def test_instruction_records_accept_prompt_response_and_messages(tmp_path):
     path = tmp_path / "sft.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "Q?", "response": "A."},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello"}]},
-        {"messages": [{"role": "user", "content": "no answer"}]},
-        {"question": "wrong fields"},
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "Q?", "response": "A."},
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello"},
+                    ]
+                },
+                {"messages": [{"role": "user", "content": "no answer"}]},
+                {"question": "wrong fields"},
+            ]
+        )
+        + "\n"
+    )
     items = docs([path], instruction=True)
     assert items[0].messages == (("user", "Q?"), ("assistant", "A."))
     assert items[1].messages[-1] == ("assistant", "Hello")

@@ -4,6 +4,7 @@ One module-scoped run does what a user does: prep with the model directory as
 tokenizer, the GeRe cache, a few CPT steps with TM replay on 2 ZeRO-3 ranks,
 export with --verify, eval base vs tuned. The tests then check each promise.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,16 @@ import torch
 
 from pipeline.isolation import DocumentLeak, check_document_isolation, forward_packed, isolation_error
 
-from .train_helpers import ROOT, env, make_prep, metrics, run_training, write_config
+from .train_helpers import (
+    ROOT,
+    env,
+    export_checkpoint,
+    latest_checkpoint,
+    make_prep,
+    metrics,
+    run_training,
+    write_config,
+)
 
 pytestmark = pytest.mark.real_model
 
@@ -43,28 +53,71 @@ def real_run(sample, sharded_smollm2, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("real_run")
     prep = make_prep(sample, root / "prep", tokenizer=sharded_smollm2, seq_len=64, replay_len=32)
     cache = root / "cache"
-    built = subprocess.run([sys.executable, "-m", "pipeline.gere", "--model-path", str(sharded_smollm2), "--replay",
-                            str(prep / "replay"), "--out", str(cache)], capture_output=True, text=True, env=env(),
-                           cwd=ROOT, timeout=600)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.gere",
+            "--model-path",
+            str(sharded_smollm2),
+            "--replay",
+            str(prep / "replay"),
+            "--out",
+            str(cache),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
-    config = write_config(root / "cpt.yaml", prep, root / "run", steps=3,
-                          model={"path": str(sharded_smollm2), "config": None},
-                          optim={"lr": 1e-4, "warmup_steps": 1}, checkpoint={"every": 0},
-                          replay={"strategy": "tm", "cache": str(cache), "samples_per_step": 2})
+    config = write_config(
+        root / "cpt.yaml",
+        prep,
+        root / "run",
+        steps=3,
+        model={"path": str(sharded_smollm2), "config": None},
+        optim={"lr": 1e-4, "warmup_steps": 1},
+        checkpoint={"every": 0},
+        replay={"strategy": "tm", "cache": str(cache), "samples_per_step": 2},
+    )
     run_training(config)
-    checkpoint = root / "run" / "checkpoints" / (root / "run" / "checkpoints" / "latest").read_text().strip()
-    exported = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(checkpoint), "--out",
-                               str(root / "hf"), "--verify"], capture_output=True, text=True, env=env(), cwd=ROOT,
-                              timeout=600)
+    checkpoint = latest_checkpoint(root / "run")
+    exported = export_checkpoint(checkpoint, str(root / "hf"), "--verify")
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "max_abs_logit_diff=0" in exported.stdout  # the export's logits are the engine's, exactly
-    evaluated = subprocess.run([sys.executable, "-m", "pipeline.eval", "--model", str(root / "hf"), "--base",
-                                str(sharded_smollm2), "--prep", str(prep), "--max-docs", "4", "--out",
-                                str(root / "eval.json")], capture_output=True, text=True, env=env(), cwd=ROOT,
-                               timeout=600)
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.eval",
+            "--model",
+            str(root / "hf"),
+            "--base",
+            str(sharded_smollm2),
+            "--prep",
+            str(prep),
+            "--max-docs",
+            "4",
+            "--out",
+            str(root / "eval.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        timeout=600,
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    return {"root": root, "prep": prep, "run": root / "run", "hf": root / "hf", "base": sharded_smollm2,
-            "eval": root / "eval.json"}
+    return {
+        "root": root,
+        "prep": prep,
+        "run": root / "run",
+        "hf": root / "hf",
+        "base": sharded_smollm2,
+        "eval": root / "eval.json",
+    }
 
 
 def test_tm_is_exactly_zero_at_step_1_and_the_loss_is_finite(real_run):

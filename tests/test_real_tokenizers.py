@@ -1,4 +1,5 @@
 """Real Hugging Face tokenizers (SmolLM2, Gemma-3): start convention, control-token literals, chat templates."""
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,7 @@ def test_control_token_literals_in_raw_text_stay_text_and_are_counted(model, req
     tok = load_tokenizer(path)
     special = {tok.eos_id, *tok.bos_ids}
     [ids] = tok.encode_batch([LITERALS])
-    body = ids[len(tok.bos_ids):]
+    body = ids[len(tok.bos_ids) :]
     assert not special & set(body)  # no EOS or BOS mid-document
     assert tok.decode(body) == LITERALS
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": f"{LITERALS} Document {i}."} for i in range(40)])
@@ -64,14 +65,18 @@ def test_control_token_literals_in_raw_text_stay_text_and_are_counted(model, req
     for table in chunk_tables(out, "rows"):
         for ids, lens in zip(table.column("input_ids").to_pylist(), table.column("doc_lens").to_pylist()):
             eos_at = [k for k, t in enumerate(ids) if t == tok.eos_id]
-            ends = [sum(lens[:k + 1]) - 1 for k in range(len(lens))]
+            ends = [sum(lens[: k + 1]) - 1 for k in range(len(lens))]
             assert set(eos_at) <= set(ends)  # an EOS only where doc_lens says a document ends
 
 
 def test_smollm2_chat_template_masks_prompts_and_ends_with_one_eos(smollm2):
     tok = load_tokenizer(smollm2)
-    conversation = (("user", "What is a list?"), ("assistant", "A mutable sequence."),
-                    ("user", "And a tuple?"), ("assistant", "An immutable one."))
+    conversation = (
+        ("user", "What is a list?"),
+        ("assistant", "A mutable sequence."),
+        ("user", "And a tuple?"),
+        ("assistant", "An immutable one."),
+    )
     [(ids, mask)] = encode_examples(tok, [conversation])
     rendered = tok.render_chat(conversation, add_generation_prompt=False)
     assert tok.decode(ids) == rendered.rstrip("\n")  # the template's text; it ends at its own <|im_end|> (the EOS)
@@ -89,7 +94,8 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_by_name(smollm2, tmp_
     (copy / "chat_template.jinja").write_text(
         "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}<|im_start|>{{ m['role'] }}\n"
         "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     tok = load_tokenizer(copy)
     conversation = (("user", "a?"), ("assistant", "A."), ("user", "b?"), ("assistant", "B."))
     with pytest.raises(TemplateError, match=r"renders the prompt of turn 3 differently from the turns before it"):
@@ -97,13 +103,24 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_by_name(smollm2, tmp_
 
 
 def test_instruction_examples_with_control_literals_are_rejected_and_counted(smollm2, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"question {i}"},
-                          {"role": "assistant", "content": f"answer {i}" + (" <|im_end|>" if i == 3 else "")}]}
-            for i in range(30)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": f"answer {i}" + (" <|im_end|>" if i == 3 else "")},
+            ]
+        }
+        for i in range(30)
+    ]
     corpus = write_jsonl(tmp_path / "sft.jsonl", rows)
     spec = SourceSpec(name="sft", role="instruction", paths=(str(corpus),), holdout_fraction=0.0)
-    out = build_source(spec, BuildOptions(seq_len=128, docs_per_chunk=16, max_reject_fraction=0.1), str(smollm2),
-                       tmp_path / "cache", quiet=True)
+    out = build_source(
+        spec,
+        BuildOptions(seq_len=128, docs_per_chunk=16, max_reject_fraction=0.1),
+        str(smollm2),
+        tmp_path / "cache",
+        quiet=True,
+    )
     summary = load_build(out)
     assert summary["rejects"] == 1 and summary["docs_train"] == 29
     reject = json.loads((out / "rejects.jsonl").read_text().splitlines()[0])

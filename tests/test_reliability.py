@@ -1,10 +1,11 @@
 """Faults while writing: a full disk gives one clear error and leaves earlier outputs intact."""
+
 from __future__ import annotations
 
 import contextlib
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -16,8 +17,12 @@ from .train_helpers import digest
 def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
     """A small disk of ``size`` at ``mount_point`` (a new, empty directory), unmounted afterwards."""
     mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         yield mount_point
@@ -33,10 +38,20 @@ def small_disk(tmp_path):
 
 @pytest.mark.reliability("faults: disk full")
 def test_disk_full_during_a_build_is_a_clear_error_and_earlier_builds_stay_intact(sample, small_disk, lost):
-    common = ["--tokenizer", str(sample.tokenizer), "--cache", str(small_disk), "--seq-len", "32", "-q",
-              "--workers", "0"]
-    first = run("build", "--name", "docs", "--role", "general", "--input", str(sample.general), "--txt-mode",
-                "file", *common)
+    common = [
+        "--tokenizer",
+        str(sample.tokenizer),
+        "--cache",
+        str(small_disk),
+        "--seq-len",
+        "32",
+        "-q",
+        "--workers",
+        "0",
+    ]
+    first = run(
+        "build", "--name", "docs", "--role", "general", "--input", str(sample.general), "--txt-mode", "file", *common
+    )
     assert first.returncode == 0, first.stderr
     before = digest(small_disk / "general")
     big = run("build", "--name", "code", "--role", "domain", "--input", str(sample.domain), *common)

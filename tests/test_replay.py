@@ -1,4 +1,5 @@
 """GeRe replay shard: N documents, each alone and truncated, stable ids, seeded, overlaps reported."""
+
 from __future__ import annotations
 
 import datasets
@@ -15,8 +16,9 @@ def general(sample) -> SourceSpec:
 
 
 def test_each_sample_is_one_document_alone_truncated_to_replay_len(sample, tmp_path):
-    manifest = build_replay(general(sample), str(sample.tokenizer), tmp_path, num_samples=20, replay_len=48, seed=1,
-                            quiet=True)
+    manifest = build_replay(
+        general(sample), str(sample.tokenizer), tmp_path, num_samples=20, replay_len=48, seed=1, quiet=True
+    )
     ds = datasets.load_from_disk(str(tmp_path / "data"))
     tok = load_tokenizer(sample.tokenizer)
     full = {f"gen:{d:016x}": ids + [tok.eos_id] for d, ids in zip(_digests(sample), tok.encode_batch(_texts(sample)))}
@@ -38,10 +40,16 @@ def test_selection_is_seeded_and_first_mode_takes_the_first_documents(sample, tm
 
 
 def test_samples_that_also_occur_in_training_data_are_reported(sample, tmp_path):
-    build = build_source(general(sample), BuildOptions(seq_len=64, docs_per_chunk=32), str(sample.tokenizer),
-                         tmp_path / "cache", quiet=True)
-    manifest = build_replay(general(sample), str(sample.tokenizer), tmp_path / "r", 15, 32,
-                            check_against=[str(build)], quiet=True)
+    build = build_source(
+        general(sample),
+        BuildOptions(seq_len=64, docs_per_chunk=32),
+        str(sample.tokenizer),
+        tmp_path / "cache",
+        quiet=True,
+    )
+    manifest = build_replay(
+        general(sample), str(sample.tokenizer), tmp_path / "r", 15, 32, check_against=[str(build)], quiet=True
+    )
     assert manifest["overlap_with"]["train"] + manifest["overlap_with"]["holdout"] == 15
 
 

@@ -1,4 +1,5 @@
 """Replay in a step: the sampler's order and resume, and every replay strategy on a tiny Llama."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,7 +19,7 @@ from .test_gere_cache import REPLAY_LEN, built, open_cache, replay  # noqa: F401
 def test_every_pass_is_a_fresh_permutation_using_each_sample_once():
     s = ReplaySampler(num_samples=10, per_step=3, seed=4)
     drawn = [i for _ in range(10) for i in s.next_indices()]  # 30 = three passes
-    passes = [drawn[k * 10:(k + 1) * 10] for k in range(3)]
+    passes = [drawn[k * 10 : (k + 1) * 10] for k in range(3)]
     assert all(sorted(p) == list(range(10)) for p in passes)
     assert passes[0] != passes[1] != passes[2]
 
@@ -38,8 +39,9 @@ def step_inputs(built, index, teacher=None):
     source, _, rows, _, _ = built
     cache = open_cache(built)
     ids, mask = pad_replay_rows([rows["input_ids"][i] for i in index], REPLAY_LEN)
-    inputs = ReplayInputs(ids, mask, cache.states(index), cache.thresholds.neg, cache.thresholds.pos,
-                          cache.features(index))
+    inputs = ReplayInputs(
+        ids, mask, cache.states(index), cache.thresholds.neg, cache.thresholds.pos, cache.features(index)
+    )
     if teacher is not None:
         with torch.no_grad():
             inputs.teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
@@ -89,10 +91,11 @@ def objective_inputs(vocab: int = 11, hidden: int = 6) -> tuple[TaskOutputs, Rep
     labels[0, :2] = -100  # no-loss prompt tokens
     task = TaskOutputs(torch.randn(2, 5, vocab, generator=g, requires_grad=True), labels)
     ids = torch.randint(0, vocab, (3, 4), generator=g)
-    rep = ReplayOutputs(torch.randn(3, 4, vocab, generator=g, requires_grad=True),
-                           torch.randn(3, 4, hidden, generator=g, requires_grad=True),
-                           ReplayInputs(ids, torch.ones(3, 4, dtype=torch.long),
-                                        features=torch.randn(3, 4, hidden, generator=g)))
+    rep = ReplayOutputs(
+        torch.randn(3, 4, vocab, generator=g, requires_grad=True),
+        torch.randn(3, 4, hidden, generator=g, requires_grad=True),
+        ReplayInputs(ids, torch.ones(3, 4, dtype=torch.long), features=torch.randn(3, 4, hidden, generator=g)),
+    )
     return task, rep
 
 
@@ -101,14 +104,16 @@ def test_the_objective_is_the_loss_backward_sees_and_its_parts_add_up_to_it():
     global_tokens, scale, accum = 20, 4, 2  # this micro-batch holds 8 of the global batch's 20 loss tokens
     objective = Objective(ReplayConfig(strategy="l2", weight=0.5), KDConfig())
     part = objective(task, rep, global_tokens, scale, accum)
-    ce_sum = torch.nn.functional.cross_entropy(task.logits[:, :-1].flatten(0, 1), task.labels[:, 1:].flatten(),
-                                               reduction="sum")
+    ce_sum = torch.nn.functional.cross_entropy(
+        task.logits[:, :-1].flatten(0, 1), task.labels[:, 1:].flatten(), reduction="sum"
+    )
     replay_ce = causal_ce(rep.logits, rep.inputs.input_ids, rep.inputs.attention_mask)
     l2 = ((rep.hidden - rep.inputs.features) ** 2).mean()
     expected = ce_sum / global_tokens * scale + replay_ce + 0.5 * l2
     torch.testing.assert_close(part.loss, expected)
-    assert part.parts == pytest.approx({"task_ce": ce_sum.item(), "replay_ce": replay_ce.item() / accum,
-                                        "l2": l2.item() / accum})
+    assert part.parts == pytest.approx(
+        {"task_ce": ce_sum.item(), "replay_ce": replay_ce.item() / accum, "l2": l2.item() / accum}
+    )
     part.loss.backward()
     reference = [t.grad.clone() for t in (task.logits, rep.logits, rep.hidden)]
     for t in (task.logits, rep.logits, rep.hidden):
@@ -145,12 +150,15 @@ def test_kd_counts_only_loss_tokens_of_the_distilled_rows():
     assert 0 < first < both and 0 < second < both and first + second == pytest.approx(both)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("replay.strategy=mse", "replay.strategy must be none | ce | kl | l1 | l2 | tm"),
-    ("replay.weight=auto", "replay.weight must be a number or dynamic"),
-    ("replay.weight=-1", "replay.weight must be >= 0"),
-    ("replay.kl_temperature=0", "replay.kl_temperature must be > 0"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("replay.strategy=mse", "replay.strategy must be none | ce | kl | l1 | l2 | tm"),
+        ("replay.weight=auto", "replay.weight must be a number or dynamic"),
+        ("replay.weight=-1", "replay.weight must be >= 0"),
+        ("replay.kl_temperature=0", "replay.kl_temperature must be > 0"),
+    ],
+)
 def test_bad_replay_config_is_a_clear_error(bad, message):
     with pytest.raises(ConfigError, match=message):
         load_train_config(None, ["data.prep=p", "steps=5", "model.config={hidden_size: 8}", bad])

@@ -3,6 +3,7 @@
 Shapes include H not a multiple of the block or of 4, fully masked rows and
 all-neutral inputs; value and gradient are compared per dtype.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,10 @@ import torch
 from pipeline.gere.states import NEUTRAL, activation_states, pack_states, unpack_states
 from pipeline.losses.tm_loss import BLOCK_T, TMLossFunction, tm_loss_reference
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or CUDA")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or CUDA",
+)
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -128,8 +131,15 @@ def sm90_ttir() -> dict[str, str]:
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set only to silence Triton's notice
-    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], cwd=Path(__file__).resolve().parents[1], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", SM90_COMPILE],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 

@@ -1,4 +1,5 @@
 """Tokenizer loading: a local Hugging Face directory with a chat template, and clear errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,10 @@ from data_prep.errors import UserError
 from data_prep.instruct import encode_examples
 from data_prep.tokenizer import HFTokenizer, load_tokenizer
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +22,9 @@ def hf_dir(sample, tmp_path_factory):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(sample.texts("general"), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
     fast.chat_template = CHAT_TEMPLATE
@@ -39,8 +43,13 @@ def test_hf_directory_loads_with_a_stable_fingerprint_and_roundtrips(hf_dir, sam
 
 def test_chat_template_masks_everything_but_assistant_turns(hf_dir):
     tok = load_tokenizer(hf_dir)
-    conversation = (("system", "Be brief."), ("user", "What is a list?"), ("assistant", "A mutable sequence."),
-                    ("user", "And a tuple?"), ("assistant", "An immutable one."))
+    conversation = (
+        ("system", "Be brief."),
+        ("user", "What is a list?"),
+        ("assistant", "A mutable sequence."),
+        ("user", "And a tuple?"),
+        ("assistant", "An immutable one."),
+    )
     [(ids, mask)] = encode_examples(tok, [conversation])
     rendered = tok.render_chat(conversation, add_generation_prompt=False)
     # the template's own text, piece by piece; its last end-of-turn is the EOS, so none is appended

@@ -1,4 +1,5 @@
 """pipeline.train for real: 2 CPU ranks under the deepspeed launcher, ZeRO-3, a tiny Llama, stdlib text."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,9 @@ from .train_helpers import (
     TINY_LLAMA,
     digest,
     env,
+    export_checkpoint,
     final_weights,
+    latest_checkpoint,
     launcher_command,
     metrics,
     run_training,
@@ -50,8 +53,14 @@ def test_reference_run_reproduces_the_golden_losses(reference):
     m = metrics(reference[1])
     got = {str(step): {k: row[k] for k in GOLDEN_KEYS if k in row} for step, row in sorted(m.items())}
     if os.environ.get("CPT_UPDATE_GOLDEN") == "1":
-        GOLDEN.write_text(json.dumps({"run": "tests/conftest.py::reference (12 steps, 2 ZeRO-3 CPU ranks, fp32)",
-                                      "losses": got}, indent=1, sort_keys=True) + "\n")
+        GOLDEN.write_text(
+            json.dumps(
+                {"run": "tests/conftest.py::reference (12 steps, 2 ZeRO-3 CPU ranks, fp32)", "losses": got},
+                indent=1,
+                sort_keys=True,
+            )
+            + "\n"
+        )
     golden = json.loads(GOLDEN.read_text())["losses"]
     assert got.keys() == golden.keys()
     for step, row in golden.items():
@@ -73,8 +82,14 @@ def test_kill_9_mid_run_then_resume_gives_the_same_losses_and_weights(reference,
     _, ref_run = reference
     run = tmp_path / "run"
     config = write_config(tmp_path / "cpt.yaml", prep, run)
-    proc = subprocess.Popen(launcher_command(config), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        launcher_command(config),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     marker = run / "checkpoints" / "step00000004" / "COMPLETE"
     deadline = time.monotonic() + 600
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -91,10 +106,8 @@ def test_kill_9_mid_run_then_resume_gives_the_same_losses_and_weights(reference,
 
 def test_export_round_trip_gives_the_engines_logits(reference, tmp_path):
     _, run = reference
-    checkpoint = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-    result = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(checkpoint), "--out",
-                             str(tmp_path / "hf"), "--verify"], capture_output=True, text=True, env=env(), cwd=ROOT,
-                            timeout=600)
+    checkpoint = latest_checkpoint(run)
+    result = export_checkpoint(checkpoint, str(tmp_path / "hf"), "--verify")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max_abs_logit_diff=0" in result.stdout
     from transformers import AutoModelForCausalLM
@@ -110,7 +123,7 @@ def test_an_export_that_fails_verification_leaves_no_directory(reference, tmp_pa
     import pipeline.export as export_module
 
     _, run = reference
-    checkpoint = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    checkpoint = latest_checkpoint(run)
     monkeypatch.setattr(export_module, "verify_export", lambda checkpoint, exported: 0.5)  # as a wrong export would
     with pytest.raises(export_module.ExportMismatch, match="differ from the checkpoint's engine by 0.5"):
         export_module.export(checkpoint, tmp_path / "hf", verify=True)
@@ -127,11 +140,24 @@ def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(refer
     base = load_causal_lm(source).eval()
     replay_meta = json.loads((prep / "replay" / "replay.json").read_text())
     rows = datasets.load_from_disk(str(prep / "replay" / "data"))
-    build_cache(lambda i, m: final_hidden_states(base, i, m), rows["input_ids"], rows["id"], tmp_path / "cache",
-                hidden_size=TINY_LLAMA["hidden_size"], replay_len=replay_meta["replay_len"], batch_size=4,
-                model_fingerprint=model_fingerprint(source), tokenizer_fingerprint=replay_meta["tokenizer_fingerprint"])
-    config = write_config(tmp_path / "gere.yaml", prep, tmp_path / "run", penalty={"kind": "l2sp", "weight": 200.0},
-                          replay={"strategy": "tm", "cache": str(tmp_path / "cache"), "samples_per_step": 2})
+    build_cache(
+        lambda i, m: final_hidden_states(base, i, m),
+        rows["input_ids"],
+        rows["id"],
+        tmp_path / "cache",
+        hidden_size=TINY_LLAMA["hidden_size"],
+        replay_len=replay_meta["replay_len"],
+        batch_size=4,
+        model_fingerprint=model_fingerprint(source),
+        tokenizer_fingerprint=replay_meta["tokenizer_fingerprint"],
+    )
+    config = write_config(
+        tmp_path / "gere.yaml",
+        prep,
+        tmp_path / "run",
+        penalty={"kind": "l2sp", "weight": 200.0},
+        replay={"strategy": "tm", "cache": str(tmp_path / "cache"), "samples_per_step": 2},
+    )
     inputs = {**digest(prep), **{f"tmp/{k}": v for k, v in digest(tmp_path).items()}}
     run_training(config)
     after = {**digest(prep), **{f"tmp/{k}": v for k, v in digest(tmp_path).items() if not k.startswith("run/")}}
@@ -150,8 +176,15 @@ def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(refer
 def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(prep, tmp_path, lost):
     run = tmp_path / "run"
     config = write_config(tmp_path / "long.yaml", prep, run, steps=400, checkpoint={"every": 0})
-    proc = subprocess.Popen(launcher_command(config), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        launcher_command(config),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
@@ -180,8 +213,9 @@ def test_ewc_holds_the_weights_its_fisher_marks_important(reference, prep, tmp_p
     from pipeline.gere.cache import pad_replay_rows
     from pipeline.losses.replay import causal_ce
 
-    config = write_config(tmp_path / "ewc.yaml", prep, tmp_path / "run",
-                          penalty={"kind": "ewc", "weight": 200.0, "ewc_batches": 4})
+    config = write_config(
+        tmp_path / "ewc.yaml", prep, tmp_path / "run", penalty={"kind": "ewc", "weight": 200.0, "ewc_batches": 4}
+    )
     result = run_training(config)
     assert "EWC: diagonal Fisher from 4 replay batches" in result.stdout + result.stderr
     base = load_causal_lm(ModelSource(config=TINY_LLAMA, seed=0))
@@ -192,7 +226,7 @@ def test_ewc_holds_the_weights_its_fisher_marks_important(reference, prep, tmp_p
         base.zero_grad()
         for r in range(2):
             start = ((b * 2 + r) * 2) % len(rows)
-            ids, mask = pad_replay_rows(rows[start:start + 2]["input_ids"], replay_len)
+            ids, mask = pad_replay_rows(rows[start : start + 2]["input_ids"], replay_len)
             (causal_ce(base(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask) / 2).backward()
         for k, p in base.named_parameters():
             fisher[k] += p.grad.detach() ** 2
@@ -210,8 +244,13 @@ def test_resume_on_another_number_of_ranks_with_the_same_global_batch(reference,
     _, ref_run = reference
     run, source = tmp_path / "run", ref_run / "checkpoints" / "step00000006"
     before = digest(ref_run / "checkpoints")
-    config = write_config(tmp_path / "one_rank.yaml", prep, run, batch={"micro_batch": 2, "grad_accum": 2},
-                          checkpoint={"resume": str(source)})
+    config = write_config(
+        tmp_path / "one_rank.yaml",
+        prep,
+        run,
+        batch={"micro_batch": 2, "grad_accum": 2},
+        checkpoint={"resume": str(source)},
+    )
     result = run_training(config, ranks=1)
     assert "converting it to" in result.stdout + result.stderr
     assert (run / "checkpoints" / "step00000006_universal" / "COMPLETE").is_file()  # in this run's directory,
@@ -225,7 +264,7 @@ def test_eval_reads_a_checkpoint_or_its_export_alike(reference, prep, tmp_path):
     from pipeline.eval import evaluate_model, load_hf
 
     _, run = reference
-    checkpoint = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    checkpoint = latest_checkpoint(run)
     model = load_hf(checkpoint)
     from_checkpoint = evaluate_model(model, prep, max_docs=4, whole_documents=False)  # as the trainer scores
     logged = metrics(run)[12]

@@ -1,4 +1,5 @@
 """Training building blocks without the launcher: inputs from packed rows, document isolation, order, schedule."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,13 @@ def test_position_ids_restart_per_document_and_segment_starts_carry_no_label():
 
 
 def test_instruction_prompt_tokens_carry_no_loss(sample, tmp_path):
-    out = build_source(SourceSpec(name="qa", role="instruction", paths=(str(sample.instruction),), holdout_fraction=0),
-                       BuildOptions(seq_len=256, max_reject_fraction=0.5), str(sample.tokenizer), tmp_path, quiet=True)
+    out = build_source(
+        SourceSpec(name="qa", role="instruction", paths=(str(sample.instruction),), holdout_fraction=0),
+        BuildOptions(seq_len=256, max_reject_fraction=0.5),
+        str(sample.tokenizer),
+        tmp_path,
+        quiet=True,
+    )
     table = next(chunk_tables(out, "rows"))
     rows = table.slice(0, 4).to_pydict()
     labels = packed_inputs(rows)["labels"]
@@ -37,8 +43,13 @@ def test_instruction_prompt_tokens_carry_no_loss(sample, tmp_path):
 
 
 def test_a_documents_logits_are_the_same_packed_and_alone(sample, tmp_path):
-    out = build_source(SourceSpec(name="g", role="general", paths=(str(sample.general),), holdout_fraction=0),
-                       BuildOptions(seq_len=96), str(sample.tokenizer), tmp_path, quiet=True)
+    out = build_source(
+        SourceSpec(name="g", role="general", paths=(str(sample.general),), holdout_fraction=0),
+        BuildOptions(seq_len=96),
+        str(sample.tokenizer),
+        tmp_path,
+        quiet=True,
+    )
     rows = next(chunk_tables(out, "rows")).to_pydict()
     k = next(i for i, lens in enumerate(rows["doc_lens"]) if len(lens) >= 2 and lens[1] > 1)
     one = {key: [rows[key][k]] for key in ("input_ids", "loss_mask", "doc_lens")}
@@ -48,8 +59,8 @@ def test_a_documents_logits_are_the_same_packed_and_alone(sample, tmp_path):
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
         start = 0
         for n in one["doc_lens"][0]:
-            alone = model(input_ids=batch["input_ids"][:, start:start + n], use_cache=False).logits[0]
-            torch.testing.assert_close(packed[start:start + n], alone, rtol=1e-4, atol=1e-5)
+            alone = model(input_ids=batch["input_ids"][:, start : start + n], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start : start + n], alone, rtol=1e-4, atol=1e-5)
             start += n
 
 
@@ -73,19 +84,22 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
     assert lr_at(50, peak, total, warm, "constant") == peak
 
 
-@pytest.mark.parametrize("override, message", [
-    (["optim.lr=-1"], "optim.lr must be > 0"),
-    (["optim.sheduler=cosine"], "unknown key 'optim.sheduler'"),
-    (["stage=pretrain"], "stage must be cpt | sft | mixed"),
-    (["tokens=1000"], "steps/tokens must be exactly one set"),
-    (["replay.strategy=tm"], "replay.cache must be set"),
-    (["batch.micro_batch=0"], "batch.micro_batch must be >= 1"),
-    (["model.config=oops"], "model.config must be a mapping or null, got 'oops'"),
-    (["steps=1.5"], "steps must be an integer or null, got 1.5"),
-    (["model.gradient_checkpointing=1"], "model.gradient_checkpointing must be true or false, got 1"),
-    (["replay.weight=[1]"], "replay.weight must be a number or dynamic, got [1]"),
-    (["model.dtype=fp8"], "model.dtype must be auto | float32 | bfloat16 | float16"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["optim.lr=-1"], "optim.lr must be > 0"),
+        (["optim.sheduler=cosine"], "unknown key 'optim.sheduler'"),
+        (["stage=pretrain"], "stage must be cpt | sft | mixed"),
+        (["tokens=1000"], "steps/tokens must be exactly one set"),
+        (["replay.strategy=tm"], "replay.cache must be set"),
+        (["batch.micro_batch=0"], "batch.micro_batch must be >= 1"),
+        (["model.config=oops"], "model.config must be a mapping or null, got 'oops'"),
+        (["steps=1.5"], "steps must be an integer or null, got 1.5"),
+        (["model.gradient_checkpointing=1"], "model.gradient_checkpointing must be true or false, got 1"),
+        (["replay.weight=[1]"], "replay.weight must be a number or dynamic, got [1]"),
+        (["model.dtype=fp8"], "model.dtype must be auto | float32 | bfloat16 | float16"),
+    ],
+)
 def test_bad_training_config_names_the_field(override, message, tmp_path):
     base = ["data.prep=p", "steps=5", "model.config={hidden_size: 8}"]
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -139,7 +153,7 @@ def test_auto_zero_buckets_follow_the_hidden_size():
     base = ["data.prep=p", "steps=5", "model.config={hidden_size: 8}", "model.dtype=float32"]
     ds = filled_ds_config(load_train_config(None, base), world=2, hidden_size=576)
     zero = ds["zero_optimization"]
-    assert zero["reduce_bucket_size"] == 576 ** 2 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 576 ** 2)
+    assert zero["reduce_bucket_size"] == 576**2 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 576**2)
     assert ds["bf16"]["enabled"] is False and ds["train_batch_size"] == 2
 
 

@@ -1,9 +1,11 @@
 """Helpers for the training tests: a small prep, configs, and runs under the real deepspeed launcher."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,15 @@ import yaml
 from pipeline.checkpoint_files import CheckpointDir
 from pipeline.launch import ROOT, deepspeed_command, launch_env
 
-TINY_LLAMA = {"vocab_size": 768, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+TINY_LLAMA = {
+    "vocab_size": 768,
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
 
 
 def make_prep(sample, out: Path, tokenizer: Path | None = None, seq_len: int = 64, replay_len: int = 32) -> Path:
@@ -21,24 +30,41 @@ def make_prep(sample, out: Path, tokenizer: Path | None = None, seq_len: int = 6
     from data_prep.config import parse_config
     from data_prep.prepare import prepare
 
-    cfg = parse_config({"tokenizer": str(tokenizer or sample.tokenizer), "out": str(out), "seq_len": seq_len,
-                        "docs_per_chunk": 16,
-                        "sources": [{"name": "code", "role": "domain", "paths": [str(sample.domain)]},
-                                    {"name": "docs", "role": "general", "paths": [str(sample.general)]}],
-                        "mix": {"general_ratio": 0.15, "batch_rows": 4},
-                        "replay": {"num_samples": 16, "replay_len": replay_len}, "holdout": {"fraction": 0.05}},
-                       base=out.parent, origin="test")
+    cfg = parse_config(
+        {
+            "tokenizer": str(tokenizer or sample.tokenizer),
+            "out": str(out),
+            "seq_len": seq_len,
+            "docs_per_chunk": 16,
+            "sources": [
+                {"name": "code", "role": "domain", "paths": [str(sample.domain)]},
+                {"name": "docs", "role": "general", "paths": [str(sample.general)]},
+            ],
+            "mix": {"general_ratio": 0.15, "batch_rows": 4},
+            "replay": {"num_samples": 16, "replay_len": replay_len},
+            "holdout": {"fraction": 0.05},
+        },
+        base=out.parent,
+        origin="test",
+    )
     prepare(cfg, quiet=True)
     return out
 
 
 def write_config(path: Path, prep: Path, run_dir: Path, **sections: Any) -> Path:
-    cfg: dict[str, Any] = {"run_dir": str(run_dir), "steps": 12, "seed": 0,
-                           "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"),
-                           "model": {"config": TINY_LLAMA, "seed": 0}, "data": {"prep": str(prep)},
-                           "optim": {"lr": 3e-3, "warmup_steps": 3, "decay": "cosine"},
-                           "batch": {"micro_batch": 2, "grad_accum": 1}, "checkpoint": {"every": 2, "keep_last": 10},
-                           "eval": {"max_docs": 4}, "log": {"tensorboard": False}}
+    cfg: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "steps": 12,
+        "seed": 0,
+        "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"),
+        "model": {"config": TINY_LLAMA, "seed": 0},
+        "data": {"prep": str(prep)},
+        "optim": {"lr": 3e-3, "warmup_steps": 3, "decay": "cosine"},
+        "batch": {"micro_batch": 2, "grad_accum": 1},
+        "checkpoint": {"every": 2, "keep_last": 10},
+        "eval": {"max_docs": 4},
+        "log": {"tensorboard": False},
+    }
     for key, value in sections.items():
         if isinstance(value, dict):
             cfg.setdefault(key, {}).update(value)
@@ -57,8 +83,9 @@ def env() -> dict[str, str]:
 
 
 def run_training(config: Path, ranks: int = 2) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(launcher_command(config, ranks), capture_output=True, text=True, env=env(), cwd=ROOT,
-                            timeout=900)
+    result = subprocess.run(
+        launcher_command(config, ranks), capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
@@ -81,5 +108,18 @@ def final_weights(run_dir: Path) -> dict[str, Any]:
 
 def digest(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``, by relative path: equal digests mean nothing changed."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    return CheckpointDir.latest_of_run(run_dir).path
+
+
+def export_checkpoint(checkpoint: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``python -m pipeline.export`` on ``checkpoint``, as a user runs it; the caller checks the result."""
+    command = [sys.executable, "-m", "pipeline.export", "--checkpoint", str(checkpoint), "--out", str(out), *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)

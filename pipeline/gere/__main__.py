@@ -6,6 +6,7 @@ Runs as one process, or as N ranks under the launcher with a ZeRO-3 config
     deepspeed --num_gpus 8 -m pipeline.gere --replay prep/replay --model-path base/ \\
         --deepspeed ds_configs/zero3_bf16.json --out runs/gere_cache
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,25 +22,35 @@ log = logging.getLogger("pipeline.gere")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.gere", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.gere", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-path", help="base model: a local Hugging Face checkpoint directory")
     src.add_argument("--model-config", help="base model from scratch: JSON file of LlamaConfig fields (tests, demo)")
     p.add_argument("--seed", type=int, default=0, help="init seed with --model-config")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run Python code shipped with --model-path (only for checkpoints you trust)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped with --model-path (only for checkpoints you trust)",
+    )
     p.add_argument("--replay", required=True, help="replay shard from `data_prep replay` (holds replay.json)")
     p.add_argument("--out", required=True, help="cache directory to write")
     p.add_argument("--batch-size", type=int, default=4, help="replay samples per forward per rank")
-    p.add_argument("--features", action="store_true",
-                   help="also store bf16 hidden states (for l1/l2 replay; 8x the size of the 2-bit states)")
+    p.add_argument(
+        "--features",
+        action="store_true",
+        help="also store bf16 hidden states (for l1/l2 replay; 8x the size of the 2-bit states)",
+    )
     p.add_argument("--deepspeed", help="DeepSpeed JSON config (ZeRO-3 partitions the model across ranks)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     args = p.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     return run_cli(lambda: build_from_args(args), log)
 
 
@@ -52,8 +63,9 @@ def build_from_args(args: argparse.Namespace) -> Path:
     else:
         source = ModelSource(path=args.model_path, trust_remote_code=args.trust_remote_code)
     ds_config = json.loads(Path(args.deepspeed).read_text()) if args.deepspeed else None
-    return build_gere_cache(source, args.replay, args.out, batch_size=args.batch_size, features=args.features,
-                            ds_config=ds_config)
+    return build_gere_cache(
+        source, args.replay, args.out, batch_size=args.batch_size, features=args.features, ds_config=ds_config
+    )
 
 
 if __name__ == "__main__":

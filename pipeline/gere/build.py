@@ -4,6 +4,7 @@ One process on one device, or N ranks with a ZeRO-3 DeepSpeed config (for a
 base model too big for one device; every rank runs every batch and rank 0
 writes).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,15 @@ from ..model import ModelSource, final_hidden_states, load_causal_lm, model_fing
 from .cache import build_cache
 
 
-def build_gere_cache(source: ModelSource, replay_dir: str | Path, out: str | Path, *, batch_size: int = 4,
-                     features: bool = False, ds_config: dict[str, Any] | None = None) -> Path:
+def build_gere_cache(
+    source: ModelSource,
+    replay_dir: str | Path,
+    out: str | Path,
+    *,
+    batch_size: int = 4,
+    features: bool = False,
+    ds_config: dict[str, Any] | None = None,
+) -> Path:
     """Run ``source`` over every replay sample and write thresholds + 2-bit states (+ features) to ``out``."""
     shard = ReplayShard.open(replay_dir)
     rows = shard.rows()
@@ -42,9 +50,20 @@ def build_gere_cache(source: ModelSource, replay_dir: str | Path, out: str | Pat
         module = model.to(device)
     top = max((max(r) for r in rows["input_ids"] if r), default=-1)
     if top >= module.config.vocab_size:
-        raise UserError(f"{replay_dir}: token id {top} is outside the model's vocabulary of "
-                        f"{module.config.vocab_size}; the replay shard was built with another tokenizer")
-    return build_cache(lambda ids, mask: final_hidden_states(module, ids, mask), rows["input_ids"], rows["id"],
-                       out, hidden_size=module.config.hidden_size, replay_len=shard.replay_len,
-                       batch_size=batch_size, model_fingerprint=model_fingerprint(source),
-                       tokenizer_fingerprint=shard.tokenizer_fingerprint, device=device, features=features)
+        raise UserError(
+            f"{replay_dir}: token id {top} is outside the model's vocabulary of "
+            f"{module.config.vocab_size}; the replay shard was built with another tokenizer"
+        )
+    return build_cache(
+        lambda ids, mask: final_hidden_states(module, ids, mask),
+        rows["input_ids"],
+        rows["id"],
+        out,
+        hidden_size=module.config.hidden_size,
+        replay_len=shard.replay_len,
+        batch_size=batch_size,
+        model_fingerprint=model_fingerprint(source),
+        tokenizer_fingerprint=shard.tokenizer_fingerprint,
+        device=device,
+        features=features,
+    )

@@ -12,15 +12,17 @@ and discard them.
 ``meta.json`` carries the base model's and tokenizer's fingerprints: a cache
 is refused for any other model or tokenizer.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,9 +32,9 @@ from safetensors.torch import load_file, save_file
 from data_prep.errors import UserError
 
 from .states import activation_states, pack_states, packed_width
+from .thresholds import MomentAccumulator, Thresholds
 
 STATES_FILE = "states.u8"  # [N, replay_len, ceil(H/4)] uint8: 4 two-bit states per byte
-from .thresholds import MomentAccumulator, Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,9 @@ class CacheMismatch(UserError):
     """The cache was built for another model, tokenizer or replay set."""
 
 
-def pad_replay_rows(rows: Sequence[Sequence[int]], replay_len: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_replay_rows(
+    rows: Sequence[Sequence[int]], replay_len: int, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Replay samples → ([B, replay_len] ids, mask). Always the full length, so the forward
     in training has the same shapes as when the cache was built: same numbers, TM exactly 0."""
     ids = torch.full((len(rows), replay_len), pad_id, dtype=torch.long)
@@ -52,8 +56,8 @@ def pad_replay_rows(rows: Sequence[Sequence[int]], replay_len: int, pad_id: int 
     for i, r in enumerate(rows):
         if len(r) > replay_len:
             raise UserError(f"replay sample {i} has {len(r)} tokens > replay_len {replay_len}")
-        ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
     return ids, mask
 
 
@@ -68,8 +72,13 @@ class GeReCache:
     feature_map: np.ndarray | None = None  # [N, replay_len, H] bf16 bits as uint16, when built with features
 
     @classmethod
-    def open(cls, directory: str | Path, model_fingerprint: str, tokenizer_fingerprint: str,
-             device: torch.device | str = "cpu") -> "GeReCache":
+    def open(
+        cls,
+        directory: str | Path,
+        model_fingerprint: str,
+        tokenizer_fingerprint: str,
+        device: torch.device | str = "cpu",
+    ) -> GeReCache:
         directory = Path(directory)
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
@@ -77,18 +86,29 @@ class GeReCache:
         meta = json.loads(meta_path.read_text())
         for what, expected in (("model", model_fingerprint), ("tokenizer", tokenizer_fingerprint)):
             if meta[f"{what}_fingerprint"] != expected:
-                raise CacheMismatch(f"{directory}: built for another {what} ({meta[f'{what}_fingerprint']}, "
-                                    f"this run uses {expected}); rebuild the cache for this {what}")
+                raise CacheMismatch(
+                    f"{directory}: built for another {what} ({meta[f'{what}_fingerprint']}, "
+                    f"this run uses {expected}); rebuild the cache for this {what}"
+                )
         t = load_file(str(directory / "thresholds.safetensors"), device=str(device))
         if not (directory / STATES_FILE).is_file():
-            raise CacheMismatch(f"{directory}: no {STATES_FILE} (built by an older version?); rebuild it with "
-                                "pipeline.gere")
-        packed = np.memmap(directory / STATES_FILE, dtype=np.uint8, mode="r",
-                           shape=(meta["num_samples"], meta["replay_len"], packed_width(meta["hidden_size"])))
+            raise CacheMismatch(
+                f"{directory}: no {STATES_FILE} (built by an older version?); rebuild it with pipeline.gere"
+            )
+        packed = np.memmap(
+            directory / STATES_FILE,
+            dtype=np.uint8,
+            mode="r",
+            shape=(meta["num_samples"], meta["replay_len"], packed_width(meta["hidden_size"])),
+        )
         features = None
         if meta.get("features"):
-            features = np.memmap(directory / "features.bf16", dtype=np.uint16, mode="r",
-                                 shape=(meta["num_samples"], meta["replay_len"], meta["hidden_size"]))
+            features = np.memmap(
+                directory / "features.bf16",
+                dtype=np.uint16,
+                mode="r",
+                shape=(meta["num_samples"], meta["replay_len"], meta["hidden_size"]),
+            )
         return cls(directory, meta, Thresholds(t["mean"], t["std"]), packed, features)
 
     def states(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -103,9 +123,20 @@ class GeReCache:
         return torch.from_numpy(bits).view(torch.bfloat16).to(device)
 
 
-def build_cache(hidden_fn: HiddenFn, samples: Sequence[Sequence[int]], ids: Sequence[str], out_dir: str | Path, *,
-                hidden_size: int, replay_len: int, batch_size: int, model_fingerprint: str,
-                tokenizer_fingerprint: str, device: torch.device | str = "cpu", features: bool = False) -> Path:
+def build_cache(
+    hidden_fn: HiddenFn,
+    samples: Sequence[Sequence[int]],
+    ids: Sequence[str],
+    out_dir: str | Path,
+    *,
+    hidden_size: int,
+    replay_len: int,
+    batch_size: int,
+    model_fingerprint: str,
+    tokenizer_fingerprint: str,
+    device: torch.device | str = "cpu",
+    features: bool = False,
+) -> Path:
     """Run the frozen model over the replay samples and write the cache (atomically, by rank 0)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out_dir = Path(out_dir)
@@ -115,7 +146,7 @@ def build_cache(hidden_fn: HiddenFn, samples: Sequence[Sequence[int]], ids: Sequ
 
     def batches():
         for s in range(steps):
-            chunk = mine[s * batch_size:(s + 1) * batch_size]
+            chunk = mine[s * batch_size : (s + 1) * batch_size]
             real = len(chunk)
             chunk = chunk or [0]  # padding batch: keeps ZeRO-3 collectives in step, result discarded
             ids_, mask = pad_replay_rows([samples[i] for i in chunk], replay_len)
@@ -126,29 +157,46 @@ def build_cache(hidden_fn: HiddenFn, samples: Sequence[Sequence[int]], ids: Sequ
         for chunk, input_ids, mask in batches():
             h = hidden_fn(input_ids, mask)
             if chunk:
-                moments.add(h[:len(chunk)], mask[:len(chunk)])
+                moments.add(h[: len(chunk)], mask[: len(chunk)])
         thresholds = moments.finish()
         if rank == 0:
             shutil.rmtree(building, ignore_errors=True)
             building.mkdir(parents=True)
-            np.memmap(building / STATES_FILE, dtype=np.uint8, mode="w+",
-                      shape=(len(samples), replay_len, packed_width(hidden_size))).flush()
+            np.memmap(
+                building / STATES_FILE,
+                dtype=np.uint8,
+                mode="w+",
+                shape=(len(samples), replay_len, packed_width(hidden_size)),
+            ).flush()
             if features:
-                np.memmap(building / "features.bf16", dtype=np.uint16, mode="w+",
-                          shape=(len(samples), replay_len, hidden_size)).flush()
+                np.memmap(
+                    building / "features.bf16",
+                    dtype=np.uint16,
+                    mode="w+",
+                    shape=(len(samples), replay_len, hidden_size),
+                ).flush()
         _barrier()
-        packed = np.memmap(building / STATES_FILE, dtype=np.uint8, mode="r+",
-                           shape=(len(samples), replay_len, packed_width(hidden_size)))
-        feature_map = np.memmap(building / "features.bf16", dtype=np.uint16, mode="r+",
-                                shape=(len(samples), replay_len, hidden_size)) if features else None
+        packed = np.memmap(
+            building / STATES_FILE,
+            dtype=np.uint8,
+            mode="r+",
+            shape=(len(samples), replay_len, packed_width(hidden_size)),
+        )
+        feature_map = (
+            np.memmap(
+                building / "features.bf16", dtype=np.uint16, mode="r+", shape=(len(samples), replay_len, hidden_size)
+            )
+            if features
+            else None
+        )
         for chunk, input_ids, mask in batches():
             h = hidden_fn(input_ids, mask)
             if chunk:
-                states = activation_states(h[:len(chunk)], thresholds.neg, thresholds.pos)
-                states[mask[:len(chunk)] == 0] = 0  # padding positions: neutral, and masked out anyway
+                states = activation_states(h[: len(chunk)], thresholds.neg, thresholds.pos)
+                states[mask[: len(chunk)] == 0] = 0  # padding positions: neutral, and masked out anyway
                 packed[np.asarray(chunk)] = pack_states(states).cpu().numpy()
                 if feature_map is not None:
-                    bits = h[:len(chunk)].to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
+                    bits = h[: len(chunk)].to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
                     feature_map[np.asarray(chunk)] = bits
         packed.flush()
         if feature_map is not None:
@@ -156,21 +204,37 @@ def build_cache(hidden_fn: HiddenFn, samples: Sequence[Sequence[int]], ids: Sequ
         del packed, feature_map
     _barrier()
     if rank == 0:
-        save_file({"mean": thresholds.mean.cpu().contiguous(), "std": thresholds.std.cpu().contiguous()},
-                  str(building / "thresholds.safetensors"))
-        meta = {"format": FORMAT_VERSION, "num_samples": len(samples), "replay_len": replay_len,
-                "hidden_size": hidden_size, "ids": list(ids), "lengths": [len(s) for s in samples],
-                "tokens": int(sum(len(s) for s in samples)), "model_fingerprint": model_fingerprint,
-                "tokenizer_fingerprint": tokenizer_fingerprint, "world_size": world, "features": features,
-                "states_bytes": len(samples) * replay_len * packed_width(hidden_size),
-                "fp32_activation_bytes": len(samples) * replay_len * hidden_size * 4}
+        save_file(
+            {"mean": thresholds.mean.cpu().contiguous(), "std": thresholds.std.cpu().contiguous()},
+            str(building / "thresholds.safetensors"),
+        )
+        meta = {
+            "format": FORMAT_VERSION,
+            "num_samples": len(samples),
+            "replay_len": replay_len,
+            "hidden_size": hidden_size,
+            "ids": list(ids),
+            "lengths": [len(s) for s in samples],
+            "tokens": int(sum(len(s) for s in samples)),
+            "model_fingerprint": model_fingerprint,
+            "tokenizer_fingerprint": tokenizer_fingerprint,
+            "world_size": world,
+            "features": features,
+            "states_bytes": len(samples) * replay_len * packed_width(hidden_size),
+            "fp32_activation_bytes": len(samples) * replay_len * hidden_size * 4,
+        }
         (building / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         building.rename(out_dir)
-        log.info("GeRe cache: %d samples, %d tokens, states %.1f MB (fp32 activations would be %.1f MB) → %s",
-                 len(samples), meta["tokens"], meta["states_bytes"] / 2**20, meta["fp32_activation_bytes"] / 2**20,
-                 out_dir)
+        log.info(
+            "GeRe cache: %d samples, %d tokens, states %.1f MB (fp32 activations would be %.1f MB) → %s",
+            len(samples),
+            meta["tokens"],
+            meta["states_bytes"] / 2**20,
+            meta["fp32_activation_bytes"] / 2**20,
+            out_dir,
+        )
     _barrier()
     return out_dir
 

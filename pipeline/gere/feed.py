@@ -6,6 +6,7 @@ checked against the base model and the prep's tokenizer. Each step draws
 ``replay.samples_per_step`` samples and gives every (rank, micro-batch) slot an
 equal share, so the replay terms average to the intended mean.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,16 +34,28 @@ class ReplayFeed:
         self.rows = shard.rows()
         slots = world * cfg.batch.grad_accum
         if cfg.replay.samples_per_step % slots:
-            raise ConfigError(f"replay.samples_per_step ({cfg.replay.samples_per_step}) must be a multiple of "
-                              f"ranks × grad_accum ({slots})")
+            raise ConfigError(
+                f"replay.samples_per_step ({cfg.replay.samples_per_step}) must be a multiple of "
+                f"ranks × grad_accum ({slots})"
+            )
         self.sampler = ReplaySampler(len(self.rows), cfg.replay.samples_per_step, cfg.seed)
         if cache is not None and cache.meta["num_samples"] != len(self.rows):
-            raise UserError(f"{cfg.replay.cache}: built for {cache.meta['num_samples']} replay samples, the shard "
-                            f"{shard.directory} has {len(self.rows)}")
+            raise UserError(
+                f"{cfg.replay.cache}: built for {cache.meta['num_samples']} replay samples, the shard "
+                f"{shard.directory} has {len(self.rows)}"
+            )
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, prep: PrepPaths, base: ModelSource, tokenizer_fingerprint: str,
-                    world: int, rank: int, device: torch.device) -> ReplayFeed | None:
+    def from_config(
+        cls,
+        cfg: TrainConfig,
+        prep: PrepPaths,
+        base: ModelSource,
+        tokenizer_fingerprint: str,
+        world: int,
+        rank: int,
+        device: torch.device,
+    ) -> ReplayFeed | None:
         """None when ``replay.strategy`` is none."""
         if cfg.replay.strategy == "none":
             return None
@@ -52,16 +65,21 @@ class ReplayFeed:
         if cfg.replay.strategy in CACHED_STRATEGIES:
             cache = GeReCache.open(cfg.replay.cache, model_fingerprint(base), tokenizer_fingerprint, device=device)
             if cfg.model.dtype != "float32":  # pipeline.gere builds in fp32 on one device
-                log.warning("replay: the GeRe cache holds fp32 activations and this run trains in %s, so the "
-                            "replay term starts slightly above 0 (a few states sit at a threshold)", cfg.model.dtype)
+                log.warning(
+                    "replay: the GeRe cache holds fp32 activations and this run trains in %s, so the "
+                    "replay term starts slightly above 0 (a few states sit at a threshold)",
+                    cfg.model.dtype,
+                )
         return cls(cfg, ReplayShard.open(prep.replay), cache, world, rank)
 
     def step_chunks(self) -> list[list[int]]:
         """Draw the next step's samples; returns this rank's share for each micro-batch."""
         drawn = self.sampler.next_indices()
         per = len(drawn) // (self.world * self.grad_accum)
-        return [drawn[(j * self.world + self.rank) * per:(j * self.world + self.rank + 1) * per]
-                for j in range(self.grad_accum)]
+        return [
+            drawn[(j * self.world + self.rank) * per : (j * self.world + self.rank + 1) * per]
+            for j in range(self.grad_accum)
+        ]
 
     def inputs(self, index: list[int], device: torch.device, teacher: Any = None) -> ReplayInputs:
         """Padded rows and what the strategy compares against: cached states/features, or the teacher's logits."""

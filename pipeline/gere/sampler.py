@@ -4,6 +4,7 @@ The paper interleaves replay into every batch. Each pass over the replay set
 is its own permutation (seed, pass), so every sample is used exactly once per
 pass; ``state_dict`` is two integers and resuming continues the same sequence.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,7 @@ class ReplaySampler:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
             take = min(self.per_step - len(out), self.num_samples - self.position)
-            out.extend(self._order[self.position:self.position + take].tolist())
+            out.extend(self._order[self.position : self.position + take].tolist())
             self.position += take
         return out
 
@@ -35,8 +36,10 @@ class ReplaySampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["seed"] != self.seed or state["num_samples"] != self.num_samples:
-            raise UserError(f"replay sampler state is for seed {state['seed']} / {state['num_samples']} samples, "
-                             f"this run has seed {self.seed} / {self.num_samples}")
+            raise UserError(
+                f"replay sampler state is for seed {state['seed']} / {state['num_samples']} samples, "
+                f"this run has seed {self.seed} / {self.num_samples}"
+            )
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)
 

@@ -5,6 +5,7 @@ dimension), ``pos`` (>= mean + std) or ``neutral``. Four states fit a 2-bit
 code, so a cache holds 1/16 of the fp32 activations: element ``j`` of a row
 lives in byte ``j // 4`` at bits ``2 * (j % 4)``.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Ranks each see part of the replay set; they all-reduce (count, sum, sum of
 squares), so the thresholds do not depend on how the set was split, up to the
 order of float64 additions (~1e-16 relative). std is the population std.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,7 +48,11 @@ class MomentAccumulator:
         if dist.is_available() and dist.is_initialized():
             packed = torch.cat([self.count.view(1), self.total, self.squares])
             dist.all_reduce(packed)
-            self.count, self.total, self.squares = packed[0], packed[1:1 + len(self.total)], packed[1 + len(self.total):]
+            self.count, self.total, self.squares = (
+                packed[0],
+                packed[1 : 1 + len(self.total)],
+                packed[1 + len(self.total) :],
+            )
         if self.count <= 0:
             raise UserError("no real tokens were seen; the replay set is empty")
         mean = self.total / self.count

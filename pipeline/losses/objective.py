@@ -13,6 +13,7 @@ both detached, so the term has CE's size.
 The trainer runs the forwards and hands their outputs here; what this module
 returns is exactly what backward sees, and its named parts are what is logged.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,11 +58,13 @@ class Objective:
         self.replay, self.kd = replay, kd
         self.strategy_term = replay.strategy not in ("none", "ce")  # a term beyond replay CE
 
-    def __call__(self, task: TaskOutputs, replay: ReplayOutputs | None, global_tokens: int,
-                 scale: float, grad_accum: int) -> MicroBatchLoss:
+    def __call__(
+        self, task: TaskOutputs, replay: ReplayOutputs | None, global_tokens: int, scale: float, grad_accum: int
+    ) -> MicroBatchLoss:
         targets = task.labels[:, 1:]
-        ce_sum = F.cross_entropy(task.logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                 ignore_index=-100, reduction="sum")
+        ce_sum = F.cross_entropy(
+            task.logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+        )
         loss = ce_sum / global_tokens * scale
         parts = {"task_ce": ce_sum.item()}
         if self.kd.weight > 0:
@@ -80,7 +83,9 @@ class Objective:
             parts["replay_ce"] = terms["replay_ce"].item() / grad_accum
             if self.strategy_term:
                 term = terms[self.replay.strategy]
-                weight = self._weight((ce_sum / global_tokens * scale).detach() + terms["replay_ce"].detach(), term.detach())
+                weight = self._weight(
+                    (ce_sum / global_tokens * scale).detach() + terms["replay_ce"].detach(), term.detach()
+                )
                 loss = loss + weight * term
                 parts[self.replay.strategy] = term.item() / grad_accum
         return MicroBatchLoss(loss, parts, weight)
@@ -90,8 +95,9 @@ class Objective:
             return float(self.replay.weight)
         return float(ce / term) if float(term) > 0 else 0.0
 
-    def summarize(self, sums: dict[str, float], global_tokens: int, world: int, device: torch.device,
-                  replay_weight: float) -> dict[str, float]:
+    def summarize(
+        self, sums: dict[str, float], global_tokens: int, world: int, device: torch.device, replay_weight: float
+    ) -> dict[str, float]:
         """The step's logged parts (summed over ranks) and ``loss``, the objective as optimized.
 
         One all-reduce of a float64 vector on ``device`` (NCCL reduces device tensors only).

@@ -11,6 +11,7 @@ CE on replay rows is added for every strategy except none (the paper trains on
 replay text as well). How the terms are weighted into the step's loss is
 ``pipeline/losses/objective.py``'s job.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,12 +41,12 @@ def causal_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor)
     """Mean next-token CE over positions whose target is a real token."""
     target_mask = mask[:, 1:].bool() & mask[:, :-1].bool()
     targets = input_ids[:, 1:].masked_fill(~target_mask, -100)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
-def replay_terms(cfg: ReplayConfig, logits: torch.Tensor, hidden: torch.Tensor,
-                 batch: ReplayInputs) -> dict[str, torch.Tensor]:
+def replay_terms(
+    cfg: ReplayConfig, logits: torch.Tensor, hidden: torch.Tensor, batch: ReplayInputs
+) -> dict[str, torch.Tensor]:
     """{'replay_ce': ..., '<strategy>': ...}: the unweighted terms, each a mean over the replay tokens.
 
     Missing inputs are a wiring bug (the config was validated and the trainer
@@ -62,7 +63,9 @@ def replay_terms(cfg: ReplayConfig, logits: torch.Tensor, hidden: torch.Tensor,
         terms["tm"] = tm_loss(hidden, batch.states, batch.neg, batch.pos, mask, fused=cfg.fused_tm)[0]
     elif cfg.strategy in ("l1", "l2"):
         if batch.features is None:
-            raise ValueError(f"replay.strategy '{cfg.strategy}' needs cached features (build the cache with --features)")
+            raise ValueError(
+                f"replay.strategy '{cfg.strategy}' needs cached features (build the cache with --features)"
+            )
         diff = (hidden.float() - batch.features.float()) * m
         per = diff.abs() if cfg.strategy == "l1" else diff * diff
         terms[cfg.strategy] = per.sum() / (m.sum() * hidden.shape[-1]).clamp_min(1)

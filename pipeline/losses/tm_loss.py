@@ -20,6 +20,7 @@ writes one partial (sum, count) per program, the backward pass recomputes g
 on the fly and writes dL/dh directly. No [tokens, H] mask or intermediate
 is ever materialised; the reference does exactly that, readably.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,14 +36,17 @@ BLOCK_T = 4  # token rows per program: few rows, many columns keeps loads coales
 
 # --- reference ----------------------------------------------------------------------------------------
 
-def tm_loss_reference(h: torch.Tensor, packed: torch.Tensor, neg: torch.Tensor, pos: torch.Tensor,
-                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def tm_loss_reference(
+    h: torch.Tensor, packed: torch.Tensor, neg: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(TM, count) by the definition: h [..., H], packed [..., ceil(H/4)], neg/pos [H], mask [...]."""
     states = unpack_states(packed, h.shape[-1])
     x = h.float()
     relu = torch.relu
-    per_element = torch.where(states == NEG, relu(x - neg),
-                              torch.where(states == POS, relu(pos - x), relu(x - pos) + relu(neg - x)))
+    per_element = torch.where(
+        states == NEG, relu(x - neg), torch.where(states == POS, relu(pos - x), relu(x - pos) + relu(neg - x))
+    )
     per_element = per_element * mask.unsqueeze(-1).to(per_element.dtype)
     count = (per_element > 0).sum()
     total = per_element.sum()
@@ -51,10 +55,23 @@ def tm_loss_reference(h: torch.Tensor, packed: torch.Tensor, neg: torch.Tensor, 
 
 # --- kernels ------------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _tm_forward_kernel(h_ptr, packed_ptr, neg_ptr, pos_ptr, mask_ptr, part_sum_ptr, part_count_ptr,
-                       n_tokens, hidden, stride_h, stride_packed,
-                       BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _tm_forward_kernel(
+    h_ptr,
+    packed_ptr,
+    neg_ptr,
+    pos_ptr,
+    mask_ptr,
+    part_sum_ptr,
+    part_count_ptr,
+    n_tokens,
+    hidden,
+    stride_h,
+    stride_packed,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """Masked sum of l and count of l > 0 over one block of BLOCK_T token rows, as one partial per program.
 
     Args:
@@ -89,9 +106,11 @@ def _tm_forward_kernel(h_ptr, packed_ptr, neg_ptr, pos_ptr, mask_ptr, part_sum_p
         state = (byte.to(tl.int32) >> ((cols % 4) * 2)[None, :]) & 3
         neg = tl.load(neg_ptr + cols, mask=cols < hidden, other=0.0)[None, :]
         pos = tl.load(pos_ptr + cols, mask=cols < hidden, other=0.0)[None, :]
-        loss = tl.where(state == 1, tl.maximum(h - neg, 0.0),
-                        tl.where(state == 2, tl.maximum(pos - h, 0.0),
-                                 tl.maximum(h - pos, 0.0) + tl.maximum(neg - h, 0.0)))
+        loss = tl.where(
+            state == 1,
+            tl.maximum(h - neg, 0.0),
+            tl.where(state == 2, tl.maximum(pos - h, 0.0), tl.maximum(h - pos, 0.0) + tl.maximum(neg - h, 0.0)),
+        )
         loss = tl.where(in_bounds, loss, 0.0)
         acc += loss
         cnt += (loss > 0.0).to(tl.int32)
@@ -100,9 +119,22 @@ def _tm_forward_kernel(h_ptr, packed_ptr, neg_ptr, pos_ptr, mask_ptr, part_sum_p
 
 
 @triton.jit
-def _tm_backward_kernel(h_ptr, packed_ptr, neg_ptr, pos_ptr, mask_ptr, scale_ptr, grad_ptr,
-                        n_tokens, hidden, stride_h, stride_packed, stride_grad,
-                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _tm_backward_kernel(
+    h_ptr,
+    packed_ptr,
+    neg_ptr,
+    pos_ptr,
+    mask_ptr,
+    scale_ptr,
+    grad_ptr,
+    n_tokens,
+    hidden,
+    stride_h,
+    stride_packed,
+    stride_grad,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """dL/dh = g * scale for one block of BLOCK_T token rows, g recomputed from h and the states.
 
     Args:
@@ -131,14 +163,17 @@ def _tm_backward_kernel(h_ptr, packed_ptr, neg_ptr, pos_ptr, mask_ptr, scale_ptr
         pos = tl.load(pos_ptr + cols, mask=col_ok, other=0.0)[None, :]
         up = (h > pos).to(tl.float32)
         down = (h < neg).to(tl.float32)
-        g = tl.where(state == 1, (h > neg).to(tl.float32),
-                     tl.where(state == 2, -(h < pos).to(tl.float32), up - down))
+        g = tl.where(state == 1, (h > neg).to(tl.float32), tl.where(state == 2, -(h < pos).to(tl.float32), up - down))
         g = tl.where(live, g * scale, 0.0)
-        tl.store(grad_ptr + rows[:, None] * stride_grad + cols[None, :], g.to(grad_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(
+            grad_ptr + rows[:, None] * stride_grad + cols[None, :],
+            g.to(grad_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
 
 
 # --- host launchers -----------------------------------------------------------------------------------
+
 
 def _flatten(h: torch.Tensor, packed: torch.Tensor, neg: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor):
     hidden = h.shape[-1]
@@ -154,8 +189,7 @@ def _flatten(h: torch.Tensor, packed: torch.Tensor, neg: torch.Tensor, pos: torc
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
     p2 = packed.reshape(-1, packed.shape[-1]).contiguous()
-    return (h2, p2, neg.float().contiguous(), pos.float().contiguous(),
-            mask.reshape(-1).to(torch.uint8).contiguous())
+    return (h2, p2, neg.float().contiguous(), pos.float().contiguous(), mask.reshape(-1).to(torch.uint8).contiguous())
 
 
 def _block_h(hidden: int) -> int:
@@ -167,8 +201,21 @@ def _forward(h2, p2, neg, pos, mask) -> tuple[torch.Tensor, torch.Tensor]:
     programs = triton.cdiv(n_tokens, BLOCK_T)
     part_sum = torch.empty(programs, dtype=torch.float32, device=h2.device)
     part_count = torch.empty(programs, dtype=torch.int32, device=h2.device)
-    _tm_forward_kernel[(programs,)](h2, p2, neg, pos, mask, part_sum, part_count, n_tokens, hidden,
-                                    h2.stride(0), p2.stride(0), BLOCK_T=BLOCK_T, BLOCK_H=_block_h(hidden))
+    _tm_forward_kernel[(programs,)](
+        h2,
+        p2,
+        neg,
+        pos,
+        mask,
+        part_sum,
+        part_count,
+        n_tokens,
+        hidden,
+        h2.stride(0),
+        p2.stride(0),
+        BLOCK_T=BLOCK_T,
+        BLOCK_H=_block_h(hidden),
+    )
     total = part_sum.double().sum()  # fixed order: deterministic, unlike atomics
     count = part_count.long().sum()
     loss = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total)).float()
@@ -206,8 +253,21 @@ class TMLossFunction(torch.autograd.Function):
         scale = torch.where(count > 0, grad_loss.float() / count.clamp_min(1), torch.zeros_like(grad_loss.float()))
         grad = torch.empty_like(h2)
         _tm_backward_kernel[(triton.cdiv(n_tokens, BLOCK_T),)](
-            h2, p2, neg32, pos32, mask8, scale.reshape(1).contiguous(), grad, n_tokens, hidden,
-            h2.stride(0), p2.stride(0), grad.stride(0), BLOCK_T=BLOCK_T, BLOCK_H=_block_h(hidden))
+            h2,
+            p2,
+            neg32,
+            pos32,
+            mask8,
+            scale.reshape(1).contiguous(),
+            grad,
+            n_tokens,
+            hidden,
+            h2.stride(0),
+            p2.stride(0),
+            grad.stride(0),
+            BLOCK_T=BLOCK_T,
+            BLOCK_H=_block_h(hidden),
+        )
         return grad.view(ctx.shape), None, None, None, None
 
 
@@ -216,8 +276,14 @@ def fused_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def tm_loss(h: torch.Tensor, packed: torch.Tensor, neg: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-            fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def tm_loss(
+    h: torch.Tensor,
+    packed: torch.Tensor,
+    neg: torch.Tensor,
+    pos: torch.Tensor,
+    mask: torch.Tensor,
+    fused: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TM loss and violated-element count.
 
     Args:
