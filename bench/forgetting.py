@@ -26,7 +26,9 @@ from typing import Any
 
 import yaml
 
+from data_prep.mix import mix
 from pipeline.checkpoint_files import CheckpointDir
+from pipeline.eval import evaluate_model, load_hf
 from pipeline.launch import ROOT, run_deepspeed
 
 VARIANTS: list[tuple[str, bool, dict[str, Any], float]] = [  # name, general mix, extra config, lr multiplier
@@ -52,8 +54,6 @@ VARIANTS: list[tuple[str, bool, dict[str, Any], float]] = [  # name, general mix
 
 def no_mix_prep(demo: Path) -> Path:
     """The demo's prep with a 0% general mixture: same builds, replay shard and holdouts."""
-    from data_prep.mix import mix
-
     out = demo / "prep_nomix"
     if not (out / "prep.json").is_file():
         prep = json.loads((demo / "prep" / "prep.json").read_text())
@@ -111,8 +111,6 @@ def main() -> None:
     demo = Path(args.demo).resolve()
     if not (demo / "base" / "hf" / "config.json").is_file() or not (demo / "gere_cache" / "meta.json").is_file():
         raise SystemExit(f"{demo}: run `python -m pipeline.demo` first (it builds the base model and GeRe cache)")
-    from pipeline.eval import evaluate_model, load_hf
-
     preps = {True: demo / "prep", False: no_mix_prep(demo)}
     base = evaluate_model(load_hf(demo / "base" / "hf"), preps[True], args.eval_docs)
     rows = [("base", base, 0.0)]

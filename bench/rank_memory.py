@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,15 +29,19 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.launch import ROOT, free_port
+import yaml
+from safetensors import safe_open
+
+from data_prep.config import parse_config
+from data_prep.prepare import prepare
+from data_prep.sample import SMALL, write_sample_corpora
+from pipeline.gere.build import build_gere_cache
+from pipeline.launch import ROOT, run_deepspeed
+from pipeline.model import ModelSource
 from pipeline.real_models import materialise
 
 
 def make_prep(model: Path, out: Path) -> Path:
-    from data_prep.config import parse_config
-    from data_prep.prepare import prepare
-    from data_prep.sample import SMALL, write_sample_corpora
-
     corpora = write_sample_corpora(out / "corpora", SMALL)
     cfg = parse_config(
         {
@@ -78,24 +81,13 @@ def sample_peak(stop: threading.Event, peaks: dict[tuple[int, str], int]) -> Non
 
 
 def run(config: Path, env: dict[str, str]) -> tuple[float, float]:
-    """(peak VmHWM over ranks in GB, seconds)."""
+    """(peak VmHWM over ranks in GB, seconds); ``env`` adds to the launch environment."""
     peaks: dict = {}
     stop = threading.Event()
     watcher = threading.Thread(target=sample_peak, args=(stop, peaks), daemon=True)
     started = time.perf_counter()
     watcher.start()
-    launcher = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "pipeline.train",
-        "--config",
-        str(config),
-    ]
-    result = subprocess.run(launcher, capture_output=True, text=True, env=env, cwd=ROOT)
+    result = run_deepspeed("pipeline.train", ["--config", str(config)], capture=True, env=env)
     stop.set()
     watcher.join()
     if result.returncode != 0:
@@ -109,9 +101,6 @@ def main() -> None:
     p.add_argument("--model", type=Path, help="HF model dir (default: SmolLM2-135M from pipeline.real_models)")
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
-    import yaml
-    from safetensors import safe_open
-
     model = args.model or materialise("smollm2")
     n_params = 0
     for f in model.glob("*.safetensors"):
@@ -120,28 +109,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-rank-memory-") as tmp:
         root = Path(tmp)
         prep = make_prep(model, root)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.gere",
-                "--model-path",
-                str(model),
-                "--replay",
-                str(prep / "replay"),
-                "--out",
-                str(root / "cache"),
-            ],
-            check=True,
-            capture_output=True,
-            cwd=ROOT,
-        )
+        build_gere_cache(ModelSource(path=str(model)), prep / "replay", root / "cache")
         ds_default = json.loads((ROOT / "ds_configs" / "zero3_cpu.json").read_text())
         for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
             ds_default["zero_optimization"].pop(key)  # DeepSpeed's own defaults
         (root / "ds_default.json").write_text(json.dumps(ds_default))
         rows = []
-        baseline_env = {**os.environ, "PYTHONPATH": str(ROOT)}
         for name, ds, malloc_defaults in (
             ("DeepSpeed default buckets, glibc defaults", root / "ds_default.json", "1"),
             ("buckets from hidden size", ROOT / "ds_configs" / "zero3_cpu.json", "1"),
@@ -164,7 +137,7 @@ def main() -> None:
                     }
                 )
             )
-            peak, seconds = run(config, {**baseline_env, "CPT_MALLOC_DEFAULTS": malloc_defaults})
+            peak, seconds = run(config, {"CPT_MALLOC_DEFAULTS": malloc_defaults})
             logged = [json.loads(line) for line in (root / f"run{len(rows)}" / "metrics.jsonl").open()]
             losses = [r.get("loss") for r in logged]
             tok_s = [r["tok_s"] for r in logged if "tok_s" in r and r["step"] > 1]  # step 1 carries warm-up

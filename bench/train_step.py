@@ -29,7 +29,20 @@ import time
 import warnings
 from pathlib import Path
 
+import datasets
 import torch
+from transformers import Trainer as HFTrainer
+from transformers import TrainerCallback, TrainingArguments
+
+from data_prep.demo import build_demo_data
+from data_prep.tokenizer import load_tokenizer
+from pipeline.config import load_train_config
+from pipeline.data import PrepPaths, packed_inputs
+from pipeline.distributed import init_distributed
+from pipeline.ds_config import filled_ds_config
+from pipeline.gere.build import build_gere_cache
+from pipeline.model import ModelSource, load_causal_lm
+from pipeline.trainer import Trainer
 
 MODEL = {
     "hidden_size": 256,
@@ -60,9 +73,6 @@ def overrides(prep: Path, run: Path, args: argparse.Namespace, vocab: int, **ext
 
 def time_ours(cfg_overrides: list[str], args: argparse.Namespace) -> tuple[float, int, float]:
     """(seconds per step, task tokens per step, replay tokens per step)."""
-    from pipeline.config import load_train_config
-    from pipeline.trainer import Trainer
-
     trainer = Trainer(load_train_config(None, cfg_overrides))
     times = []
     for step in range(args.warmup + args.steps):
@@ -73,21 +83,13 @@ def time_ours(cfg_overrides: list[str], args: argparse.Namespace) -> tuple[float
         trainer.step += 1
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
-    replay = trainer.cfg.replay.samples_per_step * trainer.replay_len if trainer.sampler else 0
+    replay = trainer.cfg.replay.samples_per_step * trainer.replay.replay_len if trainer.replay else 0
     tokens = trainer.order.global_batch * trainer.seq_len
     del trainer
     return sum(times) / len(times), tokens, replay
 
 
 def time_hf(cfg_overrides: list[str], args: argparse.Namespace) -> float:
-    import datasets
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from pipeline.config import load_train_config
-    from pipeline.data import PrepPaths, packed_inputs
-    from pipeline.ds_config import filled_ds_config
-    from pipeline.model import ModelSource, load_causal_lm
-
     cfg = load_train_config(None, cfg_overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds = filled_ds_config(cfg, world)
@@ -124,7 +126,7 @@ def time_hf(cfg_overrides: list[str], args: argparse.Namespace) -> float:
     def collate(rows):
         return packed_inputs({k: [r[k] for r in rows] for k in ("input_ids", "loss_mask", "doc_lens")})
 
-    Trainer(model=model, args=targs, train_dataset=mixture, data_collator=collate, callbacks=[Clock()]).train()
+    HFTrainer(model=model, args=targs, train_dataset=mixture, data_collator=collate, callbacks=[Clock()]).train()
     timed = times[args.warmup :]
     return sum(timed) / len(timed)
 
@@ -135,10 +137,6 @@ def sync() -> None:
 
 
 def build_cache_for(prep: Path, cfg_overrides: list[str], out: Path) -> Path:
-    from pipeline.config import load_train_config
-    from pipeline.gere.build import build_gere_cache
-    from pipeline.model import ModelSource
-
     cfg = load_train_config(None, cfg_overrides)
     source = ModelSource(config=cfg.model.config, seed=cfg.model.seed, dtype=cfg.model.dtype)
     return build_gere_cache(source, prep / "replay", out, batch_size=8)
@@ -157,18 +155,12 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.distributed import init_distributed
-
     init_distributed()
     rank = int(os.environ.get("RANK", "0"))
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     prep = Path(args.prep) if args.prep else None
     if prep is None:
-        from data_prep.demo import build_demo_data
-
         prep = Path(build_demo_data(work / "demo", quiet=True)["mixture"]).parent
-    from data_prep.tokenizer import load_tokenizer
-    from pipeline.data import PrepPaths
 
     vocab = load_tokenizer(PrepPaths.read(prep).tokenizer).vocab_size
     plain = overrides(prep, work / "ours", args, vocab)

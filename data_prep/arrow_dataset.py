@@ -24,7 +24,7 @@ def write_dataset_dir(
     out_dir: str | os.PathLike[str], schema: pa.Schema, shards: Iterable[pa.Table], num_shards: int
 ) -> list[dict[str, object]]:
     """Write ``num_shards`` tables as a saved dataset; returns ``[{file, rows, sha256}]``."""
-    import datasets
+    import datasets  # seconds to import; only the final write of a mixture or split needs it
 
     features = datasets.Features.from_arrow_schema(schema)
     schema = schema.with_metadata({"huggingface": json.dumps({"info": {"features": features.to_dict()}})})

@@ -1,7 +1,9 @@
 """Command line: ``python -m data_prep <command>``; ``--help`` on each command explains it.
 
 User errors (bad input, bad options) print one line naming the file and exit 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. Each command imports its modules
+when it runs, so ``--help`` and a light command (``stats``) never load the
+tokenizers or ``datasets``.
 """
 
 from __future__ import annotations

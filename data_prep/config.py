@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .build import BuildOptions, SourceSpec
+from .documents import Role
 from .errors import ConfigError
 from .readers import ReadOptions
 from .typed_config import build, read_yaml, reference, setting
@@ -46,6 +47,25 @@ class HoldoutConfig:
 
 
 @dataclass(frozen=True)
+class PrepareTop:
+    """The top level of a prepare config (``sources``, ``mix``, ``replay``, ``holdout`` and the build options aside)."""
+
+    tokenizer: str = setting(doc="SentencePiece .model file or Hugging Face tokenizer (or model) directory")
+    out: str = setting(doc="output directory: cache/, mixture/, replay/, holdout/, prep.json")
+    workers: int = setting(1, "tokenizer processes")
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """One corpus under ``sources``; reading options (below) may sit beside these keys."""
+
+    name: str = setting(doc="the source's name (names its build and its row ids)")
+    role: Role = setting(doc="what the documents are for")
+    paths: tuple[str, ...] = setting(doc="files, directories or globs (one string is one path)")
+    dedup: bool = setting(True, "drop exact duplicate documents")
+
+
+@dataclass(frozen=True)
 class PrepareConfig:
     tokenizer: str
     out: str
@@ -57,9 +77,10 @@ class PrepareConfig:
     holdout: HoldoutConfig = HoldoutConfig()
 
 
-SOURCE_KEYS = {"name", "role", "paths", "dedup"} | {f.name for f in dataclasses.fields(ReadOptions)} - {"instruction"}
+READ_KEYS = {f.name for f in dataclasses.fields(ReadOptions)} - {"instruction"}  # instruction: from the role
+SOURCE_KEYS = {f.name for f in dataclasses.fields(SourceEntry)} | READ_KEYS
 BUILD_KEYS = {f.name for f in dataclasses.fields(BuildOptions)}
-TOP_KEYS = {"tokenizer", "out", "sources", "workers", "mix", "replay", "holdout"} | BUILD_KEYS
+TOP_KEYS = {f.name for f in dataclasses.fields(PrepareTop)} | {"sources", "mix", "replay", "holdout"} | BUILD_KEYS
 
 
 def load_config(path: str | Path) -> PrepareConfig:
@@ -68,10 +89,8 @@ def load_config(path: str | Path) -> PrepareConfig:
 
 def parse_config(raw: dict[str, Any], base: Path, origin: str) -> PrepareConfig:
     _no_unknown(raw, TOP_KEYS, origin, "")
-    for key in ("tokenizer", "out", "sources"):
-        if key not in raw:
-            raise ConfigError(f"{origin}: missing required key '{key}'")
-    if not isinstance(raw["sources"], list) or not raw["sources"]:
+    top = build(PrepareTop, {k: v for k, v in raw.items() if k in {"tokenizer", "out", "workers"}}, "", origin)
+    if not isinstance(raw.get("sources"), list) or not raw["sources"]:
         raise ConfigError(f"{origin}: 'sources' must be a non-empty list")
     holdout = build(HoldoutConfig, raw.get("holdout", {}), "holdout.", origin)
     sources = tuple(_source(s, i, base, origin, holdout) for i, s in enumerate(raw["sources"]))
@@ -80,34 +99,51 @@ def parse_config(raw: dict[str, Any], base: Path, origin: str) -> PrepareConfig:
     replay = (
         None if replay_raw is None or replay_raw is False else build(ReplayShardConfig, replay_raw, "replay.", origin)
     )
-    workers = raw.get("workers", 1)
-    if not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"{origin}: 'workers' must be an integer >= 1, got {workers!r}")
-    return PrepareConfig(
-        tokenizer=str(base / raw["tokenizer"]),
-        out=str(base / raw["out"]),
+    cfg = PrepareConfig(
+        tokenizer=str(base / top.tokenizer),
+        out=str(base / top.out),
         sources=sources,
         build=build_options,
-        workers=workers,
+        workers=top.workers,
         mix=build(MixConfig, raw.get("mix", {}), "mix.", origin),
         replay=replay,
         holdout=holdout,
     )
+    validate(cfg, origin)
+    return cfg
+
+
+def validate(cfg: PrepareConfig, origin: str) -> None:
+    """Bounds that types cannot say, each error naming the file and the key."""
+
+    def need(ok: bool, name: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{origin}: {name} must be {rule}, got {value!r}")
+
+    need(cfg.workers >= 1, "workers", cfg.workers, ">= 1")
+    need(0 <= cfg.mix.general_ratio < 1, "mix.general_ratio", cfg.mix.general_ratio, "in [0, 1)")
+    need(0 <= cfg.mix.instruction_ratio < 1, "mix.instruction_ratio", cfg.mix.instruction_ratio, "in [0, 1)")
+    need(cfg.mix.batch_rows >= 1, "mix.batch_rows", cfg.mix.batch_rows, ">= 1")
+    need(0 <= cfg.holdout.fraction < 1, "holdout.fraction", cfg.holdout.fraction, "in [0, 1)")
+    need(cfg.holdout.max_docs >= 0, "holdout.max_docs", cfg.holdout.max_docs, ">= 0")
+    if cfg.replay is not None:
+        need(cfg.replay.num_samples >= 1, "replay.num_samples", cfg.replay.num_samples, ">= 1")
+        need(cfg.replay.replay_len >= 2, "replay.replay_len", cfg.replay.replay_len, ">= 2")
 
 
 def config_reference() -> str:
     """The prepare config's sections, as the docs show them."""
-    top = reference(
-        BuildOptions, "Top level (`data_prep prepare --config`; besides `tokenizer`, `out`, `sources`, `workers`)"
-    )
-    source = reference(ReadOptions, "`sources[i]` (besides `name`, `role`, `paths`, `dedup`)", "sources[i].")
-    return "\n".join(
-        [top, source]
-        + [
-            reference(cls, f"`{name}`", f"{name}.")
-            for name, cls in (("mix", MixConfig), ("replay", ReplayShardConfig), ("holdout", HoldoutConfig))
-        ]
-    )
+    sections = [
+        reference(PrepareTop, "Top level (`data_prep prepare --config`)"),
+        reference(BuildOptions, "Top level: build options (part of each build's cache key)"),
+        reference(SourceEntry, "`sources[i]`", "sources[i]."),
+        reference(ReadOptions, "`sources[i]`: reading options", "sources[i].", skip={"instruction"}),
+    ]
+    sections += [
+        reference(cls, f"`{name}`", f"{name}.")
+        for name, cls in (("mix", MixConfig), ("replay", ReplayShardConfig), ("holdout", HoldoutConfig))
+    ]
+    return "\n".join(sections)
 
 
 def _source(raw: Any, i: int, base: Path, origin: str, holdout: HoldoutConfig) -> SourceSpec:
@@ -115,22 +151,17 @@ def _source(raw: Any, i: int, base: Path, origin: str, holdout: HoldoutConfig) -
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: {where} must be a mapping")
     _no_unknown(raw, SOURCE_KEYS, origin, where + ".")
-    for key in ("name", "role", "paths"):
-        if key not in raw:
-            raise ConfigError(f"{origin}: {where} is missing '{key}'")
-    paths = raw["paths"] if isinstance(raw["paths"], list) else [raw["paths"]]
-    read = build(
-        ReadOptions,
-        {k: v for k, v in raw.items() if k in {f.name for f in dataclasses.fields(ReadOptions)}},
-        where + ".",
-        origin,
-    )
+    entry_raw = {k: v for k, v in raw.items() if k not in READ_KEYS}
+    if isinstance(entry_raw.get("paths"), str):
+        entry_raw["paths"] = [entry_raw["paths"]]
+    entry = build(SourceEntry, entry_raw, where + ".", origin)
+    read = build(ReadOptions, {k: v for k, v in raw.items() if k in READ_KEYS}, where + ".", origin)
     return SourceSpec(
-        name=str(raw["name"]),
-        role=str(raw["role"]),
-        paths=tuple(str(base / p) for p in paths),
+        name=entry.name,
+        role=entry.role,
+        paths=tuple(str(base / p) for p in entry.paths),
         read=read,
-        dedup=bool(raw.get("dedup", True)),
+        dedup=entry.dedup,
         holdout_fraction=holdout.fraction,
         holdout_max_docs=holdout.max_docs,
     )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-ROLES = ("domain", "general", "instruction")
+Role = Literal["domain", "general", "instruction"]
+ROLES: tuple[str, ...] = typing.get_args(Role)
 PRETRAIN_ROLES = ("domain", "general")
 
 

@@ -112,7 +112,7 @@ def _open_bytes(path: str) -> io.BufferedReader:
     if path.lower().endswith(".gz"):
         return io.BufferedReader(gzip.open(path, "rb"))  # type: ignore[arg-type]
     if path.lower().endswith(".zst"):
-        import zstandard
+        import zstandard  # optional: only .zst inputs need it
 
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))  # type: ignore[arg-type]
     return open(path, "rb")
@@ -168,7 +168,7 @@ def _iter_jsonl_like_lines(path: str, raw: io.BufferedReader, options: ReadOptio
 
 
 def _iter_parquet(path: str) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # each format loads its reader only when a file of it is read
 
     try:
         pf = pq.ParquetFile(path)
@@ -202,7 +202,7 @@ def _iter_arrow_file(path: str) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_saved_dataset(path: str) -> Iterator[tuple[int, Any]]:
-    import datasets
+    import datasets  # seconds to import; only saved-dataset inputs need it
 
     try:
         ds = datasets.load_from_disk(path)

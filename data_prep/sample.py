@@ -124,7 +124,7 @@ def train_sample_tokenizer(corpora: list[Path], out_model: str | os.PathLike[str
     One thread: SentencePiece's multi-threaded training gives a different model on each run,
     and everything downstream (packed rows, the demo's figures) should be reproducible.
     """
-    import sentencepiece as spm
+    import sentencepiece as spm  # only the demo trains a tokenizer
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -196,7 +196,7 @@ def _instruction_pairs(rel: str, tree: ast.Module, limit: int) -> Iterator[dict[
 
 def _pydoc_topics() -> dict[str, str]:
     try:
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # absent from some Python builds
     except ImportError:  # some distributions strip pydoc_data; docstrings still give prose
         return {}
     return dict(topics)

@@ -71,7 +71,7 @@ class SentencePieceTokenizer:
     """SentencePiece model; ``num_threads=1`` so that one worker process uses one core."""
 
     def __init__(self, path: str, num_threads: int = 1) -> None:
-        import sentencepiece as spm
+        import sentencepiece as spm  # each tokenizer kind loads only its own library
 
         self.path = str(path)
         try:
@@ -108,12 +108,12 @@ class HFTokenizer:
     """A local Hugging Face tokenizer directory, loaded with ``trust_remote_code=False``."""
 
     def __init__(self, path: str) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # seconds to import; SentencePiece jobs never pay it
 
         self.path = str(path)
         try:
             self._tok = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False, local_files_only=True)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError) as e:  # how transformers reports a directory it cannot read
             raise UserError(f"{path}: cannot load Hugging Face tokenizer: {e}") from None
         if self._tok.eos_token_id is None:
             raise UserError(f"{path}: tokenizer defines no eos_token; documents could not be separated")

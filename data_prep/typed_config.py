@@ -155,11 +155,13 @@ def choices(cls: Any, name: str) -> tuple[Any, ...]:
     return options
 
 
-def reference(cls: Any, title: str, prefix: str = "") -> str:
-    """A markdown reference of every field under ``cls``: key, type, default, doc (one table per section)."""
+def reference(cls: Any, title: str, prefix: str = "", skip: set[str] = frozenset()) -> str:
+    """A markdown reference of every field under ``cls`` but ``skip``: key, type, default, doc (a table per section)."""
     rows, sections = [], []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         section = _section_type(hints[f.name])
         if section is not None:
             sections.append(reference(section, f"`{prefix}{f.name}`", f"{prefix}{f.name}."))

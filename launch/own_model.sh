@@ -23,8 +23,8 @@ replay: {strategy: tm, cache: $out/gere_cache, samples_per_step: 2}
 checkpoint: {every: 0}
 eval: {max_docs: 16}
 YAML
-port=$(python -c 'from pipeline.demo import free_port; print(free_port())')
+port=$(python -c 'from pipeline.launch import free_port; print(free_port())')
 deepspeed --num_gpus 2 --master_port "$port" --module pipeline.train --config "$out/cpt.yaml"
-python -m pipeline.export --checkpoint "$out/run/checkpoints/$(cat "$out/run/checkpoints/latest")" --out "$out/hf" --verify
+python -m pipeline.export --run "$out/run" --out "$out/hf" --verify
 python -m pipeline.eval --model "$out/hf" --base "$model" --prep "$out/prep" --cache "$out/gere_cache" --max-docs 24 \
     --out "$out/eval.json"

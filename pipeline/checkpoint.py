@@ -15,7 +15,6 @@ directory, a universal conversion of another run's checkpoint included.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,15 @@ from safetensors.torch import load_file, save_file
 
 from data_prep.errors import UserError, out_of_space
 
-from .checkpoint_files import COMPLETE, LATEST, CheckpointDir, read_complete, verify_checkpoint, write_complete
+from .checkpoint_files import (
+    LATEST,
+    CheckpointDir,
+    latest_tag,
+    point_latest,
+    read_complete,
+    verify_checkpoint,
+    write_complete,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +45,7 @@ class CheckpointManager:
         self.root, self.keep_last, self.rank, self.world = Path(root), keep_last, rank, world
 
     def save(self, engine: Any, step: int, state: dict[str, Any]) -> Path:
-        tag = f"step{step:08d}"
+        tag = CheckpointDir.for_step(self.root, step).tag
         if self.rank == 0:
             self._make_room(tag)
         _barrier()
@@ -50,11 +57,10 @@ class CheckpointManager:
             save_file(rng, str(CheckpointDir(self.root / tag).rng_file(self.rank)))
         except Exception as e:  # torch.save reports a full disk as an opaque RuntimeError
             if self._out_of_space(e):
-                latest = self.root / LATEST
                 raise UserError(
                     f"{self.root / tag}: no space left on the device while saving step {step}; it is "
-                    f"not marked complete and {latest} still names "
-                    f"{latest.read_text().strip() if latest.is_file() else 'nothing'}"
+                    f"not marked complete and {self.root / LATEST} still names "
+                    f"{latest_tag(self.root) or 'nothing'}"
                 ) from None
             raise
         _barrier()
@@ -87,14 +93,16 @@ class CheckpointManager:
             raise UserError(f"{self.root / LATEST} names {tag}, which cannot be resumed: {e}{hint}") from None
         return self.root, tag
 
-    def resume_point(self, resume: str, ds_cfg: dict[str, Any]) -> tuple[Path, str] | None:
-        """The checkpoint to resume from (``resolve``), converted to DeepSpeed's universal format when another
-        number of ranks wrote it; ``ds_cfg`` is then told to load it as such."""
+    def resume_point(self, resume: str) -> tuple[tuple[Path, str] | None, bool]:
+        """(checkpoint to resume from or None, whether it is a universal conversion).
+
+        A checkpoint another number of ranks wrote is converted once to DeepSpeed's universal format,
+        which the engine must then be told to load (``checkpoint.load_universal``).
+        """
         found = self.resolve(resume)
         if found and self.saved_world(*found) != self.world:
-            found = self.to_universal(*found)
-            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
-        return found
+            return self.to_universal(*found), True
+        return found, False
 
     def saved_world(self, root: Path, tag: str) -> int:
         return CheckpointDir(root / tag).state()["world"]
@@ -104,7 +112,7 @@ class CheckpointManager:
 
         The conversion goes into this run's checkpoint directory, wherever the source lives.
         """
-        target = self.root / f"{tag}_universal"
+        target = CheckpointDir(root / tag).universal(self.root).path
         source = str((root / tag).resolve())
         if self.rank == 0 and not self._converted(target, source):
             log.info("checkpoint %s was written by another number of ranks: converting it to %s", tag, target)
@@ -160,18 +168,13 @@ class CheckpointManager:
         return shutil.disk_usage(self.root).free < needed
 
     def _tags(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("step*") if p.is_dir() and not p.name.endswith("_universal"))
+        return [c.path for c in CheckpointDir.saved(self.root)]
 
     def _complete(self) -> list[Path]:
-        return [p for p in self._tags() if (p / COMPLETE).is_file()]
+        return [c.path for c in CheckpointDir.saved(self.root) if c.is_complete()]
 
     def _point_latest(self, tag: str | None) -> None:
-        if tag is None:
-            (self.root / LATEST).unlink(missing_ok=True)
-            return
-        tmp = self.root / f".{LATEST}.tmp"
-        tmp.write_text(tag + "\n")
-        os.replace(tmp, self.root / LATEST)
+        point_latest(self.root, tag)
 
     def _make_room(self, tag: str) -> None:
         """Clear ``tag`` before it is written: a half-written save of it, or a checkpoint of the branch a
@@ -179,20 +182,19 @@ class CheckpointManager:
         target = self.root / tag
         if not target.exists():
             return
-        latest = self.root / LATEST
-        if latest.is_file() and latest.read_text().strip() == tag:
+        if latest_tag(self.root) == tag:
             earlier = [p.name for p in self._complete() if p.name < tag]
             self._point_latest(earlier[-1] if earlier else None)
         log.warning(
             "checkpoint %s exists (%s); replacing it",
             target,
-            "complete, from a branch resumed away from" if (target / COMPLETE).is_file() else "half-written",
+            "complete, from a branch resumed away from" if CheckpointDir(target).is_complete() else "half-written",
         )
         shutil.rmtree(target)
 
     def _purge(self, keep: str) -> None:
         for p in self._tags():
-            if not (p / COMPLETE).is_file() and p.name != keep:
+            if not CheckpointDir(p).is_complete() and p.name != keep:
                 shutil.rmtree(p, ignore_errors=True)  # a save that was killed half-way
         for p in self._complete()[: -self.keep_last]:
             if p.name != keep:

@@ -30,7 +30,9 @@ import torch.distributed as dist
 
 from data_prep.errors import UserError
 
+CHECKPOINTS = "checkpoints"  # under a run directory: the checkpoint root
 LATEST = "latest"  # in the checkpoint root: the tag of the newest complete checkpoint
+UNIVERSAL = "_universal"  # tag suffix of a conversion to DeepSpeed's universal format
 COMPLETE = "COMPLETE"  # in a tag directory, written last: every file and its size
 STATE = "pipeline_state.json"  # in a tag directory: step, tokens seen, sampler state, world, config
 
@@ -45,17 +47,31 @@ class CheckpointDir:
     path: Path
 
     @classmethod
+    def for_step(cls, root: str | Path, step: int) -> CheckpointDir:
+        return cls(Path(root) / f"step{step:08d}")
+
+    @classmethod
     def latest(cls, root: str | Path) -> CheckpointDir | None:
         """The checkpoint ``root/latest`` names, or None before the first save."""
-        pointer = Path(root) / LATEST
-        return cls(Path(root) / pointer.read_text().strip()) if pointer.is_file() else None
+        tag = latest_tag(root)
+        return cls(Path(root) / tag) if tag else None
 
     @classmethod
     def latest_of_run(cls, run_dir: str | Path) -> CheckpointDir:
-        found = cls.latest(Path(run_dir) / "checkpoints")
+        found = cls.latest(checkpoint_root(run_dir))
         if found is None:
-            raise UserError(f"{run_dir}: no checkpoint yet ({Path(run_dir) / 'checkpoints' / LATEST} is missing)")
+            raise UserError(f"{run_dir}: no checkpoint yet ({checkpoint_root(run_dir) / LATEST} is missing)")
         return found
+
+    @classmethod
+    def saved(cls, root: str | Path) -> list[CheckpointDir]:
+        """Every step checkpoint under ``root`` (complete or not; conversions left out), oldest first."""
+        found = sorted(p for p in Path(root).glob("step*") if p.is_dir() and not p.name.endswith(UNIVERSAL))
+        return [cls(p) for p in found]
+
+    def universal(self, root: str | Path) -> CheckpointDir:
+        """Where this checkpoint's universal conversion goes under ``root``."""
+        return CheckpointDir(Path(root) / f"{self.tag}{UNIVERSAL}")
 
     @property
     def root(self) -> Path:
@@ -82,6 +98,26 @@ class CheckpointDir:
 
     def rng_file(self, rank: int) -> Path:
         return self.path / f"rng_rank{rank:05d}.safetensors"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def latest_tag(root: str | Path) -> str | None:
+    pointer = Path(root) / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def point_latest(root: str | Path, tag: str | None) -> None:
+    """Atomically point ``root/latest`` at ``tag`` (None removes the pointer)."""
+    pointer = Path(root) / LATEST
+    if tag is None:
+        pointer.unlink(missing_ok=True)
+        return
+    tmp = Path(root) / f".{LATEST}.tmp"
+    tmp.write_text(tag + "\n")
+    os.replace(tmp, pointer)
 
 
 def write_complete(tag_dir: Path, **info: Any) -> None:
@@ -116,7 +152,7 @@ def _deepspeed_types() -> list[Any]:
     let a pickle reach any attribute of an allowed class, so :func:`_enum_member`
     stands in for it and answers only for members of DeepSpeed's enum.
     """
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # deepspeed: only when checking
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, (_enum_member, "builtins.getattr")]
@@ -164,7 +200,7 @@ def _unpickler_reason(error: Exception) -> str:
 
 
 def verify_checkpoint(tag_dir: Path, rank: int = 0, world: int = 1) -> None:
-    """Raise ValueError naming the first bad file of ``tag_dir``; all ranks raise together."""
+    """Raise UserError naming the first bad file of ``tag_dir``; all ranks raise together."""
     files = sorted(read_complete(tag_dir)["files"].items())
     first_bad, problem = len(files), None
     for index in range(rank, len(files), world):

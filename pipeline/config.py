@@ -186,15 +186,6 @@ def config_reference() -> str:
     return reference(TrainConfig, "Training config (`pipeline.train --config`)")
 
 
-def resolve_precision(cfg: TrainConfig) -> None:
-    """Replace ``model.dtype: auto`` by the concrete dtype (see pipeline/precision.py), and log it."""
-    from .precision import resolve_dtype
-
-    requested = cfg.model.dtype
-    cfg.model.dtype = resolve_dtype(requested, cfg.deepspeed)
-    log.info("precision: %s (model.dtype: %s, %s)", cfg.model.dtype, requested, Path(cfg.deepspeed).name)
-
-
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     """A validated config from a dict as ``to_dict`` writes it (paths already resolved), e.g. a checkpoint's."""
     cfg = build(TrainConfig, raw)

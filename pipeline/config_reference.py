@@ -11,7 +11,8 @@ from .config import config_reference as train_reference
 
 HEADER = """# Config reference
 
-Generated from the dataclasses in `data_prep/config.py` and `pipeline/config.py` by
+Generated from the config dataclasses (`data_prep/config.py`, with the build and reading
+options of `data_prep/build.py` and `data_prep/readers.py`, and `pipeline/config.py`) by
 `python -m pipeline.config_reference > docs/config.md`; do not edit by hand.
 `python -m pipeline.train --help-config` prints the training part.
 """

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from data_prep.errors import UserError
 
@@ -87,3 +88,24 @@ def packed_inputs(rows: dict[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
             offset += n
     labels = ids.masked_fill(~loss_mask | starts, -100)
     return {"input_ids": ids, "position_ids": positions, "labels": labels}
+
+
+def step_batches(mixture: Any, order: GlobalOrder, step: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of ``step``, as model inputs on ``device`` (only this rank's rows are read)."""
+    return [
+        {k: v.to(device) for k, v in packed_inputs(mixture[order.rows(step, j)]).items()} for j in range(order.accum)
+    ]
+
+
+def global_loss_tokens(micro: list[dict[str, torch.Tensor]], device: torch.device) -> int:
+    """Loss tokens of the whole global batch: this rank counts its own micro-batches, one scalar all-reduce.
+
+    A label at position t is predicted from position t-1, so position 0 never counts. The tensor is on
+    ``device`` because NCCL reduces device tensors only.
+    """
+    counted = torch.tensor(
+        [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)], dtype=torch.float64, device=device
+    )
+    if dist.is_initialized():
+        dist.all_reduce(counted)
+    return max(int(counted.item()), 1)

@@ -14,7 +14,6 @@ Each step is skipped when its output is already there, so a rerun is quick.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import subprocess
@@ -25,10 +24,17 @@ from typing import Any
 
 import yaml
 
+from data_prep.config import load_config
+from data_prep.demo import build_demo_data, demo_config
 from data_prep.errors import UserError, run_cli
+from data_prep.prepare import prepare
+from data_prep.tokenizer import load_tokenizer
 
-from .checkpoint_files import CheckpointDir
+from .eval import markdown_table, run_eval
+from .gere.cache import GeReCache
 from .launch import ROOT, deepspeed_command
+from .model import ModelSource, model_fingerprint
+from .report import write_report
 
 log = logging.getLogger("pipeline.demo")
 
@@ -54,8 +60,6 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     step("1/5 data prep: corpora, tokenizer, 15% general mix, replay shard, holdouts")
-    from data_prep.demo import build_demo_data
-
     build_demo_data(out, small=plan["small"], workers=2, quiet=True)
     prep, vocab = out / "prep", _vocab(out)
     model = {**MODEL, "vocab_size": vocab}
@@ -85,7 +89,8 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
         step("2/5 base model: cached at " + str(base_hf))
     cache = out / "gere_cache"
     step("3/5 GeRe cache of the base model over the replay shard")
-    if not (cache / "meta.json").is_file() or json.loads((cache / "meta.json").read_text()).get("base") != str(base_hf):
+    tokenizer = load_tokenizer(out / "tokenizer" / "spm.model").fingerprint
+    if not GeReCache.is_built_for(cache, model_fingerprint(ModelSource(path=str(base_hf))), tokenizer):
         _run(
             [
                 sys.executable,
@@ -99,8 +104,6 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
                 str(cache),
             ]
         )
-        meta = json.loads((cache / "meta.json").read_text())
-        (cache / "meta.json").write_text(json.dumps({**meta, "base": str(base_hf)}, indent=1))
     step(f"4/5 continued pretraining: {plan['cpt_steps']} steps, 15% general mix + GeRe TM replay")
     cpt = out / "cpt"
     shutil.rmtree(cpt, ignore_errors=True)
@@ -124,9 +127,6 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
     _launch(config, ranks)
     _export(cpt, cpt / "hf")
     step("5/5 evaluation: base vs tuned on the general and domain holdouts")
-    from pipeline.eval import markdown_table, run_eval
-    from pipeline.report import write_report
-
     result = run_eval(str(cpt / "hf"), str(prep), str(base_hf), str(cache), plan["eval_docs"])
     report = write_report(cpt, result, title="Demo: continued pretraining on stdlib code with GeRe")
     print("\n" + markdown_table(result) + f"\n\nreport: {report} ({time.perf_counter() - started:.0f} s in all)")
@@ -138,17 +138,11 @@ def step(text: str) -> None:
 
 
 def _vocab(out: Path) -> int:
-    from data_prep.tokenizer import load_tokenizer
-
     return load_tokenizer(out / "tokenizer" / "spm.model").vocab_size
 
 
 def _general_only_prep(out: Path, small: bool) -> Path:
     """The general corpus as the whole mixture; holdout chosen by the same seeded hash as the demo's."""
-    from data_prep.config import load_config
-    from data_prep.demo import demo_config
-    from data_prep.prepare import prepare
-
     cfg = demo_config(small=small, workers=2)
     general = next(s for s in cfg["sources"] if s["role"] == "general")
     cfg.update(
@@ -172,8 +166,7 @@ def _launch(config: Path, ranks: int) -> None:
 
 
 def _export(run: Path, out: Path) -> None:
-    checkpoint = CheckpointDir.latest_of_run(run)
-    _run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(checkpoint.path), "--out", str(out)])
+    _run([sys.executable, "-m", "pipeline.export", "--run", str(run), "--out", str(out)])
 
 
 def _run(cmd: list[str]) -> None:

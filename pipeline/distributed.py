@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 
 import torch.distributed as dist
+
+from .host_memory import return_freed_memory_to_os
+from .launch import free_port
 
 
 def init_distributed() -> None:
@@ -24,12 +26,8 @@ def init_distributed() -> None:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    import deepspeed
-
-    from .host_memory import return_freed_memory_to_os
+        os.environ["MASTER_PORT"] = str(free_port())
+    import deepspeed  # seconds to import; only the entry points that start a process group pay
 
     return_freed_memory_to_os()  # before the model is loaded: every large block after this is mmapped
     from deepspeed.accelerator import get_accelerator

@@ -3,7 +3,7 @@
 Batch sizes, precision and clipping come from the pipeline config and
 overwrite whatever the JSON says; the optimizer's hyper-parameters too when
 the JSON names a DeepSpeed optimizer (GPU configs use its fused Adam);
-otherwise the trainer builds torch AdamW. The schedule is always ours.
+otherwise ``pipeline.engine`` builds torch AdamW. The schedule is always ours.
 
 ZeRO-3 bucket sizes given as ``"auto"`` follow the model's hidden size H, as
 transformers' DeepSpeed integration sets them: reduce bucket H², prefetch

@@ -15,6 +15,7 @@ import deepspeed
 import torch
 
 from data_prep.errors import ConfigError
+from data_prep.tokenizer import Tokenizer
 
 from .config import TrainConfig
 from .ds_config import inference_ds_config
@@ -28,12 +29,18 @@ Scheduler = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRSchedul
 
 def model_sources(cfg: TrainConfig) -> tuple[ModelSource, ModelSource]:
     """(base, start): the base model (GeRe cache, teacher, fingerprints) and the weights training starts from."""
-    m = cfg.model
+    model = cfg.model
     base = ModelSource(
-        path=m.path, config=m.config or {}, seed=m.seed, dtype=m.dtype, trust_remote_code=m.trust_remote_code
+        path=model.path,
+        config=model.config or {},
+        seed=model.seed,
+        dtype=model.dtype,
+        trust_remote_code=model.trust_remote_code,
     )
     start = (
-        ModelSource(path=cfg.init_from, dtype=m.dtype, trust_remote_code=m.trust_remote_code) if cfg.init_from else base
+        ModelSource(path=cfg.init_from, dtype=model.dtype, trust_remote_code=model.trust_remote_code)
+        if cfg.init_from
+        else base
     )
     return base, start
 
@@ -43,14 +50,15 @@ def build_engine(
     source: ModelSource,
     ds_cfg: dict[str, Any],
     scheduler: Scheduler,
-    tokenizer_vocab: int,
+    tokenizer: Tokenizer,
     seq_len: int,
 ) -> Any:
     """The trained model under DeepSpeed (ZeRO-3 partitions it at construction), in train mode."""
     model = load_causal_lm(source, ds_cfg, cfg.model.attn_implementation)
-    if tokenizer_vocab > model.config.vocab_size:
+    if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(
-            f"the prep's tokenizer has {tokenizer_vocab} tokens, the model's vocabulary only {model.config.vocab_size}"
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, the model's vocabulary only "
+            f"{model.config.vocab_size}"
         )
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
@@ -58,12 +66,17 @@ def build_engine(
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
-    o = cfg.optim
+    optim = cfg.optim
     optimizer = (
         None
         if "optimizer" in ds_cfg
         else torch.optim.AdamW(
-            params, lr=cfg.peak_lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, fused=True
+            params,
+            lr=cfg.peak_lr,
+            betas=(optim.beta1, optim.beta2),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            fused=True,
         )
     )  # one pass, no full-size temporaries
     engine, *_ = deepspeed.initialize(

@@ -17,11 +17,13 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
+from transformers import AutoModelForCausalLM
 
 from data_prep.atomic import write_json
 from data_prep.errors import UserError, run_cli
@@ -30,6 +32,8 @@ from data_prep.tokenizer import load_tokenizer
 
 from .checkpoint_files import CheckpointDir
 from .data import PrepPaths
+from .distributed import finish, shutdown_at_exit
+from .export import export
 from .gere.cache import GeReCache, pad_replay_rows
 from .gere.states import activation_states, unpack_states
 from .losses.tm_loss import tm_loss_reference
@@ -41,14 +45,8 @@ log = logging.getLogger("pipeline.eval")
 
 def load_hf(path: str | Path) -> torch.nn.Module:
     """A Hugging Face model directory, or a training checkpoint (exported to a temporary directory first)."""
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     if CheckpointDir(path).is_pipeline_checkpoint():
-        import tempfile
-
-        from pipeline.export import export
-
         with tempfile.TemporaryDirectory() as tmp:
             exported = Path(tmp) / "hf"
             export(path, exported)
@@ -88,6 +86,7 @@ def replay_drift(
     cache = GeReCache.open(
         cache_dir, model_fingerprint(ModelSource(path=str(base_dir))), load_tokenizer(paths.tokenizer).fingerprint
     )
+    cache.check_shard(shard, rows)
     total = count = flipped = real = 0.0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
@@ -157,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from pipeline.distributed import finish, shutdown_at_exit
-
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         torch.distributed.init_process_group("gloo")
         shutdown_at_exit()

@@ -1,6 +1,7 @@
 """Export a training checkpoint as a Hugging Face model directory (safetensors + tokenizer).
 
     python -m pipeline.export --checkpoint RUN/checkpoints/step00000100 --out RUN/hf [--verify]
+    python -m pipeline.export --run RUN --out RUN/hf      # the run's latest complete checkpoint
 
 ZeRO-3 checkpoints hold each rank's partition; DeepSpeed's zero_to_fp32 joins
 them into one fp32 state dict, which is loaded strictly into the run's
@@ -25,13 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from data_prep.atomic import atomic_path
 from data_prep.errors import UserError, one_line, run_cli
 from data_prep.tokenizer import HF_TOKENIZER_FILES
 
 from .checkpoint_files import CheckpointDir, verify_checkpoint
+from .config import config_from_dict
 from .data import PrepPaths
+from .distributed import init_distributed
+from .ds_config import filled_ds_config
+from .model import ModelSource, load_causal_lm
 
 log = logging.getLogger("pipeline.export")
 
@@ -44,7 +50,7 @@ class ExportMismatch(UserError):
 
 def export(checkpoint: Path, out: Path, verify: bool = False) -> float | None:
     """Write ``out``; with ``verify``, returns the max |logit difference| to the engine (else None)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # deepspeed: slow import
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # seconds to import
 
     _check_replaceable(out)
     cfg = _run_config(checkpoint)
@@ -86,12 +92,7 @@ def export(checkpoint: Path, out: Path, verify: bool = False) -> float | None:
 
 def verify_export(checkpoint: Path, exported_dir: Path) -> float:
     """Max |logit difference| between the exported model and an engine loaded from the checkpoint."""
-    import deepspeed
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.config import config_from_dict
-    from pipeline.distributed import init_distributed
-    from pipeline.ds_config import filled_ds_config
+    import deepspeed  # only --verify builds an engine (seconds to import)
 
     cfg_dict = _run_config(checkpoint)
     cfg = config_from_dict(cfg_dict)
@@ -130,9 +131,6 @@ def _check_replaceable(out: Path) -> None:
 
 def _architecture(cfg: dict[str, Any]) -> torch.nn.Module:
     """The run's model class and config with fresh weights (from a checkpoint dir, only its config.json)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pipeline.model import ModelSource, load_causal_lm
 
     m = cfg["model"]
     path = cfg.get("init_from") or m["path"]
@@ -153,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (RUN/checkpoints/stepNNNNNNNN)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a checkpoint directory (RUN/checkpoints/stepNNNNNNNN)")
+    which.add_argument("--run", help="a run directory: export its latest complete checkpoint")
     p.add_argument("--out", required=True, help="Hugging Face model directory to write")
     p.add_argument("--verify", action="store_true", help="compare logits with a DeepSpeed engine on the checkpoint")
     args = p.parse_args(argv)
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         try:
-            diff = export(Path(args.checkpoint), Path(args.out), verify=args.verify)
+            checkpoint = Path(args.checkpoint) if args.checkpoint else CheckpointDir.latest_of_run(args.run).path
+            diff = export(checkpoint, Path(args.out), verify=args.verify)
         except ExportMismatch as e:  # a distinct exit code: the checkpoint is fine, its export is not
             log.error("%s", one_line(e))
             return 1

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_prep.atomic import atomic_path
 from data_prep.errors import UserError, run_cli
@@ -34,8 +35,6 @@ def convert_gguf(
     gguf_file: str | Path, out: str | Path, max_shard_size: str | int = "5GB", tokenizer_only: bool = False
 ) -> Path:
     """Write ``out`` as a Hugging Face model + tokenizer directory (or the tokenizer alone) from ``gguf_file``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf_file, out = Path(gguf_file), Path(out)
     if not gguf_file.is_file():
         raise UserError(f"{gguf_file}: GGUF file not found")
@@ -48,7 +47,7 @@ def convert_gguf(
         quantised = AutoModelForCausalLM.from_pretrained(
             str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
         )
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:  # how transformers reports a file it cannot read
         raise UserError(f"{gguf_file}: transformers cannot read this GGUF file: {e}") from None
     config = quantised.config
     if hasattr(config, "quantization_config"):

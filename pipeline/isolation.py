@@ -10,7 +10,7 @@ rows' position ids already restart at 0 at every row start, so the
 documents, and the rows, stay apart.
 
 Whether this holds depends on the attention implementation and the
-transformers version, so the trainer checks it before training
+transformers version, so ``pipeline.engine`` checks it before training
 (:func:`check_document_isolation`): each document of a probe batch must get
 the same logits packed as alone, or the run is refused.
 """
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import transformers
 
 from data_prep.errors import UserError
 
@@ -91,8 +92,6 @@ def check_document_isolation(
     device: torch.device | str = "cpu",
 ) -> float:
     """Refuse to train when packed documents would attend to each other; returns the measured error."""
-    import transformers
-
     error = isolation_error(model, attn_implementation, vocab_size, micro_batch, device)
     if error > TOLERANCE.get(dtype, 3e-2):
         raise DocumentLeak(

@@ -47,13 +47,19 @@ def launch_env() -> dict[str, str]:
 
 
 def run_deepspeed(
-    module: str, args: list[str], ranks: int = 2, capture: bool = False, timeout: float | None = None
+    module: str,
+    args: list[str],
+    ranks: int = 2,
+    capture: bool = False,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``module`` on ``ranks`` local ranks and wait; the caller checks ``returncode``."""
+    """Run ``module`` on ``ranks`` local ranks and wait; ``env`` adds to ``launch_env()``. The caller checks
+    ``returncode``."""
     return subprocess.run(
         deepspeed_command(module, args, ranks),
         cwd=ROOT,
-        env=launch_env(),
+        env={**launch_env(), **(env or {})},
         text=True,
         capture_output=capture,
         timeout=timeout,

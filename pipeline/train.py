@@ -14,6 +14,7 @@ import sys
 import warnings
 
 from data_prep.errors import run_cli
+from pipeline.config import config_reference, load_train_config
 
 log = logging.getLogger("pipeline.train")
 
@@ -27,8 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--help-config", action="store_true", help="print every config key (type, default, meaning)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     args = p.parse_args(argv)
-    from pipeline.config import config_reference, load_train_config  # after --help: pulls in torch
-
     if args.help_config:
         print(config_reference())
         return 0

@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 
 from data_prep.errors import ConfigError
-from data_prep.replay import ReplayShard
 from data_prep.tokenizer import load_tokenizer
 
 from .checkpoint import CheckpointManager
-from .config import TrainConfig, resolve_precision, to_dict
-from .data import GlobalOrder, PrepPaths, packed_inputs
+from .checkpoint_files import checkpoint_root
+from .config import TrainConfig, to_dict
+from .data import GlobalOrder, PrepPaths, global_loss_tokens, step_batches
 from .ds_config import filled_ds_config
 from .engine import build_engine, build_teacher, model_sources, needs_teacher
 from .gere.feed import ReplayFeed
@@ -36,7 +36,7 @@ from .metrics import MetricsLogger, device_peak_flops, model_flops_utilization
 from .model import hidden_size
 from .penalty import build_anchor_pull
 from .perplexity import holdout_perplexities
-from .precision import enable_tf32
+from .precision import enable_tf32, resolve_precision
 from .schedule import lr_at, warmup_steps_for
 
 log = logging.getLogger(__name__)
@@ -59,18 +59,18 @@ class Trainer:
         base, start = model_sources(cfg)
         ds_cfg = filled_ds_config(cfg, self.world, hidden_size(start))
         self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.rank, self.world
+            checkpoint_root(self.run_dir), cfg.checkpoint.keep_last, self.rank, self.world
         )
-        self.resume_from = self.checkpoints.resume_point(cfg.checkpoint.resume, ds_cfg)
-        self.engine = build_engine(cfg, start, ds_cfg, self._scheduler, tokenizer.vocab_size, self.seq_len)
+        self.resume_from, universal = self.checkpoints.resume_point(cfg.checkpoint.resume)
+        if universal:
+            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+        self.engine = build_engine(cfg, start, ds_cfg, self._scheduler, tokenizer, self.seq_len)
         self.device = self.engine.device
         self.teacher = build_teacher(cfg, base, ds_cfg) if needs_teacher(cfg) else None
         self.replay = ReplayFeed.from_config(
             cfg, self.prep, base, tokenizer.fingerprint, self.world, self.rank, self.device
         )
-        self.pull = build_anchor_pull(
-            cfg, self.engine, ReplayShard.open(self.prep.replay) if self.prep.replay else None, self.world, self.rank
-        )  # anchored at the start weights
+        self.pull = build_anchor_pull(cfg, self.engine, self.prep.replay, self.world, self.rank)  # at the start weights
         self.objective = Objective(cfg.replay, cfg.kd)
         self.step, self.tokens_seen = 0, 0
         self._resume()
@@ -129,17 +129,9 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         cfg, engine = self.cfg, self.engine
         accum, scale = cfg.batch.grad_accum, cfg.batch.grad_accum * self.world
-        # This rank's micro-batches are read before the first forward: their loss tokens, summed over ranks
-        # in one scalar all-reduce, are what the global mean divides by (each rank reads only its own rows).
-        micro = [
-            {k: v.to(self.device) for k, v in packed_inputs(self.mixture[self.order.rows(self.step, j)]).items()}
-            for j in range(accum)
-        ]
-        counted = torch.tensor(
-            [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)], dtype=torch.float64, device=self.device
-        )  # NCCL reduces device tensors only
-        dist.all_reduce(counted)
-        global_tokens = max(int(counted.item()), 1)
+        # Read before the first forward: the loss tokens of the whole global batch are what task CE divides by.
+        micro = step_batches(self.mixture, self.order, self.step, self.device)
+        global_tokens = global_loss_tokens(micro, self.device)
         replay_chunks = self.replay.step_chunks() if self.replay else [None] * accum
         lr = engine.get_lr()[0]
         sums: dict[str, float] = {}
@@ -187,9 +179,9 @@ class Trainer:
     # --- pieces ---------------------------------------------------------------------------------------
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        peak, o = self.cfg.peak_lr, self.cfg.optim
+        peak, optim = self.cfg.peak_lr, self.cfg.optim
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_at(s, peak, self.total_steps, self.warmup, o.decay, o.min_lr_ratio) / peak
+            optimizer, lambda s: lr_at(s, peak, self.total_steps, self.warmup, optim.decay, optim.min_lr_ratio) / peak
         )
 
     def _task_forward(self, batch: dict[str, torch.Tensor], rows: list[int]) -> TaskOutputs:

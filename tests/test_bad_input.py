@@ -386,26 +386,12 @@ def pickled_weights_model(d: Path) -> Path:
 
 
 def other_models_cache(d: Path, prep: Path) -> Path:
-    import datasets
+    from pipeline.gere.build import build_gere_cache
+    from pipeline.model import ModelSource
 
-    from pipeline.gere.cache import build_cache
-    from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
-
-    source = ModelSource(config=TINY_LLAMA, seed=1)  # the run trains seed 0
-    model = load_causal_lm(source).eval()
-    meta = json.loads((prep / "replay" / "replay.json").read_text())
-    rows = datasets.load_from_disk(str(prep / "replay" / "data"))
-    return build_cache(
-        lambda i, m: final_hidden_states(model, i, m),
-        rows["input_ids"],
-        rows["id"],
-        d / "cache",
-        hidden_size=TINY_LLAMA["hidden_size"],
-        replay_len=meta["replay_len"],
-        batch_size=4,
-        model_fingerprint=model_fingerprint(source),
-        tokenizer_fingerprint=meta["tokenizer_fingerprint"],
-    )
+    return build_gere_cache(
+        ModelSource(config=TINY_LLAMA, seed=1), prep / "replay", d / "cache", batch_size=4
+    )  # run: seed 0
 
 
 TRAIN_CASES: dict[str, tuple[str, Callable[[Path, Path], tuple[dict, list[str]]], tuple[str, ...]]] = {

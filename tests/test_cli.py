@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -88,6 +90,31 @@ def test_bad_config_names_the_file_and_the_key_or_line(tmp_path):
     assert_user_error(run("prepare", "--config", str(cfg)), "prep.yaml: mix.general_ratio must be a number, got 'high'")
     cfg.write_text("tokenizer: t.model\nout: o\nsources:\n  - {name: a, role: domain, paths: [x], txt_mode: page}\n")
     assert_user_error(run("prepare", "--config", str(cfg)), "prep.yaml: sources[0].txt_mode must be file | line")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"sources": [{"name": "a", "role": "law", "paths": "x"}]},
+            "sources[0].role must be domain | general | instruction",
+        ),
+        ({"sources": [{"name": "a", "role": "domain", "paths": "x", "dedup": "no"}]}, "sources[0].dedup must be true"),
+        ({"tokenizer": 5}, "tokenizer must be a string, got 5"),
+        ({"out": None}, "out must not be null"),
+        ({"replay": {"num_samples": 0}}, "replay.num_samples must be >= 1, got 0"),
+        ({"mix": {"general_ratio": 1.5}}, "mix.general_ratio must be in [0, 1), got 1.5"),
+        ({"workers": 0}, "workers must be >= 1, got 0"),
+    ],
+)
+def test_every_prepare_key_is_checked_and_named(change, message):
+    from data_prep.config import parse_config
+    from data_prep.errors import ConfigError
+
+    raw = {"tokenizer": "t.model", "out": "o", "sources": [{"name": "a", "role": "domain", "paths": "x"}], **change}
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw, base=Path("."), origin="prep.yaml")
+    assert str(error.value).startswith("prep.yaml: ") and message in str(error.value)
 
 
 def test_demo_runs_end_to_end_and_stats_and_inspect_read_it(tmp_path):

@@ -24,6 +24,8 @@ import pytest
 import torch
 import yaml
 
+from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
+
 from .train_helpers import ROOT, digest, env, final_weights, launcher_command, run_training, write_config
 
 TRAIN_SEEDS = range(6)  # even: kill at a random step; odd: kill inside a checkpoint save
@@ -85,7 +87,7 @@ def test_kill_one_rank_at_a_random_point_then_resume_gives_the_uninterrupted_wei
     )
     try:
         if in_save:  # the moment the save's directory appears, before its COMPLETE marker
-            tag = run / "checkpoints" / f"step{2 * rng.randint(1, 5):08d}"
+            tag = CheckpointDir.for_step(checkpoint_root(run), 2 * rng.randint(1, 5)).path
             reached = wait_for(tag.is_dir, proc)
         else:  # part-way into a random step
             step = rng.randint(1, 11)
@@ -93,7 +95,7 @@ def test_kill_one_rank_at_a_random_point_then_resume_gives_the_uninterrupted_wei
             time.sleep(rng.uniform(0, 0.05))
         assert reached, "the run ended before the kill point"
         os.kill(rank_pids(proc.pid)[victim], signal.SIGKILL)
-        mid_save = in_save and not (tag / "COMPLETE").exists()
+        mid_save = in_save and not CheckpointDir(tag).is_complete()
         proc.wait(timeout=120)  # the launcher notices the dead rank and stops the other
     finally:
         if proc.poll() is None:
@@ -104,8 +106,8 @@ def test_kill_one_rank_at_a_random_point_then_resume_gives_the_uninterrupted_wei
         f"rank {victim} {'in the save of ' + tag.name if in_save else f'in step {step}'}"
         f"{' (mid-save)' if mid_save else ''}",
     )
-    latest = run / "checkpoints" / "latest"
-    assert not latest.exists() or (run / "checkpoints" / latest.read_text().strip() / "COMPLETE").is_file()
+    latest = CheckpointDir.latest(checkpoint_root(run))
+    assert latest is None or latest.is_complete()
     run_training(config)  # resume: auto
     a, b = final_weights(reference[1]), final_weights(run)
     assert lost(sum(not torch.equal(a[k], b.get(k, torch.empty(0))) for k in a)) == 0

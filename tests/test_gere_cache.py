@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from data_prep.build import SourceSpec
-from data_prep.replay import build_replay
+from data_prep.replay import ReplayShard, build_replay
 from pipeline.gere.cache import CacheMismatch, GeReCache, build_cache, pad_replay_rows
+from pipeline.launch import ROOT, launch_env, run_deepspeed
 from pipeline.losses.tm_loss import tm_loss
 from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
 
@@ -51,8 +52,8 @@ def replay(sample, tmp_path_factory):
 def built(replay, tmp_path_factory):
     source = ModelSource(config=TINY, seed=1)
     model = load_causal_lm(source).eval()
-    rows = datasets.load_from_disk(str(replay / "data"))
-    meta = json.loads((replay / "replay.json").read_text())
+    shard = ReplayShard.open(replay)
+    rows, meta = shard.rows(), shard.meta
     out = build_cache(
         lambda i, m: final_hidden_states(model, i, m),
         rows["input_ids"],
@@ -117,13 +118,24 @@ def test_tm_is_exactly_zero_for_the_base_model_and_training_on_it_undoes_a_pertu
     assert losses[0] > 0 and losses[-1] < 0.7 * losses[0], losses
 
 
-def test_cache_is_refused_for_another_model_or_tokenizer(built):
-    source, _, _, meta, out = built
+def test_cache_is_refused_for_another_model_tokenizer_or_replay_shard(built, replay, sample, tmp_path):
+    source, _, rows, meta, out = built
     other = ModelSource(config=TINY, seed=2)
     with pytest.raises(CacheMismatch, match="another model"):
         GeReCache.open(out, model_fingerprint(other), meta["tokenizer_fingerprint"])
     with pytest.raises(CacheMismatch, match="another tokenizer"):
         GeReCache.open(out, model_fingerprint(source), "0123456789abcdef")
+    cache = GeReCache.open(out, model_fingerprint(source), meta["tokenizer_fingerprint"])
+    cache.check_shard(ReplayShard.open(replay), rows)  # its own shard
+    spec = SourceSpec(name="gen", role="general", paths=(str(sample.general),))
+    for name, kwargs in (
+        ("reseeded", {"replay_len": REPLAY_LEN, "seed": 4}),
+        ("longer", {"replay_len": 48, "seed": 3}),
+    ):
+        build_replay(spec, str(sample.tokenizer), tmp_path / name, num_samples=24, quiet=True, **kwargs)
+        other_shard = ReplayShard.open(tmp_path / name)
+        with pytest.raises(CacheMismatch, match="built for another replay shard"):
+            cache.check_shard(other_shard, other_shard.rows())
 
 
 def test_two_zero3_ranks_under_the_launcher_build_the_same_cache_as_one_process(built, replay, tmp_path):
@@ -131,56 +143,18 @@ def test_two_zero3_ranks_under_the_launcher_build_the_same_cache_as_one_process(
     _, model, _, _, _ = built
     ckpt = tmp_path / "base"
     model.save_pretrained(str(ckpt), safe_serialization=True)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    args = ["--model-path", str(ckpt), "--replay", str(replay), "--batch-size", "5"]
     single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.gere",
-            "--model-path",
-            str(ckpt),
-            "--replay",
-            str(replay),
-            "--out",
-            str(tmp_path / "one"),
-            "--batch-size",
-            "5",
-        ],
+        [sys.executable, "-m", "pipeline.gere", *args, "--out", str(tmp_path / "one")],
         capture_output=True,
         text=True,
-        env=env,
-        cwd=root,
+        env=launch_env(),
+        cwd=ROOT,
         timeout=600,
     )
     assert single.returncode == 0, single.stderr[-3000:]
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    multi = subprocess.run(
-        [
-            launcher,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            "29531",
-            "--module",
-            "pipeline.gere",
-            "--model-path",
-            str(ckpt),
-            "--replay",
-            str(replay),
-            "--out",
-            str(tmp_path / "two"),
-            "--batch-size",
-            "5",
-            "--deepspeed",
-            str(root / "ds_configs" / "zero3_cpu.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=600,
-    )
+    zero3 = ["--deepspeed", str(ROOT / "ds_configs" / "zero3_cpu.json"), "--out", str(tmp_path / "two")]
+    multi = run_deepspeed("pipeline.gere", args + zero3, ranks=2, capture=True, timeout=600)
     assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
     one, two = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("one", "two"))
     assert two["world_size"] == 2 and one["world_size"] == 1

@@ -62,7 +62,7 @@ def test_disk_full_during_a_build_is_a_clear_error_and_earlier_builds_stay_intac
 
 @pytest.mark.reliability("faults: disk full")
 def test_disk_full_during_a_checkpoint_save_is_one_line_and_the_last_checkpoint_stays_latest(prep, tmp_path, lost):
-    from pipeline.checkpoint_files import verify_checkpoint
+    from pipeline.checkpoint_files import CheckpointDir, verify_checkpoint
 
     from .train_helpers import env, launcher_command, write_config
 
@@ -70,11 +70,11 @@ def test_disk_full_during_a_checkpoint_save_is_one_line_and_the_last_checkpoint_
     with tmpfs(tmp_path / "run", "3500k") as run:
         config = write_config(tmp_path / "cpt.yaml", prep, run)
         result = subprocess.run(launcher_command(config), capture_output=True, text=True, env=env(), timeout=600)
-        latest = (run / "checkpoints" / "latest").read_text().strip()
-        saved = digest(run / "checkpoints" / latest)
-        verify_checkpoint(run / "checkpoints" / latest)  # complete and intact
-        assert lost(0 if latest == "step00000004" else 1) == 0, latest
+        latest = CheckpointDir.latest_of_run(run)
+        saved = digest(latest.path)
+        verify_checkpoint(latest.path)  # complete and intact
+        assert lost(0 if latest.tag == CheckpointDir.for_step(latest.root, 4).tag else 1) == 0, latest
         assert result.returncode != 0
         assert "no space left on the device while saving step 6" in result.stdout + result.stderr
-        assert "step00000004" in (result.stdout + result.stderr).split("no space left")[1].splitlines()[0]
-        assert digest(run / "checkpoints" / latest) == saved
+        assert latest.tag in (result.stdout + result.stderr).split("no space left")[1].splitlines()[0]
+        assert digest(latest.path) == saved

@@ -162,3 +162,27 @@ def test_kd_counts_only_loss_tokens_of_the_distilled_rows():
 def test_bad_replay_config_is_a_clear_error(bad, message):
     with pytest.raises(ConfigError, match=message):
         load_train_config(None, ["data.prep=p", "steps=5", "model.config={hidden_size: 8}", bad])
+
+
+def test_replay_slots_give_every_rank_and_micro_batch_an_equal_disjoint_share():
+    from pipeline.gere.feed import replay_slots
+
+    drawn = list(range(100, 124))
+    slots = [replay_slots(drawn, world=3, grad_accum=2, rank=r) for r in range(3)]
+    flat = [i for rank in slots for chunk in rank for i in chunk]
+    assert sorted(flat) == drawn and all(len(chunk) == 4 for rank in slots for chunk in rank)
+    assert slots[1][0] == drawn[4:8] and slots[0][1] == drawn[12:16]  # micro-batch j, rank r: slot j·world + r
+
+
+def test_the_logged_loss_is_the_objective_with_the_weight_used():
+    task, rep = objective_inputs()
+    objective = Objective(ReplayConfig(strategy="l2", weight="dynamic"), KDConfig())
+    parts = [objective(task, rep, 16, 2, 2) for _ in range(2)]  # two micro-batches of one step, one rank
+    sums = {name: sum(p.parts[name] for p in parts) for name in parts[0].parts}
+    out = objective.summarize(sums, 16, world=1, device=torch.device("cpu"), replay_weight=parts[-1].replay_weight)
+    assert out["loss/task_ce"] == pytest.approx(sums["task_ce"] / 16)
+    assert out["loss/replay_ce"] == pytest.approx(sums["replay_ce"]) and out["loss/l2"] == pytest.approx(sums["l2"])
+    expected = out["loss/task_ce"] + out["loss/replay_ce"] + parts[-1].replay_weight * out["loss/l2"]
+    assert out["loss"] == pytest.approx(expected) and out["replay_weight"] == parts[-1].replay_weight
+    # the loss backward sees, summed over the step's micro-batches and divided by DeepSpeed's factor (2), is it too
+    assert sum(float(p.loss) for p in parts) / 2 == pytest.approx(out["loss"], rel=1e-6)

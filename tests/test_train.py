@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_prep.replay import ReplayShard
+from pipeline.checkpoint_files import COMPLETE, CheckpointDir, checkpoint_root
 from pipeline.config import load_train_config
-from pipeline.gere.cache import build_cache
+from pipeline.gere.build import build_gere_cache
 from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
 from pipeline.schedule import lr_at
 
@@ -90,13 +92,13 @@ def test_kill_9_mid_run_then_resume_gives_the_same_losses_and_weights(reference,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    marker = run / "checkpoints" / "step00000004" / "COMPLETE"
+    marker = CheckpointDir.for_step(checkpoint_root(run), 4).path / COMPLETE
     deadline = time.monotonic() + 600
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert marker.exists() and not (run / "checkpoints" / "step00000012").exists()  # killed mid-run
+    assert marker.exists() and not CheckpointDir.for_step(checkpoint_root(run), 12).path.exists()  # killed mid-run
     run_training(config)  # resume: auto
     ref, got = metrics(ref_run), metrics(run)
     assert [got[s]["loss"] for s in range(5, 13)] == [ref[s]["loss"] for s in range(5, 13)]  # bitwise
@@ -132,25 +134,9 @@ def test_an_export_that_fails_verification_leaves_no_directory(reference, tmp_pa
 
 @pytest.mark.reliability("security")
 def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(reference, prep, tmp_path, lost):
-    import json
-
-    import datasets
-
     source = ModelSource(config=TINY_LLAMA, seed=0)
-    base = load_causal_lm(source).eval()
-    replay_meta = json.loads((prep / "replay" / "replay.json").read_text())
-    rows = datasets.load_from_disk(str(prep / "replay" / "data"))
-    build_cache(
-        lambda i, m: final_hidden_states(base, i, m),
-        rows["input_ids"],
-        rows["id"],
-        tmp_path / "cache",
-        hidden_size=TINY_LLAMA["hidden_size"],
-        replay_len=replay_meta["replay_len"],
-        batch_size=4,
-        model_fingerprint=model_fingerprint(source),
-        tokenizer_fingerprint=replay_meta["tokenizer_fingerprint"],
-    )
+    base = load_causal_lm(source)
+    build_gere_cache(source, prep / "replay", tmp_path / "cache", batch_size=4)
     config = write_config(
         tmp_path / "gere.yaml",
         prep,
@@ -192,24 +178,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(prep, tmp_pa
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGTERM)  # every process of the job, as SLURM preemption does
     output, _ = proc.communicate(timeout=120)
-    latest = run / "checkpoints" / "latest"
-    assert latest.is_file(), output[-3000:]
-    tag = latest.read_text().strip()
-    stopped_at = int(tag.removeprefix("step"))
-    assert lost(0 if (run / "checkpoints" / tag / "COMPLETE").is_file() else stopped_at) == 0  # steps not saved
+    latest = CheckpointDir.latest(checkpoint_root(run))
+    assert latest is not None, output[-3000:]
+    stopped_at = CheckpointDir(latest.path).state()["step"]
+    assert lost(0 if latest.is_complete() else stopped_at) == 0  # steps not saved
     assert 3 <= stopped_at < 400
     assert "SIGTERM/SIGINT: saving a checkpoint" in output
     resumed = write_config(tmp_path / "short.yaml", prep, run, steps=stopped_at + 2, checkpoint={"every": 0})
     run_training(resumed)
-    assert (run / "checkpoints" / f"step{stopped_at + 2:08d}" / "COMPLETE").is_file()
+    assert CheckpointDir.for_step(checkpoint_root(run), stopped_at + 2).is_complete()
 
 
 def test_ewc_holds_the_weights_its_fisher_marks_important(reference, prep, tmp_path):
     """EWC lets unimportant weights move: measure what it protects, the Fisher-weighted distance."""
-    import json
-
-    import datasets
-
     from pipeline.gere.cache import pad_replay_rows
     from pipeline.losses.replay import causal_ce
 
@@ -219,8 +200,8 @@ def test_ewc_holds_the_weights_its_fisher_marks_important(reference, prep, tmp_p
     result = run_training(config)
     assert "EWC: diagonal Fisher from 4 replay batches" in result.stdout + result.stderr
     base = load_causal_lm(ModelSource(config=TINY_LLAMA, seed=0))
-    rows = datasets.load_from_disk(str(prep / "replay" / "data"))
-    replay_len = json.loads((prep / "replay" / "replay.json").read_text())["replay_len"]
+    shard = ReplayShard.open(prep / "replay")
+    rows, replay_len = shard.rows(), shard.replay_len
     fisher = {k: torch.zeros_like(v) for k, v in base.named_parameters()}
     for b in range(4):  # the trainer's batches: rank r reads rows ((b·2 + r)·2) mod N, gradients averaged over ranks
         base.zero_grad()
@@ -242,18 +223,18 @@ def test_ewc_holds_the_weights_its_fisher_marks_important(reference, prep, tmp_p
 def test_resume_on_another_number_of_ranks_with_the_same_global_batch(reference, prep, tmp_path, lost):
     """2 ranks × 2 rows → 1 rank × 2 rows × 2 accumulation steps: the same rows per step, the same training."""
     _, ref_run = reference
-    run, source = tmp_path / "run", ref_run / "checkpoints" / "step00000006"
+    run, source = tmp_path / "run", CheckpointDir.for_step(checkpoint_root(ref_run), 6)
     before = digest(ref_run / "checkpoints")
     config = write_config(
         tmp_path / "one_rank.yaml",
         prep,
         run,
         batch={"micro_batch": 2, "grad_accum": 2},
-        checkpoint={"resume": str(source)},
+        checkpoint={"resume": str(source.path)},
     )
     result = run_training(config, ranks=1)
     assert "converting it to" in result.stdout + result.stderr
-    assert (run / "checkpoints" / "step00000006_universal" / "COMPLETE").is_file()  # in this run's directory,
+    assert source.universal(checkpoint_root(run)).is_complete()  # in this run's directory,
     assert lost(len(set(before.items()) ^ set(digest(ref_run / "checkpoints").items()))) == 0  # nothing beside it
     ref, got = metrics(ref_run), metrics(run)
     for step in range(7, 13):  # another reduction order: equal up to float rounding, not bitwise

@@ -16,6 +16,7 @@ import torch
 from data_prep.errors import UserError
 from data_prep.replay import ReplayShard
 
+from ..distributed import init_distributed
 from ..model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
 from .cache import build_cache
 
@@ -34,10 +35,8 @@ def build_gere_cache(
     rows = shard.rows()
     device = torch.device("cpu")
     if ds_config:
-        import deepspeed  # only the multi-rank path needs it (a slow import)
+        import deepspeed  # only the multi-rank path needs it (seconds to import)
         from deepspeed.accelerator import get_accelerator
-
-        from ..distributed import init_distributed
 
         init_distributed()
         device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))

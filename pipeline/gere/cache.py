@@ -30,6 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from data_prep.errors import UserError
+from data_prep.replay import ReplayShard
 
 from .states import activation_states, pack_states, packed_width
 from .thresholds import MomentAccumulator, Thresholds
@@ -39,7 +40,7 @@ STATES_FILE = "states.u8"  # [N, replay_len, ceil(H/4)] uint8: 4 two-bit states 
 log = logging.getLogger(__name__)
 
 HiddenFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the 2-bit states file is states.u8
 
 
 class CacheMismatch(UserError):
@@ -84,6 +85,11 @@ class GeReCache:
         if not meta_path.is_file():
             raise CacheMismatch(f"{directory}: not a GeRe cache (no meta.json); build it with pipeline.gere")
         meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise CacheMismatch(
+                f"{directory}: cache format {meta.get('format')}, this version reads {FORMAT_VERSION}; rebuild it with "
+                "pipeline.gere"
+            )
         for what, expected in (("model", model_fingerprint), ("tokenizer", tokenizer_fingerprint)):
             if meta[f"{what}_fingerprint"] != expected:
                 raise CacheMismatch(
@@ -91,10 +97,6 @@ class GeReCache:
                     f"this run uses {expected}); rebuild the cache for this {what}"
                 )
         t = load_file(str(directory / "thresholds.safetensors"), device=str(device))
-        if not (directory / STATES_FILE).is_file():
-            raise CacheMismatch(
-                f"{directory}: no {STATES_FILE} (built by an older version?); rebuild it with pipeline.gere"
-            )
         packed = np.memmap(
             directory / STATES_FILE,
             dtype=np.uint8,
@@ -110,6 +112,25 @@ class GeReCache:
                 shape=(meta["num_samples"], meta["replay_len"], meta["hidden_size"]),
             )
         return cls(directory, meta, Thresholds(t["mean"], t["std"]), packed, features)
+
+    @classmethod
+    def is_built_for(cls, directory: str | Path, model_fingerprint: str, tokenizer_fingerprint: str) -> bool:
+        """Whether ``directory`` holds a cache this version reads, of this model and tokenizer."""
+        try:
+            cls.open(directory, model_fingerprint, tokenizer_fingerprint)
+        except (CacheMismatch, FileNotFoundError):
+            return False
+        return True
+
+    def check_shard(self, shard: ReplayShard, rows: Any) -> None:
+        """Refuse a cache built for other replay samples: states are looked up by row index."""
+        ids, length = list(rows["id"]), shard.replay_len
+        if self.meta["replay_len"] != length or self.meta["ids"] != ids:
+            raise CacheMismatch(
+                f"{self.directory}: built for another replay shard ({self.meta['num_samples']} samples of "
+                f"{self.meta['replay_len']} tokens; {shard.directory} has {len(ids)} of {length}"
+                f"{', other documents' if len(ids) == self.meta['num_samples'] else ''}); rebuild the cache"
+            )
 
     def states(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """Packed states of replay samples ``indices``: [B, replay_len, ceil(H/4)] uint8."""

@@ -39,11 +39,8 @@ class ReplayFeed:
                 f"ranks × grad_accum ({slots})"
             )
         self.sampler = ReplaySampler(len(self.rows), cfg.replay.samples_per_step, cfg.seed)
-        if cache is not None and cache.meta["num_samples"] != len(self.rows):
-            raise UserError(
-                f"{cfg.replay.cache}: built for {cache.meta['num_samples']} replay samples, the shard "
-                f"{shard.directory} has {len(self.rows)}"
-            )
+        if cache is not None:
+            cache.check_shard(shard, self.rows)
 
     @classmethod
     def from_config(
@@ -74,12 +71,7 @@ class ReplayFeed:
 
     def step_chunks(self) -> list[list[int]]:
         """Draw the next step's samples; returns this rank's share for each micro-batch."""
-        drawn = self.sampler.next_indices()
-        per = len(drawn) // (self.world * self.grad_accum)
-        return [
-            drawn[(j * self.world + self.rank) * per : (j * self.world + self.rank + 1) * per]
-            for j in range(self.grad_accum)
-        ]
+        return replay_slots(self.sampler.next_indices(), self.world, self.grad_accum, self.rank)
 
     def inputs(self, index: list[int], device: torch.device, teacher: Any = None) -> ReplayInputs:
         """Padded rows and what the strategy compares against: cached states/features, or the teacher's logits."""
@@ -101,3 +93,12 @@ class ReplayFeed:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.load_state_dict(state)
+
+
+def replay_slots(drawn: list[int], world: int, grad_accum: int, rank: int) -> list[list[int]]:
+    """``rank``'s equal share of a step's replay samples for each of its micro-batches.
+
+    Micro-batch j of rank r takes slot j·world + r, the same interleaving as the task rows.
+    """
+    per = len(drawn) // (world * grad_accum)
+    return [drawn[(j * world + rank) * per : (j * world + rank + 1) * per] for j in range(grad_accum)]

@@ -100,11 +100,13 @@ class Objective:
     ) -> dict[str, float]:
         """The step's logged parts (summed over ranks) and ``loss``, the objective as optimized.
 
-        One all-reduce of a float64 vector on ``device`` (NCCL reduces device tensors only).
+        One all-reduce of a float64 vector on ``device`` (NCCL reduces device tensors only); none
+        without a process group (one process).
         """
         names = ["task_ce", "kd", "replay_ce", self.replay.strategy]
         totals = torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
         task_ce, kd, replay_ce, term = totals.tolist()
         out = {"loss/task_ce": task_ce / global_tokens}
         loss = out["loss/task_ce"]

@@ -49,7 +49,7 @@ def replay_terms(
 ) -> dict[str, torch.Tensor]:
     """{'replay_ce': ..., '<strategy>': ...}: the unweighted terms, each a mean over the replay tokens.
 
-    Missing inputs are a wiring bug (the config was validated and the trainer
+    Missing inputs are a wiring bug (the config was validated and ``pipeline.gere.feed``
     loads what the strategy needs), so they raise ``ValueError``, not a user error.
     """
     if cfg.strategy == "none":
