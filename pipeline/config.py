@@ -84,6 +84,7 @@ class ReplayConfig:
         "features) | tm (GeRe threshold margin on cached 2-bit states)",
     )
     weight: float | Literal["dynamic"] = setting(1.0, "multiplies the strategy's term; dynamic: CE / term (detached)")
+    max_weight: float = setting(100.0, "cap of the dynamic weight: CE / term explodes as the term nears 0")
     samples_per_step: int = setting(4, "replay samples per global batch (a multiple of ranks × grad_accum)")
     cache: str | None = setting(None, "GeRe cache directory from `python -m pipeline.gere` (tm, l1, l2)")
     kl_temperature: float = setting(1.0, "softmax temperature of the kl strategy (the term is scaled by T²)")
@@ -230,6 +231,7 @@ def validate(cfg: TrainConfig) -> None:
         f"set for replay.strategy '{cfg.replay.strategy}'",
     )
     need(cfg.replay.weight == "dynamic" or cfg.replay.weight >= 0, "replay.weight", cfg.replay.weight, ">= 0")
+    need(cfg.replay.max_weight > 0, "replay.max_weight", cfg.replay.max_weight, "> 0")
     need(cfg.replay.kl_temperature > 0, "replay.kl_temperature", cfg.replay.kl_temperature, "> 0")
     need(cfg.kd.weight >= 0, "kd.weight", cfg.kd.weight, ">= 0")
     need(cfg.kd.temperature > 0, "kd.temperature", cfg.kd.temperature, "> 0")

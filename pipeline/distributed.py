@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 
+import torch
 import torch.distributed as dist
 
 from .host_memory import return_freed_memory_to_os
@@ -38,6 +39,13 @@ def init_distributed() -> None:
     get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed()
     shutdown_at_exit()
+
+
+def local_device() -> torch.device:
+    """This process's accelerator device (cuda:LOCAL_RANK on a GPU node; cpu on the CPU accelerator)."""
+    from deepspeed.accelerator import get_accelerator  # deepspeed: seconds to import
+
+    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
 
 
 def finish() -> None:

@@ -32,7 +32,7 @@ from data_prep.tokenizer import load_tokenizer
 
 from .checkpoint_files import CheckpointDir
 from .data import PrepPaths
-from .distributed import finish, shutdown_at_exit
+from .distributed import finish, init_distributed, local_device
 from .export import export
 from .gere.cache import GeReCache, pad_replay_rows
 from .gere.states import activation_states, unpack_states
@@ -61,8 +61,13 @@ def load_hf(path: str | Path) -> torch.nn.Module:
 
 
 def evaluate_model(
-    model: torch.nn.Module, prep: str | Path, max_docs: int, whole_documents: bool = True
+    model: torch.nn.Module,
+    prep: str | Path,
+    max_docs: int,
+    whole_documents: bool = True,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
+    """Holdout perplexities of ``model`` (already on ``device``), each document alone."""
     paths = PrepPaths.read(prep)
     holdout = {r: datasets.load_from_disk(str(p)) for r, p in paths.holdout.items() if r in ("general", "domain")}
     with torch.no_grad():
@@ -71,12 +76,18 @@ def evaluate_model(
             holdout,
             paths.seq_len,
             max_docs,
+            device,
             whole_documents=whole_documents,
         )
 
 
 def replay_drift(
-    model: torch.nn.Module, prep: str | Path, cache_dir: str | Path, base_dir: str | Path, batch_size: int = 8
+    model: torch.nn.Module,
+    prep: str | Path,
+    cache_dir: str | Path,
+    base_dir: str | Path,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """TM loss (reference) on the replay set and the share of activation states that changed since the base."""
     paths = PrepPaths.read(prep)
@@ -84,7 +95,10 @@ def replay_drift(
     rows = shard.rows()
     # checked against the base model and the prep's tokenizer: a cache of another model would measure nothing
     cache = GeReCache.open(
-        cache_dir, model_fingerprint(ModelSource(path=str(base_dir))), load_tokenizer(paths.tokenizer).fingerprint
+        cache_dir,
+        model_fingerprint(ModelSource(path=str(base_dir))),
+        load_tokenizer(paths.tokenizer).fingerprint,
+        device=device,
     )
     cache.check_shard(shard, rows)
     total = count = flipped = real = 0.0
@@ -92,8 +106,9 @@ def replay_drift(
         for start in range(0, len(rows), batch_size):
             index = list(range(start, min(start + batch_size, len(rows))))
             ids, mask = pad_replay_rows(rows[index]["input_ids"], shard.replay_len)
+            ids, mask = ids.to(device), mask.to(device)
             h = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            packed = cache.states(index)
+            packed = cache.states(index, device)
             tm, n = tm_loss_reference(h, packed, cache.thresholds.neg, cache.thresholds.pos, mask)
             total += float(tm) * int(n)
             count += int(n)
@@ -156,12 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        torch.distributed.init_process_group("gloo")
-        shutdown_at_exit()
 
     def body() -> None:
-        result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs)
+        init_distributed()  # this rank's device first, then the process group (NCCL on GPUs)
+        result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs, local_device())
         finish()
         if rank == 0:
             print(markdown_table(result))
@@ -172,18 +185,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_eval(
-    model_dir: str, prep: str, base_dir: str | None = None, cache: str | None = None, max_docs: int = 200
+    model_dir: str,
+    prep: str,
+    base_dir: str | None = None,
+    cache: str | None = None,
+    max_docs: int = 200,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
+    """Tuned (and base) model on ``device``: perplexities, and with ``cache`` the replay drift."""
     if cache and not base_dir:
         raise UserError("--cache needs --base: the cache is checked against the base model it was built from")
     results = {}
     for name, path in (("tuned", model_dir), ("base", base_dir)):
         if path is None:
             continue
-        model = load_hf(path)
-        r = evaluate_model(model, prep, max_docs)
+        model = load_hf(path).to(device)
+        r = evaluate_model(model, prep, max_docs, device=device)
         if cache and name == "tuned":
-            r.update(replay_drift(model, prep, cache, base_dir))
+            r.update(replay_drift(model, prep, cache, base_dir, device=device))
         elif cache:  # the cache *is* the base model's view: TM 0 and no state moved, by construction
             r.update(replay_tm=0.0, replay_state_flip_rate=0.0)
         results[name] = r

@@ -166,3 +166,17 @@ def test_two_zero3_ranks_under_the_launcher_build_the_same_cache_as_one_process(
     states = [np.fromfile(tmp_path / d / "states.u8", np.uint8) for d in ("one", "two")]
     assert np.array_equal(*states)
     assert one["ids"] == two["ids"] and one["model_fingerprint"] == two["model_fingerprint"]
+
+
+def test_a_cache_built_otherwise_than_training_runs_is_named_in_what_differs():
+    from pipeline.config import load_train_config
+    from pipeline.gere.build import differs_from_training
+
+    cfg = load_train_config(None, ["data.prep=p", "steps=1", "model.config={hidden_size: 8}", "model.dtype=bfloat16"])
+    meta = {"built_with": {"dtype": "float32", "attn_implementation": "sdpa", "batch_size": 4}}
+    assert differs_from_training(meta, cfg, per_forward=1) == [
+        "dtype float32 (training: bfloat16)",
+        "batch_size 4 (training: 1)",
+    ]
+    meta["built_with"].update(dtype="bfloat16", batch_size=1)
+    assert differs_from_training(meta, cfg, per_forward=1) == []

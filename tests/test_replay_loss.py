@@ -132,6 +132,8 @@ def test_dynamic_weight_scales_the_term_to_ce_and_passes_no_gradient_through_the
     grad = rep.hidden.grad.clone()  # d(w · l1)/dh with w a constant: w · sign(h - f) / numel
     expected = part.replay_weight * torch.sign(rep.hidden - rep.inputs.features) / rep.hidden.numel()
     torch.testing.assert_close(grad, expected.detach())
+    capped = Objective(ReplayConfig(strategy="l1", weight="dynamic", max_weight=0.5), KDConfig())(task, rep, 8, 1, 1)
+    assert part.replay_weight > 0.5 and capped.replay_weight == 0.5  # a term near 0 cannot blow the step up
     fixed = Objective(ReplayConfig(strategy="l1", weight=100.0), KDConfig())(task, rep, 8, 1, 1)
     assert fixed.replay_weight == 100.0
     none = Objective(ReplayConfig(strategy="none"), KDConfig())(task, None, 8, 1, 1)

@@ -16,8 +16,8 @@ import torch
 from data_prep.replay import ReplayShard
 from pipeline.checkpoint_files import COMPLETE, CheckpointDir, checkpoint_root
 from pipeline.config import load_train_config
-from pipeline.gere.build import build_gere_cache
-from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
+from pipeline.launch import run_deepspeed
+from pipeline.model import ModelSource, load_causal_lm
 from pipeline.schedule import lr_at
 
 from .train_helpers import (
@@ -126,7 +126,9 @@ def test_an_export_that_fails_verification_leaves_no_directory(reference, tmp_pa
 
     _, run = reference
     checkpoint = latest_checkpoint(run)
-    monkeypatch.setattr(export_module, "verify_export", lambda checkpoint, exported: 0.5)  # as a wrong export would
+    monkeypatch.setattr(
+        export_module, "verify_export", lambda checkpoint, exported: (0.5, 10.0)
+    )  # as a wrong export would
     with pytest.raises(export_module.ExportMismatch, match="differ from the checkpoint's engine by 0.5"):
         export_module.export(checkpoint, tmp_path / "hf", verify=True)
     assert lost(len(list(tmp_path.iterdir()))) == 0  # neither the export nor its temporary is left
@@ -134,9 +136,7 @@ def test_an_export_that_fails_verification_leaves_no_directory(reference, tmp_pa
 
 @pytest.mark.reliability("security")
 def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(reference, prep, tmp_path, lost):
-    source = ModelSource(config=TINY_LLAMA, seed=0)
-    base = load_causal_lm(source)
-    build_gere_cache(source, prep / "replay", tmp_path / "cache", batch_size=4)
+    base = load_causal_lm(ModelSource(config=TINY_LLAMA, seed=0))
     config = write_config(
         tmp_path / "gere.yaml",
         prep,
@@ -144,8 +144,11 @@ def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(refer
         penalty={"kind": "l2sp", "weight": 200.0},
         replay={"strategy": "tm", "cache": str(tmp_path / "cache"), "samples_per_step": 2},
     )
+    built = run_deepspeed("pipeline.gere", ["--config", str(config)], ranks=2, capture=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]  # the cache as the run trains: 2 ZeRO-3 ranks, 1 row each
     inputs = {**digest(prep), **{f"tmp/{k}": v for k, v in digest(tmp_path).items()}}
-    run_training(config)
+    trained = run_training(config)
+    assert "GeRe cache was built with" not in trained.stdout + trained.stderr  # nothing differs from training
     after = {**digest(prep), **{f"tmp/{k}": v for k, v in digest(tmp_path).items() if not k.startswith("run/")}}
     assert lost(len(set(inputs.items()) ^ set(after.items()))) == 0  # prep, cache, config: read, never written
     m = metrics(tmp_path / "run")

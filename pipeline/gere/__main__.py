@@ -1,4 +1,9 @@
-"""Build the GeRe cache: ``python -m pipeline.gere --replay PREP/replay --model-path BASE --out CACHE``.
+"""Build the GeRe cache: ``python -m pipeline.gere --config cpt.yaml`` (as that run trains), or by hand:
+``python -m pipeline.gere --replay PREP/replay --model-path BASE --out CACHE``.
+
+With ``--config`` the cache goes where ``replay.cache`` says, built with the run's base model, dtype,
+attention implementation and replay rows per forward, so TM is exactly 0 at step 1; launch it with the
+run's number of ranks (``deepspeed --num_gpus 8 -m pipeline.gere --config cpt.yaml``).
 
 Runs as one process, or as N ranks under the launcher with a ZeRO-3 config
 (for a base model too big for one device):
@@ -16,7 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-from data_prep.errors import run_cli
+from data_prep.errors import UserError, run_cli
+from pipeline.config import load_train_config
 
 log = logging.getLogger("pipeline.gere")
 
@@ -26,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipeline.gere", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="training YAML: build the cache its replay.cache names, as the run trains")
     src.add_argument("--model-path", help="base model: a local Hugging Face checkpoint directory")
     src.add_argument("--model-config", help="base model from scratch: JSON file of LlamaConfig fields (tests, demo)")
     p.add_argument("--seed", type=int, default=0, help="init seed with --model-config")
@@ -34,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run Python code shipped with --model-path (only for checkpoints you trust)",
     )
-    p.add_argument("--replay", required=True, help="replay shard from `data_prep replay` (holds replay.json)")
-    p.add_argument("--out", required=True, help="cache directory to write")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: override a value")
+    p.add_argument("--replay", help="replay shard from `data_prep replay` (holds replay.json); not with --config")
+    p.add_argument("--out", help="cache directory to write; not with --config")
     p.add_argument("--batch-size", type=int, default=4, help="replay samples per forward per rank")
     p.add_argument(
         "--features",
@@ -55,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_from_args(args: argparse.Namespace) -> Path:
+    if args.config:
+        from pipeline.gere.build import build_cache_for_training  # torch and transformers: after --help
+
+        return build_cache_for_training(load_train_config(args.config, args.set), features=args.features)
+    if not args.replay or not args.out:
+        raise UserError("--replay and --out are needed with --model-path or --model-config")
     from pipeline.gere.build import build_gere_cache  # torch and transformers: after --help, not before
     from pipeline.model import ModelSource
 

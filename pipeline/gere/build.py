@@ -1,24 +1,35 @@
 """Build a GeRe cache for a base model and a replay shard: the one function the CLI, benches and tests call.
 
-One process on one device, or N ranks with a ZeRO-3 DeepSpeed config (for a
-base model too big for one device; every rank runs every batch and rank 0
-writes).
+TM is exactly 0 at step 1 only if the replay forward in training reproduces the
+cached states bit for bit, so the cache should be built the way training runs:
+``build_cache_for_training`` takes the training config and uses its dtype,
+attention implementation, device and replay rows per forward, under the run's
+DeepSpeed JSON (ZeRO-3, stripped of its optimizer) when launched on N ranks.
+On one process the model runs on this rank's accelerator (cuda:0 on a GPU node).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch.distributed as dist
 
-from data_prep.errors import UserError
+from data_prep.errors import ConfigError, UserError
 from data_prep.replay import ReplayShard
 
-from ..distributed import init_distributed
-from ..model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
+from ..config import CACHED_STRATEGIES, TrainConfig
+from ..data import PrepPaths
+from ..distributed import init_distributed, local_device
+from ..ds_config import filled_ds_config, inference_ds_config
+from ..engine import model_sources
+from ..model import ModelSource, final_hidden_states, hidden_size, load_causal_lm, model_fingerprint
+from ..precision import resolve_precision
 from .cache import build_cache
+
+log = logging.getLogger(__name__)
 
 
 def build_gere_cache(
@@ -29,18 +40,22 @@ def build_gere_cache(
     batch_size: int = 4,
     features: bool = False,
     ds_config: dict[str, Any] | None = None,
+    attn_implementation: str = "sdpa",
 ) -> Path:
-    """Run ``source`` over every replay sample and write thresholds + 2-bit states (+ features) to ``out``."""
+    """Run ``source`` over every replay sample and write thresholds + 2-bit states (+ features) to ``out``.
+
+    With ``ds_config`` the model is partitioned (ZeRO-3) over the launched ranks; DeepSpeed gets the config
+    without its optimizer, so building never allocates optimizer state.
+    """
     shard = ReplayShard.open(replay_dir)
     rows = shard.rows()
-    device = torch.device("cpu")
     if ds_config:
         import deepspeed  # only the multi-rank path needs it (seconds to import)
-        from deepspeed.accelerator import get_accelerator
 
-        init_distributed()
-        device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
-    model = load_causal_lm(source, ds_config)
+        init_distributed()  # this rank's device first, then the process group
+        ds_config = inference_ds_config(ds_config)
+    device = local_device()
+    model = load_causal_lm(source, ds_config, attn_implementation)
     model.eval()
     if ds_config:
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
@@ -65,4 +80,49 @@ def build_gere_cache(
         tokenizer_fingerprint=shard.tokenizer_fingerprint,
         device=device,
         features=features,
+        built_with={"dtype": source.dtype, "attn_implementation": attn_implementation},
     )
+
+
+def build_cache_for_training(cfg: TrainConfig, features: bool = False) -> Path:
+    """The cache ``cfg.replay.cache`` names, built as that run's replay forward will run.
+
+    Launch it with the training run's number of ranks: the replay rows per forward are
+    ``replay.samples_per_step / (ranks × grad_accum)``, as in training.
+    """
+    if cfg.replay.strategy not in CACHED_STRATEGIES or not cfg.replay.cache:
+        raise ConfigError(f"replay.strategy '{cfg.replay.strategy}' with replay.cache set is needed to build a cache")
+    resolve_precision(cfg)
+    prep = PrepPaths.read(cfg.data.prep)
+    if prep.replay is None:
+        raise UserError(f"{cfg.data.prep}: no replay shard in prep.json")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    base, _ = model_sources(cfg)
+    ds_config = filled_ds_config(cfg, world, hidden_size(base)) if world > 1 else None
+    per_forward = max(cfg.replay.samples_per_step // (world * cfg.batch.grad_accum), 1)
+    log.info(
+        "GeRe cache as training runs it: %s, %s, %d replay rows per forward, %d rank(s)",
+        cfg.model.dtype,
+        cfg.model.attn_implementation,
+        per_forward,
+        world,
+    )
+    out = build_gere_cache(
+        base,
+        prep.replay,
+        cfg.replay.cache,
+        batch_size=per_forward,
+        features=features,
+        ds_config=ds_config,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    if dist.is_initialized():
+        dist.barrier()  # every rank returns once rank 0 has moved the cache into place
+    return out
+
+
+def differs_from_training(meta: dict[str, Any], cfg: TrainConfig, per_forward: int) -> list[str]:
+    """How the cache was built differently from how ``cfg`` runs its replay forward (empty: the same)."""
+    built = meta.get("built_with", {})
+    wanted = {"dtype": cfg.model.dtype, "attn_implementation": cfg.model.attn_implementation, "batch_size": per_forward}
+    return [f"{key} {built.get(key)} (training: {value})" for key, value in wanted.items() if built.get(key) != value]

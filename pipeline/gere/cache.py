@@ -157,8 +157,13 @@ def build_cache(
     tokenizer_fingerprint: str,
     device: torch.device | str = "cpu",
     features: bool = False,
+    built_with: dict[str, Any] | None = None,
 ) -> Path:
-    """Run the frozen model over the replay samples and write the cache (atomically, by rank 0)."""
+    """Run the frozen model over the replay samples and write the cache (atomically, by rank 0).
+
+    ``built_with`` (dtype, attention, batch size) is recorded so training can tell whether its replay
+    forward reproduces the cached states exactly.
+    """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out_dir = Path(out_dir)
     building = out_dir.with_name(out_dir.name + ".building")
@@ -241,6 +246,7 @@ def build_cache(
             "tokenizer_fingerprint": tokenizer_fingerprint,
             "world_size": world,
             "features": features,
+            "built_with": {**(built_with or {}), "batch_size": batch_size},
             "states_bytes": len(samples) * replay_len * packed_width(hidden_size),
             "fp32_activation_bytes": len(samples) * replay_len * hidden_size * 4,
         }

@@ -21,6 +21,7 @@ from ..config import CACHED_STRATEGIES, TrainConfig
 from ..data import PrepPaths
 from ..losses.replay import ReplayInputs
 from ..model import ModelSource, model_fingerprint
+from .build import differs_from_training
 from .cache import GeReCache, pad_replay_rows
 from .sampler import ReplaySampler
 
@@ -61,11 +62,13 @@ class ReplayFeed:
         cache = None
         if cfg.replay.strategy in CACHED_STRATEGIES:
             cache = GeReCache.open(cfg.replay.cache, model_fingerprint(base), tokenizer_fingerprint, device=device)
-            if cfg.model.dtype != "float32":  # pipeline.gere builds in fp32 on one device
+            per_forward = cfg.replay.samples_per_step // (world * cfg.batch.grad_accum)
+            differences = differs_from_training(cache.meta, cfg, per_forward)
+            if differences:
                 log.warning(
-                    "replay: the GeRe cache holds fp32 activations and this run trains in %s, so the "
-                    "replay term starts slightly above 0 (a few states sit at a threshold)",
-                    cfg.model.dtype,
+                    "replay: the GeRe cache was built with %s, so the replay term may start slightly above 0; "
+                    "build it as this run trains with `python -m pipeline.gere --config <this config>`",
+                    ", ".join(differences),
                 )
         return cls(cfg, ReplayShard.open(prep.replay), cache, world, rank)
 

@@ -8,7 +8,9 @@ factor DeepSpeed divides by): the gradient is the global token mean however the
 batch is split over ranks and micro-batches. The replay terms are means over
 this micro-batch's replay tokens (each rank's replay rows are an equal share).
 ``w`` is ``replay.weight``, or with ``dynamic`` (task + replay CE) / term with
-both detached, so the term has CE's size.
+both detached, so the term has CE's size, capped at ``replay.max_weight``: as the
+term nears 0 (a few states just past a threshold) the ratio would grow without
+bound and so would the step those few elements get.
 
 The trainer runs the forwards and hands their outputs here; what this module
 returns is exactly what backward sees, and its named parts are what is logged.
@@ -93,7 +95,7 @@ class Objective:
     def _weight(self, ce: torch.Tensor, term: torch.Tensor) -> float:
         if self.replay.weight != "dynamic":
             return float(self.replay.weight)
-        return float(ce / term) if float(term) > 0 else 0.0
+        return min(float(ce / term), self.replay.max_weight) if float(term) > 0 else 0.0
 
     def summarize(
         self, sums: dict[str, float], global_tokens: int, world: int, device: torch.device, replay_weight: float
