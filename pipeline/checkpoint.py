@@ -18,6 +18,8 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from data_prep.errors import UserError, out_of_space
 
 from .checkpoint_files import (
+    COMPLETE,
     LATEST,
     CheckpointDir,
     latest_tag,
@@ -43,10 +46,14 @@ log = logging.getLogger(__name__)
 class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int, rank: int, world: int) -> None:
         self.root, self.keep_last, self.rank, self.world = Path(root), keep_last, rank, world
+        self.last_save_seconds: float | None = None  # of this process's latest save
+        self._deleting: threading.Thread | None = None
 
     def save(self, engine: Any, step: int, state: dict[str, Any]) -> Path:
+        started = time.monotonic()
         tag = CheckpointDir.for_step(self.root, step).tag
         if self.rank == 0:
+            self.wait_for_deletions()  # the previous save's, so nothing deletes while this one writes
             self._make_room(tag)
         _barrier()
         try:
@@ -68,9 +75,11 @@ class CheckpointManager:
             CheckpointDir(self.root / tag).write_state(state)
             write_complete(self.root / tag, world=self.world)
             self._point_latest(tag)
-            self._purge(keep=tag)
             log.info("checkpoint: step %d → %s", step, self.root / tag)
         _barrier()
+        if self.rank == 0:  # after the barrier: the other ranks train on while old checkpoints are deleted
+            self._purge_in_background(keep=tag)
+        self.last_save_seconds = time.monotonic() - started
         return self.root / tag
 
     def resolve(self, resume: str) -> tuple[Path, str] | None:
@@ -114,28 +123,47 @@ class CheckpointManager:
         """
         target = CheckpointDir(root / tag).universal(self.root).path
         source = str((root / tag).resolve())
+        failed = target.with_name(target.name + ".failed")
+        if self.rank == 0:
+            failed.unlink(missing_ok=True)  # a marker of an earlier attempt, gone before anyone looks
+        _barrier()
         if self.rank == 0 and not self._converted(target, source):
             log.info("checkpoint %s was written by another number of ranks: converting it to %s", tag, target)
             shutil.rmtree(target, ignore_errors=True)
             self.root.mkdir(parents=True, exist_ok=True)
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "deepspeed.checkpoint.ds_to_universal",
-                    "--input_folder",
-                    str(root / tag),
-                    "--output_folder",
-                    str(target),
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
+            command = [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(root / tag),
+                "--output_folder",
+                str(target),
+            ]
+            try:
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            except (subprocess.CalledProcessError, OSError):
+                failed.write_text(f"conversion of {source} failed; see rank 0's log\n")
+                raise
             CheckpointDir(target).write_state(CheckpointDir(root / tag).state())
             write_complete(target, universal=True, source=source)
+        elif self.rank != 0:
+            self._await_conversion(target, source, failed)
         _barrier()
         verify_checkpoint(target, self.rank, self.world)
         return self.root, target.name
+
+    def _await_conversion(self, target: Path, source: str, failed: Path, poll_s: float = 2.0) -> None:
+        """Wait for rank 0's conversion by watching the (shared) checkpoint directory, not in a collective:
+        NCCL's barrier gives up after its timeout (10 minutes), and converting an 8B model takes longer."""
+        waited = 0.0
+        while not self._converted(target, source):
+            if failed.is_file():
+                raise UserError(f"{target}: rank 0 could not convert {source} to the universal format")
+            time.sleep(poll_s)
+            waited += poll_s
+            if waited % 300 < poll_s:
+                log.info("waiting for rank 0 to convert %s (%.0f min so far)", source, waited / 60)
 
     @staticmethod
     def _converted(target: Path, source: str) -> bool:
@@ -160,9 +188,12 @@ class CheckpointManager:
         return client["pipeline"]
 
     def _out_of_space(self, error: Exception) -> bool:
-        """Whether a failed save failed for want of space: ENOSPC, or less free than the last checkpoint took."""
+        """Whether a failed save failed for want of space: ENOSPC, or a failed write (torch.save reports a full
+        disk as "file write failed", no errno) while less is free than the last checkpoint took."""
         if out_of_space(error) or "No space left" in str(error):
             return True
+        if "write" not in str(error).lower():
+            return False
         complete = self._complete()
         needed = sum(read_complete(complete[-1])["files"].values()) if complete else 1 << 20
         return shutil.disk_usage(self.root).free < needed
@@ -192,13 +223,30 @@ class CheckpointManager:
         )
         shutil.rmtree(target)
 
-    def _purge(self, keep: str) -> None:
-        for p in self._tags():
-            if not CheckpointDir(p).is_complete() and p.name != keep:
-                shutil.rmtree(p, ignore_errors=True)  # a save that was killed half-way
-        for p in self._complete()[: -self.keep_last]:
-            if p.name != keep:
-                shutil.rmtree(p, ignore_errors=True)
+    def _purge_in_background(self, keep: str) -> None:
+        """Delete half-written checkpoints and those beyond ``keep_last`` on a thread: removing a large
+        checkpoint takes minutes on some file systems, and no rank should wait for it.
+
+        The doomed directories are chosen and unmarked (``COMPLETE`` removed) here, first, so a deletion
+        cut short never leaves a directory that looks complete.
+        """
+        self.wait_for_deletions()
+        doomed = [p for p in self._tags() if not CheckpointDir(p).is_complete() and p.name != keep]
+        doomed += [p for p in self._complete()[: -self.keep_last] if p.name != keep]
+        for p in doomed:
+            (p / COMPLETE).unlink(missing_ok=True)
+        self._deleting = threading.Thread(target=_remove_all, args=(doomed,), name="checkpoint-purge")
+        self._deleting.start()
+
+    def wait_for_deletions(self) -> None:
+        if self._deleting is not None:
+            self._deleting.join()
+            self._deleting = None
+
+
+def _remove_all(paths: list[Path]) -> None:
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _barrier() -> None:

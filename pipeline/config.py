@@ -116,6 +116,11 @@ class CheckpointConfig:
     every: int = setting(0, "steps between checkpoints; 0: only at the end")
     keep_last: int = setting(2, "complete checkpoints kept")
     resume: str = setting("auto", "auto (the newest complete one) | never | a checkpoint directory")
+    signal_save_budget: float = setting(
+        20.0,
+        "on SIGTERM/SIGINT, save only if this run's last save took at most this many seconds: the deepspeed "
+        "launcher kills ranks 30 s after it is signalled, and a save cut off is wasted time",
+    )
 
 
 @dataclass

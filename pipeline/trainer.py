@@ -110,8 +110,7 @@ class Trainer:
                 if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < self.total_steps:
                     self.metrics.log(self.step, self.evaluate())
                 if self._should_stop():
-                    log.warning("SIGTERM/SIGINT: saving a checkpoint at step %d and exiting", self.step)
-                    self.save()
+                    self._save_on_signal()
                     return last
                 if self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0:
                     self.save()
@@ -124,6 +123,7 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.checkpoints.wait_for_deletions()
             self.metrics.close()
 
     def train_step(self) -> dict[str, Any]:
@@ -218,6 +218,27 @@ class Trainer:
         if self.replay is not None and state.get("replay_sampler"):
             self.replay.load_state_dict(state["replay_sampler"])
         # L2-SP anchors were taken from the start weights before this load: still the run's initial weights.
+
+    def _save_on_signal(self) -> None:
+        """Save at a signal only if it can finish before the launcher's kill; otherwise keep the last one.
+
+        Ranks decide together (the slowest rank's last save), since a save is collective.
+        """
+        last = self.checkpoints.last_save_seconds
+        slowest = torch.tensor([-1.0 if last is None else last], device=self.device)  # NCCL: device tensors only
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        budget = self.cfg.checkpoint.signal_save_budget
+        if slowest.item() > budget:
+            log.warning(
+                "SIGTERM/SIGINT at step %d: not saving, a save takes %.0f s (checkpoint.signal_save_budget %.0f s); "
+                "the last complete checkpoint stays latest",
+                self.step,
+                slowest.item(),
+                budget,
+            )
+            return
+        log.warning("SIGTERM/SIGINT: saving a checkpoint at step %d and exiting", self.step)
+        self.save()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop = True

@@ -7,6 +7,8 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -234,3 +236,49 @@ def test_a_step_saved_again_never_leaves_latest_on_a_directory_being_written(tmp
         "zero_pp_rank_0_mp_rank_00_model_states.pt",
     ]
     assert manager.resolve("auto") == (tmp_path, "step00000008")
+
+
+@pytest.mark.reliability("checkpoints")
+def test_old_checkpoints_are_unmarked_at_once_and_deleted_off_the_training_path(tmp_path, lost):
+    manager = CheckpointManager(tmp_path, keep_last=2, rank=0, world=1)
+    for step in (2, 4, 6):
+        manager.save(FakeEngine(), step, {"step": step})
+    manager.wait_for_deletions()
+    assert sorted(p.name for p in tmp_path.glob("step*")) == ["step00000004", "step00000006"]
+    gate = threading.Event()
+    original = shutil.rmtree
+    with pytest.MonkeyPatch.context() as patch:  # a slow file system: the deletion waits for the gate
+        patch.setattr(shutil, "rmtree", lambda path, **kw: (gate.wait(10), original(path, **kw)))
+        manager.save(FakeEngine(), 8, {"step": 8})  # returns while step 4 is still being deleted
+        assert (tmp_path / "step00000004").is_dir() and not (tmp_path / "step00000004" / COMPLETE).exists()
+        assert lost(0 if manager.resolve("auto") == (tmp_path, "step00000008") else 1) == 0
+        gate.set()
+        manager.wait_for_deletions()
+    assert sorted(p.name for p in tmp_path.glob("step*")) == ["step00000006", "step00000008"]
+
+
+def test_ranks_wait_for_a_universal_conversion_on_the_file_system_and_hear_of_its_failure(tmp_path):
+    waiting = CheckpointManager(tmp_path / "run", keep_last=2, rank=1, world=2)
+    target, failed = tmp_path / "run" / "step00000004_universal", tmp_path / "run" / "step00000004_universal.failed"
+    target.mkdir(parents=True)
+
+    def convert_later() -> None:
+        time.sleep(0.3)
+        write_complete(target, universal=True, source="/src/step00000004")
+
+    threading.Thread(target=convert_later).start()
+    started = time.monotonic()
+    waiting._await_conversion(target, "/src/step00000004", failed, poll_s=0.05)  # no collective involved
+    assert time.monotonic() - started >= 0.25
+    failed.write_text("conversion failed")
+    with pytest.raises(UserError, match="rank 0 could not convert /src/other"):
+        waiting._await_conversion(target, "/src/other", failed, poll_s=0.05)
+
+
+def test_only_a_failed_write_is_reported_as_a_full_disk(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, keep_last=2, rank=0, world=1)
+    manager.save(FakeEngine(), 2, {"step": 2})
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))  # nothing free
+    assert manager._out_of_space(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
+    assert not manager._out_of_space(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert manager._out_of_space(OSError(28, "No space left on device"))
