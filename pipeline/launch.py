@@ -1,7 +1,14 @@
-"""Run a pipeline module under the ``deepspeed`` launcher on this machine: the demo, benches and tests share it."""
+"""Launching under ``deepspeed``: on this machine (the demo, benches and tests), and one node of many.
+
+``python -m pipeline.launch --nodes "n1 n2" --node-rank R --gpus-per-node 8 --master-addr n1 -- --config cpt.yaml``
+starts node R's share of a multi-node run without SSH (what ``launch/train_slurm.sbatch`` runs on
+every node): DeepSpeed's runner takes ``--num_nodes > 1`` only with a hostfile, so one is written
+from the node list, and ``--no_ssh --node_rank R`` makes this node launch its own ranks only.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import socket
@@ -64,3 +71,75 @@ def run_deepspeed(
         capture_output=capture,
         timeout=timeout,
     )
+
+
+def node_command(
+    nodes: list[str],
+    node_rank: int,
+    gpus_per_node: int,
+    master_addr: str,
+    master_port: int,
+    hostfile: Path,
+    module: str,
+    args: list[str],
+) -> list[str]:
+    """The deepspeed command line that starts node ``node_rank``'s ranks of a run over ``nodes``.
+
+    Global rank = node_rank × gpus_per_node + local rank: the order of ``nodes`` is the order of ranks.
+    """
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    return [
+        launcher,
+        "--hostfile",
+        str(hostfile),
+        "--num_nodes",
+        str(len(nodes)),
+        "--num_gpus",
+        str(gpus_per_node),
+        "--node_rank",
+        str(node_rank),
+        "--master_addr",
+        master_addr,
+        "--master_port",
+        str(master_port),
+        "--no_ssh",
+        "--module",
+        module,
+        *args,
+    ]
+
+
+def write_hostfile(nodes: list[str], gpus_per_node: int, path: Path) -> Path:
+    """DeepSpeed's hostfile: one ``host slots=N`` line per node, in rank order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(f"{node} slots={gpus_per_node}\n" for node in nodes))
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--nodes", required=True, help="the run's node names, space-separated, in rank order")
+    p.add_argument("--node-rank", type=int, required=True, help="this node's index in --nodes")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="ranks on each node")
+    p.add_argument("--master-addr", required=True, help="address of node 0, where ranks rendezvous")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--hostfile", type=Path, help="where to write the hostfile (default: a per-node temporary file)")
+    p.add_argument("--module", default="pipeline.train", help="what every rank runs")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="after --: the module's arguments (--config ...)")
+    a = p.parse_args(argv)
+    nodes = a.nodes.split()
+    if not 0 <= a.node_rank < len(nodes):
+        p.error(f"--node-rank {a.node_rank} is not an index of --nodes ({len(nodes)} nodes)")
+    hostfile = a.hostfile or Path(os.environ.get("TMPDIR", "/tmp")) / f"cpt-hostfile-{os.getpid()}"
+    write_hostfile(nodes, a.gpus_per_node, hostfile)
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    command = node_command(nodes, a.node_rank, a.gpus_per_node, a.master_addr, a.master_port, hostfile, a.module, args)
+    os.execvpe(command[0], command, launch_env())  # the launcher becomes this process: signals reach it directly
+
+
+if __name__ == "__main__":
+    sys.exit(main())
