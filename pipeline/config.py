@@ -85,7 +85,11 @@ class ReplayConfig:
     )
     weight: float | Literal["dynamic"] = setting(1.0, "multiplies the strategy's term; dynamic: CE / term (detached)")
     max_weight: float = setting(100.0, "cap of the dynamic weight: CE / term explodes as the term nears 0")
-    samples_per_step: int = setting(4, "replay samples per global batch (a multiple of ranks × grad_accum)")
+    samples_per_step: int = setting(
+        4,
+        "replay samples per global batch: a multiple of the ranks; fewer than ranks × grad_accum go to a subset "
+        "of the micro-batches, weighted so the gradient is their mean",
+    )
     cache: str | None = setting(None, "GeRe cache directory from `python -m pipeline.gere` (tm, l1, l2)")
     kl_temperature: float = setting(1.0, "softmax temperature of the kl strategy (the term is scaled by T²)")
     fused_tm: bool | None = setting(None, "null: the Triton TM kernel on CUDA, the PyTorch reference elsewhere")

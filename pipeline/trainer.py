@@ -203,7 +203,7 @@ class Trainer:
         out = self.engine(
             input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, output_hidden_states=True, use_cache=False
         )
-        return ReplayOutputs(out.logits, out.hidden_states[-1], inputs)
+        return ReplayOutputs(out.logits, out.hidden_states[-1], inputs, self.replay.share)
 
     def _resume(self) -> None:
         if self.resume_from is None:

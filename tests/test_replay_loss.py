@@ -167,13 +167,39 @@ def test_bad_replay_config_is_a_clear_error(bad, message):
 
 
 def test_replay_slots_give_every_rank_and_micro_batch_an_equal_disjoint_share():
-    from pipeline.gere.feed import replay_slots
+    from pipeline.gere.sampler import replay_slots
 
     drawn = list(range(100, 124))
     slots = [replay_slots(drawn, world=3, grad_accum=2, rank=r) for r in range(3)]
     flat = [i for rank in slots for chunk in rank for i in chunk]
     assert sorted(flat) == drawn and all(len(chunk) == 4 for rank in slots for chunk in rank)
     assert slots[1][0] == drawn[4:8] and slots[0][1] == drawn[12:16]  # micro-batch j, rank r: slot j·world + r
+
+
+def test_fewer_replay_samples_than_slots_go_to_the_same_micro_batches_on_every_rank():
+    from pipeline.gere.sampler import replay_plan, replay_slots
+
+    drawn = list(range(6))  # 3 ranks × 4 micro-batches = 12 slots, 6 samples: 2 micro-batches with replay
+    slots = [replay_slots(drawn, world=3, grad_accum=4, rank=r) for r in range(3)]
+    active = [[j for j, chunk in enumerate(rank) if chunk is not None] for rank in slots]
+    assert active == [[0, 2]] * 3  # spread over the step, the same on every rank (ZeRO-3 forwards are collective)
+    assert sorted(i for rank in slots for chunk in rank if chunk for i in chunk) == drawn
+    assert replay_plan(6, 3, 4) == (1, 2) and replay_plan(24, 3, 4) == (2, 4)
+    with pytest.raises(ConfigError, match="multiple of the number of ranks"):
+        replay_plan(4, 3, 4)
+    with pytest.raises(ConfigError, match="do not split into at most grad_accum"):
+        replay_plan(30, 3, 4)  # 10 per rank over 4 micro-batches: unequal forwards
+
+
+def test_replay_on_some_micro_batches_gives_the_mean_over_the_steps_samples():
+    """Two micro-batches, one with replay: its replay term counts twice, as if split over both."""
+    task, rep = objective_inputs()
+    objective = Objective(ReplayConfig(strategy="ce"), KDConfig())
+    half = objective(task, ReplayOutputs(rep.logits, rep.hidden, rep.inputs, share=2.0), 8, 2, 2)
+    none = objective(task, None, 8, 2, 2)
+    replay_ce = causal_ce(rep.logits, rep.inputs.input_ids, rep.inputs.attention_mask)
+    torch.testing.assert_close(half.loss - none.loss, 2.0 * replay_ce)  # DeepSpeed then divides by grad_accum = 2
+    assert half.parts["replay_ce"] == pytest.approx(replay_ce.item())  # logged: the step's mean
 
 
 def test_the_logged_loss_is_the_objective_with_the_weight_used():

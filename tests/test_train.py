@@ -142,6 +142,7 @@ def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(refer
         prep,
         tmp_path / "run",
         penalty={"kind": "l2sp", "weight": 200.0},
+        batch={"micro_batch": 1, "grad_accum": 2},  # the reference's global batch; replay in 1 of 2 micro-batches
         replay={"strategy": "tm", "cache": str(tmp_path / "cache"), "samples_per_step": 2},
     )
     built = run_deepspeed("pipeline.gere", ["--config", str(config)], ranks=2, capture=True, timeout=600)

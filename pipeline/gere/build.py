@@ -28,6 +28,7 @@ from ..engine import model_sources
 from ..model import ModelSource, final_hidden_states, hidden_size, load_causal_lm, model_fingerprint
 from ..precision import resolve_precision
 from .cache import build_cache
+from .sampler import replay_plan
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,8 @@ def build_gere_cache(
 def build_cache_for_training(cfg: TrainConfig, features: bool = False) -> Path:
     """The cache ``cfg.replay.cache`` names, built as that run's replay forward will run.
 
-    Launch it with the training run's number of ranks: the replay rows per forward are
-    ``replay.samples_per_step / (ranks × grad_accum)``, as in training.
+    Launch it with the training run's number of ranks: the replay rows per forward then follow
+    ``replay_plan`` as in training.
     """
     if cfg.replay.strategy not in CACHED_STRATEGIES or not cfg.replay.cache:
         raise ConfigError(f"replay.strategy '{cfg.replay.strategy}' with replay.cache set is needed to build a cache")
@@ -99,7 +100,7 @@ def build_cache_for_training(cfg: TrainConfig, features: bool = False) -> Path:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base, _ = model_sources(cfg)
     ds_config = filled_ds_config(cfg, world, hidden_size(base)) if world > 1 else None
-    per_forward = max(cfg.replay.samples_per_step // (world * cfg.batch.grad_accum), 1)
+    per_forward, _ = replay_plan(cfg.replay.samples_per_step, world, cfg.batch.grad_accum)
     log.info(
         "GeRe cache as training runs it: %s, %s, %d replay rows per forward, %d rank(s)",
         cfg.model.dtype,

@@ -3,8 +3,12 @@
 Built from the training config: the replay shard named by the prep, the
 sampler (seeded, resumable), and for the cached strategies the GeRe cache,
 checked against the base model and the prep's tokenizer. Each step draws
-``replay.samples_per_step`` samples and gives every (rank, micro-batch) slot an
-equal share, so the replay terms average to the intended mean.
+``replay.samples_per_step`` samples and spreads them over the ranks and, when
+there are fewer than ranks × grad_accum, over a subset of the micro-batches
+(the same ones on every rank: a replay forward under ZeRO-3 gathers parameters
+collectively, so every rank must run it). A micro-batch with replay then weighs
+its replay terms by grad_accum / (micro-batches with replay), so the gradient is
+still the mean over the step's replay samples.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import torch
 
-from data_prep.errors import ConfigError, UserError
+from data_prep.errors import UserError
 from data_prep.replay import ReplayShard
 
 from ..config import CACHED_STRATEGIES, TrainConfig
@@ -23,7 +27,7 @@ from ..losses.replay import ReplayInputs
 from ..model import ModelSource, model_fingerprint
 from .build import differs_from_training
 from .cache import GeReCache, pad_replay_rows
-from .sampler import ReplaySampler
+from .sampler import ReplaySampler, replay_plan, replay_slots
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +37,8 @@ class ReplayFeed:
         self.strategy, self.grad_accum, self.world, self.rank = cfg.replay.strategy, cfg.batch.grad_accum, world, rank
         self.shard, self.cache, self.replay_len = shard, cache, shard.replay_len
         self.rows = shard.rows()
-        slots = world * cfg.batch.grad_accum
-        if cfg.replay.samples_per_step % slots:
-            raise ConfigError(
-                f"replay.samples_per_step ({cfg.replay.samples_per_step}) must be a multiple of "
-                f"ranks × grad_accum ({slots})"
-            )
+        self.rows_per_forward, self.active = replay_plan(cfg.replay.samples_per_step, world, cfg.batch.grad_accum)
+        self.share = cfg.batch.grad_accum / self.active  # the weight of a micro-batch that has replay rows
         self.sampler = ReplaySampler(len(self.rows), cfg.replay.samples_per_step, cfg.seed)
         if cache is not None:
             cache.check_shard(shard, self.rows)
@@ -62,7 +62,7 @@ class ReplayFeed:
         cache = None
         if cfg.replay.strategy in CACHED_STRATEGIES:
             cache = GeReCache.open(cfg.replay.cache, model_fingerprint(base), tokenizer_fingerprint, device=device)
-            per_forward = cfg.replay.samples_per_step // (world * cfg.batch.grad_accum)
+            per_forward, _ = replay_plan(cfg.replay.samples_per_step, world, cfg.batch.grad_accum)
             differences = differs_from_training(cache.meta, cfg, per_forward)
             if differences:
                 log.warning(
@@ -72,8 +72,8 @@ class ReplayFeed:
                 )
         return cls(cfg, ReplayShard.open(prep.replay), cache, world, rank)
 
-    def step_chunks(self) -> list[list[int]]:
-        """Draw the next step's samples; returns this rank's share for each micro-batch."""
+    def step_chunks(self) -> list[list[int] | None]:
+        """Draw the next step's samples; returns this rank's rows for each micro-batch (None: no replay)."""
         return replay_slots(self.sampler.next_indices(), self.world, self.grad_accum, self.rank)
 
     def inputs(self, index: list[int], device: torch.device, teacher: Any = None) -> ReplayInputs:
@@ -96,12 +96,3 @@ class ReplayFeed:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.load_state_dict(state)
-
-
-def replay_slots(drawn: list[int], world: int, grad_accum: int, rank: int) -> list[list[int]]:
-    """``rank``'s equal share of a step's replay samples for each of its micro-batches.
-
-    Micro-batch j of rank r takes slot j·world + r, the same interleaving as the task rows.
-    """
-    per = len(drawn) // (world * grad_accum)
-    return [drawn[(j * world + rank) * per : (j * world + rank + 1) * per] for j in range(grad_accum)]

@@ -1,15 +1,16 @@
-"""Which replay samples go into each step: a seeded permutation that restarts every pass.
+"""Which replay samples go into each step, and to which rank and micro-batch.
 
-The paper interleaves replay into every batch. Each pass over the replay set
-is its own permutation (seed, pass), so every sample is used exactly once per
-pass; ``state_dict`` is two integers and resuming continues the same sequence.
+A seeded permutation that restarts every pass (the paper interleaves replay
+into every batch). Each pass over the replay set is its own permutation (seed,
+pass), so every sample is used exactly once per pass; ``state_dict`` is two
+integers and resuming continues the same sequence.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from data_prep.errors import UserError
+from data_prep.errors import ConfigError, UserError
 
 
 class ReplaySampler:
@@ -45,3 +46,38 @@ class ReplaySampler:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+
+def replay_plan(samples_per_step: int, world: int, grad_accum: int) -> tuple[int, int]:
+    """(replay rows per forward, micro-batches per step that have replay) for ``samples_per_step`` samples.
+
+    Every rank gets the same number of rows (ranks run replay forwards together); within a rank the rows go
+    to as few rows per forward as fit in grad_accum micro-batches, in forwards of equal size.
+    """
+    if samples_per_step % world:
+        raise ConfigError(
+            f"replay.samples_per_step ({samples_per_step}) must be a multiple of the number of ranks ({world})"
+        )
+    per_rank = samples_per_step // world
+    rows = -(-per_rank // grad_accum)  # ceil: at most grad_accum forwards
+    if per_rank % rows:
+        raise ConfigError(
+            f"replay.samples_per_step ({samples_per_step}) gives {per_rank} rows per rank, which do not split into "
+            f"at most grad_accum ({grad_accum}) forwards of equal size; use ranks ({world}) × k with k <= grad_accum "
+            "or k a multiple of grad_accum"
+        )
+    return rows, per_rank // rows
+
+
+def replay_slots(drawn: list[int], world: int, grad_accum: int, rank: int) -> list[list[int] | None]:
+    """``rank``'s rows of a step's replay samples for each of its micro-batches (None: none in that one).
+
+    The micro-batches with replay are spread over the step and are the same on every rank; the i-th of
+    them on rank r takes slot i·world + r, the same interleaving as the task rows.
+    """
+    rows, active = replay_plan(len(drawn), world, grad_accum)
+    out: list[list[int] | None] = [None] * grad_accum
+    for i in range(active):
+        slot = i * world + rank
+        out[i * grad_accum // active] = drawn[slot * rows : (slot + 1) * rows]
+    return out

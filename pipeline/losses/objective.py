@@ -6,7 +6,9 @@ Task CE and KD are sums over the micro-batch's loss tokens divided by the loss
 tokens of the whole global batch, times ``scale`` (grad_accum × ranks, the
 factor DeepSpeed divides by): the gradient is the global token mean however the
 batch is split over ranks and micro-batches. The replay terms are means over
-this micro-batch's replay tokens (each rank's replay rows are an equal share).
+this micro-batch's replay tokens (each rank's replay rows are an equal share),
+times the micro-batch's ``share`` when only some micro-batches carry replay
+rows (``pipeline/gere/feed.py``), so they still average to the step's mean.
 ``w`` is ``replay.weight``, or with ``dynamic`` (task + replay CE) / term with
 both detached, so the term has CE's size, capped at ``replay.max_weight``: as the
 term nears 0 (a few states just past a threshold) the ratio would grow without
@@ -46,6 +48,7 @@ class ReplayOutputs:
     logits: torch.Tensor  # [R, replay_len, V]
     hidden: torch.Tensor  # [R, replay_len, H]: final-layer states, after the final norm
     inputs: ReplayInputs
+    share: float = 1.0  # grad_accum / micro-batches with replay: the replay terms' weight in this micro-batch
 
 
 @dataclass
@@ -81,15 +84,16 @@ class Objective:
         weight = 0.0
         if replay is not None:
             terms = replay_terms(self.replay, replay.logits, replay.hidden, replay.inputs)
-            loss = loss + terms["replay_ce"]
-            parts["replay_ce"] = terms["replay_ce"].item() / grad_accum
+            share = replay.share
+            loss = loss + (terms["replay_ce"] if share == 1.0 else share * terms["replay_ce"])
+            parts["replay_ce"] = share * terms["replay_ce"].item() / grad_accum
             if self.strategy_term:
                 term = terms[self.replay.strategy]
                 weight = self._weight(
                     (ce_sum / global_tokens * scale).detach() + terms["replay_ce"].detach(), term.detach()
                 )
-                loss = loss + weight * term
-                parts[self.replay.strategy] = term.item() / grad_accum
+                loss = loss + (weight * term if share == 1.0 else share * weight * term)
+                parts[self.replay.strategy] = share * term.item() / grad_accum
         return MicroBatchLoss(loss, parts, weight)
 
     def _weight(self, ce: torch.Tensor, term: torch.Tensor) -> float:
