@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,39 @@ def packed_inputs(rows: dict[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "position_ids": positions, "labels": labels}
 
 
-def step_batches(mixture: Any, order: GlobalOrder, step: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """This rank's micro-batches of ``step``, as model inputs on ``device`` (only this rank's rows are read)."""
-    return [
-        {k: v.to(device) for k, v in packed_inputs(mixture[order.rows(step, j)]).items()} for j in range(order.accum)
-    ]
+def _read_step(mixture: Any, order: GlobalOrder, step: int, pin: bool = False) -> list[dict[str, torch.Tensor]]:
+    batches = [packed_inputs(mixture[order.rows(step, j)]) for j in range(order.accum)]
+    if pin:  # page-locked host memory: the copy to the GPU can then overlap compute (non_blocking)
+        batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+    return batches
+
+
+class StepReader:
+    """Reads step s+1's micro-batches on a background thread while step s computes.
+
+    Each rank reads only its own rows (micro_batch × grad_accum a step, whatever the global batch), so
+    the cost per step does not grow with the number of ranks; the read of the next step overlaps this
+    step's forwards and backwards (the GIL is released in Arrow's reads and torch's copies). Batches
+    depend only on the step number, so a resumed run reads exactly what it would have.
+    """
+
+    def __init__(self, mixture: Any, order: GlobalOrder, device: torch.device) -> None:
+        self.mixture, self.order, self.device = mixture, order, device
+        self.pin = device.type == "cuda"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-reader")
+        self._next: tuple[int, Future] | None = None
+
+    def read(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """Step ``step``'s micro-batches on the device; starts reading step + 1."""
+        if self._next is not None and self._next[0] == step:
+            host = self._next[1].result()
+        else:  # the first step, or a step out of sequence (resume): read it now
+            host = _read_step(self.mixture, self.order, step, self.pin)
+        self._next = (step + 1, self._pool.submit(_read_step, self.mixture, self.order, step + 1, self.pin))
+        return [{k: v.to(self.device, non_blocking=self.pin) for k, v in b.items()} for b in host]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def global_loss_tokens(micro: list[dict[str, torch.Tensor]], device: torch.device) -> int:

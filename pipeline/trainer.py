@@ -26,7 +26,7 @@ from data_prep.tokenizer import load_tokenizer
 from .checkpoint import CheckpointManager
 from .checkpoint_files import checkpoint_root
 from .config import TrainConfig, to_dict
-from .data import GlobalOrder, PrepPaths, global_loss_tokens, step_batches
+from .data import GlobalOrder, PrepPaths, StepReader, global_loss_tokens
 from .ds_config import filled_ds_config
 from .engine import build_engine, build_teacher, model_sources, needs_teacher
 from .gere.feed import ReplayFeed
@@ -74,6 +74,7 @@ class Trainer:
         self.objective = Objective(cfg.replay, cfg.kd)
         self.step, self.tokens_seen = 0, 0
         self._resume()
+        self.reader = StepReader(self.mixture, self.order, self.device)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard)
         self.holdout = {
             role: datasets.load_from_disk(str(p))
@@ -124,13 +125,14 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.checkpoints.wait_for_deletions()
+            self.reader.close()
             self.metrics.close()
 
     def train_step(self) -> dict[str, Any]:
         cfg, engine = self.cfg, self.engine
         accum, scale = cfg.batch.grad_accum, cfg.batch.grad_accum * self.world
         # Read before the first forward: the loss tokens of the whole global batch are what task CE divides by.
-        micro = step_batches(self.mixture, self.order, self.step, self.device)
+        micro = self.reader.read(self.step)
         global_tokens = global_loss_tokens(micro, self.device)
         replay_chunks = self.replay.step_chunks() if self.replay else [None] * accum
         lr = engine.get_lr()[0]

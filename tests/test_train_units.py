@@ -6,6 +6,7 @@ import math
 import re
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 
@@ -71,6 +72,31 @@ def test_each_step_reads_the_same_rows_for_any_split_of_the_same_global_batch():
     for step in range(30):  # wraps into later epochs too
         sets = [sorted(i for o in split for j in range(o.accum) for i in o.rows(step, j)) for split in (a, b, c)]
         assert sets[0] == sets[1] == sets[2] == sorted(a[0].global_rows(step))
+
+
+def test_the_prefetching_reader_gives_each_step_its_own_rows_and_reads_nothing_else(prep):
+    from pipeline.data import PrepPaths, StepReader
+
+    mixture = datasets.load_from_disk(str(PrepPaths.read(prep).mixture))
+    read: list[int] = []
+
+    class Recording:  # the mixture, recording which rows are read
+        def __getitem__(self, rows):
+            read.extend(rows)
+            return mixture[rows]
+
+    order = GlobalOrder(len(mixture), micro_batch=2, grad_accum=2, world=4, rank=1)  # 16 rows a step, 4 of them ours
+    reader = StepReader(Recording(), order, torch.device("cpu"))
+    try:
+        for step in (0, 1, 2, 7, 8):  # in sequence (prefetched), then a jump (a resume)
+            got = reader.read(step)
+            for j, batch in enumerate(got):
+                want = packed_inputs(mixture[order.rows(step, j)])
+                assert all(torch.equal(batch[k], want[k]) for k in want)
+    finally:
+        reader.close()
+    ours = {i for step in (0, 1, 2, 3, 7, 8, 9) for j in range(2) for i in order.rows(step, j)}
+    assert set(read) <= ours and len(read) <= 4 * 7  # this rank's rows only; at most one step read ahead
 
 
 def test_schedule_warms_up_linearly_then_decays_to_the_floor():
