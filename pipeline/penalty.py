@@ -49,6 +49,21 @@ def set_local_fp32(p: torch.nn.Parameter, value: torch.Tensor) -> None:
         p.data.copy_(value.to(p.dtype))
 
 
+def refresh_persistent(params: list[torch.nn.Parameter]) -> None:
+    """Rebuild the full copies of ZeRO-3's persistent parameters from their (just pulled) partitions.
+
+    Parameters below ``stage3_param_persistence_threshold`` (norm weights) stay gathered between steps:
+    DeepSpeed gathers them at the end of ``engine.step()``, before the pull, and the next forward reads
+    that full copy, not the partition. Releasing and gathering them again (one collective, every rank)
+    makes the pull land before the next forward; other parameters are gathered from their partitions
+    at each forward anyway.
+    """
+    persistent = [p for p in params if getattr(p, "ds_persist", False)]
+    if persistent:
+        persistent[0].partition(persistent)  # frees the stale full copies; the partitions hold the pulled values
+        persistent[0].all_gather(persistent)
+
+
 def local_grad(p: torch.nn.Parameter) -> torch.Tensor:
     if _is_zero3(p):
         return safe_get_local_grad(p)
@@ -75,6 +90,7 @@ class AnchorPull:
                 else:
                     factor = (lr * self.weight * self.importance[k]).clamp(max=1.0)
                 set_local_fp32(p, local - factor * (local - p0))
+            refresh_persistent(self.params)
 
     def distance(self) -> float:
         """Squared distance of this rank's partitions to the anchor (sum over ranks: the full distance)."""

@@ -192,3 +192,18 @@ def test_eval_windows_predict_every_token_but_the_first_exactly_once():
         predicted[d] += range(start + 1, min(start + seq_len, lengths[d]))
     assert all(predicted[d] == list(range(1, n)) for d, n in enumerate(lengths))
     assert windows(lengths, seq_len, whole_documents=False) == [(d, 0) for d in range(len(lengths))]
+
+
+def test_an_anchor_pull_reaches_the_next_forward_for_persistent_zero3_parameters_too():
+    """2 ZeRO-3 ranks (tests/pull_probe.py): after a step and a pull back to the anchors, the next forward
+    sees the anchors, also for the norm weights ZeRO-3 keeps gathered between steps (before: one step late)."""
+    import json
+
+    from pipeline.launch import run_deepspeed
+
+    result = run_deepspeed("tests.pull_probe", [], ranks=2, capture=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+    assert report["persistent"] and all("norm" in name for name in report["persistent"])
+    off = {name: err for name, err in report["max_off_anchor"].items() if err > 1e-6}
+    assert not off, off
