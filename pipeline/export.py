@@ -4,9 +4,10 @@
     python -m pipeline.export --run RUN --out RUN/hf      # the run's latest complete checkpoint
 
 ZeRO-3 checkpoints hold each rank's partition; DeepSpeed's zero_to_fp32 joins
-them into one fp32 state dict, which is loaded strictly into the run's
-architecture (built from its config: the base weights are never read) and
-saved with ``save_pretrained`` in the run's dtype. The tokenizer travels
+them one tensor at a time (its lazy mode), and they are written as safetensors
+shards (``--max-shard-size``) in the run's dtype, checked by name and shape
+against the run's architecture built on the meta device (from its config: the
+base weights are never read, and no model is built). The tokenizer travels
 along: the tokenizer files of a Hugging Face directory (only those, since
 users point the tokenizer at the model directory itself, whose weights must
 not overwrite the trained ones), or a SentencePiece model as
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from data_prep.atomic import atomic_path
 from data_prep.errors import UserError, one_line, run_cli
@@ -37,7 +39,6 @@ from .config import config_from_dict
 from .data import PrepPaths
 from .distributed import init_distributed
 from .ds_config import filled_ds_config
-from .model import ModelSource, load_causal_lm
 
 log = logging.getLogger("pipeline.export")
 
@@ -50,25 +51,18 @@ class ExportMismatch(UserError):
     """The exported model's logits differ from the checkpoint's engine: the export is not kept."""
 
 
-def export(checkpoint: Path, out: Path, verify: bool = False) -> float | None:
+def export(checkpoint: Path, out: Path, verify: bool = False, max_shard_size: str | int = "5GB") -> float | None:
     """Write ``out``; with ``verify``, returns the max |logit difference| to the engine (else None)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # seconds to import
-
     _check_replaceable(out)
     cfg = _run_config(checkpoint)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    model = _architecture(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not _tied(model, k)]
-    if missing or unexpected:
-        raise UserError(
-            f"{checkpoint}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    del state
-    model = model.to(getattr(torch, cfg["model"]["dtype"]))
+    config = _architecture_config(cfg)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        write_weights(checkpoint, config, getattr(torch, cfg["model"]["dtype"]), tmp, max_shard_size)
+        config.save_pretrained(str(tmp))
+        base = cfg.get("init_from") or cfg["model"]["path"]
+        if base and (Path(base) / "generation_config.json").is_file():  # bos/eos for generate(); not weights
+            shutil.copy2(Path(base) / "generation_config.json", tmp / "generation_config.json")
         tokenizer = PrepPaths.read(cfg["data"]["prep"]).tokenizer
         if tokenizer.is_dir():
             for name in HF_TOKENIZER_FILES:
@@ -104,7 +98,9 @@ def verify_export(checkpoint: Path, exported_dir: Path) -> tuple[float, float]:
     cfg_dict = _run_config(checkpoint)
     cfg = config_from_dict(cfg_dict)
     init_distributed()
-    model = _architecture(cfg_dict)
+    model = AutoModelForCausalLM.from_config(
+        _architecture_config(cfg_dict), attn_implementation=cfg.model.attn_implementation
+    )  # fresh weights: the engine loads the checkpoint's
     ds_cfg = filled_ds_config(cfg, 1, model.config.get_text_config().hidden_size)
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -139,22 +135,58 @@ def _check_replaceable(out: Path) -> None:
         raise UserError(f"{out}: exists and is not an earlier export; choose another --out (nothing was written)")
 
 
-def _architecture(cfg: dict[str, Any]) -> torch.nn.Module:
-    """The run's model class and config with fresh weights (from a checkpoint dir, only its config.json)."""
+def write_weights(
+    checkpoint: Path, config: Any, dtype: torch.dtype, out: Path, max_shard_size: str | int = "5GB"
+) -> None:
+    """The checkpoint's weights as safetensors shards in ``dtype``, one shard in memory at a time.
 
+    DeepSpeed's lazy view of the ZeRO-3 partitions joins a tensor only when it is written, so the
+    export never builds the model or a full state dict: at 8B that is the fp32 partitions (32 GB) and one
+    shard, not 80 GB. Names and shapes are checked first against the architecture built on the meta
+    device (no memory); a tied output embedding is not written twice (the config ties it on load).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name, lazy_mode=True)
+    with torch.device("meta"):
+        expected = AutoModelForCausalLM.from_config(config).state_dict()
+    tied = {k for k in lazy if k.endswith("lm_head.weight")} if config.get_text_config().tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(lazy) - tied)
+    unexpected = sorted(set(lazy) - set(expected))
+    wrong = sorted(k for k in set(lazy) & set(expected) - tied if tuple(lazy[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong:
+        raise UserError(
+            f"{checkpoint}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"other shapes {wrong[:3]})"
+        )
+    names = [k for k in lazy if k not in tied]
+    empty = {k: torch.empty(lazy[k].shape, dtype=dtype, device="meta") for k in names}
+    split = split_torch_state_dict_into_shards(
+        empty, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    for filename, tensors in split.filename_to_tensors.items():
+        shard = to_torch_tensor({k: lazy[k] for k in tensors}, dtype=dtype)
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(out / filename), metadata={"format": "pt"})
+        del shard
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _architecture_config(cfg: dict[str, Any]) -> Any:
+    """The run's model config (from the base's config.json, or the from-scratch fields), with its dtype."""
     m = cfg["model"]
     path = cfg.get("init_from") or m["path"]
     if path is None:
-        return load_causal_lm(ModelSource(config=m["config"], seed=m["seed"]), None, m["attn_implementation"])
-    trust = m.get("trust_remote_code", False)
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
-    return AutoModelForCausalLM.from_config(
-        config, attn_implementation=m["attn_implementation"], trust_remote_code=trust
-    )
-
-
-def _tied(model: torch.nn.Module, key: str) -> bool:
-    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")
+        fields = m["config"]
+        config = LlamaConfig(**fields) if "model_type" not in fields else AutoConfig.for_model(**fields)
+    else:
+        config = AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=m.get("trust_remote_code", False)
+        )
+    config.dtype = m["dtype"]
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--run", help="a run directory: export its latest complete checkpoint")
     p.add_argument("--out", required=True, help="Hugging Face model directory to write")
     p.add_argument("--verify", action="store_true", help="compare logits with a DeepSpeed engine on the checkpoint")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -174,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         try:
             checkpoint = Path(args.checkpoint) if args.checkpoint else CheckpointDir.latest_of_run(args.run).path
-            diff = export(checkpoint, Path(args.out), verify=args.verify)
+            diff = export(checkpoint, Path(args.out), verify=args.verify, max_shard_size=args.max_shard_size)
         except ExportMismatch as e:  # a distinct exit code: the checkpoint is fine, its export is not
             log.error("%s", one_line(e))
             return 1

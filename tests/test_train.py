@@ -120,6 +120,26 @@ def test_export_round_trip_gives_the_engines_logits(reference, tmp_path):
     assert (tmp_path / "hf" / "tokenizer.model").is_file()
 
 
+def test_a_sharded_export_streams_the_checkpoints_own_weights(reference, tmp_path):
+    """Small shards: several files and an index, each tensor the checkpoint's, loading as one model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.export import export
+
+    checkpoint = latest_checkpoint(reference[1])
+    export(checkpoint, tmp_path / "hf", max_shard_size="100KB")
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    full = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    written = {k: v for shard in shards for k, v in load_file(str(shard)).items()}
+    assert written.keys() == full.keys() and all(torch.equal(written[k], full[k]) for k in full)  # fp32 run
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    assert all(torch.equal(v, full[k]) for k, v in loaded.state_dict().items())
+
+
 @pytest.mark.reliability("checkpoints")
 def test_an_export_that_fails_verification_leaves_no_directory(reference, tmp_path, monkeypatch, lost):
     import pipeline.export as export_module
