@@ -88,45 +88,57 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
+        """Step until done: log, evaluate and checkpoint on their schedules; save and stop on a signal."""
         # SLURM preemption signals every process of the job step and Ctrl-C the whole foreground process
         # group, so each rank sees the signal itself; ranks agree on the step to stop at (_should_stop).
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         last: dict[str, Any] = {}
         try:
             while self.step < self.total_steps:
-                started = time.perf_counter()
-                last = self.train_step()
-                self.step += 1
-                self.tokens_seen += self.order.global_batch * self.seq_len
-                last.update(
-                    tokens_seen=self.tokens_seen,
-                    epoch=self.order.epoch(self.step),
-                    tok_s=self.order.global_batch * self.seq_len / (time.perf_counter() - started),
-                )
-                if self.peak_flops:
-                    last["mfu"] = model_flops_utilization(last["tok_s"] / self.world, self.n_params, self.peak_flops)
-                if self.step % self.cfg.log.every == 0 or self.step == self.total_steps:
-                    self.metrics.log(self.step, last)
-                self.metrics.advance()
-                if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < self.total_steps:
+                last = self._timed_step()
+                self._log(last)
+                if self._due(self.cfg.eval.every) and self.step < self.total_steps:
                     self.metrics.log(self.step, self.evaluate())
                 if self._should_stop():
                     self._save_on_signal()
                     return last
-                if self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0:
+                if self._due(self.cfg.checkpoint.every):
                     self.save()
-            if not (self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0):
-                self.save()
+            if not self._due(self.cfg.checkpoint.every):
+                self.save()  # the final weights, unless the schedule just saved them
             final = self.evaluate()
             self.metrics.log(self.step, final)
-            last.update(final)
-            return last
+            return {**last, **final}
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.checkpoints.wait_for_deletions()
             self.reader.close()
             self.metrics.close()
+
+    def _timed_step(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        out = self.train_step()
+        self.step += 1
+        tokens = self.order.global_batch * self.seq_len
+        self.tokens_seen += tokens
+        out.update(
+            tokens_seen=self.tokens_seen,
+            epoch=self.order.epoch(self.step),
+            tok_s=tokens / (time.perf_counter() - started),
+        )
+        if self.peak_flops:
+            out["mfu"] = model_flops_utilization(out["tok_s"] / self.world, self.n_params, self.peak_flops)
+        return out
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if self._due(self.cfg.log.every) or self.step == self.total_steps:
+            self.metrics.log(self.step, metrics)
+        self.metrics.advance()
+
+    def _due(self, every: int) -> bool:
+        """Whether a schedule of ``every`` steps (0: never) falls on the current step."""
+        return bool(every) and self.step % every == 0
 
     def train_step(self) -> dict[str, Any]:
         cfg, engine = self.cfg, self.engine
