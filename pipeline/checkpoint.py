@@ -42,6 +42,9 @@ from .checkpoint_files import (
 
 log = logging.getLogger(__name__)
 
+# How torch's zip writer (caffe2 inline_container) words a write that did not go through.
+WRITE_FAILURES = ("file write failed", "unexpected pos", "PytorchStreamWriter failed")
+
 
 class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int, rank: int, world: int) -> None:
@@ -188,11 +191,12 @@ class CheckpointManager:
         return client["pipeline"]
 
     def _out_of_space(self, error: Exception) -> bool:
-        """Whether a failed save failed for want of space: ENOSPC, or a failed write (torch.save reports a full
-        disk as "file write failed", no errno) while less is free than the last checkpoint took."""
+        """Whether a failed save failed for want of space: ENOSPC, or torch's serializer failing to write
+        (it reports a full disk without an errno: "file write failed", "unexpected pos N vs M") while less
+        is free than the last checkpoint took. Any other error (a CUDA fault, a bug) is not blamed on space."""
         if out_of_space(error) or "No space left" in str(error):
             return True
-        if "write" not in str(error).lower():
+        if not any(marker in str(error) for marker in WRITE_FAILURES):
             return False
         complete = self._complete()
         needed = sum(read_complete(complete[-1])["files"].values()) if complete else 1 << 20

@@ -280,5 +280,6 @@ def test_only_a_failed_write_is_reported_as_a_full_disk(tmp_path, monkeypatch):
     manager.save(FakeEngine(), 2, {"step": 2})
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))  # nothing free
     assert manager._out_of_space(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
+    assert manager._out_of_space(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 233280 vs 2"))
     assert not manager._out_of_space(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert manager._out_of_space(OSError(28, "No space left on device"))
