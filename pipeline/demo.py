@@ -30,10 +30,15 @@ from data_prep.errors import UserError, run_cli
 from data_prep.prepare import prepare
 from data_prep.tokenizer import load_tokenizer
 
+from .config import load_train_config
+from .data import PrepPaths
 from .eval import markdown_table, run_eval
-from .gere.cache import GeReCache
+from .gere.build import differs_from_training
+from .gere.cache import CacheMismatch, GeReCache
+from .gere.sampler import replay_plan
 from .launch import ROOT, deepspeed_command
 from .model import ModelSource, model_fingerprint
+from .precision import resolve_precision
 from .report import write_report
 
 log = logging.getLogger("pipeline.demo")
@@ -87,25 +92,7 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
         _export(out / "base", base_hf)
     else:
         step("2/5 base model: cached at " + str(base_hf))
-    cache = out / "gere_cache"
-    step("3/5 GeRe cache of the base model over the replay shard")
-    tokenizer = load_tokenizer(out / "tokenizer" / "spm.model").fingerprint
-    if not GeReCache.is_built_for(cache, model_fingerprint(ModelSource(path=str(base_hf))), tokenizer):
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.gere",
-                "--model-path",
-                str(base_hf),
-                "--replay",
-                str(prep / "replay"),
-                "--out",
-                str(cache),
-            ]
-        )
-    step(f"4/5 continued pretraining: {plan['cpt_steps']} steps, 15% general mix + GeRe TM replay")
-    cpt = out / "cpt"
+    cache, cpt = out / "gere_cache", out / "cpt"
     shutil.rmtree(cpt, ignore_errors=True)
     config = _write(
         out / "cpt.yaml",
@@ -124,6 +111,10 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
             "eval": {"every": max(plan["cpt_steps"] // 4, 1), "max_docs": plan["eval_docs"]},
         },
     )
+    step("3/5 GeRe cache of the base model over the replay shard, as the run will replay it")
+    if not _cache_is_current(config, ranks):
+        _run(deepspeed_command("pipeline.gere", ["--config", str(config)], ranks))
+    step(f"4/5 continued pretraining: {plan['cpt_steps']} steps, 15% general mix + GeRe TM replay")
     _launch(config, ranks)
     _export(cpt, cpt / "hf")
     step("5/5 evaluation: base vs tuned on the general and domain holdouts")
@@ -131,6 +122,23 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
     report = write_report(cpt, result, title="Demo: continued pretraining on stdlib code with GeRe")
     print("\n" + markdown_table(result) + f"\n\nreport: {report} ({time.perf_counter() - started:.0f} s in all)")
     return result
+
+
+def _cache_is_current(config: Path, ranks: int) -> bool:
+    """Whether the cache ``config`` names was built for its base model, tokenizer and replay forward."""
+    cfg = load_train_config(config)
+    resolve_precision(cfg)
+    prep = PrepPaths.read(cfg.data.prep)
+    try:
+        cache = GeReCache.open(
+            cfg.replay.cache,
+            model_fingerprint(ModelSource(path=cfg.model.path)),
+            load_tokenizer(prep.tokenizer).fingerprint,
+        )
+    except (CacheMismatch, FileNotFoundError):
+        return False
+    per_forward, _ = replay_plan(cfg.replay.samples_per_step, ranks, cfg.batch.grad_accum)
+    return not differs_from_training(cache.meta, cfg, per_forward)
 
 
 def step(text: str) -> None:
