@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,21 @@ def finish() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    release_shared_memory()
+
+
+def release_shared_memory() -> None:
+    """Unlink this rank's all-reduce buffer of DeepSpeed's CPU shared-memory collectives.
+
+    On the CPU accelerator every rank creates a 66 MB ``/dev/shm`` file named after MASTER_ADDR,
+    MASTER_PORT and its rank, and nothing removes it: with a fresh port per run, each 2-rank run left
+    132 MB in RAM-backed /dev/shm for good (20 GB after a day of test runs, until a run was OOM-killed).
+    Unlinking is safe once no new rank will open it (mapped copies stay valid); GPUs create none.
+    """
+    addr, port, rank = (os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
+    if addr and port and rank:
+        for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+            buffer.unlink(missing_ok=True)
 
 
 def shutdown_at_exit() -> None:
@@ -62,3 +78,4 @@ def shutdown_at_exit() -> None:
 def _shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    release_shared_memory()

@@ -91,3 +91,27 @@ def gemma3() -> Path:
     from pipeline.real_models import materialise
 
     return materialise("gemma3", tokenizer_only=True)
+
+
+_SESSION_STARTED = 0.0
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _SESSION_STARTED
+    import time
+
+    _SESSION_STARTED = time.time()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the /dev/shm buffers of ranks this session killed on purpose (kill -9 tests cannot clean up).
+
+    DeepSpeed's CPU all-reduce keeps 66 MB per rank in RAM-backed /dev/shm; ranks that exit remove their
+    own (pipeline.distributed.release_shared_memory), killed ones cannot.
+    """
+    for buffer in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        try:
+            if buffer.stat().st_mtime >= _SESSION_STARTED:
+                buffer.unlink()
+        except OSError:
+            pass
