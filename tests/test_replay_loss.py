@@ -213,4 +213,4 @@ def test_the_logged_loss_is_the_objective_with_the_weight_used():
     expected = out["loss/task_ce"] + out["loss/replay_ce"] + parts[-1].replay_weight * out["loss/l2"]
     assert out["loss"] == pytest.approx(expected) and out["replay_weight"] == parts[-1].replay_weight
     # the loss backward sees, summed over the step's micro-batches and divided by DeepSpeed's factor (2), is it too
-    assert sum(float(p.loss) for p in parts) / 2 == pytest.approx(out["loss"], rel=1e-6)
+    assert sum(p.loss.item() for p in parts) / 2 == pytest.approx(out["loss"], rel=1e-6)
