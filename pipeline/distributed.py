@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +31,9 @@ def init_distributed() -> None:
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
     import deepspeed  # seconds to import; only the entry points that start a process group pay
+
+    # DeepSpeed calls collectives torch has deprecated (all_gather_into_tensor): one warning per call
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
     return_freed_memory_to_os()  # before the model is loaded: every large block after this is mmapped
     from deepspeed.accelerator import get_accelerator

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 
 from data_prep.errors import run_cli
 from pipeline.config import config_reference, load_train_config
@@ -32,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
         print(config_reference())
         return 0
     rank = int(os.environ.get("RANK", "0"))
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's calls
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
