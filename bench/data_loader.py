@@ -32,7 +32,7 @@ import torch
 
 from data_prep.arrow_dataset import write_dataset_dir
 from data_prep.schema import packed_schema
-from pipeline.data import GlobalOrder, StepReader, _read_step, packed_inputs
+from pipeline.data import GlobalOrder, StepReader, packed_inputs, read_step
 
 MICRO, ACCUM = 2, 4  # rows per rank per step: 8, whatever the number of ranks
 
@@ -78,7 +78,7 @@ def main() -> None:
                 int((batch["labels"][:, 1:] != -100).sum())
 
             def own_rows(step: int, order: GlobalOrder = order) -> None:
-                _read_step(mixture, order, step)
+                read_step(mixture, order, step)
 
             reader = StepReader(mixture, order, torch.device("cpu"))
             timings = [time_steps(fn, args.steps, args.compute_ms / 1e3) for fn in (global_read, own_rows)]

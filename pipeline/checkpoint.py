@@ -77,7 +77,7 @@ class CheckpointManager:
         if self.rank == 0:
             CheckpointDir(self.root / tag).write_state(state)
             write_complete(self.root / tag, world=self.world)
-            self._point_latest(tag)
+            point_latest(self.root, tag)
             log.info("checkpoint: step %d → %s", step, self.root / tag)
         _barrier()
         if self.rank == 0:  # after the barrier: the other ranks train on while old checkpoints are deleted
@@ -208,9 +208,6 @@ class CheckpointManager:
     def _complete(self) -> list[Path]:
         return [c.path for c in CheckpointDir.saved(self.root) if c.is_complete()]
 
-    def _point_latest(self, tag: str | None) -> None:
-        point_latest(self.root, tag)
-
     def _make_room(self, tag: str) -> None:
         """Clear ``tag`` before it is written: a half-written save of it, or a checkpoint of the branch a
         resume from an earlier checkpoint left. ``latest`` never names a directory being written."""
@@ -219,7 +216,7 @@ class CheckpointManager:
             return
         if latest_tag(self.root) == tag:
             earlier = [p.name for p in self._complete() if p.name < tag]
-            self._point_latest(earlier[-1] if earlier else None)
+            point_latest(self.root, earlier[-1] if earlier else None)
         log.warning(
             "checkpoint %s exists (%s); replacing it",
             target,

@@ -91,7 +91,8 @@ def packed_inputs(rows: dict[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "position_ids": positions, "labels": labels}
 
 
-def _read_step(mixture: Any, order: GlobalOrder, step: int, pin: bool = False) -> list[dict[str, torch.Tensor]]:
+def read_step(mixture: Any, order: GlobalOrder, step: int, pin: bool = False) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of ``step`` as model inputs on the host (only this rank's rows are read)."""
     batches = [packed_inputs(mixture[order.rows(step, j)]) for j in range(order.accum)]
     if pin:  # page-locked host memory: the copy to the GPU can then overlap compute (non_blocking)
         batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
@@ -118,8 +119,8 @@ class StepReader:
         if self._next is not None and self._next[0] == step:
             host = self._next[1].result()
         else:  # the first step, or a step out of sequence (resume): read it now
-            host = _read_step(self.mixture, self.order, step, self.pin)
-        self._next = (step + 1, self._pool.submit(_read_step, self.mixture, self.order, step + 1, self.pin))
+            host = read_step(self.mixture, self.order, step, self.pin)
+        self._next = (step + 1, self._pool.submit(read_step, self.mixture, self.order, step + 1, self.pin))
         return [{k: v.to(self.device, non_blocking=self.pin) for k, v in b.items()} for b in host]
 
     def close(self) -> None:

@@ -35,7 +35,6 @@ from .data import PrepPaths
 from .eval import markdown_table, run_eval
 from .gere.build import differs_from_training
 from .gere.cache import CacheMismatch, GeReCache
-from .gere.sampler import replay_plan
 from .launch import ROOT, deepspeed_command
 from .model import ModelSource, model_fingerprint
 from .precision import resolve_precision
@@ -137,8 +136,7 @@ def _cache_is_current(config: Path, ranks: int) -> bool:
         )
     except (CacheMismatch, FileNotFoundError):
         return False
-    per_forward, _ = replay_plan(cfg.replay.samples_per_step, ranks, cfg.batch.grad_accum)
-    return not differs_from_training(cache.meta, cfg, per_forward)
+    return not differs_from_training(cache.meta, cfg, ranks)
 
 
 def step(text: str) -> None:

@@ -26,14 +26,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def deepspeed_launcher() -> str:
+    """The ``deepspeed`` script of this interpreter's environment (a venv need not be on PATH)."""
+    return shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+
+
 def deepspeed_command(module: str, args: list[str], ranks: int = 2, log_level: str = "warning") -> list[str]:
     """``deepspeed --num_gpus N --module MODULE ARGS`` with this interpreter's launcher and a free port.
 
     Without GPUs DeepSpeed falls back to its CPU accelerator, one process per rank, with gloo.
     """
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     return [
-        launcher,
+        deepspeed_launcher(),
         "--num_gpus",
         str(ranks),
         "--master_port",
@@ -87,9 +91,8 @@ def node_command(
 
     Global rank = node_rank × gpus_per_node + local rank: the order of ``nodes`` is the order of ranks.
     """
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     return [
-        launcher,
+        deepspeed_launcher(),
         "--hostfile",
         str(hostfile),
         "--num_nodes",

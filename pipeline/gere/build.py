@@ -122,8 +122,10 @@ def build_cache_for_training(cfg: TrainConfig, features: bool = False) -> Path:
     return out
 
 
-def differs_from_training(meta: dict[str, Any], cfg: TrainConfig, per_forward: int) -> list[str]:
-    """How the cache was built differently from how ``cfg`` runs its replay forward (empty: the same)."""
+def differs_from_training(meta: dict[str, Any], cfg: TrainConfig, world: int) -> list[str]:
+    """How the cache was built differently from how ``cfg`` on ``world`` ranks runs its replay forward
+    (empty: the same)."""
+    per_forward, _ = replay_plan(cfg.replay.samples_per_step, world, cfg.batch.grad_accum)
     built = meta.get("built_with", {})
     wanted = {"dtype": cfg.model.dtype, "attn_implementation": cfg.model.attn_implementation, "batch_size": per_forward}
     return [f"{key} {built.get(key)} (training: {value})" for key, value in wanted.items() if built.get(key) != value]

@@ -113,15 +113,6 @@ class GeReCache:
             )
         return cls(directory, meta, Thresholds(t["mean"], t["std"]), packed, features)
 
-    @classmethod
-    def is_built_for(cls, directory: str | Path, model_fingerprint: str, tokenizer_fingerprint: str) -> bool:
-        """Whether ``directory`` holds a cache this version reads, of this model and tokenizer."""
-        try:
-            cls.open(directory, model_fingerprint, tokenizer_fingerprint)
-        except (CacheMismatch, FileNotFoundError):
-            return False
-        return True
-
     def check_shard(self, shard: ReplayShard, rows: Any) -> None:
         """Refuse a cache built for other replay samples: states are looked up by row index."""
         ids, length = list(rows["id"]), shard.replay_len

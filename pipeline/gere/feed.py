@@ -62,8 +62,7 @@ class ReplayFeed:
         cache = None
         if cfg.replay.strategy in CACHED_STRATEGIES:
             cache = GeReCache.open(cfg.replay.cache, model_fingerprint(base), tokenizer_fingerprint, device=device)
-            per_forward, _ = replay_plan(cfg.replay.samples_per_step, world, cfg.batch.grad_accum)
-            differences = differs_from_training(cache.meta, cfg, per_forward)
+            differences = differs_from_training(cache.meta, cfg, world)
             if differences:
                 log.warning(
                     "replay: the GeRe cache was built with %s, so the replay term may start slightly above 0; "

@@ -85,14 +85,14 @@ class Objective:
         if replay is not None:
             terms = replay_terms(self.replay, replay.logits, replay.hidden, replay.inputs)
             share = replay.share
-            loss = loss + (terms["replay_ce"] if share == 1.0 else share * terms["replay_ce"])
+            loss = loss + share * terms["replay_ce"]  # share 1.0 (replay in every micro-batch) changes no bit
             parts["replay_ce"] = share * terms["replay_ce"].item() / grad_accum
             if self.strategy_term:
                 term = terms[self.replay.strategy]
                 weight = self._weight(
                     (ce_sum / global_tokens * scale).detach() + terms["replay_ce"].detach(), term.detach()
                 )
-                loss = loss + (weight * term if share == 1.0 else share * weight * term)
+                loss = loss + share * weight * term
                 parts[self.replay.strategy] = share * term.item() / grad_accum
         return MicroBatchLoss(loss, parts, weight)
 
