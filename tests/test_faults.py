@@ -26,7 +26,7 @@ import yaml
 
 from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
 
-from .train_helpers import ROOT, digest, env, final_weights, launcher_command, run_training, write_config
+from .train_helpers import ROOT, digest, env, final_weights, run_training, start_training, write_config
 
 TRAIN_SEEDS = range(6)  # even: kill at a random step; odd: kill inside a checkpoint save
 PREP_SEEDS = range(10)
@@ -77,14 +77,7 @@ def test_kill_one_rank_at_a_random_point_then_resume_gives_the_uninterrupted_wei
     victim, in_save = rng.randrange(2), seed % 2 == 1
     run = tmp_path / "run"
     config = write_config(tmp_path / "cpt.yaml", prep, run)
-    proc = subprocess.Popen(
-        launcher_command(config),
-        env=env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_training(config)
     try:
         if in_save:  # the moment the save's directory appears, before its COMPLETE marker
             tag = CheckpointDir.for_step(checkpoint_root(run), 2 * rng.randint(1, 5)).path

@@ -28,9 +28,9 @@ from .train_helpers import (
     export_checkpoint,
     final_weights,
     latest_checkpoint,
-    launcher_command,
     metrics,
     run_training,
+    start_training,
     write_config,
 )
 
@@ -84,14 +84,7 @@ def test_kill_9_mid_run_then_resume_gives_the_same_losses_and_weights(reference,
     _, ref_run = reference
     run = tmp_path / "run"
     config = write_config(tmp_path / "cpt.yaml", prep, run)
-    proc = subprocess.Popen(
-        launcher_command(config),
-        env=env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_training(config)
     marker = CheckpointDir.for_step(checkpoint_root(run), 4).path / COMPLETE
     deadline = time.monotonic() + 600
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -186,15 +179,7 @@ def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(refer
 def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(prep, tmp_path, lost):
     run = tmp_path / "run"
     config = write_config(tmp_path / "long.yaml", prep, run, steps=400, checkpoint={"every": 0})
-    proc = subprocess.Popen(
-        launcher_command(config),
-        env=env(),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_training(config, output=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:

@@ -78,6 +78,21 @@ def launcher_command(config: Path, ranks: int = 2) -> list[str]:
     return deepspeed_command("pipeline.train", ["--config", str(config)], ranks, log_level="info")
 
 
+def start_training(config: Path, output: bool = False) -> subprocess.Popen[str]:
+    """A 2-rank training run in its own session, for a test to signal or kill (``os.killpg``); with
+    ``output``, its stdout and stderr as one text pipe."""
+    pipe = subprocess.PIPE if output else subprocess.DEVNULL
+    return subprocess.Popen(
+        launcher_command(config),
+        env=env(),
+        cwd=ROOT,
+        stdout=pipe,
+        stderr=subprocess.STDOUT if output else subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def env() -> dict[str, str]:
     return launch_env()
 
