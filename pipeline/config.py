@@ -41,6 +41,9 @@ class ModelConfig:
         "sdpa", "attention kernel; packed rows stay per-document with every one"
     )
     trust_remote_code: bool = setting(False, "run Python code shipped with model.path (only for checkpoints you trust)")
+    chunked_loss: bool = setting(
+        True, "CE and KD from hidden states, the output head applied a chunk of tokens at a time (no full logits)"
+    )
 
 
 @dataclass

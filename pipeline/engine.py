@@ -20,6 +20,7 @@ from data_prep.tokenizer import Tokenizer
 from .config import TrainConfig
 from .ds_config import inference_ds_config
 from .isolation import check_document_isolation
+from .losses.head import attach_head_loss
 from .model import ModelSource, load_causal_lm
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,10 @@ def build_engine(
     tokenizer: Tokenizer,
     seq_len: int,
 ) -> Any:
-    """The trained model under DeepSpeed (ZeRO-3 partitions it at construction), in train mode."""
+    """The trained model under DeepSpeed (ZeRO-3 partitions it at construction), in train mode.
+
+    ``engine.module.head_loss`` exists where the loss can skip the full logits (``pipeline/losses/head.py``).
+    """
     model = load_causal_lm(source, ds_cfg, cfg.model.attn_implementation)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(
@@ -65,6 +69,8 @@ def build_engine(
         raise ConfigError(f"data seq_len {seq_len} is above the model's max_position_embeddings {limit}")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.model.chunked_loss:
+        attach_head_loss(model)  # before initialize: DeepSpeed hooks the modules it finds there
     params = [p for p in model.parameters() if p.requires_grad]
     optim = cfg.optim
     optimizer = (

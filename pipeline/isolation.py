@@ -34,16 +34,23 @@ class DocumentLeak(UserError):
 
 
 def forward_packed(
-    model: Callable[..., Any], input_ids: torch.Tensor, position_ids: torch.Tensor, attn_implementation: str
+    model: Callable[..., Any],
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attn_implementation: str,
+    hidden: bool = False,
 ) -> torch.Tensor:
-    """Logits ``[B, L, V]`` of packed rows, with attention kept inside each document."""
+    """Logits ``[B, L, V]`` of packed rows, with attention kept inside each document.
+
+    With ``hidden``: the final hidden states ``[B, L, H]`` instead, the head run on one position only
+    (``logits_to_keep=1``), for a loss that applies the head itself (``pipeline/losses/head.py``).
+    """
     rows, length = input_ids.shape
+    outputs = {"output_hidden_states": True, "logits_to_keep": 1} if hidden else {}
     if attn_implementation in VARLEN_FROM_ONE_ROW and rows > 1:
-        logits = model(
-            input_ids=input_ids.reshape(1, rows * length), position_ids=position_ids.reshape(1, -1), use_cache=False
-        ).logits
-        return logits.view(rows, length, -1)
-    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        input_ids, position_ids = input_ids.reshape(1, rows * length), position_ids.reshape(1, -1)
+    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **outputs)
+    return (out.hidden_states[-1] if hidden else out.logits).view(rows, length, -1)
 
 
 def isolation_error(

@@ -2,7 +2,9 @@
 
 One step = grad_accum micro-batches per rank of packed task rows (+ replay
 rows, in their own forward: each document alone, padded to replay_len, as the
-GeRe cache saw them). The loss is formed by ``pipeline/losses/objective.py``;
+GeRe cache saw them). Forwards return final hidden states, and the losses
+apply the output head in chunks (``pipeline/losses/head.py``), where the model
+allows it. The loss is formed by ``pipeline/losses/objective.py``;
 each component (engines, replay feed, penalty, checkpoints) is built from the
 config in its own module and handed to this loop.
 """
@@ -31,6 +33,7 @@ from .ds_config import filled_ds_config
 from .engine import build_engine, build_teacher, model_sources, needs_teacher
 from .gere.feed import ReplayFeed
 from .isolation import forward_packed
+from .losses.head import frozen_head_weight
 from .losses.objective import Objective, ReplayOutputs, TaskOutputs
 from .metrics import MetricsLogger, device_peak_flops, model_flops_utilization
 from .model import hidden_size
@@ -71,7 +74,9 @@ class Trainer:
             cfg, self.prep, base, tokenizer.fingerprint, self.world, self.rank, self.device
         )
         self.pull = build_anchor_pull(cfg, self.engine, self.prep.replay, self.world, self.rank)  # at the start weights
-        self.objective = Objective(cfg.replay, cfg.kd)
+        self.head = getattr(self.engine.module, "head_loss", None)
+        teacher_head = frozen_head_weight(self.teacher.module) if self.head and cfg.kd.weight > 0 else None
+        self.objective = Objective(cfg.replay, cfg.kd, self.head, teacher_head)
         self.step, self.tokens_seen = 0, 0
         self._resume()
         self.reader = StepReader(self.mixture, self.order, self.device)
@@ -199,13 +204,16 @@ class Trainer:
         )
 
     def _task_forward(self, batch: dict[str, torch.Tensor], rows: list[int]) -> TaskOutputs:
-        attn = self.cfg.model.attn_implementation
-        task = TaskOutputs(
-            forward_packed(self.engine, batch["input_ids"], batch["position_ids"], attn), batch["labels"]
-        )
+        attn, hidden = self.cfg.model.attn_implementation, self.head is not None
+        out = forward_packed(self.engine, batch["input_ids"], batch["position_ids"], attn, hidden)
+        task = TaskOutputs(None, batch["labels"], hidden=out) if hidden else TaskOutputs(out, batch["labels"])
         if self.cfg.kd.weight > 0:
             with torch.no_grad():
-                task.teacher_logits = forward_packed(self.teacher, batch["input_ids"], batch["position_ids"], attn)
+                teacher = forward_packed(self.teacher, batch["input_ids"], batch["position_ids"], attn, hidden)
+            if hidden:
+                task.teacher_hidden = teacher
+            else:
+                task.teacher_logits = teacher
             if self.cfg.kd.rows == "general":
                 task.distilled_rows = torch.tensor(
                     [r == "general" for r in self.mixture[rows]["role"]], device=self.device
@@ -214,10 +222,16 @@ class Trainer:
 
     def _replay_forward(self, index: list[int]) -> ReplayOutputs:
         inputs = self.replay.inputs(index, self.device, self.teacher)
+        # The kl strategy compares full distributions with the teacher's logits; the others need only CE.
+        head_only = self.head is not None and self.cfg.replay.strategy != "kl"
         out = self.engine(
-            input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, output_hidden_states=True, use_cache=False
+            input_ids=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            output_hidden_states=True,
+            use_cache=False,
+            **({"logits_to_keep": 1} if head_only else {}),
         )
-        return ReplayOutputs(out.logits, out.hidden_states[-1], inputs, self.replay.share)
+        return ReplayOutputs(None if head_only else out.logits, out.hidden_states[-1], inputs, self.replay.share)
 
     def _resume(self) -> None:
         if self.resume_from is None:

@@ -16,6 +16,8 @@ bound and so would the step those few elements get.
 
 The trainer runs the forwards and hands their outputs here; what this module
 returns is exactly what backward sees, and its named parts are what is logged.
+Where the model allows it the outputs are final hidden states, not logits, and
+CE and KD go through the model's head loss (``head.py``), chunked over tokens.
 """
 
 from __future__ import annotations
@@ -28,16 +30,19 @@ import torch.nn.functional as F
 
 from ..config import KDConfig, ReplayConfig
 from .kl import kl_sum
-from .replay import ReplayInputs, replay_terms
+from .linear_ce import TeacherHead
+from .replay import HeadLossFn, ReplayInputs, replay_terms
 
 
 @dataclass
 class TaskOutputs:
-    """A micro-batch of packed task rows after the forward."""
+    """A micro-batch of packed task rows after the forward: logits, or final hidden states for the head loss."""
 
-    logits: torch.Tensor  # [B, L, V]
+    logits: torch.Tensor | None  # [B, L, V]
     labels: torch.Tensor  # [B, L], -100 where no loss
+    hidden: torch.Tensor | None = None  # [B, L, H]: instead of logits
     teacher_logits: torch.Tensor | None = None  # frozen base model on the same rows (KD)
+    teacher_hidden: torch.Tensor | None = None  # instead of teacher_logits, with hidden
     distilled_rows: torch.Tensor | None = None  # [B] bool: rows KD applies to (kd.rows: general); None: all
 
 
@@ -45,7 +50,7 @@ class TaskOutputs:
 class ReplayOutputs:
     """A micro-batch of replay rows after their forward."""
 
-    logits: torch.Tensor  # [R, replay_len, V]
+    logits: torch.Tensor | None  # [R, replay_len, V]; None: replay CE goes through the head loss
     hidden: torch.Tensor  # [R, replay_len, H]: final-layer states, after the final norm
     inputs: ReplayInputs
     share: float = 1.0  # grad_accum / micro-batches with replay: the replay terms' weight in this micro-batch
@@ -59,31 +64,31 @@ class MicroBatchLoss:
 
 
 class Objective:
-    def __init__(self, replay: ReplayConfig, kd: KDConfig) -> None:
+    def __init__(
+        self,
+        replay: ReplayConfig,
+        kd: KDConfig,
+        head: HeadLossFn | None = None,
+        teacher_head_weight: torch.Tensor | None = None,
+    ) -> None:
+        """``head``: the trained model's head loss, for outputs that carry hidden states; ``teacher_head_weight``
+        the teacher's output weight, for KD from hidden states."""
         self.replay, self.kd = replay, kd
+        self.head, self.teacher_head_weight = head, teacher_head_weight
         self.strategy_term = replay.strategy not in ("none", "ce")  # a term beyond replay CE
 
     def __call__(
         self, task: TaskOutputs, replay: ReplayOutputs | None, global_tokens: int, scale: float, grad_accum: int
     ) -> MicroBatchLoss:
-        targets = task.labels[:, 1:]
-        ce_sum = F.cross_entropy(
-            task.logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-        )
+        ce_sum, kd_sum = self._task_sums(task)
         loss = ce_sum / global_tokens * scale
         parts = {"task_ce": ce_sum.item()}
-        if self.kd.weight > 0:
-            if task.teacher_logits is None:
-                raise ValueError("kd.weight > 0 needs the teacher's logits on the task rows")
-            mask = targets != -100
-            if task.distilled_rows is not None:
-                mask = mask & task.distilled_rows[:, None]
-            kd_sum = kl_sum(task.logits[:, :-1], task.teacher_logits[:, :-1], mask, self.kd.temperature)
+        if kd_sum is not None:
             loss = loss + self.kd.weight * kd_sum / global_tokens * scale
             parts["kd"] = kd_sum.item()
         weight = 0.0
         if replay is not None:
-            terms = replay_terms(self.replay, replay.logits, replay.hidden, replay.inputs)
+            terms = replay_terms(self.replay, replay.logits, replay.hidden, replay.inputs, self.head)
             share = replay.share
             loss = loss + share * terms["replay_ce"]  # share 1.0 (replay in every micro-batch) changes no bit
             parts["replay_ce"] = share * terms["replay_ce"].item() / grad_accum
@@ -95,6 +100,36 @@ class Objective:
                 loss = loss + share * weight * term
                 parts[self.replay.strategy] = share * term.item() / grad_accum
         return MicroBatchLoss(loss, parts, weight)
+
+    def _task_sums(self, task: TaskOutputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(CE sum, KD sum or None without KD) over the micro-batch's loss tokens."""
+        targets = task.labels[:, 1:]
+        kd_mask = None
+        if self.kd.weight > 0:
+            if task.teacher_logits is None and task.teacher_hidden is None:
+                raise ValueError("kd.weight > 0 needs the teacher's outputs on the task rows")
+            kd_mask = targets != -100
+            if task.distilled_rows is not None:
+                kd_mask = kd_mask & task.distilled_rows[:, None]
+        if task.hidden is not None:
+            if self.head is None:
+                raise ValueError("task outputs carry hidden states but the objective has no head loss")
+            teacher = None
+            if kd_mask is not None:
+                teacher = TeacherHead(
+                    task.teacher_hidden[:, :-1].flatten(0, 1),
+                    self.teacher_head_weight,
+                    kd_mask.flatten(),
+                    self.kd.temperature,
+                )
+            ce_sum, kd_sum = self.head(task.hidden[:, :-1].flatten(0, 1), targets.flatten(), teacher)
+            return ce_sum, kd_sum if teacher is not None else None
+        ce_sum = F.cross_entropy(
+            task.logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+        )
+        if kd_mask is None:
+            return ce_sum, None
+        return ce_sum, kl_sum(task.logits[:, :-1], task.teacher_logits[:, :-1], kd_mask, self.kd.temperature)
 
     def _weight(self, ce: torch.Tensor, term: torch.Tensor) -> float:
         if self.replay.weight != "dynamic":

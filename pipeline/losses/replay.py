@@ -14,6 +14,7 @@ replay text as well). How the terms are weighted into the step's loss is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,11 @@ import torch.nn.functional as F
 
 from ..config import ReplayConfig
 from .kl import kl_sum
+from .linear_ce import TeacherHead
 from .tm_loss import tm_loss
+
+# hidden [N, H], targets [N], teacher → (CE sum, KL sum): the model's head loss (pipeline/losses/head.py)
+HeadLossFn = Callable[[torch.Tensor, torch.Tensor, TeacherHead | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -39,15 +44,35 @@ class ReplayInputs:
 
 def causal_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token CE over positions whose target is a real token."""
-    target_mask = mask[:, 1:].bool() & mask[:, :-1].bool()
-    targets = input_ids[:, 1:].masked_fill(~target_mask, -100)
+    targets = _causal_targets(input_ids, mask)
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
+def causal_ce_from_hidden(
+    head: HeadLossFn, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """:func:`causal_ce` through the head loss, from final hidden states [B, L, H]."""
+    targets = _causal_targets(input_ids, mask).flatten()
+    ce_sum, _ = head(hidden[:, :-1].flatten(0, 1), targets, None)
+    return ce_sum / (targets != -100).sum().clamp_min(1)
+
+
+def _causal_targets(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L-1] next tokens, -100 where the position or its target is padding."""
+    target_mask = mask[:, 1:].bool() & mask[:, :-1].bool()
+    return input_ids[:, 1:].masked_fill(~target_mask, -100)
+
+
 def replay_terms(
-    cfg: ReplayConfig, logits: torch.Tensor, hidden: torch.Tensor, batch: ReplayInputs
+    cfg: ReplayConfig,
+    logits: torch.Tensor | None,
+    hidden: torch.Tensor,
+    batch: ReplayInputs,
+    head: HeadLossFn | None = None,
 ) -> dict[str, torch.Tensor]:
     """{'replay_ce': ..., '<strategy>': ...}: the unweighted terms, each a mean over the replay tokens.
+
+    Without ``logits``, replay CE goes through ``head`` from ``hidden`` (the ``kl`` strategy needs logits).
 
     Missing inputs are a wiring bug (the config was validated and ``pipeline.gere.feed``
     loads what the strategy needs), so they raise ``ValueError``, not a user error.
@@ -55,7 +80,12 @@ def replay_terms(
     if cfg.strategy == "none":
         return {}
     mask = batch.attention_mask
-    terms = {"replay_ce": causal_ce(logits, batch.input_ids, mask)}
+    if logits is None:
+        if head is None or cfg.strategy == "kl":
+            raise ValueError("replay outputs without logits need a head loss, and the kl strategy needs logits")
+        terms = {"replay_ce": causal_ce_from_hidden(head, hidden, batch.input_ids, mask)}
+    else:
+        terms = {"replay_ce": causal_ce(logits, batch.input_ids, mask)}
     m = mask.unsqueeze(-1).to(torch.float32)
     if cfg.strategy == "tm":
         if batch.states is None or batch.neg is None or batch.pos is None:

@@ -1,0 +1,90 @@
+"""The model's output head as a loss: CE and KD from final hidden states, never the full logits.
+
+The trained model gets a parameterless child module, ``head_loss``, added before
+``deepspeed.initialize``. Under ZeRO-3 the head weight is partitioned and only
+gathered around the forward and backward of a module that owns it; read
+anywhere else it is an empty tensor. So the weight is registered as an external
+parameter of ``head_loss`` (``deepspeed.zero.register_external_parameter``, the
+documented way): DeepSpeed's hooks on that module gather it before the loss's
+forward, again before its backward (where the chunked GEMMs run), and
+reduce-scatter its gradient like any other. The child adds nothing to the state
+dict, so checkpoints and exports are unchanged. The forward that feeds it asks
+for ``logits_to_keep=1`` and the hidden states, so ``lm_head`` produces a
+``[B, 1, V]`` tensor instead of ``[B, L, V]``.
+
+Only models whose logits are exactly ``lm_head(final hidden)`` take this path
+(a bias-free ``nn.Linear`` head, no logit soft-capping or scaling, a forward
+that takes ``logits_to_keep``); others keep the plain full-logits loss, logged.
+
+The frozen teacher's head is gathered once (:func:`frozen_head_weight`) and
+kept: it never changes, and gathering it every micro-batch would all-gather
+``V × H`` each time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import deepspeed
+import torch
+from torch import nn
+
+from .linear_ce import TeacherHead, linear_ce_kl
+
+log = logging.getLogger(__name__)
+
+SCALED_LOGIT_SETTINGS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class HeadLoss(nn.Module):
+    """(CE sum, KL sum) of the owning model's output head on hidden states; see :func:`linear_ce_kl`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        # A callable, not an attribute holding the head: a Parameter or Module attribute would be registered
+        # (a second copy in the state dict, or a module cycle).
+        self._head_weight = lambda: model.get_output_embeddings().weight
+
+    def forward(
+        self, hidden: torch.Tensor, targets: torch.Tensor, teacher: TeacherHead | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return linear_ce_kl(hidden, self._head_weight(), targets, teacher)
+
+
+def chunkable_head(model: nn.Module) -> str | None:
+    """Why the model's logits are not plain ``lm_head(hidden)`` (so the head loss would be wrong), or None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return "its output head is not a bias-free nn.Linear"
+    config = getattr(model, "config", None)
+    for name in SCALED_LOGIT_SETTINGS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            return f"its config scales or caps the logits ({name}={value})"
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return "its forward takes no logits_to_keep"
+    return None
+
+
+def attach_head_loss(model: nn.Module) -> bool:
+    """Add ``model.head_loss`` where the model allows it (before ``deepspeed.initialize``); whether it was added."""
+    reason = chunkable_head(model)
+    if reason is not None:
+        log.warning("loss from full logits (memory grows with vocabulary × tokens): %s", reason)
+        return False
+    model.add_module("head_loss", HeadLoss(model))
+    # Registered whether or not ZeRO-3 partitions the model (now under zero.Init, or later in initialize):
+    # below stage 3 DeepSpeed never reads the registration.
+    deepspeed.zero.register_external_parameter(model.head_loss, model.get_output_embeddings().weight)
+    log.info("loss from hidden states: the output head runs a chunk of tokens at a time, no full logits")
+    return True
+
+
+def frozen_head_weight(model: nn.Module) -> torch.Tensor:
+    """The output head weight, whole, on this rank (a copy gathered once under ZeRO-3)."""
+    weight = model.get_output_embeddings().weight
+    if not hasattr(weight, "ds_id"):
+        return weight.detach()
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        return weight.detach().clone()
