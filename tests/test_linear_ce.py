@@ -33,10 +33,11 @@ def problem(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     return hidden, weight, targets, teacher
 
 
-def value_and_grads(fn, hidden, weight, ce_weight=0.7, kl_weight=1.3):
-    ce, kl = fn()
-    (ce_weight * ce + kl_weight * kl).backward()
-    out = [ce.detach(), kl.detach(), hidden.grad.clone(), weight.grad.clone()]
+def value_and_grads(fn, hidden, weight, upstream=0.7):
+    loss, ce, kl = fn()
+    assert not ce.requires_grad and not kl.requires_grad
+    (upstream * loss).backward()
+    out = [loss.detach(), ce, kl, hidden.grad.clone(), weight.grad.clone()]
     hidden.grad = weight.grad = None
     return out
 
@@ -46,33 +47,39 @@ def value_and_grads(fn, hidden, weight, ce_weight=0.7, kl_weight=1.3):
 def test_chunked_equals_full_logits_in_value_and_gradient_fp32(chunk, distill):
     hidden, weight, targets, teacher = problem(torch.float32)
     teacher = teacher if distill else None
-    ours = value_and_grads(lambda: linear_ce_kl(hidden, weight, targets, teacher, chunk), hidden, weight)
-    ref = value_and_grads(lambda: linear_ce_kl_reference(hidden, weight, targets, teacher), hidden, weight)
-    for name, a, b in zip(("ce", "kl", "grad_hidden", "grad_weight"), ours, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    assert (ours[1] > 0) == distill
+    ours = value_and_grads(lambda: linear_ce_kl(hidden, weight, targets, teacher, 1.3, chunk), hidden, weight)
+    ref = value_and_grads(lambda: linear_ce_kl_reference(hidden, weight, targets, teacher, 1.3), hidden, weight)
+    for name, a, b in zip(("loss", "ce", "kl", "grad_hidden", "grad_weight"), ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert (ours[2] > 0) == distill
 
 
-def test_each_output_takes_its_own_upstream_weight():
-    """The objective weights CE and KL after both are known (the dynamic weight), so the grads must stay apart."""
+@pytest.mark.parametrize("kl_weight", [0.0, 2.5, -0.5])
+def test_the_kl_weight_is_the_ratio_of_the_two_gradients(kl_weight):
     hidden, weight, targets, teacher = problem(torch.float32, seed=1)
-    for ce_weight, kl_weight in [(1.0, 0.0), (0.0, 1.0), (2.0, -0.5)]:
-        ours = value_and_grads(
-            lambda: linear_ce_kl(hidden, weight, targets, teacher, 8), hidden, weight, ce_weight, kl_weight
-        )
-        ref = value_and_grads(
-            lambda: linear_ce_kl_reference(hidden, weight, targets, teacher), hidden, weight, ce_weight, kl_weight
-        )
-        for a, b in zip(ours[2:], ref[2:]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ours = value_and_grads(lambda: linear_ce_kl(hidden, weight, targets, teacher, kl_weight, 8), hidden, weight, 2.0)
+    ref = value_and_grads(
+        lambda: linear_ce_kl_reference(hidden, weight, targets, teacher, kl_weight), hidden, weight, 2.0
+    )
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_without_autograd_only_the_sums_are_computed():
+    hidden, weight, targets, teacher = problem(torch.float32, seed=4)
+    with torch.no_grad():
+        loss, ce, kl = linear_ce_kl(hidden, weight, targets, teacher, 0.5, 8)
+    ref = linear_ce_kl_reference(hidden, weight, targets, teacher, 0.5)
+    torch.testing.assert_close(torch.stack([loss, ce, kl]), torch.stack(ref).detach(), rtol=1e-5, atol=1e-6)
+    assert not loss.requires_grad
 
 
 def test_bf16_matches_the_bf16_full_logits_path():
     """bf16 GEMMs round the logits as lm_head does; the gradient differs by bf16 rounding of per-chunk sums."""
     hidden, weight, targets, teacher = problem(torch.bfloat16, seed=2)
-    ours = value_and_grads(lambda: linear_ce_kl(hidden, weight, targets, teacher, 8), hidden, weight)
+    ours = value_and_grads(lambda: linear_ce_kl(hidden, weight, targets, teacher, 1.0, 8), hidden, weight)
     ref = value_and_grads(lambda: linear_ce_kl_reference(hidden, weight, targets, teacher), hidden, weight)
-    assert ours[2].dtype == ours[3].dtype == torch.bfloat16
+    assert ours[3].dtype == ours[4].dtype == torch.bfloat16
     for a, b in zip(ours, ref):
         scale = b.float().abs().max()
         assert float((a.float() - b.float()).abs().max() / scale) < 2e-2
@@ -80,9 +87,9 @@ def test_bf16_matches_the_bf16_full_logits_path():
 
 def test_all_targets_ignored_gives_zero_and_zero_gradient():
     hidden, weight, targets, _ = problem(torch.float32)
-    ce, kl = linear_ce_kl(hidden, weight, torch.full_like(targets, -100), None, 5)
-    ce.backward()
-    assert ce.item() == 0.0 and kl.item() == 0.0 and not kl.requires_grad
+    loss, ce, kl = linear_ce_kl(hidden, weight, torch.full_like(targets, -100), None, 1.0, 5)
+    loss.backward()
+    assert loss.item() == ce.item() == kl.item() == 0.0
     assert hidden.grad.abs().max() == 0 and weight.grad.abs().max() == 0
 
 

@@ -38,7 +38,8 @@ SCALED_LOGIT_SETTINGS = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 
 class HeadLoss(nn.Module):
-    """(CE sum, KL sum) of the owning model's output head on hidden states; see :func:`linear_ce_kl`."""
+    """(CE + kl_weight · KL, CE, KL) sums of the owning model's output head on hidden states; see
+    :func:`linear_ce_kl`."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -47,9 +48,9 @@ class HeadLoss(nn.Module):
         self._head_weight = lambda: model.get_output_embeddings().weight
 
     def forward(
-        self, hidden: torch.Tensor, targets: torch.Tensor, teacher: TeacherHead | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return linear_ce_kl(hidden, self._head_weight(), targets, teacher)
+        self, hidden: torch.Tensor, targets: torch.Tensor, teacher: TeacherHead | None = None, kl_weight: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return linear_ce_kl(hidden, self._head_weight(), targets, teacher, kl_weight)
 
 
 def chunkable_head(model: nn.Module) -> str | None:

@@ -80,11 +80,10 @@ class Objective:
     def __call__(
         self, task: TaskOutputs, replay: ReplayOutputs | None, global_tokens: int, scale: float, grad_accum: int
     ) -> MicroBatchLoss:
-        ce_sum, kd_sum = self._task_sums(task)
-        loss = ce_sum / global_tokens * scale
+        objective_sum, ce_sum, kd_sum = self._task_sums(task)
+        loss = objective_sum / global_tokens * scale
         parts = {"task_ce": ce_sum.item()}
         if kd_sum is not None:
-            loss = loss + self.kd.weight * kd_sum / global_tokens * scale
             parts["kd"] = kd_sum.item()
         weight = 0.0
         if replay is not None:
@@ -101,8 +100,8 @@ class Objective:
                 parts[self.replay.strategy] = share * term.item() / grad_accum
         return MicroBatchLoss(loss, parts, weight)
 
-    def _task_sums(self, task: TaskOutputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(CE sum, KD sum or None without KD) over the micro-batch's loss tokens."""
+    def _task_sums(self, task: TaskOutputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(CE + kd.weight · KD, CE, KD or None without KD): sums over the micro-batch's loss tokens."""
         targets = task.labels[:, 1:]
         kd_mask = None
         if self.kd.weight > 0:
@@ -122,14 +121,17 @@ class Objective:
                     kd_mask.flatten(),
                     self.kd.temperature,
                 )
-            ce_sum, kd_sum = self.head(task.hidden[:, :-1].flatten(0, 1), targets.flatten(), teacher)
-            return ce_sum, kd_sum if teacher is not None else None
+            both, ce_sum, kd_sum = self.head(
+                task.hidden[:, :-1].flatten(0, 1), targets.flatten(), teacher, self.kd.weight
+            )
+            return both, ce_sum, kd_sum if teacher is not None else None
         ce_sum = F.cross_entropy(
             task.logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
         )
         if kd_mask is None:
-            return ce_sum, None
-        return ce_sum, kl_sum(task.logits[:, :-1], task.teacher_logits[:, :-1], kd_mask, self.kd.temperature)
+            return ce_sum, ce_sum, None
+        kd_sum = kl_sum(task.logits[:, :-1], task.teacher_logits[:, :-1], kd_mask, self.kd.temperature)
+        return ce_sum + self.kd.weight * kd_sum, ce_sum, kd_sum
 
     def _weight(self, ce: torch.Tensor, term: torch.Tensor) -> float:
         if self.replay.weight != "dynamic":

@@ -25,8 +25,11 @@ from .kl import kl_sum
 from .linear_ce import TeacherHead
 from .tm_loss import tm_loss
 
-# hidden [N, H], targets [N], teacher → (CE sum, KL sum): the model's head loss (pipeline/losses/head.py)
-HeadLossFn = Callable[[torch.Tensor, torch.Tensor, TeacherHead | None], tuple[torch.Tensor, torch.Tensor]]
+# hidden [N, H], targets [N], teacher, kl_weight → (CE + kl_weight · KL, CE, KL) sums: the model's head loss
+# (pipeline/losses/head.py)
+HeadLossFn = Callable[
+    [torch.Tensor, torch.Tensor, TeacherHead | None, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+]
 
 
 @dataclass
@@ -53,7 +56,7 @@ def causal_ce_from_hidden(
 ) -> torch.Tensor:
     """:func:`causal_ce` through the head loss, from final hidden states [B, L, H]."""
     targets = _causal_targets(input_ids, mask).flatten()
-    ce_sum, _ = head(hidden[:, :-1].flatten(0, 1), targets, None)
+    ce_sum, _, _ = head(hidden[:, :-1].flatten(0, 1), targets, None, 0.0)
     return ce_sum / (targets != -100).sum().clamp_min(1)
 
 
