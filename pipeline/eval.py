@@ -6,8 +6,13 @@ tuned model and, with ``--base``, the base model: general ppl change is
 forgetting, domain ppl change is learning. With ``--cache`` (a GeRe cache of
 the base model) also the TM loss of the tuned model on the replay set and the
 share of final-layer activation states (neg/neutral/pos) that moved: how far
-the model drifted where GeRe holds it. Runs as one process or as N ranks
-under the launcher (documents split across ranks).
+the model drifted where GeRe holds it. Runs as one process (the whole model
+on this process's device) or as N ranks under the launcher: then the model is
+partitioned with ZeRO-3 as it loads (no rank ever holds it whole: a 70B model
+evaluates on nodes that could not hold it on one GPU), documents are split
+across ranks, and every rank runs the same number of forwards
+(``pipeline/perplexity.py``), since each forward gathers layers collectively.
+A training checkpoint is exported once, by rank 0, next to the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import datasets
+import deepspeed
 import torch
+import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from data_prep.atomic import write_json
@@ -37,7 +45,7 @@ from .export import export
 from .gere.cache import GeReCache, pad_replay_rows
 from .gere.states import activation_states, unpack_states
 from .losses.tm_loss import tm_loss_reference
-from .model import ModelSource, model_fingerprint
+from .model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
 from .perplexity import holdout_perplexities
 
 log = logging.getLogger("pipeline.eval")
@@ -50,14 +58,61 @@ def load_hf(path: str | Path) -> torch.nn.Module:
         with tempfile.TemporaryDirectory() as tmp:
             exported = Path(tmp) / "hf"
             export(path, exported)
-            return AutoModelForCausalLM.from_pretrained(
-                str(exported), local_files_only=True, use_safetensors=True, trust_remote_code=False
-            ).eval()
+            return _from_pretrained(exported)
+    return _from_pretrained(path)
+
+
+def _from_pretrained(path: Path) -> torch.nn.Module:
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face model directory (export a checkpoint with pipeline.export)")
     return AutoModelForCausalLM.from_pretrained(
         str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False
     ).eval()
+
+
+def eval_ds_config(dtype: str) -> dict[str, Any]:
+    """ZeRO-3 for inference: parameters partitioned over the ranks, gathered a layer at a time; no optimizer."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": False},
+    }
+
+
+def load_partitioned(path: str | Path, device: torch.device) -> Any:
+    """The model as a ZeRO-3 inference engine over all ranks (collective: every rank calls it).
+
+    bf16 on CUDA (what training runs; an fp32 copy would double every gather), fp32 on CPU. A training
+    checkpoint is exported by rank 0 into a directory beside it (multi-node runs share the checkpoint's file
+    system), which every rank then loads partitioned; rank 0 removes it.
+    """
+    path = Path(path)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    exported = None
+    if CheckpointDir(path).is_pipeline_checkpoint():
+        holder = [None]
+        if dist.get_rank() == 0:
+            exported = Path(tempfile.mkdtemp(prefix=".eval-export-", dir=path.parent))
+            export(path, exported / "hf")
+            holder = [str(exported / "hf")]
+        dist.broadcast_object_list(holder, src=0)
+        source = Path(holder[0])
+    else:
+        source = path
+    if not (source / "config.json").is_file():
+        raise UserError(f"{source}: not a Hugging Face model directory (export a checkpoint with pipeline.export)")
+    ds_config = eval_ds_config(dtype)
+    try:
+        model = load_causal_lm(ModelSource(path=str(source), dtype=dtype), ds_config)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    finally:
+        dist.barrier()  # every rank has read the export
+        if exported is not None:
+            shutil.rmtree(exported, ignore_errors=True)
+    engine.eval()
+    log.info("%s: partitioned over %d ranks (ZeRO-3, %s)", path, dist.get_world_size(), dtype)
+    return engine
 
 
 def evaluate_model(
@@ -107,7 +162,7 @@ def replay_drift(
             index = list(range(start, min(start + batch_size, len(rows))))
             ids, mask = pad_replay_rows(rows[index]["input_ids"], shard.replay_len)
             ids, mask = ids.to(device), mask.to(device)
-            h = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            h = final_hidden_states(getattr(model, "module", model), ids, mask)
             packed = cache.states(index, device)
             tm, n = tm_loss_reference(h, packed, cache.thresholds.neg, cache.thresholds.pos, mask)
             total += float(tm) * int(n)
@@ -192,20 +247,25 @@ def run_eval(
     max_docs: int = 200,
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """Tuned (and base) model on ``device``: perplexities, and with ``cache`` the replay drift."""
+    """Tuned (and base) model on ``device``: perplexities, and with ``cache`` the replay drift.
+
+    Under several ranks the models are partitioned (:func:`load_partitioned`), one after the other.
+    """
     if cache and not base_dir:
         raise UserError("--cache needs --base: the cache is checked against the base model it was built from")
     results = {}
+    partitioned = dist.is_initialized() and dist.get_world_size() > 1
     for name, path in (("tuned", model_dir), ("base", base_dir)):
         if path is None:
             continue
-        model = load_hf(path).to(device)
+        model = load_partitioned(path, torch.device(device)) if partitioned else load_hf(path).to(device)
         r = evaluate_model(model, prep, max_docs, device=device)
         if cache and name == "tuned":
             r.update(replay_drift(model, prep, cache, base_dir, device=device))
         elif cache:  # the cache *is* the base model's view: TM 0 and no state moved, by construction
             r.update(replay_tm=0.0, replay_state_flip_rate=0.0)
         results[name] = r
+        del model  # before the next one loads
     return compare(results["tuned"], results.get("base"))
 
 

@@ -286,3 +286,18 @@ def test_eval_reads_a_checkpoint_or_its_export_alike(reference, prep, tmp_path):
     assert from_checkpoint["ppl/domain"] == pytest.approx(logged["ppl/domain"], rel=1e-5)
     whole = evaluate_model(model, prep, max_docs=4)  # every window of the same documents: another figure
     assert whole["ppl/domain"] != from_checkpoint["ppl/domain"]
+    # Two ranks: the checkpoint exported once, the model partitioned with ZeRO-3, documents split: same figures.
+    out = tmp_path / "eval.json"
+    ranks = run_deepspeed(
+        "pipeline.eval",
+        ["--model", str(checkpoint), "--prep", str(prep), "--max-docs", "4", "--out", str(out)],
+        ranks=2,
+        capture=True,
+        timeout=600,
+    )
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert "partitioned over 2 ranks (ZeRO-3, float32)" in ranks.stdout + ranks.stderr
+    partitioned = json.loads(out.read_text())["tuned"]
+    for key in ("ppl/general", "ppl/domain"):
+        assert partitioned[key] == pytest.approx(whole[key], rel=1e-5), key
+    assert not list(checkpoint.parent.glob(".eval-export-*"))  # the temporary export is gone
