@@ -35,16 +35,9 @@ import torch
 
 from pipeline.host_memory import return_freed_memory_to_os
 from pipeline.losses.linear_ce import TeacherHead, linear_ce_kl, linear_ce_kl_reference
+from pipeline.metrics import status_kb
 
 WAYS = {"full logits": linear_ce_kl_reference, "chunked": linear_ce_kl}
-
-
-def resident_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def measure(way: str, kd: bool, args: argparse.Namespace) -> dict[str, float]:
@@ -78,13 +71,13 @@ def measure(way: str, kd: bool, args: argparse.Namespace) -> dict[str, float]:
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident set
-        before = resident_kb("VmRSS") * 1024
+        before = status_kb("VmRSS") * 1024
     run()
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = resident_kb("VmHWM") * 1024 - before
+        peak = status_kb("VmHWM") * 1024 - before
     times = []
     for _ in range(args.repeats):
         started = time.perf_counter()

@@ -59,6 +59,43 @@ class MetricsLogger:
                 h.close()
 
 
+class PeakMemory:
+    """This rank's peak memory above what the process held when it was made (before the model is built).
+
+    That is the figure ``pipeline.plan`` predicts. CUDA: ``max_memory_allocated``, the live tensors
+    (the CUDA context and the caching allocator's slack are not in it). CPU: the peak resident set
+    (VmHWM) minus the resident set at the start.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.baseline = self._now()
+
+    def peak_gb(self) -> float:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = status_kb("VmHWM") * 1024
+        return (peak - self.baseline) / 1e9
+
+    def _now(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return status_kb("VmRSS") * 1024
+
+
+def status_kb(field: str) -> int:
+    """A /proc/self/status memory field in kB (Linux); 0 elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 # Dense bf16 peak of common training GPUs (vendor datasheets, without sparsity), FLOP/s.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 

@@ -71,15 +71,18 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
 
-def hidden_size(source: ModelSource) -> int:
-    """The model's hidden size, from its config alone (no weights are read)."""
+def model_config(source: ModelSource) -> Any:
+    """The model's transformers config (no weights are read)."""
     if source.path is None:
-        config = (
+        return (
             LlamaConfig(**source.config) if "model_type" not in source.config else AutoConfig.for_model(**source.config)
         )
-    else:
-        config = pretrained_config(source)
-    return int(config.get_text_config().hidden_size)
+    return pretrained_config(source)
+
+
+def hidden_size(source: ModelSource) -> int:
+    """The model's hidden size, from its config alone."""
+    return int(model_config(source).get_text_config().hidden_size)
 
 
 def pretrained_config(source: ModelSource) -> Any:

@@ -29,13 +29,14 @@ from .checkpoint import CheckpointManager
 from .checkpoint_files import checkpoint_root
 from .config import TrainConfig, to_dict
 from .data import GlobalOrder, PrepPaths, StepReader, global_loss_tokens
+from .distributed import local_device
 from .ds_config import filled_ds_config
 from .engine import build_engine, build_teacher, model_sources, needs_teacher
 from .gere.feed import ReplayFeed
 from .isolation import forward_packed
 from .losses.head import frozen_head_weight
 from .losses.objective import Objective, ReplayOutputs, TaskOutputs
-from .metrics import MetricsLogger, device_peak_flops, model_flops_utilization
+from .metrics import MetricsLogger, PeakMemory, device_peak_flops, model_flops_utilization
 from .model import hidden_size
 from .penalty import build_anchor_pull
 from .perplexity import holdout_perplexities
@@ -59,6 +60,7 @@ class Trainer:
         self.total_steps = cfg.steps or math.ceil(cfg.tokens / (self.order.global_batch * self.seq_len))
         self.warmup = warmup_steps_for(self.total_steps, cfg.optim.warmup_steps, cfg.optim.warmup_ratio)
         tokenizer = load_tokenizer(self.prep.tokenizer)
+        self.memory = PeakMemory(local_device())  # before any model: what pipeline.plan predicts is above this
         base, start = model_sources(cfg)
         ds_cfg = filled_ds_config(cfg, self.world, hidden_size(start))
         self.checkpoints = CheckpointManager(
@@ -131,6 +133,7 @@ class Trainer:
             tokens_seen=self.tokens_seen,
             epoch=self.order.epoch(self.step),
             tok_s=tokens / (time.perf_counter() - started),
+            peak_mem_gb=self.memory.peak_gb(),
         )
         if self.peak_flops:
             out["mfu"] = model_flops_utilization(out["tok_s"] / self.world, self.n_params, self.peak_flops)

@@ -153,6 +153,17 @@ def test_eval_compares_base_and_tuned_on_both_holdouts(real_run):
     assert result["base"]["ppl/general"] != result["tuned"]["ppl/general"]
 
 
+def test_the_memory_planner_is_within_20_percent_of_the_measured_peak(real_run):
+    """SmolLM2-135M, fp32, 2 ZeRO-3 CPU ranks, TM replay: the plan against rank 0's logged peak."""
+    from pipeline.config import load_train_config
+    from pipeline.plan import model_shape, plan_memory
+
+    cfg = load_train_config(real_run["root"] / "cpt.yaml")
+    plan = plan_memory(cfg, 2, model_shape(cfg, cuda=False))
+    measured = max(row["peak_mem_gb"] for row in metrics(real_run["run"]).values() if "peak_mem_gb" in row) * 1e9
+    assert abs(plan.total - measured) <= 0.2 * measured, ({k: v / 1e9 for k, v in plan.terms.items()}, measured / 1e9)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_documents_do_not_see_each_other_at_micro_batch_2(smollm2, attn):
     from transformers import AutoModelForCausalLM

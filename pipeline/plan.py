@@ -1,0 +1,290 @@
+"""Memory planner: will this training config fit, per rank, and what to change if not.
+
+    python -m pipeline.plan --config cpt.yaml --gpus 8 [--nodes 4] [--gpu-mem 80] [--disk-gbps 2]
+
+From the config alone (the model is built on the meta device: exact parameter
+counts, no weights read), per rank, in bytes:
+
+    model states   ZeRO-3 partitions of params (b), grads (b), fp32 master copy
+                   and Adam m, v (12): (2b + 12)·ψ / ranks. offload_optimizer moves
+                   the 12 to host memory; offload_param moves the params'
+    gathered       ZeRO-3's working set: the largest module gathered whole (a
+                   decoder layer, or the V×H embedding/head) plus the prefetch bucket,
+                   the reduce bucket, and that module's full gradient
+    step buffers   the flattened fp32 gradient partition DeepSpeed hands the
+                   optimizer, and torch AdamW's temporary (4 + 4)·ψ / ranks
+    activations    what backward keeps of each decoder layer, per token, for a
+                   Llama-style block with flash/sdpa attention (no L² scores):
+                   b·(7H + 2·kv + 4I) (layer input, two norm outputs, q, k, v,
+                   attention output and its o_proj copy, four MLP tensors; eager
+                   attention adds its [heads, L, L] scores and probabilities); with
+                   gradient checkpointing only the layer input per layer plus one
+                   layer recomputed. Task rows (micro_batch × seq_len) and, when
+                   replay runs, the replay rows of the micro-batch, whose graph is
+                   alive at the same backward
+    logits/loss    chunked head loss: 4 fp32 chunks + grad of the head weight;
+                   full logits: b + 3 fp32 copies of [tokens, V]
+    KD teacher     its parameter partition, hidden states (chunked) or logits, and
+                   its head weight gathered once
+
+``b`` is 2 (bf16) or 4 (fp32). The terms are summed although not all are alive
+at once (step buffers and activations are not), so the plan errs high. The CUDA context (~0.5-1 GB) and the caching
+allocator's slack are not counted; the verdict keeps 10% of the GPU for them.
+The trainer logs what this predicts, measured: ``peak_mem_gb`` in
+metrics.jsonl (tests compare the two on CPU runs). Checkpoint: (b + 12)·ψ
+bytes on disk; the time a save needs at ``--disk-gbps`` is compared with
+``checkpoint.signal_save_budget``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from data_prep.errors import UserError, run_cli
+
+from .config import TrainConfig, load_train_config
+from .data import PrepPaths
+from .ds_config import filled_ds_config
+from .engine import model_sources
+from .losses.head import chunkable_head
+from .losses.linear_ce import CHUNK_BYTES
+from .model import model_config
+from .precision import resolve_dtype
+
+log = logging.getLogger("pipeline.plan")
+
+GB = 1e9
+HEADROOM = 0.9  # of GPU memory the plan may use; the rest is CUDA context and allocator slack
+
+
+@dataclass
+class ModelShape:
+    params: int  # ψ, tied weights once
+    layers: int
+    hidden: int
+    intermediate: int
+    kv: int  # key/value width: kv heads × head dim
+    heads: int
+    vocab: int
+    largest_module: int  # parameters of the largest module gathered whole (a layer, or the embedding)
+    chunkable: bool  # the head loss can skip full logits
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        text = config.get_text_config()
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        layers = max(
+            (m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=lambda m: len(m), default=[]
+        )
+        layer = max((sum(p.numel() for p in block.parameters()) for block in layers), default=0)
+        embedding = model.get_input_embeddings().weight.numel()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        return cls(
+            params=sum(p.numel() for p in model.parameters()),
+            layers=len(layers),
+            hidden=text.hidden_size,
+            intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+            kv=kv_heads * head_dim,
+            heads=heads,
+            vocab=text.vocab_size,
+            largest_module=max(layer, embedding),
+            chunkable=chunkable_head(model) is None,
+        )
+
+
+@dataclass
+class Plan:
+    ranks: int
+    dtype: str
+    terms: dict[str, float] = field(default_factory=dict)  # bytes per rank on the device
+    host: dict[str, float] = field(default_factory=dict)  # bytes per rank in host memory (offload)
+    checkpoint_bytes: float = 0.0
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+
+def model_shape(cfg: TrainConfig, cuda: bool) -> ModelShape:
+    """The shape of the model ``cfg`` trains; resolves ``model.dtype: auto`` in ``cfg`` for CUDA or CPU ranks."""
+    cfg.model.dtype = resolve_dtype(cfg.model.dtype, cfg.deepspeed, cuda=cuda)
+    _, start = model_sources(cfg)
+    return ModelShape.from_config(model_config(start))
+
+
+def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape) -> Plan:
+    """Per-rank memory of ``cfg`` (``model.dtype`` resolved, see :func:`model_shape`) on ``ranks`` ranks."""
+    dtype = cfg.model.dtype
+    b = 4 if dtype == "float32" else 2
+    ds = filled_ds_config(cfg, ranks, shape.hidden)
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise UserError(f"{cfg.deepspeed}: the planner models ZeRO stage 3 (the pipeline's configs); got {zero}")
+    offload_opt = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    offload_par = zero.get("offload_param", {}).get("device", "none") not in ("none", None)
+    psi = shape.params
+    plan = Plan(ranks, dtype)
+    t = plan.terms
+    t["params (partition)"] = 0.0 if offload_par else b * psi / ranks
+    t["grads (partition)"] = b * psi / ranks
+    t["optimizer (fp32 master, m, v)"] = 0.0 if offload_opt else 12 * psi / ranks
+    if offload_par:
+        plan.host["params (partition)"] = b * psi / ranks
+    if offload_opt:
+        plan.host["optimizer (fp32 master, m, v)"] = 12 * psi / ranks
+    prefetch = zero.get("stage3_prefetch_bucket_size", 0.9 * shape.hidden**2)
+    reduce = zero.get("reduce_bucket_size", shape.hidden**2)
+    t["gathered (largest module + prefetch)"] = b * (shape.largest_module + prefetch)
+    t["reduce bucket"] = b * reduce
+    t["full grad of the largest module"] = b * shape.largest_module  # before its reduce-scatter
+    if not offload_opt:
+        # DeepSpeed flattens the gradient partition into a new fp32 tensor for the step; torch's AdamW (used when
+        # the JSON names no optimizer) adds a partition-sized temporary. Summed with the rest although they live
+        # at the step, not in backward: on SmolLM2 (2 CPU ranks) memory at rest after a step was above the model
+        # states by about these two partitions.
+        torch_adamw = "optimizer" not in ds
+        t["optimizer step buffers"] = (4 + (4 if torch_adamw else 0)) * psi / ranks
+
+    seq_len = PrepPaths.read(cfg.data.prep).seq_len if Path(cfg.data.prep).exists() else 4096
+    replay_len = _replay_len(cfg)
+    tokens = cfg.batch.micro_batch * seq_len
+    replay_tokens = 0
+    if cfg.replay.strategy != "none":
+        per_rank = cfg.replay.samples_per_step / ranks
+        replay_tokens = math.ceil(per_rank / cfg.batch.grad_accum) * replay_len if per_rank else 0
+    per_token_layer = b * (7 * shape.hidden + 2 * shape.kv + 4 * shape.intermediate)
+    per_token_all = per_token_layer * shape.layers
+    live = tokens + replay_tokens
+    if cfg.model.gradient_checkpointing:
+        t["activations"] = b * shape.hidden * shape.layers * live + per_token_layer * max(tokens, replay_tokens)
+    else:
+        t["activations"] = per_token_all * live
+    if cfg.model.attn_implementation == "eager":  # scores and probabilities, [heads, L, L] a row and layer
+        rows = cfg.batch.micro_batch
+        kept = 1 if cfg.model.gradient_checkpointing else shape.layers
+        t["activations"] += 2 * b * shape.heads * kept * rows * seq_len**2
+    chunked = cfg.model.chunked_loss and shape.chunkable
+    loss_tokens = max(tokens, replay_tokens)
+    if chunked:
+        chunk_tokens = min(loss_tokens, max(1, CHUNK_BYTES // (shape.vocab * 4)))
+        t["logits / loss"] = 4 * 4 * chunk_tokens * shape.vocab + b * shape.vocab * shape.hidden
+    else:
+        t["logits / loss"] = (b + 12) * loss_tokens * shape.vocab
+    if cfg.kd.weight > 0 or cfg.replay.strategy == "kl":
+        teacher = b * psi / ranks + b * (shape.largest_module + prefetch)
+        teacher += b * tokens * shape.hidden + b * shape.vocab * shape.hidden if chunked else b * tokens * shape.vocab
+        t["KD teacher"] = teacher
+    plan.checkpoint_bytes = (b + 12) * psi
+    return plan
+
+
+def advise(plan: Plan, cfg: TrainConfig, gpu_bytes: float, shape: ModelShape) -> list[str]:
+    """What to change, cheapest first, when the plan does not fit."""
+    budget = HEADROOM * gpu_bytes
+    if plan.total <= budget:
+        return []
+    t, advice = plan.terms, []
+    over = plan.total - budget
+    if not (cfg.model.chunked_loss and shape.chunkable) and t["logits / loss"] > 0.1 * plan.total:
+        advice.append("model.chunked_loss: true (full-vocabulary logits are a large share)")
+    if not cfg.model.gradient_checkpointing and t["activations"] > 0.2 * plan.total:
+        advice.append("model.gradient_checkpointing: true (activations shrink to one tensor a layer)")
+    if cfg.batch.micro_batch > 1 and t["activations"] > over:
+        per_row = t["activations"] / cfg.batch.micro_batch
+        fit_rows = max(1, cfg.batch.micro_batch - math.ceil(over / per_row))
+        advice.append(f"batch.micro_batch: {fit_rows} (raise batch.grad_accum to keep the global batch)")
+    states = t["grads (partition)"] + t["optimizer (fp32 master, m, v)"] + t["params (partition)"]
+    if t["optimizer (fp32 master, m, v)"] > 0 and t["optimizer (fp32 master, m, v)"] > 0.3 * plan.total:
+        advice.append("offload_optimizer to cpu in the DeepSpeed JSON (Adam and the fp32 copy move to host memory)")
+    rest = plan.total - states
+    if rest < budget:
+        needed = math.ceil(states * plan.ranks / (budget - rest))
+        if needed > plan.ranks:
+            advice.append(f"at least {needed} GPUs (model states are {states * plan.ranks / GB:.0f} GB in all)")
+    if not advice:
+        advice.append("nothing in the config fits this GPU: use a smaller model or a larger GPU")
+    return advice
+
+
+def _replay_len(cfg: TrainConfig) -> int:
+    try:
+        from data_prep.replay import ReplayShard
+
+        return ReplayShard.open(PrepPaths.read(cfg.data.prep).replay).replay_len
+    except Exception:  # no prep yet (planning before data_prep): the default replay length
+        return 512
+
+
+def render(plan: Plan, gpu_bytes: float | None, disk_gbps: float, save_budget: float) -> str:
+    lines = [f"per rank, {plan.ranks} ranks, {plan.dtype}", "", "| memory | GB per rank |", "|---|---:|"]
+    for name, value in plan.terms.items():
+        lines.append(f"| {name} | {value / GB:.2f} |")
+    lines.append(f"| **total** | **{plan.total / GB:.2f}** |")
+    if plan.host:
+        lines.append(f"| host memory (offload) | {sum(plan.host.values()) / GB:.2f} |")
+    lines.append("")
+    if gpu_bytes:
+        fits = plan.total <= HEADROOM * gpu_bytes
+        lines.append(
+            f"verdict: {'fits' if fits else 'does not fit'} in {gpu_bytes / GB:.0f} GB "
+            f"({plan.total / gpu_bytes:.0%} of it; the plan keeps {1 - HEADROOM:.0%} for the CUDA context)"
+        )
+        lines += [f"  - {a}" for a in plan.advice]
+    seconds = plan.checkpoint_bytes / (disk_gbps * GB)
+    lines.append(
+        f"checkpoint: {plan.checkpoint_bytes / GB:.1f} GB; a save takes ~{seconds:.0f} s at {disk_gbps:g} GB/s"
+        + (
+            f", above checkpoint.signal_save_budget ({save_budget:.0f} s): a SIGTERM keeps the last checkpoint "
+            "instead (raise the launcher's kill timeout and the budget together, or save more often)"
+            if seconds > save_budget
+            else ""
+        )
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", required=True, help="training config (YAML)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpu-mem", type=float, help="GB per GPU (default: this machine's GPU, else no verdict)")
+    p.add_argument("--disk-gbps", type=float, default=2.0, help="checkpoint write bandwidth, GB/s in all")
+    p.add_argument("--cpu", action="store_true", help="plan for CPU ranks (fp32 where the config says auto)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def body() -> None:
+        cfg = load_train_config(args.config)
+        ranks = args.gpus * args.nodes
+        shape = model_shape(cfg, cuda=not args.cpu)
+        plan = plan_memory(cfg, ranks, shape)
+        gpu_bytes = args.gpu_mem * GB if args.gpu_mem else None
+        if gpu_bytes is None and torch.cuda.is_available():
+            gpu_bytes = float(torch.cuda.get_device_properties(0).total_memory)
+        if gpu_bytes:
+            plan.advice = advise(plan, cfg, gpu_bytes, shape)
+        print(render(plan, gpu_bytes, args.disk_gbps, cfg.checkpoint.signal_save_budget))
+        fits = int(gpu_bytes is not None and plan.total <= HEADROOM * gpu_bytes)
+        print(f"per_rank_gb={plan.total / GB:.2f} fits={fits} checkpoint_gb={plan.checkpoint_bytes / GB:.1f}")
+
+    return run_cli(body, log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
