@@ -43,13 +43,13 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from data_prep.errors import UserError, run_cli
+from data_prep.replay import ReplayShard
 
 from .config import TrainConfig, load_train_config
 from .data import PrepPaths
@@ -112,6 +112,7 @@ class Plan:
     host: dict[str, float] = field(default_factory=dict)  # bytes per rank in host memory (offload)
     checkpoint_bytes: float = 0.0
     advice: list[str] = field(default_factory=list)
+    assumed: list[str] = field(default_factory=list)  # what the plan took as given, said with the table
 
     @property
     def total(self) -> float:
@@ -158,8 +159,7 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape) -> Plan:
         torch_adamw = "optimizer" not in ds
         t["optimizer step buffers"] = (4 + (4 if torch_adamw else 0)) * psi / ranks
 
-    seq_len = PrepPaths.read(cfg.data.prep).seq_len if Path(cfg.data.prep).exists() else 4096
-    replay_len = _replay_len(cfg)
+    seq_len, replay_len = _lengths(cfg, plan)
     tokens = cfg.batch.micro_batch * seq_len
     replay_tokens = 0
     if cfg.replay.strategy != "none":
@@ -219,17 +219,20 @@ def advise(plan: Plan, cfg: TrainConfig, gpu_bytes: float, shape: ModelShape) ->
     return advice
 
 
-def _replay_len(cfg: TrainConfig) -> int:
+def _lengths(cfg: TrainConfig, plan: Plan) -> tuple[int, int]:
+    """(seq_len, replay_len) from the prep; before data_prep has run, its defaults (noted in the plan)."""
     try:
-        from data_prep.replay import ReplayShard
-
-        return ReplayShard.open(PrepPaths.read(cfg.data.prep).replay).replay_len
-    except Exception:  # no prep yet (planning before data_prep): the default replay length
-        return 512
+        prep = PrepPaths.read(cfg.data.prep)
+    except (UserError, OSError):
+        plan.assumed.append(f"no prep at {cfg.data.prep}: seq_len 4096 and replay_len 512 assumed")
+        return 4096, 512
+    if prep.replay is None:
+        return prep.seq_len, 512
+    return prep.seq_len, ReplayShard.open(prep.replay).replay_len
 
 
 def render(plan: Plan, gpu_bytes: float | None, disk_gbps: float, save_budget: float) -> str:
-    lines = [f"per rank, {plan.ranks} ranks, {plan.dtype}", "", "| memory | GB per rank |", "|---|---:|"]
+    lines = [f"per rank, {plan.ranks} ranks, {plan.dtype}", *plan.assumed, "", "| memory | GB per rank |", "|---|---:|"]
     for name, value in plan.terms.items():
         lines.append(f"| {name} | {value / GB:.2f} |")
     lines.append(f"| **total** | **{plan.total / GB:.2f}** |")

@@ -77,7 +77,7 @@ class Trainer:
         )
         self.pull = build_anchor_pull(cfg, self.engine, self.prep.replay, self.world, self.rank)  # at the start weights
         self.head = getattr(self.engine.module, "head_loss", None)
-        teacher_head = frozen_head_weight(self.teacher.module) if self.head and cfg.kd.weight > 0 else None
+        teacher_head = frozen_head_weight(self.teacher.module) if self.head is not None and cfg.kd.weight > 0 else None
         self.objective = Objective(cfg.replay, cfg.kd, self.head, teacher_head)
         self.step, self.tokens_seen = 0, 0
         self._resume()
