@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--config", required=True, help="training config (YAML)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="nodes (ranks = gpus × nodes)")
     p.add_argument("--gpu-mem", type=float, help="GB per GPU (default: this machine's GPU, else no verdict)")
     p.add_argument("--disk-gbps", type=float, default=2.0, help="checkpoint write bandwidth, GB/s in all")
     p.add_argument("--cpu", action="store_true", help="plan for CPU ranks (fp32 where the config says auto)")
