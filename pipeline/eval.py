@@ -18,6 +18,7 @@ A training checkpoint is exported once, by rank 0, next to the checkpoint.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from data_prep.atomic import write_json
-from data_prep.errors import UserError, run_cli
+from data_prep.errors import UserError, one_line, run_cli
 from data_prep.replay import ReplayShard
 from data_prep.tokenizer import load_tokenizer
 
@@ -90,16 +91,28 @@ def load_partitioned(path: str | Path, device: torch.device) -> Any:
     path = Path(path)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     exported = None
-    if CheckpointDir(path).is_pipeline_checkpoint():
-        holder = [None]
-        if dist.get_rank() == 0:
-            exported = Path(tempfile.mkdtemp(prefix=".eval-export-", dir=path.parent))
-            export(path, exported / "hf")
-            holder = [str(exported / "hf")]
-        dist.broadcast_object_list(holder, src=0)
-        source = Path(holder[0])
-    else:
-        source = path
+    # Rank 0 decides and exports; the others learn the outcome (a path, or rank 0's error) from one broadcast,
+    # so a failed export fails every rank instead of leaving them waiting in a collective.
+    outcome: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            if CheckpointDir(path).is_pipeline_checkpoint():
+                exported = Path(tempfile.mkdtemp(prefix=".eval-export-", dir=path.parent))
+                export(path, exported / "hf")
+                outcome = [("ok", str(exported / "hf"))]
+            else:
+                outcome = [("ok", str(path))]
+        except Exception as e:  # re-raised below on rank 0, as a UserError on the others
+            if exported is not None:
+                shutil.rmtree(exported, ignore_errors=True)
+            outcome = [("error", f"{path}: export on rank 0 failed: {one_line(e)}")]
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if status == "error":
+        raise UserError(value)
+    source = Path(value)
     if not (source / "config.json").is_file():
         raise UserError(f"{source}: not a Hugging Face model directory (export a checkpoint with pipeline.export)")
     ds_config = eval_ds_config(dtype)
@@ -265,7 +278,10 @@ def run_eval(
         elif cache:  # the cache *is* the base model's view: TM 0 and no state moved, by construction
             r.update(replay_tm=0.0, replay_state_flip_rate=0.0)
         results[name] = r
-        del model  # before the next one loads
+        del model  # before the next one loads (a ZeRO-3 engine holds reference cycles through its hooks)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return compare(results["tuned"], results.get("base"))
 
 

@@ -42,15 +42,26 @@ def forward_packed(
 ) -> torch.Tensor:
     """Logits ``[B, L, V]`` of packed rows, with attention kept inside each document.
 
-    With ``hidden``: the final hidden states ``[B, L, H]`` instead, the head run on one position only
-    (``logits_to_keep=1``), for a loss that applies the head itself (``pipeline/losses/head.py``).
+    With ``hidden``: the final hidden states ``[B, L, H]`` instead (the decoder's output, what ``lm_head``
+    reads), the head run on one position only (``logits_to_keep=1``), for a loss that applies the head itself
+    (``pipeline/losses/head.py``). They are taken with a forward hook on the decoder, not with
+    ``output_hidden_states``, which would keep every layer's output: under no_grad (the KD teacher) that is
+    (layers + 1) × tokens × H, ~11 GB at 70B and 8k tokens.
     """
     rows, length = input_ids.shape
-    outputs = {"output_hidden_states": True, "logits_to_keep": 1} if hidden else {}
     if attn_implementation in VARLEN_FROM_ONE_ROW and rows > 1:
         input_ids, position_ids = input_ids.reshape(1, rows * length), position_ids.reshape(1, -1)
-    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **outputs)
-    return (out.hidden_states[-1] if hidden else out.logits).view(rows, length, -1)
+    if not hidden:
+        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return out.logits.view(rows, length, -1)
+    captured: list[torch.Tensor] = []
+    decoder = getattr(model, "module", model).base_model
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1].view(rows, length, -1)
 
 
 def isolation_error(

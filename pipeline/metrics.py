@@ -62,7 +62,8 @@ class MetricsLogger:
 class PeakMemory:
     """This rank's peak memory above what the process held when it was made (before the model is built).
 
-    That is the figure ``pipeline.plan`` predicts. CUDA: ``max_memory_allocated``, the live tensors
+    That is the figure ``pipeline.plan`` predicts. A running maximum since the start (evals and saves
+    included), logged by rank 0 for itself. CUDA: ``max_memory_allocated``, the live tensors
     (the CUDA context and the caching allocator's slack are not in it). CPU: the peak resident set
     (VmHWM) minus the resident set at the start.
     """

@@ -22,8 +22,9 @@ counts, no weights read), per rank, in bytes:
                    layer recomputed. Task rows (micro_batch × seq_len) and, when
                    replay runs, the replay rows of the micro-batch, whose graph is
                    alive at the same backward
-    logits/loss    chunked head loss: 4 fp32 chunks + grad of the head weight;
-                   full logits: b + 3 fp32 copies of [tokens, V]
+    logits/loss    chunked head loss: 4 fp32 chunks + the head weight's gradient
+                   per head-loss call (task, replay); full logits: b + 3 fp32
+                   copies of [tokens, V] for task and replay rows
     KD teacher     its parameter partition, hidden states (chunked) or logits, and
                    its head weight gathered once
 
@@ -177,12 +178,14 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape) -> Plan:
         kept = 1 if cfg.model.gradient_checkpointing else shape.layers
         t["activations"] += 2 * b * shape.heads * kept * rows * seq_len**2
     chunked = cfg.model.chunked_loss and shape.chunkable
-    loss_tokens = max(tokens, replay_tokens)
+    head_calls = 2 if replay_tokens else 1  # task and replay each keep a [V, H] head gradient until backward
     if chunked:
-        chunk_tokens = min(loss_tokens, max(1, CHUNK_BYTES // (shape.vocab * 4)))
-        t["logits / loss"] = 4 * 4 * chunk_tokens * shape.vocab + b * shape.vocab * shape.hidden
-    else:
-        t["logits / loss"] = (b + 12) * loss_tokens * shape.vocab
+        chunk_tokens = min(max(tokens, replay_tokens), max(1, CHUNK_BYTES // (shape.vocab * 4)))
+        t["logits / loss"] = 4 * 4 * chunk_tokens * shape.vocab + head_calls * b * shape.vocab * shape.hidden
+        if cfg.replay.strategy == "kl":  # student and teacher logits of the replay rows, and KL's fp32 copies
+            t["logits / loss"] += (2 * b + 12) * replay_tokens * shape.vocab
+    else:  # both forwards' logits are alive at the backward
+        t["logits / loss"] = (b + 12) * (tokens + replay_tokens) * shape.vocab
     if cfg.kd.weight > 0 or cfg.replay.strategy == "kl":
         teacher = b * psi / ranks + b * (shape.largest_module + prefetch)
         teacher += b * tokens * shape.hidden + b * shape.vocab * shape.hidden if chunked else b * tokens * shape.vocab

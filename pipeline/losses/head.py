@@ -6,11 +6,15 @@ gathered around the forward and backward of a module that owns it; read
 anywhere else it is an empty tensor. So the weight is registered as an external
 parameter of ``head_loss`` (``deepspeed.zero.register_external_parameter``, the
 documented way): DeepSpeed's hooks on that module gather it before the loss's
-forward, again before its backward (where the chunked GEMMs run), and
-reduce-scatter its gradient like any other. The child adds nothing to the state
+forward (where the chunked GEMMs and the gradients are computed) and
+reduce-scatter its gradient like any other. They gather it again before the
+module's backward too, which only scales stored gradients: one V × H all-gather
+per call that is not needed (not measured yet; avoiding it would mean a loss
+outside DeepSpeed's hooks, with its gradient reduced by hand). The child adds nothing to the state
 dict, so checkpoints and exports are unchanged. The forward that feeds it asks
-for ``logits_to_keep=1`` and the hidden states, so ``lm_head`` produces a
-``[B, 1, V]`` tensor instead of ``[B, L, V]``.
+for ``logits_to_keep=1`` and takes the decoder's output with a hook
+(``pipeline.isolation.forward_packed``), so ``lm_head`` produces a ``[B, 1, V]``
+tensor instead of ``[B, L, V]``.
 
 Only models whose logits are exactly ``lm_head(final hidden)`` take this path
 (a bias-free ``nn.Linear`` head, no logit soft-capping or scaling, a forward

@@ -21,12 +21,14 @@ On GPU: the GEMMs run in the weight's dtype (bf16 on cuBLAS, fp32 accumulate),
 exactly as ``lm_head`` does in the plain path, so the logits round the same way;
 all softmax arithmetic is fp32. ``grad_W`` accumulates in the weight's dtype
 (an fp32 ``[V, H]`` accumulator would be 2 GB at 128k × 4096, as big as what the
-chunking saves); each chunk's product is summed in fp32 inside the GEMM and
-rounded once. ``grad_W`` and ``grad_h`` live from this forward to its backward,
-which the trainer runs right after; every tensor is made on ``hidden``'s
-device. The teacher's weight is only read; under ZeRO-3 the caller gathers it
-(``head.py``). Without autograd (no_grad, or nothing requires grad) only the
-sums are computed.
+chunking saves): each chunk's product is summed in fp32 inside the GEMM, but
+the running sum is rounded to bf16 once per chunk (32 times at 8k tokens,
+against once in the plain path), so the head's gradient is a little noisier
+in bf16 (tests bound it). ``grad_W`` and ``grad_h`` live from this forward to
+its backward, which the trainer runs right after, and are scaled in place
+there; every tensor is made on ``hidden``'s device. The teacher's weight is
+only read; under ZeRO-3 the caller gathers it (``head.py``). Without autograd
+(no_grad, or nothing requires grad) only the sums are computed.
 
 :func:`linear_ce_kl_reference` is the plain full-logits computation the tests
 compare against, in value and in gradient.
@@ -72,8 +74,9 @@ def linear_ce_kl(
     """
     chunk = chunk_tokens or chunk_tokens_for(weight.shape[0])
     sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)  # filled in by the forward: (CE, KL)
+    grads = torch.is_grad_enabled()  # needs_input_grad inside the Function ignores no_grad
     if teacher is None:
-        loss = _LinearCEKL.apply(hidden, weight, targets, None, None, None, 1.0, 0.0, chunk, sums)
+        loss = _LinearCEKL.apply(hidden, weight, targets, None, None, None, 1.0, 0.0, chunk, sums, grads)
     else:
         loss = _LinearCEKL.apply(
             hidden,
@@ -86,6 +89,7 @@ def linear_ce_kl(
             kl_weight,
             chunk,
             sums,
+            grads,
         )
     return loss, sums[0], sums[1]
 
@@ -104,10 +108,11 @@ class _LinearCEKL(torch.autograd.Function):
         kl_weight: float,
         chunk: int,
         sums: torch.Tensor,
+        grads: bool,
     ) -> torch.Tensor:
         n = hidden.shape[0]
         distill = teacher_hidden is not None
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_h, want_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         valid = targets != IGNORE
         safe_targets = targets.clamp_min(0)
         grad_h = torch.empty_like(hidden) if want_h else None
@@ -147,18 +152,19 @@ class _LinearCEKL(torch.autograd.Function):
                 grad_h[rows] = grad_s @ weight
             if want_w:
                 grad_w.addmm_(grad_s.T, hidden[rows])
-        ctx.save_for_backward(grad_h, grad_w)
+        # Kept on ctx, not saved: they are neither inputs nor outputs, and backward scales them in place
+        # (a second [V, H] copy per call would double the head's gradient memory).
+        ctx.grad_h, ctx.grad_w = grad_h, grad_w
         return sums[0] + kl_weight * sums[1]
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = grad_loss.to(grad_h.dtype if grad_h is not None else grad_w.dtype)
-        return (
-            grad_h * scale if grad_h is not None else None,
-            grad_w * scale if grad_w is not None else None,
-            *([None] * 8),
-        )
+        grad_h, grad_w = ctx.grad_h, ctx.grad_w
+        ctx.grad_h = ctx.grad_w = None
+        for grad in (grad_h, grad_w):
+            if grad is not None:
+                grad.mul_(grad_loss.to(grad.dtype))
+        return (grad_h, grad_w, *([None] * 9))
 
 
 def linear_ce_kl_reference(
