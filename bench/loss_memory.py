@@ -35,7 +35,7 @@ import torch
 
 from pipeline.host_memory import return_freed_memory_to_os
 from pipeline.losses.linear_ce import TeacherHead, linear_ce_kl, linear_ce_kl_reference
-from pipeline.metrics import status_kb
+from pipeline.metrics import PeakMemory
 
 WAYS = {"full logits": linear_ce_kl_reference, "chunked": linear_ce_kl}
 
@@ -66,18 +66,11 @@ def measure(way: str, kd: bool, args: argparse.Namespace) -> dict[str, float]:
 
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        before = status_kb("VmRSS") * 1024
+    memory = PeakMemory(device, reset_peak=True)
     run()
     if device.type == "cuda":
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = status_kb("VmHWM") * 1024 - before
+    peak = memory.peak_gb() * 1e9
     times = []
     for _ in range(args.repeats):
         started = time.perf_counter()

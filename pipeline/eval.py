@@ -64,11 +64,16 @@ def load_hf(path: str | Path) -> torch.nn.Module:
 
 
 def _from_pretrained(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(
+        str(hf_directory(path)), local_files_only=True, use_safetensors=True, trust_remote_code=False
+    ).eval()
+
+
+def hf_directory(path: Path) -> Path:
+    """``path``, refused unless it is a Hugging Face model directory."""
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face model directory (export a checkpoint with pipeline.export)")
-    return AutoModelForCausalLM.from_pretrained(
-        str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False
-    ).eval()
+    return path
 
 
 def eval_ds_config(dtype: str) -> dict[str, Any]:
@@ -112,9 +117,7 @@ def load_partitioned(path: str | Path, device: torch.device) -> Any:
     status, value = outcome[0]
     if status == "error":
         raise UserError(value)
-    source = Path(value)
-    if not (source / "config.json").is_file():
-        raise UserError(f"{source}: not a Hugging Face model directory (export a checkpoint with pipeline.export)")
+    source = hf_directory(Path(value))
     ds_config = eval_ds_config(dtype)
     try:
         model = load_causal_lm(ModelSource(path=str(source), dtype=dtype), ds_config)

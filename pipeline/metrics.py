@@ -65,11 +65,18 @@ class PeakMemory:
     That is the figure ``pipeline.plan`` predicts. A running maximum since the start (evals and saves
     included), logged by rank 0 for itself. CUDA: ``max_memory_allocated``, the live tensors
     (the CUDA context and the caching allocator's slack are not in it). CPU: the peak resident set
-    (VmHWM) minus the resident set at the start.
+    (VmHWM) minus the resident set at the start. ``reset_peak`` first forgets earlier peaks (a bench
+    measuring one computation; Linux's /proc/self/clear_refs on CPU).
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, reset_peak: bool = False) -> None:
         self.device = device
+        if reset_peak:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            else:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # VmHWM := the current resident set
         self.baseline = self._now()
 
     def peak_gb(self) -> float:

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .kl import kl_sum
+
 IGNORE = -100
 CHUNK_BYTES = 128 << 20  # one fp32 chunk of logits: 256 tokens at a 128k vocabulary
 
@@ -75,22 +77,12 @@ def linear_ce_kl(
     chunk = chunk_tokens or chunk_tokens_for(weight.shape[0])
     sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)  # filled in by the forward: (CE, KL)
     grads = torch.is_grad_enabled()  # needs_input_grad inside the Function ignores no_grad
-    if teacher is None:
-        loss = _LinearCEKL.apply(hidden, weight, targets, None, None, None, 1.0, 0.0, chunk, sums, grads)
-    else:
-        loss = _LinearCEKL.apply(
-            hidden,
-            weight,
-            targets,
-            teacher.hidden,
-            teacher.weight,
-            teacher.mask,
-            teacher.temperature,
-            kl_weight,
-            chunk,
-            sums,
-            grads,
-        )
+    distill = (
+        (teacher.hidden, teacher.weight, teacher.mask, teacher.temperature, kl_weight)
+        if teacher is not None
+        else (None, None, None, 1.0, 0.0)
+    )
+    loss = _LinearCEKL.apply(hidden, weight, targets, *distill, chunk, sums, grads)
     return loss, sums[0], sums[1]
 
 
@@ -179,8 +171,5 @@ def linear_ce_kl_reference(
     ce = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
     if teacher is None:
         return ce, ce.detach(), torch.zeros((), device=hidden.device)
-    temperature = teacher.temperature
-    student = F.log_softmax(logits.float() / temperature, dim=-1)
-    target = F.log_softmax((teacher.hidden @ teacher.weight.T).float() / temperature, dim=-1)
-    kl = ((target.exp() * (target - student)).sum(-1) * teacher.mask).sum() * temperature * temperature
+    kl = kl_sum(logits, teacher.hidden @ teacher.weight.T, teacher.mask, teacher.temperature)
     return ce + kl_weight * kl, ce.detach(), kl.detach()
