@@ -61,6 +61,7 @@ class SourceSpec:
     dedup: bool = True
     holdout_fraction: float = 0.01  # of documents, chosen by content hash, never packed into train
     holdout_max_docs: int = 1000
+    reserved: frozenset[int] = frozenset()  # digests of documents kept for the replay shard: never packed
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -75,6 +76,32 @@ class SourceSpec:
             object.__setattr__(
                 self, "read", ReadOptions(**{**asdict(self.read), "instruction": self.role == "instruction"})
             )
+
+
+class HoldoutSplit:
+    """Which documents a source holds out for eval, decided in one pass over its documents in stream order.
+
+    A document is held out when a seeded hash of its content falls below ``fraction`` and fewer than
+    ``max_docs`` have been held out before it. The build and the replay sampler both walk the source with
+    one of these, so the replay shard can avoid the holdout without reading the build.
+    """
+
+    def __init__(self, fraction: float, max_docs: int, seed: int) -> None:
+        self.cut, self.max_docs, self.taken = int(fraction * 2**32), max_docs, 0
+        self.salt = seed.to_bytes(8, "little", signed=True)
+
+    @classmethod
+    def of(cls, spec: SourceSpec, seed: int) -> HoldoutSplit:
+        return cls(spec.holdout_fraction, spec.holdout_max_docs, seed)
+
+    def held(self, digest: int) -> bool:
+        """Call once per document the build would split (after dedup), in stream order."""
+        keyed = int.from_bytes(
+            hashlib.blake2b(digest.to_bytes(8, "little"), digest_size=4, key=self.salt).digest(), "little"
+        )
+        held = keyed < self.cut and self.taken < self.max_docs
+        self.taken += held
+        return held
 
 
 @dataclass(frozen=True)
@@ -222,6 +249,7 @@ def finalize(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "rejects_by_reason": dict(sorted(reasons.items())),
         "docs_train": totals["docs_train"],
         "docs_holdout": totals["docs_holdout"],
+        "docs_reserved_for_replay": reader.get("reserved", 0),
         "tokens_train": totals["tokens_train"],
         "tokens_holdout": totals["tokens_holdout"],
         "loss_tokens": totals["loss_tokens"],
@@ -282,10 +310,8 @@ def _run_chunks(
         log.info("%s: resuming, %d chunk(s) already built", spec.name, len(done))
     rejects: list[dict[str, Any]] = []
     seen: set[int] = set()
-    counts = Counter(records=0, duplicates=0)
-    holdout_taken = 0
-    holdout_cut = int(spec.holdout_fraction * 2**32)
-    salt = options.seed.to_bytes(8, "little", signed=True)
+    counts = Counter(records=0, duplicates=0, reserved=0)
+    split = HoldoutSplit.of(spec, options.seed)
     tokens_done = 0
     started = time.perf_counter()
     bar = progress_bar(desc=f"build {spec.name}", unit="doc", quiet=quiet)
@@ -324,11 +350,12 @@ def _run_chunks(
                     counts["duplicates"] += 1
                     continue
                 seen.add(item.digest)
-            keyed = int.from_bytes(
-                hashlib.blake2b(item.digest.to_bytes(8, "little"), digest_size=4, key=salt).digest(), "little"
-            )
-            held = keyed < holdout_cut and holdout_taken < spec.holdout_max_docs
-            holdout_taken += held
+            held = split.held(item.digest)
+            if item.digest in spec.reserved:
+                if held:  # the replay sampler walks the same split and skips held-out documents
+                    raise UserError(f"source '{spec.name}': a document reserved for replay is also held out")
+                counts["reserved"] += 1
+                continue
             chars += _append(job, item, held)
             if len(job.texts) == options.docs_per_chunk or chars >= options.chunk_chars:
                 submit(job)
@@ -347,6 +374,7 @@ def _run_chunks(
         "num_chunks": job.index,
         "records": counts["records"],
         "duplicates": counts["duplicates"],
+        "reserved": counts["reserved"],
         "rejects": rejects,
     }
 
@@ -508,7 +536,12 @@ def _checksum(path: str) -> str:
 def _spec_json(spec: SourceSpec) -> dict[str, Any]:
     d = asdict(spec)
     d["paths"] = list(spec.paths)
+    d["reserved"] = len(spec.reserved)
     return d
+
+
+def _digest_set_key(digests: frozenset[int]) -> str:
+    return hashlib.sha256(np.array(sorted(digests), dtype=np.uint64).tobytes()).hexdigest()[:16]
 
 
 def _cache_key(spec: SourceSpec, options: BuildOptions, tokenizer: Tokenizer, inputs: list[dict[str, str]]) -> str:
@@ -525,6 +558,8 @@ def _cache_key(spec: SourceSpec, options: BuildOptions, tokenizer: Tokenizer, in
         "chunk_chars": options.chunk_chars,
         "format": 2,
     }
+    if spec.reserved:  # only then: builds without a replay shard keep their cached key
+        keyed["reserved"] = _digest_set_key(spec.reserved)
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -114,7 +114,13 @@ def _parser() -> argparse.ArgumentParser:
         help="seeded random sample, or the first N documents as the GeRe paper does",
     )
     replay.add_argument("--seed", type=int, default=1234)
-    replay.add_argument("--check-against", nargs="*", default=[], help="builds to report overlap with")
+    replay.add_argument(
+        "--disjoint-from",
+        nargs="*",
+        default=[],
+        metavar="BUILD",
+        help="builds whose documents (training and holdout) are never sampled; `prepare` does this for you",
+    )
 
     holdout = add("holdout", "Gather the held-out documents of builds into per-role eval splits.", _cmd_holdout)
     holdout.add_argument("builds", nargs="+", help="build directories")
@@ -250,7 +256,7 @@ def _cmd_replay(args: argparse.Namespace) -> None:
         args.replay_len,
         args.selection,
         args.seed,
-        check_against=args.check_against,
+        disjoint_from=args.disjoint_from,
         quiet=args.quiet,
     )
 

@@ -36,6 +36,9 @@ class ReplayShardConfig:
     num_samples: int = setting(1000, "documents in the shard (GeRe uses ~1000)")
     replay_len: int = setting(512, "tokens kept per document")
     selection: Literal["random", "first"] = setting("random", "random documents, or the first ones (as GeRe does)")
+    probe_docs: int = setting(
+        0, "more documents set apart (never trained on, replayed or scored) for the trainer's forgetting.budget"
+    )
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ def validate(cfg: PrepareConfig, origin: str) -> None:
     if cfg.replay is not None:
         need(cfg.replay.num_samples >= 1, "replay.num_samples", cfg.replay.num_samples, ">= 1")
         need(cfg.replay.replay_len >= 2, "replay.replay_len", cfg.replay.replay_len, ">= 2")
+        need(cfg.replay.probe_docs >= 0, "replay.probe_docs", cfg.replay.probe_docs, ">= 0")
 
 
 def config_reference() -> str:

@@ -34,7 +34,7 @@ def demo_config(small: bool, workers: int, tokenizer: str = "tokenizer/spm.model
         "mix": {"general_ratio": 0.15, "instruction_ratio": 0.0, "batch_rows": 32},
         "replay": {
             "source": "python_docs",
-            "num_samples": 100 if small else 1000,
+            "num_samples": 16 if small else 500,  # left out of training: the general corpus is small
             "replay_len": 256 if small else 512,
             "selection": "random",
         },

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +61,23 @@ def build_holdout(
         )
     write_json(Path(out_dir) / "holdout.json", summary)
     return summary
+
+
+def doc_digest(doc_id: str) -> int:
+    """The content hash in a document id (``<source>:<16 hex digits>``, as builds and the replay shard write it)."""
+    return int(doc_id.rsplit(":", 1)[1], 16)
+
+
+def contamination(ids: Sequence[str], replay_ids: Sequence[str], builds: Sequence[str]) -> dict[str, int]:
+    """How many of the documents ``ids`` are replay samples, and how many are in the builds' training rows.
+
+    A forgetting figure scored on such documents measures memorisation: the model trains on them.
+    """
+    scored = np.array([doc_digest(i) for i in ids], dtype=np.uint64)
+    replay = np.array([doc_digest(i) for i in replay_ids], dtype=np.uint64)
+    train = np.concatenate([doc_digests(b, holdout=False) for b in builds]) if builds else np.zeros(0, np.uint64)
+    return {
+        "scored": len(scored),
+        "in_replay": int(np.isin(scored, replay).sum()),
+        "in_training": int(np.isin(scored, train).sum()),
+    }

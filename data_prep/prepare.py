@@ -1,9 +1,14 @@
 """prepare: the whole data prep from one config — build every source, mix, replay, holdout.
 
+Holdout, replay shard and training rows never share a document: the replay
+samples are chosen first, outside the holdout, and their source is built
+without them (``data_prep/replay.py``).
+
 Layout under ``out``:
     cache/<role>/<name>-<key>/   per-source packed chunks (reused across runs and ratios)
     mixture/data + manifest.json training rows in training order
     replay/data + replay.json    GeRe replay shard
+    probe/                       documents for the forgetting budget (replay.probe_docs > 0)
     holdout/<role>/ + holdout.json
     prep.json                    where everything is; what pipeline.train reads
 """
@@ -11,17 +16,18 @@ Layout under ``out``:
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .atomic import remove_stale_temporaries, write_json
-from .build import build_source
+from .build import HoldoutSplit, SourceSpec, build_source
 from .config import PrepareConfig
 from .errors import UserError
 from .holdout import build_holdout
 from .mix import mix
-from .replay import build_replay
+from .replay import ReplaySelection, select_replay, write_probe, write_replay
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +44,11 @@ def prepare(
     if num_shards == 1:  # the one writer of these: leftovers of a killed run go, so a rerun ends byte-identical
         for directory in (out, out / "mixture", out / "holdout", out / "replay"):
             remove_stale_temporaries(directory)
+    replay_spec, chosen = _replay_choice(cfg, quiet)
     builds = {
         s.name: str(
             build_source(
-                s,
+                replace(s, reserved=chosen.digests) if s is replay_spec else s,
                 cfg.build,
                 cfg.tokenizer,
                 out / "cache",
@@ -66,23 +73,22 @@ def prepare(
         quiet=quiet,
     )
     holdout = build_holdout(list(builds.values()), out / "holdout")
-    replay = None
-    if cfg.replay is not None:
-        general = [s for s in cfg.sources if s.role == "general"]
-        name = cfg.replay.source or (general[0].name if general else "")
-        spec = next((s for s in cfg.sources if s.name == name), None)
-        if spec is None:
-            raise UserError(f"replay.source '{name}' is not one of the sources {[s.name for s in cfg.sources]}")
-        replay = build_replay(
-            spec,
+    replay = probe = None
+    if cfg.replay is not None and replay_spec is not None:
+        chosen, probe_documents = chosen.set_apart(cfg.replay.probe_docs, cfg.build.seed)
+        if probe_documents:
+            probe = out / "probe"
+            write_probe(probe_documents, replay_spec, cfg.tokenizer, probe)
+        replay = write_replay(
+            chosen,
+            replay_spec,
             cfg.tokenizer,
             out / "replay",
             cfg.replay.num_samples,
             cfg.replay.replay_len,
             cfg.replay.selection,
             cfg.build.seed,
-            check_against=list(builds.values()),
-            quiet=quiet,
+            list(builds.values()),
         )
     summary = {
         "version": __version__,
@@ -91,6 +97,7 @@ def prepare(
         "mixture": str(out / "mixture"),
         "replay": str(out / "replay") if replay else None,
         "holdout": {role: str(out / "holdout" / role) for role in holdout["splits"]},
+        "probe": str(probe) if probe else None,
         "builds": builds,
         "achieved_token_share": manifest["achieved_token_share"],
         "rows": manifest["rows"],
@@ -98,3 +105,26 @@ def prepare(
     write_json(out / "prep.json", summary)
     log.info("prepare: done → %s", out / "prep.json")
     return summary
+
+
+def _replay_choice(cfg: PrepareConfig, quiet: bool) -> tuple[SourceSpec | None, ReplaySelection]:
+    """The replay source and its chosen documents, outside its holdout; chosen before the source is built, so
+    the build leaves them out (every piece of a split prepare chooses the same ones)."""
+    if cfg.replay is None:
+        return None, ReplaySelection([], 0, 0)
+    general = [s for s in cfg.sources if s.role == "general"]
+    name = cfg.replay.source or (general[0].name if general else "")
+    spec = next((s for s in cfg.sources if s.name == name), None)
+    if spec is None:
+        raise UserError(f"replay.source '{name}' is not one of the sources {[s.name for s in cfg.sources]}")
+    chosen = select_replay(
+        spec,
+        cfg.replay.num_samples + cfg.replay.probe_docs,
+        cfg.replay.selection,
+        cfg.build.seed,
+        holdout=HoldoutSplit.of(spec, cfg.build.seed),
+        quiet=quiet,
+    )
+    if not chosen.documents:
+        raise UserError(f"source '{spec.name}': no usable documents outside its holdout to sample replay data from")
+    return spec, chosen

@@ -22,7 +22,7 @@ from .errors import InputError, UserError
 from .typed_config import setting
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".json.gz", ".json")
-TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".md")
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".md", ".md.gz", ".rst", ".rst.gz")
 PARQUET_SUFFIXES = (".parquet",)
 ARROW_SUFFIXES = (".arrow",)
 KNOWN_SUFFIXES = JSONL_SUFFIXES + TEXT_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES

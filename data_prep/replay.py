@@ -7,6 +7,12 @@ training sees exactly what the cache builder saw. Selection is a seeded
 reservoir sample over the whole stream (one pass, O(N) memory), or the first N
 documents as the paper does. Ids are ``<source>:<content hash>``: stable across
 runs, machines and selection modes.
+
+A replay sample is never a holdout document nor in a training row: forgetting
+scored on text the model replays every step would measure memorisation.
+``prepare`` chooses the samples first (skipping the source's holdout, by the
+same split its build makes), then builds the source without them; the
+manifest's ``overlap_with`` counts, checked against every build, are 0.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import pyarrow as pa
 from . import __version__
 from .arrow_dataset import write_dataset_dir
 from .atomic import write_json
-from .build import SourceSpec, doc_digests
+from .build import HoldoutSplit, SourceSpec, doc_digests
 from .documents import Document, Reject
 from .errors import UserError
 from .progress import progress_bar
@@ -75,43 +81,128 @@ class ReplayShard:
         return datasets.load_from_disk(str(self.directory / REPLAY_DATA))
 
 
-def build_replay(
+@dataclass
+class ReplaySelection:
+    """The documents a replay shard will hold, chosen in one pass over its source."""
+
+    documents: list[Document]  # in stream order
+    seen: int  # distinct usable documents the sampler could choose from
+    rejected: int
+
+    @property
+    def digests(self) -> frozenset[int]:
+        return frozenset(d.digest for d in self.documents)
+
+    def set_apart(self, n: int, seed: int) -> tuple[ReplaySelection, list[Document]]:
+        """(the rest, ``n`` documents drawn at random from this selection), both in stream order."""
+        if n == 0:
+            return self, []
+        if n >= len(self.documents):
+            raise UserError(f"{n} probe documents leave none of the {len(self.documents)} chosen for replay")
+        drawn = set(np.random.default_rng([seed, 1]).permutation(len(self.documents))[:n].tolist())
+        rest = [d for i, d in enumerate(self.documents) if i not in drawn]
+        return ReplaySelection(rest, self.seen, self.rejected), [self.documents[i] for i in sorted(drawn)]
+
+
+def select_replay(
     spec: SourceSpec,
-    tokenizer_path: str,
-    out_dir: str | os.PathLike[str],
     num_samples: int = 1000,
-    replay_len: int = 512,
     selection: str = "random",
     seed: int = 1234,
-    check_against: list[str] | None = None,
+    holdout: HoldoutSplit | None = None,
+    exclude: frozenset[int] | np.ndarray | None = None,
     quiet: bool = False,
-) -> dict[str, Any]:
-    """Write the replay shard (see ``ReplayShard``) to ``out_dir``; returns its manifest."""
+) -> ReplaySelection:
+    """Choose the replay documents of ``spec``: a seeded reservoir sample, or the first ``num_samples``.
+
+    Documents ``holdout`` holds out (the split the source's build will make) and digests in ``exclude``
+    (documents of other builds) are never chosen, so the shard is disjoint from the holdout by construction;
+    ``prepare`` then builds the source without the chosen documents, so it is disjoint from training too.
+    """
     if num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {num_samples}")
-    if replay_len < 2:
-        raise UserError(f"--replay-len must be >= 2, got {replay_len}")
     if selection not in ("random", "first"):
         raise UserError(f"--selection must be 'random' or 'first', got '{selection}'")
     if spec.role == "instruction":
         raise UserError("the replay shard samples general documents; give a text source, not instruction data")
-    tokenizer = load_tokenizer(tokenizer_path)
-    chosen, seen_docs, rejected = _sample(spec, num_samples, selection, seed, quiet)
-    if not chosen:
+    excluded = frozenset() if exclude is None else frozenset(int(d) for d in exclude)
+    rng = np.random.default_rng(seed)
+    reservoir: list[tuple[int, Document]] = []
+    seen: set[int] = set()
+    count = rejected = 0
+    bar = progress_bar(desc=f"replay {spec.name}", unit="doc", quiet=quiet)
+    for item in read_documents(resolve_inputs(spec.paths), spec.read):
+        bar.update(1)
+        if isinstance(item, Reject):
+            rejected += 1
+            continue
+        duplicate = item.digest in seen
+        if duplicate and spec.dedup:
+            continue  # the build drops it before its holdout split too
+        seen.add(item.digest)
+        held = holdout.held(item.digest) if holdout is not None else False  # every document the build splits
+        if duplicate or held or item.digest in excluded:
+            continue
+        if len(reservoir) < num_samples:
+            reservoir.append((count, item))
+        elif selection == "first":
+            break
+        else:
+            j = int(rng.integers(0, count + 1))
+            if j < num_samples:
+                reservoir[j] = (count, item)
+        count += 1
+    bar.close()
+    return ReplaySelection([d for _, d in sorted(reservoir, key=lambda p: p[0])], count, rejected)
+
+
+def overlap_with_builds(digests: frozenset[int], build_dirs: list[str]) -> dict[str, int]:
+    """How many of ``digests`` the builds train on, and hold out."""
+    chosen = np.array(sorted(digests), dtype=np.uint64)
+    overlap = {"train": 0, "holdout": 0}
+    for build_dir in build_dirs:
+        overlap["train"] += int(np.isin(chosen, doc_digests(build_dir, holdout=False)).sum())
+        overlap["holdout"] += int(np.isin(chosen, doc_digests(build_dir, holdout=True)).sum())
+    return overlap
+
+
+def write_replay(
+    chosen: ReplaySelection,
+    spec: SourceSpec,
+    tokenizer_path: str,
+    out_dir: str | os.PathLike[str],
+    num_samples: int,
+    replay_len: int,
+    selection: str,
+    seed: int,
+    builds: list[str],
+) -> dict[str, Any]:
+    """Write the shard (see ``ReplayShard``) from ``chosen``; refused if any sample is in ``builds``."""
+    if replay_len < 2:
+        raise UserError(f"--replay-len must be >= 2, got {replay_len}")
+    if not chosen.documents:
         raise UserError(f"source '{spec.name}': no usable documents to sample replay data from")
-    if len(chosen) < num_samples:
+    overlap = overlap_with_builds(chosen.digests, builds)
+    if overlap["train"] or overlap["holdout"]:
+        raise UserError(
+            f"replay from '{spec.name}': {overlap['train']} sample(s) also occur in training data and "
+            f"{overlap['holdout']} in holdout data of {builds}: the same text is in more than one source; "
+            "dedupe the sources"
+        )
+    if len(chosen.documents) < num_samples:
         log.warning(
-            "replay: only %d usable documents in '%s'; the shard has %d samples, not %d",
-            seen_docs,
+            "replay: only %d documents of '%s' can be sampled (outside its holdout and the builds); %d samples, not %d",
+            chosen.seen,
             spec.name,
-            len(chosen),
+            len(chosen.documents),
             num_samples,
         )
-    ids = tokenizer.encode_batch([d.text for d in chosen])
+    tokenizer = load_tokenizer(tokenizer_path)
+    ids = tokenizer.encode_batch([d.text for d in chosen.documents])
     samples = [(doc_ids + [tokenizer.eos_id])[:replay_len] for doc_ids in ids]
     table = pa.table(
         {
-            "id": [f"{spec.name}:{d.digest:016x}" for d in chosen],
+            "id": [f"{spec.name}:{d.digest:016x}" for d in chosen.documents],
             "input_ids": pa.array(samples, pa.list_(pa.int32())),
             "loss_mask": pa.array([[1] * len(s) for s in samples], pa.list_(pa.uint8())),
         },
@@ -119,17 +210,6 @@ def build_replay(
     )
     written = write_dataset_dir(Path(out_dir) / REPLAY_DATA, DOCUMENT_SCHEMA, [table], 1)
     lengths = np.array([len(s) for s in samples])
-    digests = np.array([d.digest for d in chosen], dtype=np.uint64)
-    overlap = {"train": 0, "holdout": 0}
-    for build_dir in check_against or []:
-        overlap["train"] += int(np.isin(digests, doc_digests(build_dir, holdout=False)).sum())
-        overlap["holdout"] += int(np.isin(digests, doc_digests(build_dir, holdout=True)).sum())
-    if overlap["train"] or overlap["holdout"]:
-        log.warning(
-            "replay: %d sample(s) also occur in training data and %d in holdout data (listed builds)",
-            overlap["train"],
-            overlap["holdout"],
-        )
     manifest = {
         "version": __version__,
         "source": spec.name,
@@ -139,14 +219,14 @@ def build_replay(
         "num_samples": len(samples),
         "requested_samples": num_samples,
         "replay_len": replay_len,
-        "documents_seen": seen_docs,
-        "rejects": rejected,
+        "documents_seen": chosen.seen,
+        "rejects": chosen.rejected,
         "tokens": int(lengths.sum()),
         "mean_len": float(lengths.mean()),
         "truncated": int((lengths == replay_len).sum()),
         "tokenizer_fingerprint": tokenizer.fingerprint,
         "tokenizer_path": str(tokenizer_path),
-        "overlap_with": {"builds": [os.path.relpath(b, out_dir) for b in check_against or []], **overlap},
+        "overlap_with": {"builds": [os.path.relpath(b, out_dir) for b in builds], **overlap},
         "shards": written,
     }
     write_json(Path(out_dir) / REPLAY_MANIFEST, manifest)
@@ -161,29 +241,45 @@ def build_replay(
     return manifest
 
 
-def _sample(spec: SourceSpec, n: int, selection: str, seed: int, quiet: bool) -> tuple[list[Document], int, int]:
-    """Reservoir-sample (Algorithm R) ``n`` distinct documents; returned in stream order."""
-    rng = np.random.default_rng(seed)
-    reservoir: list[tuple[int, Document]] = []
-    seen: set[int] = set()
-    count = rejected = 0
-    bar = progress_bar(desc=f"replay {spec.name}", unit="doc", quiet=quiet)
-    for item in read_documents(resolve_inputs(spec.paths), spec.read):
-        bar.update(1)
-        if isinstance(item, Reject):
-            rejected += 1
-            continue
-        if item.digest in seen:
-            continue
-        seen.add(item.digest)
-        if len(reservoir) < n:
-            reservoir.append((count, item))
-        elif selection == "first":
-            break
-        else:
-            j = int(rng.integers(0, count + 1))
-            if j < n:
-                reservoir[j] = (count, item)
-        count += 1
-    bar.close()
-    return [d for _, d in sorted(reservoir, key=lambda p: p[0])], count, rejected
+def write_probe(documents: list[Document], spec: SourceSpec, tokenizer_path: str, out_dir: Path) -> None:
+    """The forgetting budget's probe documents, whole, as holdout rows are (``id``, ``input_ids`` + EOS)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    ids = [doc + [tokenizer.eos_id] for doc in tokenizer.encode_batch([d.text for d in documents])]
+    table = pa.table(
+        {
+            "id": [f"{spec.name}:{d.digest:016x}" for d in documents],
+            "input_ids": pa.array(ids, pa.list_(pa.int32())),
+            "loss_mask": pa.array([[1] * len(x) for x in ids], pa.list_(pa.uint8())),
+        },
+        schema=DOCUMENT_SCHEMA,
+    )
+    write_dataset_dir(out_dir, DOCUMENT_SCHEMA, [table], 1)
+    log.info("probe: %d general documents for the forgetting budget → %s", len(documents), out_dir)
+
+
+def build_replay(
+    spec: SourceSpec,
+    tokenizer_path: str,
+    out_dir: str | os.PathLike[str],
+    num_samples: int = 1000,
+    replay_len: int = 512,
+    selection: str = "random",
+    seed: int = 1234,
+    disjoint_from: list[str] | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """A shard from ``spec`` alone, never sampling a document of the ``disjoint_from`` builds (training or
+    holdout); returns its manifest. ``prepare`` instead reserves the documents before building their source."""
+    builds = list(disjoint_from or [])
+    if not builds:
+        log.warning("replay: no builds given to stay disjoint from; the shard may share documents with training")
+    if replay_len < 2:
+        raise UserError(f"--replay-len must be >= 2, got {replay_len}")
+    exclude = np.concatenate([doc_digests(b) for b in builds]) if builds else None
+    chosen = select_replay(spec, num_samples, selection, seed, exclude=exclude, quiet=quiet)
+    if not chosen.documents and builds:
+        raise UserError(
+            f"source '{spec.name}': every usable document is in the builds {builds}; sample replay from "
+            "another source, or run `prepare`, which keeps replay documents out of the build"
+        )
+    return write_replay(chosen, spec, tokenizer_path, out_dir, num_samples, replay_len, selection, seed, builds)

@@ -37,6 +37,8 @@ class PrepPaths:
     holdout: dict[str, Path]
     tokenizer: Path
     seq_len: int
+    builds: dict[str, Path]  # source name → its build directory (what the mixture was packed from)
+    probe: Path | None  # general documents for the forgetting budget, in no other split
 
     @classmethod
     def read(cls, prep_dir: str | Path) -> PrepPaths:
@@ -51,6 +53,8 @@ class PrepPaths:
             {r: Path(p) for r, p in meta.get("holdout", {}).items()},
             Path(meta["tokenizer"]),
             meta["seq_len"],
+            {name: Path(p) for name, p in meta.get("builds", {}).items()},
+            Path(meta["probe"]) if meta.get("probe") else None,
         )
 
 

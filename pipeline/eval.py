@@ -6,7 +6,9 @@ tuned model and, with ``--base``, the base model: general ppl change is
 forgetting, domain ppl change is learning. With ``--cache`` (a GeRe cache of
 the base model) also the TM loss of the tuned model on the replay set and the
 share of final-layer activation states (neg/neutral/pos) that moved: how far
-the model drifted where GeRe holds it. Runs as one process (the whole model
+the model drifted where GeRe holds it. Forgetting is reported only when no
+scored document is a replay sample or in the training rows (a prep from
+``data_prep prepare`` guarantees it; older preps did not). Runs as one process (the whole model
 on this process's device) or as N ranks under the launcher: then the model is
 partitioned with ZeRO-3 as it loads (no rank ever holds it whole: a 70B model
 evaluates on nodes that could not hold it on one GPU), documents are split
@@ -36,6 +38,7 @@ from transformers import AutoModelForCausalLM
 
 from data_prep.atomic import write_json
 from data_prep.errors import UserError, one_line, run_cli
+from data_prep.holdout import contamination
 from data_prep.replay import ReplayShard
 from data_prep.tokenizer import load_tokenizer
 
@@ -46,10 +49,13 @@ from .export import export
 from .gere.cache import GeReCache, pad_replay_rows
 from .gere.states import activation_states, unpack_states
 from .losses.tm_loss import tm_loss_reference
+from .mcq import mcq_accuracy, read_questions
 from .model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
 from .perplexity import holdout_perplexities
 
 log = logging.getLogger("pipeline.eval")
+
+MODELS = ("base", "tuned")
 
 
 def load_hf(path: str | Path) -> torch.nn.Module:
@@ -152,6 +158,20 @@ def evaluate_model(
         )
 
 
+def multiple_choice(
+    model: torch.nn.Module, prep: str | Path, files: list[str], device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """{'mcq/<file stem>/acc': ..., '.../acc_norm': ...} for each question file (``pipeline/mcq.py``)."""
+    tokenizer = load_tokenizer(PrepPaths.read(prep).tokenizer)
+    out = {}
+    for path in files:
+        scores = mcq_accuracy(
+            lambda ids: model(input_ids=ids, use_cache=False).logits, tokenizer, read_questions(path), device
+        )
+        out.update({f"mcq/{Path(path).stem}/{k}": v for k, v in scores.items() if k != "n"})
+    return out
+
+
 def replay_drift(
     model: torch.nn.Module,
     prep: str | Path,
@@ -191,14 +211,49 @@ def replay_drift(
     return {"replay_tm": total / count if count else 0.0, "replay_state_flip_rate": flipped / real if real else 0.0}
 
 
-def compare(tuned: dict[str, float], base: dict[str, float] | None) -> dict[str, Any]:
+def holdout_contamination(prep: str | Path, max_docs: int) -> dict[str, dict[str, int]]:
+    """Per holdout split: how many of the documents scored are replay samples or in the training rows."""
+    paths = PrepPaths.read(prep)
+    replay_ids = ReplayShard.open(paths.replay).rows()["id"] if paths.replay else []
+    builds = [str(b) for b in paths.builds.values()]
+    out = {}
+    for role, path in paths.holdout.items():
+        if role in ("general", "domain"):
+            ds = datasets.load_from_disk(str(path))
+            out[role] = contamination(ds.select(range(min(max_docs, len(ds))))["id"], replay_ids, builds)
+    return out
+
+
+def compare(
+    tuned: dict[str, float], base: dict[str, float] | None, contaminated: dict[str, dict[str, int]] | None = None
+) -> dict[str, Any]:
+    """Both models' figures, and the ppl changes when every scored document is clean (see
+    :func:`holdout_contamination`): on documents the run trained on, a change measures memorisation."""
     out: dict[str, Any] = {"tuned": tuned}
+    dirty = {role: c for role, c in (contaminated or {}).items() if c["in_replay"] or c["in_training"]}
+    if contaminated is not None:
+        out["holdout_contamination"] = contaminated
+    if dirty:
+        out["not_reported"] = "; ".join(
+            f"{c['in_replay']} of the {c['scored']} {role} holdout documents are replay samples and "
+            f"{c['in_training']} are in the training data"
+            for role, c in dirty.items()
+        )
+        log.warning(
+            "forgetting not reported: %s; rebuild the prep with this version of `data_prep prepare`",
+            out["not_reported"],
+        )
     if base is not None:
         out["base"] = base
         for role in ("general", "domain"):
+            if role in dirty:
+                continue
             key = f"ppl/{role}"
             if key in tuned and key in base:
                 out[f"{role}_ppl_change"] = tuned[key] / base[key] - 1.0
+        for key in tuned:
+            if key.startswith("mcq/") and key.endswith("/acc") and key in base:
+                out[f"{key}_change"] = tuned[key] - base[key]  # accuracy points, not a ratio
     return out
 
 
@@ -211,12 +266,21 @@ def markdown_table(result: dict[str, Any]) -> str:
                 f"| {name} | {r.get('ppl/general', math.nan):.2f} | {r.get('ppl/domain', math.nan):.2f} | "
                 f"{r.get('replay_tm', math.nan):.4f} | {r.get('replay_state_flip_rate', math.nan):.2%} |"
             )
-    if "general_ppl_change" in result:
-        lines += [
-            "",
-            f"general ppl change (forgetting): {result['general_ppl_change']:+.1%}; "
-            f"domain ppl change (learning): {result['domain_ppl_change']:+.1%}",
-        ]
+    files = sorted({k.rsplit("/", 1)[0] for k in result["tuned"] if k.startswith("mcq/")})
+    if files:
+        lines += ["", "| multiple choice | base acc | tuned acc | base acc_norm | tuned acc_norm |", "|" + "---|" * 5]
+        for f in files:
+            cells = [result.get(m, {}).get(f"{f}/{k}", math.nan) for k in ("acc", "acc_norm") for m in MODELS]
+            lines.append(f"| {f.removeprefix('mcq/')} | " + " | ".join(f"{c:.1%}" for c in cells) + " |")
+    if "not_reported" in result:
+        lines += ["", f"ppl changes not reported: {result['not_reported']}"]
+    changes = [
+        f"{role} ppl change ({meaning}): {result[f'{role}_ppl_change']:+.1%}"
+        for role, meaning in (("general", "forgetting"), ("domain", "learning"))
+        if f"{role}_ppl_change" in result
+    ]
+    if changes:
+        lines += ["", "; ".join(changes)]
     return "\n".join(lines)
 
 
@@ -233,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prep", required=True, help="data_prep output (holdouts, replay shard)")
     p.add_argument("--cache", help="GeRe cache of the base model: adds replay TM and activation-state drift")
     p.add_argument("--max-docs", type=int, default=200, help="holdout documents per split")
+    p.add_argument(
+        "--mcq",
+        nargs="+",
+        metavar="FILE",
+        help="multiple-choice question files (MMLU's CSV layout, or jsonl question/choices/answer): "
+        "log-likelihood accuracy, base vs tuned",
+    )
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -245,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         init_distributed()  # this rank's device first, then the process group (NCCL on GPUs)
-        result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs, local_device())
+        result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs, local_device(), args.mcq)
         finish()
         if rank == 0:
             print(markdown_table(result))
@@ -262,8 +333,10 @@ def run_eval(
     cache: str | None = None,
     max_docs: int = 200,
     device: torch.device | str = "cpu",
+    mcq: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Tuned (and base) model on ``device``: perplexities, and with ``cache`` the replay drift.
+    """Tuned (and base) model on ``device``: perplexities, with ``cache`` the replay drift, with ``mcq`` the
+    multiple-choice accuracy on each question file.
 
     Under several ranks the models are partitioned (:func:`load_partitioned`), one after the other.
     """
@@ -276,6 +349,8 @@ def run_eval(
             continue
         model = load_partitioned(path, torch.device(device)) if partitioned else load_hf(path).to(device)
         r = evaluate_model(model, prep, max_docs, device=device)
+        if mcq:
+            r.update(multiple_choice(model, prep, mcq, device))
         if cache and name == "tuned":
             r.update(replay_drift(model, prep, cache, base_dir, device=device))
         elif cache:  # the cache *is* the base model's view: TM 0 and no state moved, by construction
@@ -285,7 +360,7 @@ def run_eval(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return compare(results["tuned"], results.get("base"))
+    return compare(results["tuned"], results.get("base"), holdout_contamination(prep, max_docs))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,12 @@ def test_all_formats_yield_the_same_documents_in_order(tmp_path):
     for i, t in enumerate(TEXTS):
         (tmp_path / "txt").mkdir(exist_ok=True)
         (tmp_path / "txt" / f"{i}.txt").write_text(t)
-    for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.parquet", "e.arrow", "f_saved", "txt"):
+    (tmp_path / "docs").mkdir()  # reStructuredText, gzipped as Debian ships documentation (linux-doc)
+    for i, suffix in enumerate((".rst.gz", ".rst", ".md.gz")):
+        (tmp_path / "docs" / f"{i}{suffix}").write_bytes(
+            gzip.compress(TEXTS[i].encode()) if suffix.endswith("gz") else TEXTS[i].encode()
+        )
+    for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.parquet", "e.arrow", "f_saved", "txt", "docs"):
         assert texts(docs([tmp_path / name])) == TEXTS, name
     assert len(resolve_inputs([str(tmp_path / "*.jsonl*")])) == 3
 

@@ -1,12 +1,17 @@
-"""GeRe replay shard: N documents, each alone and truncated, stable ids, seeded, overlaps reported."""
+"""GeRe replay shard: N documents, each alone and truncated, stable ids, seeded, never trained on or held out."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import datasets
+import numpy as np
 import pytest
 
-from data_prep.build import BuildOptions, SourceSpec, build_source
+from data_prep.build import BuildOptions, SourceSpec, build_source, doc_digests
 from data_prep.errors import UserError
+from data_prep.holdout import doc_digest
 from data_prep.replay import build_replay
 from data_prep.tokenizer import load_tokenizer
 
@@ -39,18 +44,30 @@ def test_selection_is_seeded_and_first_mode_takes_the_first_documents(sample, tm
     assert ids["f"] == [f"gen:{d:016x}" for d in _digests(sample)][:10]
 
 
-def test_samples_that_also_occur_in_training_data_are_reported(sample, tmp_path):
-    build = build_source(
-        general(sample),
-        BuildOptions(seq_len=64, docs_per_chunk=32),
+def test_documents_of_the_given_builds_are_never_sampled(sample, tmp_path):
+    texts = _texts(sample)
+    half = tmp_path / "half.jsonl"  # a build of every other general document
+    half.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[::2]))
+    opts = BuildOptions(seq_len=64, docs_per_chunk=32)
+    partial = build_source(
+        SourceSpec(name="half", role="general", paths=(str(half),)),
+        opts,
         str(sample.tokenizer),
         tmp_path / "cache",
         quiet=True,
     )
+    built = set(doc_digests(partial).tolist())
+    assert built
     manifest = build_replay(
-        general(sample), str(sample.tokenizer), tmp_path / "r", 15, 32, check_against=[str(build)], quiet=True
+        general(sample), str(sample.tokenizer), tmp_path / "r", 8, 32, disjoint_from=[str(partial)], quiet=True
     )
-    assert manifest["overlap_with"]["train"] + manifest["overlap_with"]["holdout"] == 15
+    sampled = {int(i.split(":")[1], 16) for i in datasets.load_from_disk(str(tmp_path / "r" / "data"))["id"]}
+    assert len(sampled) == 8 and not sampled & built
+    assert manifest["overlap_with"]["train"] == manifest["overlap_with"]["holdout"] == 0
+
+    whole = build_source(general(sample), opts, str(sample.tokenizer), tmp_path / "cache", quiet=True)
+    with pytest.raises(UserError, match="every usable document is in the builds"):
+        build_replay(general(sample), str(sample.tokenizer), tmp_path / "w", 15, 32, disjoint_from=[str(whole)])
 
 
 def test_asking_for_more_samples_than_documents_takes_all_and_says_so(sample, tmp_path, caplog):
@@ -78,3 +95,58 @@ def _digests(sample) -> list[int]:
     from data_prep.documents import content_digest
 
     return [content_digest(t, None) for t in _texts(sample)]
+
+
+def test_prepare_never_shares_a_document_between_holdout_replay_and_training(prep):
+    meta = json.loads((prep / "prep.json").read_text())
+    replay = _ids(prep / "replay" / "data")
+    holdout = set().union(*(_ids(p) for p in meta["holdout"].values()))
+    train = {int(d) for b in meta["builds"].values() for d in doc_digests(b, holdout=False)}
+    assert len(replay) == 16 and holdout and train
+    assert not replay & holdout and not replay & train and not holdout & train
+    manifest = json.loads((prep / "replay" / "replay.json").read_text())
+    assert manifest["overlap_with"]["train"] == manifest["overlap_with"]["holdout"] == 0
+    general = json.loads((Path(meta["builds"]["docs"]) / "build.json").read_text())
+    assert general["docs_reserved_for_replay"] == 16
+    # the packed rows themselves: no 24-token run of a replay sample occurs in the training mixture
+    stream = np.asarray(datasets.load_from_disk(str(prep / "mixture" / "data"))["input_ids"], np.int32).tobytes()
+    for doc in datasets.load_from_disk(str(prep / "replay" / "data"))["input_ids"]:
+        if len(doc) >= 24:
+            assert np.asarray(doc[:24], np.int32).tobytes() not in stream
+
+
+def test_reserving_replay_documents_leaves_the_holdout_as_it_was(sample, tmp_path):
+    from .train_helpers import make_prep
+
+    with_replay = make_prep(sample, tmp_path / "with")
+    without = make_prep(sample, tmp_path / "without", replay=False)
+    for role in ("general", "domain"):
+        assert _ids(with_replay / "holdout" / role) == _ids(without / "holdout" / role)
+
+
+def test_the_same_text_in_two_sources_fails_prepare_instead_of_replaying_training_data(sample, tmp_path):
+    from data_prep.config import parse_config
+    from data_prep.prepare import prepare
+
+    cfg = parse_config(
+        {
+            "tokenizer": str(sample.tokenizer),
+            "out": str(tmp_path / "prep"),
+            "seq_len": 64,
+            "sources": [
+                {"name": "code", "role": "domain", "paths": [str(sample.domain), str(sample.general)]},
+                {"name": "docs", "role": "general", "paths": [str(sample.general)]},
+            ],
+            "replay": {"num_samples": 4, "replay_len": 16},
+            "holdout": {"fraction": 0.0},
+        },
+        base=tmp_path,
+        origin="test",
+    )
+    with pytest.raises(UserError, match="dedupe the sources"):
+        prepare(cfg, quiet=True)
+    assert not (tmp_path / "prep" / "prep.json").exists()
+
+
+def _ids(saved: Path) -> set[int]:
+    return {doc_digest(i) for i in datasets.load_from_disk(str(saved))["id"]}

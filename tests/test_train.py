@@ -275,7 +275,7 @@ def test_resume_on_another_number_of_ranks_with_the_same_global_batch(reference,
 
 
 def test_eval_reads_a_checkpoint_or_its_export_alike(reference, prep, tmp_path):
-    from pipeline.eval import evaluate_model, load_hf
+    from pipeline.eval import evaluate_model, load_hf, multiple_choice
 
     _, run = reference
     checkpoint = latest_checkpoint(run)
@@ -286,11 +286,16 @@ def test_eval_reads_a_checkpoint_or_its_export_alike(reference, prep, tmp_path):
     assert from_checkpoint["ppl/domain"] == pytest.approx(logged["ppl/domain"], rel=1e-5)
     whole = evaluate_model(model, prep, max_docs=4)  # every window of the same documents: another figure
     assert whole["ppl/domain"] != from_checkpoint["ppl/domain"]
-    # Two ranks: the checkpoint exported once, the model partitioned with ZeRO-3, documents split: same figures.
+    # Two ranks: the checkpoint exported once, the model partitioned with ZeRO-3, documents and multiple-choice
+    # pairs (an odd number: one rank pads) split: same figures.
+    questions = tmp_path / "q.csv"
+    questions.write_text('"def f(x): return","x","import","class","A"\n"for i in","range(3):","else","B"\n')
+    one_process = multiple_choice(model, prep, [str(questions)])
     out = tmp_path / "eval.json"
     ranks = run_deepspeed(
         "pipeline.eval",
-        ["--model", str(checkpoint), "--prep", str(prep), "--max-docs", "4", "--out", str(out)],
+        ["--model", str(checkpoint), "--prep", str(prep), "--max-docs", "4", "--out", str(out)]
+        + ["--mcq", str(questions)],
         ranks=2,
         capture=True,
         timeout=600,
@@ -300,4 +305,5 @@ def test_eval_reads_a_checkpoint_or_its_export_alike(reference, prep, tmp_path):
     partitioned = json.loads(out.read_text())["tuned"]
     for key in ("ppl/general", "ppl/domain"):
         assert partitioned[key] == pytest.approx(whole[key], rel=1e-5), key
+    assert {k: v for k, v in partitioned.items() if k.startswith("mcq/")} == one_process
     assert not list(checkpoint.parent.glob(".eval-export-*"))  # the temporary export is gone

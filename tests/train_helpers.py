@@ -25,7 +25,15 @@ TINY_LLAMA = {
 }
 
 
-def make_prep(sample, out: Path, tokenizer: Path | None = None, seq_len: int = 64, replay_len: int = 32) -> Path:
+def make_prep(
+    sample,
+    out: Path,
+    tokenizer: Path | None = None,
+    seq_len: int = 64,
+    replay_len: int = 32,
+    replay: bool = True,
+    probe_docs: int = 0,
+) -> Path:
     """Domain (stdlib code) + 15% general (stdlib docs), a 16-sample replay shard, 5% holdouts."""
     from data_prep.config import parse_config
     from data_prep.prepare import prepare
@@ -41,7 +49,7 @@ def make_prep(sample, out: Path, tokenizer: Path | None = None, seq_len: int = 6
                 {"name": "docs", "role": "general", "paths": [str(sample.general)]},
             ],
             "mix": {"general_ratio": 0.15, "batch_rows": 4},
-            "replay": {"num_samples": 16, "replay_len": replay_len},
+            "replay": {"num_samples": 16, "replay_len": replay_len, "probe_docs": probe_docs} if replay else None,
             "holdout": {"fraction": 0.05},
         },
         base=out.parent,
