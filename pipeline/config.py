@@ -117,6 +117,20 @@ class PenaltyConfig:
 
 
 @dataclass
+class ForgettingConfig:
+    """A forgetting budget the trainer holds (pipeline/budget.py): it scales the replay term and KD weights."""
+
+    budget: float | None = setting(
+        None, "allowed rise of general perplexity on the prep's probe documents, e.g. 0.02; null: off"
+    )
+    every: int = setting(50, "steps between probe measurements (all ranks, one forward per probe document)")
+    probe_docs: int = setting(64, "probe documents scored (the first ones of PREP/probe; replay.probe_docs in prep)")
+    gain: float = setting(0.5, "log-scale step per unit of relative error: log s += gain · (rise − budget) / budget")
+    min_scale: float = setting(0.01, "floor of the scale on the anti-forgetting weights")
+    max_scale: float = setting(100.0, "ceiling of the scale")
+
+
+@dataclass
 class CheckpointConfig:
     """When checkpoints are written and which one a run resumes from."""
 
@@ -165,6 +179,7 @@ class TrainConfig:
     replay: ReplayConfig = setting(factory=ReplayConfig)
     kd: KDConfig = setting(factory=KDConfig)
     penalty: PenaltyConfig = setting(factory=PenaltyConfig)
+    forgetting: ForgettingConfig = setting(factory=ForgettingConfig)
     checkpoint: CheckpointConfig = setting(factory=CheckpointConfig)
     log: LogConfig = setting(factory=LogConfig)
     eval: EvalConfig = setting(factory=EvalConfig)
@@ -249,6 +264,19 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.kd.temperature > 0, "kd.temperature", cfg.kd.temperature, "> 0")
     need(cfg.penalty.ewc_batches >= 1, "penalty.ewc_batches", cfg.penalty.ewc_batches, ">= 1")
     need(cfg.penalty.weight >= 0, "penalty.weight", cfg.penalty.weight, ">= 0")
+    budget = cfg.forgetting
+    if budget.budget is not None:
+        need(budget.budget > 0, "forgetting.budget", budget.budget, "> 0")
+        need(
+            cfg.replay.strategy not in ("none", "ce") or cfg.kd.weight > 0,
+            "forgetting.budget",
+            budget.budget,
+            "set with something to scale: replay.strategy tm, l1, l2 or kl, or kd.weight > 0",
+        )
+        need(budget.every >= 1, "forgetting.every", budget.every, ">= 1")
+        need(budget.probe_docs >= 1, "forgetting.probe_docs", budget.probe_docs, ">= 1")
+        need(budget.gain > 0, "forgetting.gain", budget.gain, "> 0")
+        need(0 < budget.min_scale <= 1 <= budget.max_scale, "forgetting scales", budget, "min <= 1 <= max, min > 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, ">= 0")
     need(cfg.log.every >= 1, "log.every", cfg.log.every, ">= 1")

@@ -5,7 +5,7 @@ rows, in their own forward: each document alone, padded to replay_len, as the
 GeRe cache saw them). Forwards return final hidden states, and the losses
 apply the output head in chunks (``pipeline/losses/head.py``), where the model
 allows it. The loss is formed by ``pipeline/losses/objective.py``;
-each component (engines, replay feed, penalty, checkpoints) is built from the
+each component (engines, replay feed, penalty, forgetting budget, checkpoints) is built from the
 config in its own module and handed to this loop.
 """
 
@@ -15,6 +15,8 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import torch.distributed as dist
 from data_prep.errors import ConfigError
 from data_prep.tokenizer import load_tokenizer
 
+from .budget import ForgettingBudget
 from .checkpoint import CheckpointManager
 from .checkpoint_files import checkpoint_root
 from .config import TrainConfig, to_dict
@@ -79,8 +82,12 @@ class Trainer:
         self.head = getattr(self.engine.module, "head_loss", None)
         teacher_head = frozen_head_weight(self.teacher.module) if self.head is not None and cfg.kd.weight > 0 else None
         self.objective = Objective(cfg.replay, cfg.kd, self.head, teacher_head)
+        self.budget = self._forgetting_budget()
         self.step, self.tokens_seen = 0, 0
         self._resume()
+        if self.budget is not None and self.budget.base_ppl is None:
+            with self._eval_mode():
+                self.budget.start(self._logits)
         self.reader = StepReader(self.mixture, self.order, self.device)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard)
         self.holdout = {
@@ -103,6 +110,10 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 last = self._timed_step()
+                if self.budget is not None and self._due(self.cfg.forgetting.every):
+                    with self._eval_mode():
+                        last.update(self.budget.update(self._logits))
+                    self.objective.anti_forgetting_scale = self.budget.scale
                 self._log(last)
                 if self._due(self.cfg.eval.every) and self.step < self.total_steps:
                     self.metrics.log(self.step, self.evaluate())
@@ -174,18 +185,10 @@ class Trainer:
         return out
 
     def evaluate(self) -> dict[str, float]:
-        self.engine.eval()
-        try:
+        with self._eval_mode():
             return holdout_perplexities(
-                lambda ids: self.engine(input_ids=ids, use_cache=False).logits,
-                self.holdout,
-                self.seq_len,
-                self.cfg.eval.max_docs,
-                self.device,
-                whole_documents=False,
+                self._logits, self.holdout, self.seq_len, self.cfg.eval.max_docs, self.device, whole_documents=False
             )
-        finally:
-            self.engine.train()
 
     def save(self) -> Path:
         state = {
@@ -195,10 +198,35 @@ class Trainer:
             "world": self.world,
             "config": to_dict(self.cfg),
             "replay_sampler": self.replay.state_dict() if self.replay else None,
+            "forgetting_budget": self.budget.state_dict() if self.budget else None,
         }
         return self.checkpoints.save(self.engine, self.step, state)
 
     # --- pieces ---------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        self.engine.eval()
+        try:
+            yield
+        finally:
+            self.engine.train()
+
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of one evaluation row (holdout, probe): every rank calls it the same number of times."""
+        return self.engine(input_ids=ids, use_cache=False).logits
+
+    def _forgetting_budget(self) -> ForgettingBudget | None:
+        if self.cfg.forgetting.budget is None:
+            return None
+        if self.prep.probe is None:
+            raise ConfigError(
+                f"forgetting.budget needs probe documents: {self.cfg.data.prep} has none; prepare it with "
+                "replay.probe_docs > 0"
+            )
+        return ForgettingBudget(
+            self.cfg.forgetting, datasets.load_from_disk(str(self.prep.probe)), self.seq_len, self.device
+        )
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         peak, optim = self.cfg.peak_lr, self.cfg.optim
@@ -248,6 +276,9 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.replay is not None and state.get("replay_sampler"):
             self.replay.load_state_dict(state["replay_sampler"])
+        if self.budget is not None and state.get("forgetting_budget"):
+            self.budget.load_state_dict(state["forgetting_budget"])
+            self.objective.anti_forgetting_scale = self.budget.scale
         # L2-SP anchors were taken from the start weights before this load: still the run's initial weights.
 
     def _save_on_signal(self) -> None:

@@ -14,6 +14,9 @@ both detached, so the term has CE's size, capped at ``replay.max_weight``: as th
 term nears 0 (a few states just past a threshold) the ratio would grow without
 bound and so would the step those few elements get.
 
+With a forgetting budget (``pipeline/budget.py``) ``w`` and kd.weight are
+both multiplied by its scale, ``anti_forgetting_scale``.
+
 The trainer runs the forwards and hands their outputs here; what this module
 returns is exactly what backward sees, and its named parts are what is logged.
 Where the model allows it the outputs are final hidden states, not logits, and
@@ -76,6 +79,11 @@ class Objective:
         self.replay, self.kd = replay, kd
         self.head, self.teacher_head_weight = head, teacher_head_weight
         self.strategy_term = replay.strategy not in ("none", "ce")  # a term beyond replay CE
+        self.anti_forgetting_scale = 1.0  # on the replay term and KD weights: the forgetting budget's lever
+
+    @property
+    def kd_weight(self) -> float:
+        return self.kd.weight * self.anti_forgetting_scale
 
     def __call__(
         self, task: TaskOutputs, replay: ReplayOutputs | None, global_tokens: int, scale: float, grad_accum: int
@@ -93,7 +101,7 @@ class Objective:
             parts["replay_ce"] = share * terms["replay_ce"].item() / grad_accum
             if self.strategy_term:
                 term = terms[self.replay.strategy]
-                weight = self._weight(
+                weight = self.anti_forgetting_scale * self._weight(
                     (ce_sum / global_tokens * scale).detach() + terms["replay_ce"].detach(), term.detach()
                 )
                 loss = loss + share * weight * term
@@ -122,7 +130,7 @@ class Objective:
                     self.kd.temperature,
                 )
             both, ce_sum, kd_sum = self.head(
-                task.hidden[:, :-1].flatten(0, 1), targets.flatten(), teacher, self.kd.weight
+                task.hidden[:, :-1].flatten(0, 1), targets.flatten(), teacher, self.kd_weight
             )
             return both, ce_sum, kd_sum if teacher is not None else None
         ce_sum = F.cross_entropy(
@@ -131,7 +139,7 @@ class Objective:
         if kd_mask is None:
             return ce_sum, ce_sum, None
         kd_sum = kl_sum(task.logits[:, :-1], task.teacher_logits[:, :-1], kd_mask, self.kd.temperature)
-        return ce_sum + self.kd.weight * kd_sum, ce_sum, kd_sum
+        return ce_sum + self.kd_weight * kd_sum, ce_sum, kd_sum
 
     def _weight(self, ce: torch.Tensor, term: torch.Tensor) -> float:
         if self.replay.weight != "dynamic":
@@ -155,7 +163,7 @@ class Objective:
         loss = out["loss/task_ce"]
         if self.kd.weight > 0:
             out["loss/kd"] = kd / global_tokens
-            loss += self.kd.weight * out["loss/kd"]
+            loss += self.kd_weight * out["loss/kd"]
         if "replay_ce" in sums:
             out["loss/replay_ce"] = replay_ce / world
             loss += out["loss/replay_ce"]
