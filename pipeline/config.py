@@ -88,6 +88,7 @@ class ReplayConfig:
     )
     weight: float | Literal["dynamic"] = setting(1.0, "multiplies the strategy's term; dynamic: CE / term (detached)")
     max_weight: float = setting(100.0, "cap of the dynamic weight: CE / term explodes as the term nears 0")
+    ce_weight: float = setting(1.0, "weight of next-token CE on the replay rows (GeRe trains on them too); 0: off")
     samples_per_step: int = setting(
         4,
         "replay samples per global batch: a multiple of the ranks; fewer than ranks × grad_accum go to a subset "
@@ -259,6 +260,7 @@ def validate(cfg: TrainConfig) -> None:
     )
     need(cfg.replay.weight == "dynamic" or cfg.replay.weight >= 0, "replay.weight", cfg.replay.weight, ">= 0")
     need(cfg.replay.max_weight > 0, "replay.max_weight", cfg.replay.max_weight, "> 0")
+    need(cfg.replay.ce_weight >= 0, "replay.ce_weight", cfg.replay.ce_weight, ">= 0")
     need(cfg.replay.kl_temperature > 0, "replay.kl_temperature", cfg.replay.kl_temperature, "> 0")
     need(cfg.kd.weight >= 0, "kd.weight", cfg.kd.weight, ">= 0")
     need(cfg.kd.temperature > 0, "kd.temperature", cfg.kd.temperature, "> 0")

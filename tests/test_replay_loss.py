@@ -123,6 +123,18 @@ def test_the_objective_is_the_loss_backward_sees_and_its_parts_add_up_to_it():
         torch.testing.assert_close(got, want)
 
 
+def test_replay_ce_weight_scales_replay_ce_alone_in_the_loss_and_its_log():
+    task, rep = objective_inputs()
+    full = Objective(ReplayConfig(strategy="l2", weight=0.5), KDConfig())(task, rep, 20, 4, 2)
+    off = Objective(ReplayConfig(strategy="l2", weight=0.5, ce_weight=0.0), KDConfig())
+    part = off(task, rep, 20, 4, 2)
+    replay_ce = causal_ce(rep.logits, rep.inputs.input_ids, rep.inputs.attention_mask)
+    torch.testing.assert_close(part.loss, full.loss - replay_ce)
+    assert part.parts == pytest.approx(full.parts)  # still measured and logged, not trained on
+    logged = off.summarize(part.parts, 20, 1, torch.device("cpu"), part.replay_weight)
+    assert logged["loss"] == pytest.approx(logged["loss/task_ce"] + 0.5 * logged["loss/l2"])
+
+
 def test_dynamic_weight_scales_the_term_to_ce_and_passes_no_gradient_through_the_weight():
     task, rep = objective_inputs()
     part = Objective(ReplayConfig(strategy="l1", weight="dynamic"), KDConfig())(task, rep, 8, 1, 1)

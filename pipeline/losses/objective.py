@@ -1,6 +1,6 @@
 """The training objective: the one place a step's loss is formed from its parts.
 
-    loss = task CE + kd.weight · KD + replay CE + w · replay term
+    loss = task CE + kd.weight · KD + replay.ce_weight · replay CE + w · replay term
 
 Task CE and KD are sums over the micro-batch's loss tokens divided by the loss
 tokens of the whole global batch, times ``scale`` (grad_accum × ranks, the
@@ -97,7 +97,8 @@ class Objective:
         if replay is not None:
             terms = replay_terms(self.replay, replay.logits, replay.hidden, replay.inputs, self.head)
             share = replay.share
-            loss = loss + share * terms["replay_ce"]  # share 1.0 (replay in every micro-batch) changes no bit
+            # share and ce_weight 1.0 (replay in every micro-batch, the default weight) change no bit
+            loss = loss + share * self.replay.ce_weight * terms["replay_ce"]
             parts["replay_ce"] = share * terms["replay_ce"].item() / grad_accum
             if self.strategy_term:
                 term = terms[self.replay.strategy]
@@ -166,7 +167,7 @@ class Objective:
             loss += self.kd_weight * out["loss/kd"]
         if "replay_ce" in sums:
             out["loss/replay_ce"] = replay_ce / world
-            loss += out["loss/replay_ce"]
+            loss += self.replay.ce_weight * out["loss/replay_ce"]
             if self.strategy_term:
                 out[f"loss/{self.replay.strategy}"] = term / world
                 out["replay_weight"] = replay_weight
