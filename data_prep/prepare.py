@@ -24,10 +24,18 @@ from . import __version__
 from .atomic import remove_stale_temporaries, write_json
 from .build import HoldoutSplit, SourceSpec, build_source
 from .config import PrepareConfig
+from .documents import Document
 from .errors import UserError
 from .holdout import build_holdout
 from .mix import mix
-from .replay import ReplaySelection, select_replay, write_probe, write_replay
+from .replay import (
+    ReplaySelection,
+    overlap_with_builds,
+    refuse_overlap,
+    select_replay,
+    write_probe,
+    write_replay,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +50,15 @@ def prepare(
     """
     out = Path(cfg.out)
     if num_shards == 1:  # the one writer of these: leftovers of a killed run go, so a rerun ends byte-identical
-        for directory in (out, out / "mixture", out / "holdout", out / "replay"):
+        (out / "prep.json").unlink(missing_ok=True)  # a prep is complete again only when this run finishes
+        for directory in (out, out / "mixture", out / "holdout", out / "replay", out / "probe"):
             remove_stale_temporaries(directory)
-    replay_spec, chosen = _replay_choice(cfg, quiet)
+    replay_spec, chosen, probe_documents = _replay_choice(cfg, quiet)
+    reserved = chosen.digests | {d.digest for d in probe_documents}
     builds = {
         s.name: str(
             build_source(
-                replace(s, reserved=chosen.digests) if s is replay_spec else s,
+                replace(s, reserved=reserved) if s is replay_spec else s,
                 cfg.build,
                 cfg.tokenizer,
                 out / "cache",
@@ -63,6 +73,8 @@ def prepare(
     if num_shards > 1:
         log.info("prepare: piece %d/%d built; run prepare unsplit once all pieces finish", shard_index + 1, num_shards)
         return None
+    if replay_spec is not None:  # before anything is written: the same text in another source cannot be avoided
+        refuse_overlap(replay_spec, overlap_with_builds(reserved, list(builds.values())), list(builds.values()))
     manifest = mix(
         list(builds.values()),
         out / "mixture",
@@ -75,7 +87,6 @@ def prepare(
     holdout = build_holdout(list(builds.values()), out / "holdout")
     replay = probe = None
     if cfg.replay is not None and replay_spec is not None:
-        chosen, probe_documents = chosen.set_apart(cfg.replay.probe_docs, cfg.build.seed)
         if probe_documents:
             probe = out / "probe"
             write_probe(probe_documents, replay_spec, cfg.tokenizer, probe)
@@ -107,11 +118,11 @@ def prepare(
     return summary
 
 
-def _replay_choice(cfg: PrepareConfig, quiet: bool) -> tuple[SourceSpec | None, ReplaySelection]:
-    """The replay source and its chosen documents, outside its holdout; chosen before the source is built, so
-    the build leaves them out (every piece of a split prepare chooses the same ones)."""
+def _replay_choice(cfg: PrepareConfig, quiet: bool) -> tuple[SourceSpec | None, ReplaySelection, list[Document]]:
+    """The replay source, its replay documents and probe documents, outside its holdout; chosen before the source
+    is built, so the build leaves them out (every piece of a split prepare chooses the same ones)."""
     if cfg.replay is None:
-        return None, ReplaySelection([], 0, 0)
+        return None, ReplaySelection([], 0, 0), []
     general = [s for s in cfg.sources if s.role == "general"]
     name = cfg.replay.source or (general[0].name if general else "")
     spec = next((s for s in cfg.sources if s.name == name), None)
@@ -127,4 +138,5 @@ def _replay_choice(cfg: PrepareConfig, quiet: bool) -> tuple[SourceSpec | None, 
     )
     if not chosen.documents:
         raise UserError(f"source '{spec.name}': no usable documents outside its holdout to sample replay data from")
-    return spec, chosen
+    replay, probe = chosen.set_apart(cfg.replay.probe_docs, cfg.build.seed, at_random=cfg.replay.selection == "random")
+    return spec, replay, probe

@@ -93,13 +93,16 @@ class ReplaySelection:
     def digests(self) -> frozenset[int]:
         return frozenset(d.digest for d in self.documents)
 
-    def set_apart(self, n: int, seed: int) -> tuple[ReplaySelection, list[Document]]:
-        """(the rest, ``n`` documents drawn at random from this selection), both in stream order."""
+    def set_apart(self, n: int, seed: int, at_random: bool = True) -> tuple[ReplaySelection, list[Document]]:
+        """(the rest, ``n`` documents of this selection), both in stream order: drawn at random, or the last
+        ``n`` (so a 'first N' shard stays the first N)."""
         if n == 0:
             return self, []
         if n >= len(self.documents):
             raise UserError(f"{n} probe documents leave none of the {len(self.documents)} chosen for replay")
-        drawn = set(np.random.default_rng([seed, 1]).permutation(len(self.documents))[:n].tolist())
+        count = len(self.documents)
+        order = np.random.default_rng([seed, 1]).permutation(count) if at_random else np.arange(count)[::-1]
+        drawn = set(order[:n].tolist())
         rest = [d for i, d in enumerate(self.documents) if i not in drawn]
         return ReplaySelection(rest, self.seen, self.rejected), [self.documents[i] for i in sorted(drawn)]
 
@@ -166,6 +169,15 @@ def overlap_with_builds(digests: frozenset[int], build_dirs: list[str]) -> dict[
     return overlap
 
 
+def refuse_overlap(spec: SourceSpec, overlap: dict[str, int], builds: list[str]) -> None:
+    if overlap["train"] or overlap["holdout"]:
+        raise UserError(
+            f"replay from '{spec.name}': {overlap['train']} sample(s) also occur in training data and "
+            f"{overlap['holdout']} in holdout data of {builds}: the same text is in more than one source; "
+            "dedupe the sources"
+        )
+
+
 def write_replay(
     chosen: ReplaySelection,
     spec: SourceSpec,
@@ -183,12 +195,7 @@ def write_replay(
     if not chosen.documents:
         raise UserError(f"source '{spec.name}': no usable documents to sample replay data from")
     overlap = overlap_with_builds(chosen.digests, builds)
-    if overlap["train"] or overlap["holdout"]:
-        raise UserError(
-            f"replay from '{spec.name}': {overlap['train']} sample(s) also occur in training data and "
-            f"{overlap['holdout']} in holdout data of {builds}: the same text is in more than one source; "
-            "dedupe the sources"
-        )
+    refuse_overlap(spec, overlap, builds)
     if len(chosen.documents) < num_samples:
         log.warning(
             "replay: only %d documents of '%s' can be sampled (outside its holdout and the builds); %d samples, not %d",

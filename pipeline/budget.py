@@ -19,12 +19,15 @@ rise) is part of the checkpoint, so a resumed run continues exactly.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from data_prep.errors import ConfigError
 
 from .config import ForgettingConfig
 from .perplexity import perplexity
@@ -35,9 +38,13 @@ Forward = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids → [1, L, V] log
 
 
 def next_scale(scale: float, rise: float, cfg: ForgettingConfig) -> float:
-    """One controller update (see the module docstring)."""
+    """One controller update (see the module docstring). A rise that is not finite (the probe loss diverged)
+    sends the scale to its ceiling; the exponent is bounded, so a huge rise cannot overflow."""
     assert cfg.budget is not None
-    return min(max(scale * math.exp(cfg.gain * (rise - cfg.budget) / cfg.budget), cfg.min_scale), cfg.max_scale)
+    if not math.isfinite(rise):
+        return cfg.max_scale
+    step = min(max(cfg.gain * (rise - cfg.budget) / cfg.budget, -50.0), 50.0)
+    return min(max(scale * math.exp(step), cfg.min_scale), cfg.max_scale)
 
 
 class ForgettingBudget:
@@ -46,6 +53,7 @@ class ForgettingBudget:
         rows = probe.select(range(min(cfg.probe_docs, len(probe))))
         self.cfg, self.seq_len, self.device = cfg, seq_len, device
         self.docs, self.masks = rows["input_ids"], rows["loss_mask"]
+        self.probe = hashlib.sha256("\n".join(rows["id"]).encode()).hexdigest()[:16]  # which documents
         self.scale, self.base_ppl, self.rise = 1.0, None, 0.0
 
     def probe_ppl(self, forward: Forward) -> float:
@@ -62,8 +70,19 @@ class ForgettingBudget:
         self.scale = next_scale(self.scale, self.rise, self.cfg)
         return {"forgetting/probe_rise": self.rise, "forgetting/scale": self.scale}
 
-    def state_dict(self) -> dict[str, float | None]:
-        return {"scale": self.scale, "base_ppl": self.base_ppl, "rise": self.rise}
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "base_ppl": self.base_ppl, "rise": self.rise, "probe": self.probe}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Continue a checkpoint's controller; refused when its baseline was measured on other documents."""
+        if state is None:
+            raise ConfigError(
+                "forgetting.budget is set but the checkpoint has no forgetting-budget state: its probe baseline "
+                "would be measured on already-trained weights; resume with the budget off or start a new run"
+            )
+        if state["probe"] != self.probe:
+            raise ConfigError(
+                "the checkpoint's forgetting budget measured other probe documents (forgetting.probe_docs or the "
+                "prep changed); its baseline does not apply"
+            )
         self.scale, self.base_ppl, self.rise = state["scale"], state["base_ppl"], state["rise"]

@@ -239,10 +239,11 @@ def compare(
             f"{c['in_training']} are in the training data"
             for role, c in dirty.items()
         )
-        log.warning(
-            "forgetting not reported: %s; rebuild the prep with this version of `data_prep prepare`",
-            out["not_reported"],
-        )
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            log.warning(
+                "forgetting not reported: %s; rebuild the prep with this version of `data_prep prepare`",
+                out["not_reported"],
+            )
     if base is not None:
         out["base"] = base
         for role in ("general", "domain"):

@@ -4,7 +4,8 @@ A question file is MMLU's layout, a CSV without header: ``question, choice A,
 ..., choice D, answer letter`` (any number of choices >= 2), or jsonl with
 ``question``, ``choices`` (a list) and ``answer`` (a letter or a 0-based
 index). Each choice is scored as the continuation ``" " + choice`` of the
-prompt ``"Question: ...\\nAnswer:"``: the sum of its tokens' log-probabilities.
+prompt ``"Question: ...\\nAnswer:"`` (the two encoded together, cut after the
+prompt's tokens): the sum of its tokens' log-probabilities.
 ``acc`` takes the highest sum, ``acc_norm`` the highest sum per character of
 the choice (longer answers are not penalised for their length), as
 lm-evaluation-harness does for its ``acc``/``acc_norm``.
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data_prep.errors import InputError
+from data_prep.errors import InputError, UserError
 from data_prep.progress import progress_bar
 from data_prep.tokenizer import Tokenizer
 
@@ -46,14 +47,15 @@ def read_questions(path: str | Path) -> list[Question]:
     path = Path(path)
     if not path.is_file():
         raise InputError(str(path), "no such question file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = [(n, _from_json(path, n, line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    else:
-        rows = [(n, _from_csv(path, n, r)) for n, r in enumerate(csv.reader(text.splitlines()), 1) if r]
-    if not rows:
+    with path.open(encoding="utf-8", newline="") as f:  # newline="": quoted fields keep their line breaks
+        if path.suffix == ".jsonl":
+            questions = [_from_json(path, n, line) for n, line in enumerate(f, 1) if line.strip()]
+        else:
+            reader = csv.reader(f)
+            questions = [_from_csv(path, reader.line_num, row) for row in reader if row]
+    if not questions:
         raise InputError(str(path), "no questions")
-    return [q for _, q in rows]
+    return questions
 
 
 def _from_csv(path: Path, line: int, row: list[str]) -> Question:
@@ -72,7 +74,7 @@ def _from_json(path: Path, line: int, raw: str) -> Question:
 
 def _question(path: Path, line: int, question: str, choices: Sequence[str], answer: str | int) -> Question:
     letters = string.ascii_uppercase[: len(choices)]
-    if isinstance(answer, str) and answer.strip().upper() in letters and answer.strip():
+    if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in letters:
         index = letters.index(answer.strip().upper())
     elif isinstance(answer, int) and 0 <= answer < len(choices):
         index = answer
@@ -87,15 +89,31 @@ def prompt(question: Question) -> str:
     return f"Question: {question.question.strip()}\nAnswer:"
 
 
+def split_encodings(tokenizer: Tokenizer, questions: Sequence[Question]) -> tuple[list[list[int]], list[list[int]]]:
+    """(context, continuation) ids of every (question, choice): the whole text ``prompt + " " + choice`` encoded
+    at once and cut after the prompt's own length, so the model scores the tokens it would see (a tokenizer that
+    adds a prefix space to every text would give an encoded-alone " choice" one it never sees)."""
+    prompts = [prompt(q) for q in questions]
+    texts = [p + " " + c for p, q in zip(prompts, questions) for c in q.choices]
+    lengths = [len(ids) for ids in tokenizer.encode_batch(prompts)]
+    contexts, continuations = [], []
+    at = 0
+    for n, question in zip(lengths, questions):
+        for ids in tokenizer.encode_batch(texts[at : at + len(question.choices)]):
+            if len(ids) <= n:
+                raise UserError(f"a choice of the question {question.question[:40]!r} adds no tokens to its prompt")
+            contexts.append(ids[:n])
+            continuations.append(ids[n:])
+        at += len(question.choices)
+    return contexts, continuations
+
+
 def choice_logprobs(
     forward: Forward, tokenizer: Tokenizer, questions: Sequence[Question], device: torch.device | str = "cpu"
 ) -> list[list[float]]:
     """Log-likelihood of every choice of every question, as a continuation of the question's prompt."""
     pairs = [(q, c) for q, question in enumerate(questions) for c in range(len(question.choices))]
-    contexts = tokenizer.encode_batch([prompt(q) for q in questions])
-    continuations = tokenizer.encode_batch(
-        [" " + question.choices[c] for question in questions for c in range(len(question.choices))], start=False
-    )
+    contexts, continuations = split_encodings(tokenizer, questions)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     scores = torch.zeros(len(pairs), dtype=torch.float64, device=device)
     rounds = math.ceil(len(pairs) / world)
@@ -106,7 +124,7 @@ def choice_logprobs(
             i = k * world + rank
             real = i < len(pairs)
             q, _ = pairs[i] if real else pairs[0]  # a padding forward keeps ZeRO-3 collectives in step
-            context, continuation = contexts[q], continuations[i if real else 0]
+            context, continuation = contexts[i if real else 0], continuations[i if real else 0]
             ids = torch.tensor([context + continuation], dtype=torch.long, device=device)
             logprobs = F.log_softmax(forward(ids)[0, len(context) - 1 : -1].float(), dim=-1)
             target = torch.tensor(continuation, device=device)
@@ -131,6 +149,6 @@ def mcq_accuracy(
     hits = norm_hits = 0
     for question, s in zip(questions, scores):
         hits += max(range(len(s)), key=s.__getitem__) == question.answer
-        per_char = [v / len(c) for v, c in zip(s, question.choices)]
+        per_char = [v / len(" " + c) for v, c in zip(s, question.choices)]  # the continuation's characters
         norm_hits += max(range(len(s)), key=per_char.__getitem__) == question.answer
     return {"acc": hits / len(questions), "acc_norm": norm_hits / len(questions), "n": float(len(questions))}

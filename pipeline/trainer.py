@@ -276,8 +276,8 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.replay is not None and state.get("replay_sampler"):
             self.replay.load_state_dict(state["replay_sampler"])
-        if self.budget is not None and state.get("forgetting_budget"):
-            self.budget.load_state_dict(state["forgetting_budget"])
+        if self.budget is not None:
+            self.budget.load_state_dict(state.get("forgetting_budget"))
             self.objective.anti_forgetting_scale = self.budget.scale
         # L2-SP anchors were taken from the start weights before this load: still the run's initial weights.
 

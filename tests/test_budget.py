@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import datasets
 import pytest
 import torch
 
-from pipeline.budget import next_scale
+from data_prep.errors import ConfigError
+from pipeline.budget import ForgettingBudget, next_scale
 from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
 from pipeline.config import ForgettingConfig, KDConfig, ReplayConfig
 from pipeline.losses.objective import Objective, TaskOutputs
@@ -22,6 +24,25 @@ def test_the_scale_grows_above_the_budget_shrinks_below_it_and_stays_in_its_boun
     assert next_scale(1.0, 0.04, CFG) == pytest.approx(math.exp(0.5))  # twice the budget: one gain step up
     assert next_scale(2.0, 0.0, CFG) == pytest.approx(2.0 * math.exp(-0.5))  # nothing forgotten: give it back
     assert next_scale(50.0, 10.0, CFG) == 100.0 and next_scale(0.02, -5.0, CFG) == 0.01
+
+
+def test_a_diverged_or_huge_rise_sends_the_scale_to_its_ceiling_without_overflow():
+    assert next_scale(1.0, float("nan"), CFG) == 100.0 and next_scale(1.0, float("inf"), CFG) == 100.0
+    assert next_scale(1.0, 1e6, CFG) == 100.0 and next_scale(1.0, -1e6, CFG) == 0.01
+
+
+def test_a_checkpoint_without_budget_state_or_measured_on_other_probe_documents_is_refused():
+    probe = datasets.Dataset.from_dict(
+        {"id": ["g:1", "g:2", "g:3"], "input_ids": [[1, 2, 3]] * 3, "loss_mask": [[1, 1, 1]] * 3}
+    )
+    budget = ForgettingBudget(CFG, probe, 8, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="no forgetting-budget state"):
+        budget.load_state_dict(None)
+    fewer = ForgettingBudget(ForgettingConfig(budget=0.02, probe_docs=2), probe, 8, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="other probe documents"):
+        fewer.load_state_dict({**budget.state_dict(), "base_ppl": 5.0})
+    budget.load_state_dict({**budget.state_dict(), "base_ppl": 5.0, "scale": 3.0})
+    assert budget.scale == 3.0 and budget.base_ppl == 5.0
 
 
 def test_the_scale_multiplies_the_kd_weight_and_nothing_else():

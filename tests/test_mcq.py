@@ -47,11 +47,12 @@ def test_choice_scores_equal_the_models_own_loss_on_the_continuation(sample):
     questions = [Question(q, (right, *wrong), 0) for q, right, wrong in EASY[:3]]
     scores = choice_logprobs(lambda ids: model(input_ids=ids).logits, tokenizer, questions)
     for question, got in zip(questions, scores):
-        context = tokenizer.encode_batch([prompt(question)])[0]
+        n = len(tokenizer.encode_batch([prompt(question)])[0])
         for choice, value in zip(question.choices, got):
-            continuation = tokenizer.encode_batch([" " + choice], start=False)[0]
-            ids = torch.tensor([context + continuation])
-            labels = torch.tensor([[-100] * len(context) + continuation])
+            whole = tokenizer.encode_batch([prompt(question) + " " + choice])[0]  # as a reader of the text sees it
+            continuation = whole[n:]
+            ids = torch.tensor([whole])
+            labels = torch.tensor([[-100] * n + continuation])
             with torch.no_grad():
                 mean_nll = model(input_ids=ids, labels=labels).loss  # HF's own shift and mean over the choice
             assert value == pytest.approx(-float(mean_nll) * len(continuation), rel=1e-5, abs=1e-5)
@@ -81,11 +82,22 @@ def test_jsonl_and_csv_give_the_same_questions(tmp_path):
     assert read_questions(tmp_path / "q.csv") == read_questions(tmp_path / "q.jsonl")
 
 
+def test_a_quoted_field_keeps_its_line_breaks_and_later_rows_their_line_numbers(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text('"What does\nthis print?","1","2","A"\n"Q?","a","b","Z"\n')
+    with pytest.raises(InputError, match="answer 'Z'") as e:
+        read_questions(path)
+    assert str(e.value).startswith(f"{path}:3: ")
+    path.write_text('"What does\nthis print?","1","2","A"\n')
+    assert read_questions(path)[0].question == "What does\nthis print?"
+
+
 @pytest.mark.reliability("bad input")
 @pytest.mark.parametrize(
     "line, message",
     [
         ('"Q?","a","b","E"', "answer 'E' is not one of ['A', 'B']"),
+        ('"Q?","a","b","AB"', "answer 'AB' is not one of ['A', 'B']"),
         ('"Q?","a"', "got 2 fields"),
         ('"Q?","a","","A"', "at least 2 non-empty choices"),
     ],

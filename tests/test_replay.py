@@ -115,6 +115,18 @@ def test_prepare_never_shares_a_document_between_holdout_replay_and_training(pre
             assert np.asarray(doc[:24], np.int32).tobytes() not in stream
 
 
+def test_probe_documents_are_in_no_other_split(sample, tmp_path):
+    from .train_helpers import make_prep
+
+    prep = make_prep(sample, tmp_path / "prep", probe_docs=4)
+    meta = json.loads((prep / "prep.json").read_text())
+    probe, replay = _ids(Path(meta["probe"])), _ids(prep / "replay" / "data")
+    holdout = set().union(*(_ids(p) for p in meta["holdout"].values()))
+    train = {int(d) for b in meta["builds"].values() for d in doc_digests(b, holdout=False)}
+    assert len(probe) == 4 and len(replay) == 16
+    assert not probe & replay and not probe & holdout and not probe & train
+
+
 def test_reserving_replay_documents_leaves_the_holdout_as_it_was(sample, tmp_path):
     from .train_helpers import make_prep
 

@@ -15,7 +15,8 @@ term nears 0 (a few states just past a threshold) the ratio would grow without
 bound and so would the step those few elements get.
 
 With a forgetting budget (``pipeline/budget.py``) ``w`` and kd.weight are
-both multiplied by its scale, ``anti_forgetting_scale``.
+both multiplied by its scale, ``anti_forgetting_scale``, after the dynamic
+weight's cap: forgetting.max_scale bounds what the controller adds.
 
 The trainer runs the forwards and hands their outputs here; what this module
 returns is exactly what backward sees, and its named parts are what is logged.
