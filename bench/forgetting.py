@@ -1,95 +1,185 @@
-"""Forgetting benchmark: which anti-forgetting option keeps general ability while learning the domain.
+"""Forgetting benchmark: what each anti-forgetting option costs in domain learning and saves in general ability.
 
-The small-scale analog of the GeRe paper's table. Every row continues the
-same base model (the demo's: a tiny Llama pretrained on Python's English
-docs) on the same domain data (stdlib code) for the same steps and lr, as a
-real 2-rank ZeRO-3 run, then is evaluated on the same general and domain
-holdouts. Rows: naive CPT (no general mix, no replay); + 15% general mix;
-+ GeRe replay CE only; + GeRe TM; + KD; + L2-SP; + EWC; and naive and
-mix + TM again at 3x and 10x the lr.
+Every row continues the same base model on the same domain corpus as a real
+2-rank ZeRO-3 run, and is scored on general and domain holdout documents that
+no run trains on or replays (the bench refuses a prep where one is; see
+``pipeline.eval.holdout_contamination``). Every row runs once per seed; a seed
+changes the mixture's row order and the replay sampling (a base is a given
+checkpoint, so there is no init to vary).
 
-    python -m pipeline.demo            # once: builds runs/demo (prep, base model, GeRe cache)
-    python -m bench.forgetting [--steps 60]
-Last line: tm_forgetting_vs_naive=<x> tm_learning_vs_naive=<y> (goal x <= 0.25, y >= 0.95)
+    python -m pipeline.demo && python -m bench.forgetting --tiny              # the demo's base and corpora
+    python -m bench.forgetting --model HF_DIR --general G... --domain D... --lr 2e-5
+
+Per row: general and domain perplexity change against the base, mean ± std
+over seeds, and the row's forgetting and learning as ratios of naive CPT's at
+the same lr. A difference from naive smaller than twice its standard error
+(the two rows' seed spreads) is marked "~": within noise. Results are kept in
+``OUT/results.json`` as they finish, so an interrupted bench resumes.
+Last line: tm_forgetting_vs_naive=<x> tm_learning_vs_naive=<y> seeds=<n> clean_holdout=<0|1>
+(goal x <= 0.25 and y >= 0.95 at every lr).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from data_prep.atomic import write_json
+from data_prep.config import parse_config
 from data_prep.mix import mix
+from data_prep.prepare import prepare
 from pipeline.checkpoint_files import CheckpointDir
-from pipeline.eval import evaluate_model, load_hf
+from pipeline.eval import evaluate_model, holdout_contamination, load_hf
 from pipeline.launch import ROOT, run_deepspeed
 
-VARIANTS: list[tuple[str, bool, dict[str, Any], float]] = [  # name, general mix, extra config, lr multiplier
-    ("naive CPT", False, {}, 1.0),
-    ("+ 15% general mix", True, {}, 1.0),
-    ("+ mix + GeRe replay CE", True, {"replay": {"strategy": "ce", "samples_per_step": 4}}, 1.0),
-    ("+ mix + GeRe TM", True, {"replay": {"strategy": "tm", "samples_per_step": 4, "weight": 1.0}}, 1.0),
-    (
-        "+ mix + GeRe TM (dynamic w)",
-        True,
-        {"replay": {"strategy": "tm", "samples_per_step": 4, "weight": "dynamic"}},
-        1.0,
-    ),
-    ("+ mix + KD", True, {"kd": {"weight": 1.0}}, 1.0),
-    ("+ mix + L2-SP", True, {"penalty": {"kind": "l2sp", "weight": 50.0}}, 1.0),
-    ("+ mix + EWC", True, {"penalty": {"kind": "ewc", "weight": 50.0}}, 1.0),
-    ("naive CPT, 3x lr", False, {}, 3.0),
-    ("+ mix + GeRe TM, 3x lr", True, {"replay": {"strategy": "tm", "samples_per_step": 4, "weight": 1.0}}, 3.0),
-    ("naive CPT, 10x lr", False, {}, 10.0),
-    ("+ mix + GeRe TM, 10x lr", True, {"replay": {"strategy": "tm", "samples_per_step": 4, "weight": 1.0}}, 10.0),
+log = logging.getLogger("bench.forgetting")
+
+TM = {"replay": {"strategy": "tm", "samples_per_step": 4, "weight": 1.0}}
+BUDGET = {"budget": 0.05, "every": 10, "probe_docs": 32}  # general ppl may rise 5%: the trainer scales TM
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    mixed: bool  # the 15% general mix, or domain rows only
+    extra: dict[str, Any] = field(default_factory=dict)
+    lr_mult: float = 1.0
+
+
+ROWS = [
+    Row("naive CPT", False),
+    Row("+ 15% general mix", True),
+    Row("+ mix + replay CE", True, {"replay": {"strategy": "ce", "samples_per_step": 4}}),
+    Row("+ mix + TM (w 1)", True, TM),
+    Row("+ mix + TM (w 100)", True, {"replay": {**TM["replay"], "weight": 100.0}}),
+    Row("+ mix + TM (dynamic w)", True, {"replay": {**TM["replay"], "weight": "dynamic"}}),
+    Row("+ mix + KD", True, {"kd": {"weight": 1.0}}),
+    Row("+ mix + L2-SP", True, {"penalty": {"kind": "l2sp", "weight": 50.0}}),
+    Row("+ mix + EWC", True, {"penalty": {"kind": "ewc", "weight": 50.0}}),
+    Row("+ mix + TM + KD", True, {**TM, "kd": {"weight": 1.0}}),
+    Row("+ mix + TM, no replay CE", True, {"replay": {**TM["replay"], "ce_weight": 0.0}}),
+    Row("+ mix + TM, 2 replay samples", True, {"replay": {**TM["replay"], "samples_per_step": 2}}),
+    Row("naive CPT, 3x lr", False, {}, 3.0),
+    Row("+ mix + TM (w 1), 3x lr", True, TM, 3.0),
+    Row("naive CPT, 10x lr", False, {}, 10.0),
+    Row("+ mix + TM (w 1), 10x lr", True, TM, 10.0),
+    Row("+ mix + TM, budget 5%", True, {**TM, "forgetting": BUDGET}),
+    Row("+ mix + TM, budget 5%, 10x lr", True, {**TM, "forgetting": BUDGET}, 10.0),
 ]
+DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
 
 
-def no_mix_prep(demo: Path) -> Path:
-    """The demo's prep with a 0% general mixture: same builds, replay shard and holdouts."""
-    out = demo / "prep_nomix"
+# --- setup -------------------------------------------------------------------------------------------
+
+
+def base_and_corpora(args: argparse.Namespace) -> tuple[Path, str, list[str], list[str]]:
+    """(base model directory, tokenizer, general paths, domain paths) from the arguments."""
+    if args.tiny:
+        demo = Path(args.demo).resolve()
+        base = demo / "base" / "hf"
+        if not (base / "config.json").is_file():
+            raise SystemExit(f"{demo}: run `python -m pipeline.demo` first (it pretrains the tiny base)")
+        general = args.general or [str(demo / "corpora" / "general.jsonl.gz")]
+        domain = args.domain or [str(demo / "corpora" / "domain.jsonl.gz")]
+        return base, str(demo / "tokenizer" / "spm.model"), general, domain
+    if not args.general or not args.domain:
+        raise SystemExit("--model needs --general and --domain corpora")
+    return Path(args.model).resolve(), str(Path(args.model).resolve()), args.general, args.domain
+
+
+def prepare_data(out: Path, tokenizer: str, general: list[str], domain: list[str], args: argparse.Namespace) -> Path:
+    """Builds, the replay shard and holdouts, once; the mixtures differ by seed (see :func:`seeded_prep`)."""
+    prep = out / "prep"
+    if not (prep / "prep.json").is_file():
+        cfg = {
+            "tokenizer": tokenizer,
+            "out": str(prep),
+            "seq_len": args.seq_len,
+            "seed": 1234,
+            "workers": 2,
+            "sources": [
+                {"name": "general", "role": "general", "paths": [str(Path(p).resolve()) for p in general]},
+                {"name": "domain", "role": "domain", "paths": [str(Path(p).resolve()) for p in domain]},
+            ],
+            "mix": {"general_ratio": 0.15, "batch_rows": 8},  # the global batch: 2 ranks x 2 x 2
+            "replay": {"num_samples": args.replay_samples, "replay_len": args.seq_len, "probe_docs": 32},
+            "holdout": {"fraction": args.holdout_fraction, "max_docs": args.eval_docs},
+        }
+        prepare(parse_config(cfg, base=out, origin="bench.forgetting"), quiet=True)
+    found = holdout_contamination(prep, args.eval_docs)
+    if any(c["in_replay"] or c["in_training"] for c in found.values()):
+        raise SystemExit(f"{prep}: scored holdout documents are replayed or trained on: {found}")
+    return prep
+
+
+def seeded_prep(prep: Path, seed: int, mixed: bool) -> Path:
+    """``prep`` with its mixture re-drawn in seed ``seed``'s row order (general share 15%, or 0)."""
+    out = prep.parent / f"prep-{'mix' if mixed else 'nomix'}-s{seed}"
     if not (out / "prep.json").is_file():
-        prep = json.loads((demo / "prep" / "prep.json").read_text())
-        domain = [d for d in prep["builds"].values() if "/domain/" in d]
-        mix(domain, out / "mixture", general_ratio=0.0, quiet=True)
-        (out / "prep.json").write_text(json.dumps({**prep, "mixture": str(out / "mixture")}, indent=1))
+        meta = json.loads((prep / "prep.json").read_text())
+        builds = [b for name, b in meta["builds"].items() if mixed or name == "domain"]
+        mix(builds, out / "mixture", 0.15 if mixed else 0.0, seed=seed, batch_rows=8, quiet=True)
+        write_json(out / "prep.json", {**meta, "mixture": str(out / "mixture")})
     return out
 
 
-def run_variant(
-    name: str, prep: Path, extra: dict[str, Any], lr: float, args: argparse.Namespace, demo: Path, out: Path
-) -> float:
+def train_config(row: Row, seed: int, prep: Path, base: Path, cache: Path, out: Path, args) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "run_dir": str(out),
         "stage": "cpt",
         "steps": args.steps,
-        "seed": 0,
+        "seed": seed,
         "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"),
-        "model": {"path": str(demo / "base" / "hf")},
+        "model": {"path": str(base)},
         "data": {"prep": str(prep)},
-        "optim": {"lr": lr, "warmup_steps": 5, "min_lr_ratio": 0.1},
+        "optim": {"lr": args.lr * row.lr_mult, "warmup_steps": 5, "min_lr_ratio": 0.1},
         "batch": {"micro_batch": 2, "grad_accum": 2},
         "checkpoint": {"every": 0, "keep_last": 1, "resume": "never"},
         "eval": {"max_docs": 8},
         "log": {"tensorboard": False},
     }
-    for key, value in extra.items():
-        cfg[key] = {**value, **({"cache": str(demo / "gere_cache")} if key == "replay" else {})}
+    for key, value in row.extra.items():
+        cfg[key] = {**value, **({"cache": str(cache)} if value.get("strategy") == "tm" else {})}
+    return cfg
+
+
+def gere_cache(out: Path, prep: Path, base: Path, args: argparse.Namespace) -> Path:
+    """The base model's GeRe cache, built as the TM rows replay (2 ranks, their replay rows per forward)."""
+    cache = out / "gere_cache"
+    if not (cache / "meta.json").is_file():
+        config = out / "gere.yaml"
+        config.write_text(yaml.safe_dump(train_config(ROWS[3], 0, prep, base, cache, out / "unused", args)))
+        if run_deepspeed("pipeline.gere", ["--config", str(config)]).returncode != 0:
+            raise SystemExit("building the GeRe cache failed")
+    return cache
+
+
+# --- runs --------------------------------------------------------------------------------------------
+
+
+def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path, args) -> dict[str, float]:
+    """Train, export and score one (row, seed); returns its holdout perplexities and wall seconds."""
+    out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(train_config(row, seed, prep, base, cache, out, args)))
     start = time.perf_counter()
     result = run_deepspeed("pipeline.train", ["--config", str(out / "config.yaml")], capture=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
-        raise SystemExit(f"{name}: training failed\n{result.stderr[-3000:]}")
+        raise SystemExit(f"{row.name}, seed {seed}: training failed\n{result.stderr[-3000:]}")
     latest = CheckpointDir.latest_of_run(out)
     subprocess.run(
         [sys.executable, "-m", "pipeline.export", "--checkpoint", str(latest.path), "--out", str(out / "hf")],
@@ -97,59 +187,144 @@ def run_variant(
         check=True,
         capture_output=True,
     )
-    return seconds
+    scores = evaluate_model(load_hf(out / "hf"), prep, args.eval_docs)
+    shutil.rmtree(out)
+    return {**scores, "seconds": seconds}
+
+
+# --- the table ---------------------------------------------------------------------------------------
+
+
+def changes(results: dict[str, Any], name: str, role: str) -> list[float]:
+    base = results["base"][f"ppl/{role}"]
+    return [r[f"ppl/{role}"] / base - 1.0 for r in results["rows"].get(name, {}).values()]
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan) if xs else (math.nan, math.nan)
+
+
+def beyond_noise(a: list[float], b: list[float]) -> bool:
+    """|mean(a) − mean(b)| > 2 standard errors of the difference (each row's own seed spread)."""
+    if len(a) < 2 or len(b) < 2:
+        return False
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return abs(statistics.fmean(a) - statistics.fmean(b)) > 2 * se
+
+
+def ratio(row: list[float], naive: list[float]) -> float:
+    """mean over seeds of the row's change over naive's (seed i with seed i)."""
+    pairs = [(r, n) for r, n in zip(row, naive) if n != 0]
+    return statistics.fmean(r / n for r, n in pairs) if pairs else math.nan
+
+
+def naive_of(name: str) -> str:
+    lr = next((part for part in name.split(", ") if part.endswith("x lr")), "")
+    return "naive CPT" + (f", {lr}" if lr else "")
+
+
+def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
+    seeds = len(args.seeds)
+    print(
+        f"\n{args.steps} steps of 4 x {args.seq_len} tokens from {results['base_name']}, lr {args.lr:g} (1x), "
+        f"2 CPU ranks, {seeds} seed(s); {results['scored']}"
+    )
+    print("| run | Δ general ppl | Δ domain ppl | forgetting / naive | learning / naive | wall s |")
+    print("|---|---|---|---|---|---|")
+    b = results["base"]
+    print(f"| base (ppl {b['ppl/general']:.2f} general, {b['ppl/domain']:.2f} domain) | | | | | |")
+    for row in ROWS:
+        if row.name not in results["rows"]:
+            continue
+        g, d = changes(results, row.name, "general"), changes(results, row.name, "domain")
+        ng, nd = changes(results, naive_of(row.name), "general"), changes(results, naive_of(row.name), "domain")
+        cells = [f"{m:+.1%} ± {s:.1%}" for m, s in (mean_std(g), mean_std(d))]
+        if row.name.startswith("naive"):
+            cells += ["1", "1"]
+        else:
+            cells += [
+                f"{ratio(g, ng):.2f}{'' if beyond_noise(g, ng) else ' ~'}",
+                f"{ratio(d, nd):.2f}{'' if beyond_noise(d, nd) else ' ~'}",
+            ]
+        seconds = statistics.fmean(r["seconds"] for r in results["rows"][row.name].values())
+        print(f"| {row.name} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+    print("Δ: mean ± std over seeds; ratios: mean over seeds of the row's Δ over naive's; ~: within noise")
+    for lr in ("", ", 3x lr", ", 10x lr"):
+        name = DEFAULT + lr
+        g, d = changes(results, name, "general"), changes(results, name, "domain")
+        ng, nd = changes(results, naive_of(name), "general"), changes(results, naive_of(name), "domain")
+        if g and ng:
+            print(
+                f"{lr.strip(', ') or '1x lr'}: {DEFAULT} forgets {ratio(g, ng):.2f} of naive's rise (goal <= 0.25) "
+                f"and learns {ratio(d, nd):.2f} of its gain (goal >= 0.95)"
+            )
+    for name in (r.name for r in ROWS if "budget" in r.name):
+        g = changes(results, name, "general")
+        if g:
+            held = sum(x <= BUDGET["budget"] for x in g)
+            print(f"{name}: general ppl rise {mean_std(g)[0]:+.1%}, within the budget in {held} of {len(g)} seeds")
+
+
+def summary_line(results: dict[str, Any], args: argparse.Namespace) -> str:
+    g, d = changes(results, DEFAULT, "general"), changes(results, DEFAULT, "domain")
+    ng, nd = changes(results, "naive CPT", "general"), changes(results, "naive CPT", "domain")
+    clean = int(all(c["in_replay"] == c["in_training"] == 0 for c in results["contamination"].values()))
+    return (
+        f"tm_forgetting_vs_naive={ratio(g, ng):.3f} tm_learning_vs_naive={ratio(d, nd):.3f} "
+        f"seeds={min(len(g), len(ng))} clean_holdout={clean}"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", default=str(ROOT / "runs" / "demo"), help="output of `python -m pipeline.demo`")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tiny", action="store_true", help="the demo's tiny base and corpora (runs/demo)")
+    which.add_argument("--model", help="a pretrained Hugging Face model directory (its tokenizer too)")
+    p.add_argument("--general", nargs="+", help="general corpus files (jsonl, txt, parquet, ...)")
+    p.add_argument("--domain", nargs="+", help="domain corpus files")
+    p.add_argument("--demo", default=str(ROOT / "runs" / "demo"), help="with --tiny: the demo's directory")
+    p.add_argument("--out", default=None, help="work directory (default runs/forgetting-tiny or -model)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=1e-3, help="the 1x learning rate")
-    p.add_argument("--eval-docs", type=int, default=100)
-    p.add_argument("--only", nargs="*", help="run only variants whose name contains one of these")
+    p.add_argument("--lr", type=float, default=1e-3, help="the 1x learning rate (2e-5 for a real model)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--replay-samples", type=int, default=500)
+    p.add_argument("--holdout-fraction", type=float, default=0.05)
+    p.add_argument("--eval-docs", type=int, default=100, help="holdout documents scored per split")
+    p.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
     args = p.parse_args()
-    demo = Path(args.demo).resolve()
-    if not (demo / "base" / "hf" / "config.json").is_file() or not (demo / "gere_cache" / "meta.json").is_file():
-        raise SystemExit(f"{demo}: run `python -m pipeline.demo` first (it builds the base model and GeRe cache)")
-    preps = {True: demo / "prep", False: no_mix_prep(demo)}
-    base = evaluate_model(load_hf(demo / "base" / "hf"), preps[True], args.eval_docs)
-    rows = [("base", base, 0.0)]
-    for i, (name, mixed, extra, mult) in enumerate(VARIANTS):
-        if args.only and not any(o in name for o in args.only):
-            continue
-        out = demo / "forgetting" / f"{i:02d}"
-        seconds = run_variant(name, preps[mixed], extra, args.lr * mult, args, demo, out)
-        rows.append((name, evaluate_model(load_hf(out / "hf"), preps[True], args.eval_docs), seconds))
-        print(f"  done: {name} ({seconds:.0f} s)", flush=True)
-    g0, d0 = base["ppl/general"], base["ppl/domain"]
-    print(
-        f"\n{args.steps} steps of 4 x 512 tokens from the demo base, lr {args.lr:g} (1x), 2 CPU ranks; "
-        f"holdouts: {args.eval_docs} docs per split"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    base, tokenizer, general, domain = base_and_corpora(args)
+    work = Path(args.out or ROOT / "runs" / f"forgetting-{'tiny' if args.tiny else 'model'}").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    prep = prepare_data(work, tokenizer, general, domain, args)
+    cache = gere_cache(work, prep, base, args)
+    store = work / "results.json"
+    protocol = {"base": str(base), "steps": args.steps, "lr": args.lr, "seq_len": args.seq_len, "docs": args.eval_docs}
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    if results.get("protocol") != protocol:  # results of another protocol are not comparable: start over
+        results = {"protocol": protocol, "rows": {}}
+    results["base_name"] = "the demo's tiny base" if args.tiny else str(base)
+    results["contamination"] = holdout_contamination(prep, args.eval_docs)
+    results["scored"] = ", ".join(
+        f"{c['scored']} {role} holdout docs ({c['in_replay']} replayed, {c['in_training']} trained on)"
+        for role, c in results["contamination"].items()
     )
-    print(
-        f"| {'run':<30} | {'general ppl':>11} | {'Δ general':>9} | {'domain ppl':>10} | {'Δ domain':>8} "
-        f"| {'wall s':>6} |"
-    )
-    print(f"|{'-' * 32}|{'-' * 13}|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 8}|")
-    for name, r, s in rows:
-        g, d = r["ppl/general"], r["ppl/domain"]
-        print(f"| {name:<30} | {g:>11.2f} | {g / g0 - 1:>+9.1%} | {d:>10.2f} | {d / d0 - 1:>+8.1%} | {s:>6.0f} |")
-    by = {name: r for name, r, _ in rows}
-    summary = []
-    for suffix in ("", ", 3x lr", ", 10x lr"):
-        naive, tm = by.get(f"naive CPT{suffix}"), by.get(f"+ mix + GeRe TM{suffix}")
-        if naive and tm:
-            forget = (
-                (tm["ppl/general"] - g0) / (naive["ppl/general"] - g0) if naive["ppl/general"] != g0 else float("nan")
-            )
-            learn = (d0 - tm["ppl/domain"]) / (d0 - naive["ppl/domain"]) if naive["ppl/domain"] != d0 else float("nan")
-            tag = suffix.strip(", ").replace(" ", "_") or "1x"
-            print(
-                f"{tag}: TM's general-ppl rise is {forget:.2f} of naive's; its domain-ppl gain {learn:.2f} of naive's"
-            )
-            if not summary:
-                summary = [f"tm_forgetting_vs_naive={forget:.3f}", f"tm_learning_vs_naive={learn:.3f}"]
-    print(" ".join(summary))
+    if "base" not in results:
+        results["base"] = evaluate_model(load_hf(base), prep, args.eval_docs)
+    for seed in args.seeds:
+        for row in ROWS:
+            if args.only and not any(o in row.name for o in args.only):
+                continue
+            if str(seed) in results["rows"].get(row.name, {}):
+                continue
+            scores = run_row(row, seed, seeded_prep(prep, seed, row.mixed), base, cache, work, args)
+            results["rows"].setdefault(row.name, {})[str(seed)] = scores
+            write_json(store, results)
+            log.info("%s, seed %d: %s", row.name, seed, {k: round(v, 3) for k, v in scores.items()})
+    write_json(store, results)
+    print_table(results, args)
+    print(summary_line(results, args))
 
 
 if __name__ == "__main__":
