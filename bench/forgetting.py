@@ -224,15 +224,14 @@ def naive_of(name: str) -> str:
 
 
 def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
-    seeds = len(args.seeds)
     print(
         f"\n{args.steps} steps of 4 x {args.seq_len} tokens from {results['base_name']}, lr {args.lr:g} (1x), "
-        f"2 CPU ranks, {seeds} seed(s); {results['scored']}"
+        f"2 CPU ranks, seeds {' '.join(map(str, args.seeds))}; {results['scored']}"
     )
-    print("| run | Δ general ppl | Δ domain ppl | forgetting / naive | learning / naive | wall s |")
-    print("|---|---|---|---|---|---|")
+    print("| run | seeds | Δ general ppl | Δ domain ppl | forgetting / naive | learning / naive | wall s |")
+    print("|---|---|---|---|---|---|---|")
     b = results["base"]
-    print(f"| base (ppl {b['ppl/general']:.2f} general, {b['ppl/domain']:.2f} domain) | | | | | |")
+    print(f"| base (ppl {b['ppl/general']:.2f} general, {b['ppl/domain']:.2f} domain) | | | | | | |")
     for row in ROWS:
         if row.name not in results["rows"]:
             continue
@@ -247,7 +246,7 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
                 f"{ratio(d, nd):.2f}{'' if beyond_noise(d, nd) else ' ~'}",
             ]
         seconds = statistics.fmean(r["seconds"] for r in results["rows"][row.name].values())
-        print(f"| {row.name} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+        print(f"| {row.name} | {len(g)} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     print("Δ: mean ± std over seeds; ratios: mean over seeds of the row's Δ over naive's; ~: within noise")
     for lr in ("", ", 3x lr", ", 10x lr"):
         name = DEFAULT + lr
@@ -292,6 +291,7 @@ def main() -> None:
     p.add_argument("--holdout-fraction", type=float, default=0.05)
     p.add_argument("--eval-docs", type=int, default=100, help="holdout documents scored per split")
     p.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
+    p.add_argument("--skip", nargs="*", default=[], help="skip rows whose name contains one of these")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     base, tokenizer, general, domain = base_and_corpora(args)
@@ -314,7 +314,7 @@ def main() -> None:
         results["base"] = evaluate_model(load_hf(base), prep, args.eval_docs)
     for seed in args.seeds:
         for row in ROWS:
-            if args.only and not any(o in row.name for o in args.only):
+            if args.only and not any(o in row.name for o in args.only) or any(o in row.name for o in args.skip):
                 continue
             if str(seed) in results["rows"].get(row.name, {}):
                 continue
