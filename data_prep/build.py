@@ -575,6 +575,15 @@ def holdout_rows(build_dir: str | os.PathLike[str]) -> Iterator[pa.Table]:
     yield from chunk_tables(build_dir, "holdout")
 
 
+def found_in_builds(digests: np.ndarray, build_dirs: list[str]) -> dict[str, int]:
+    """How many of ``digests`` (uint64) the builds train on, and how many they hold out."""
+    found = {}
+    for part, holdout in (("train", False), ("holdout", True)):
+        parts = [doc_digests(b, holdout=holdout) for b in build_dirs]
+        found[part] = int(np.isin(digests, np.concatenate(parts) if parts else np.zeros(0, np.uint64)).sum())
+    return found
+
+
 def doc_digests(build_dir: str | os.PathLike[str], holdout: bool | None = None) -> np.ndarray:
     """Digests of a build's documents (train, holdout, or both) for overlap checks."""
     parts = []

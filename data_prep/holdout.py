@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from . import __version__
 from .arrow_dataset import write_dataset_dir
 from .atomic import write_json
-from .build import doc_digests, holdout_rows, load_build
+from .build import doc_digests, found_in_builds, holdout_rows, load_build
 from .errors import UserError
 from .schema import DOCUMENT_SCHEMA
 
@@ -75,9 +75,8 @@ def contamination(ids: Sequence[str], replay_ids: Sequence[str], builds: Sequenc
     """
     scored = np.array([doc_digest(i) for i in ids], dtype=np.uint64)
     replay = np.array([doc_digest(i) for i in replay_ids], dtype=np.uint64)
-    train = np.concatenate([doc_digests(b, holdout=False) for b in builds]) if builds else np.zeros(0, np.uint64)
     return {
         "scored": len(scored),
         "in_replay": int(np.isin(scored, replay).sum()),
-        "in_training": int(np.isin(scored, train).sum()),
+        "in_training": found_in_builds(scored, list(builds))["train"],
     }

@@ -74,7 +74,8 @@ def prepare(
         log.info("prepare: piece %d/%d built; run prepare unsplit once all pieces finish", shard_index + 1, num_shards)
         return None
     if replay_spec is not None:  # before anything is written: the same text in another source cannot be avoided
-        refuse_overlap(replay_spec, overlap_with_builds(reserved, list(builds.values())), list(builds.values()))
+        overlap = overlap_with_builds(reserved, list(builds.values()))
+        refuse_overlap(replay_spec, overlap, list(builds.values()))
     manifest = mix(
         list(builds.values()),
         out / "mixture",
@@ -86,7 +87,7 @@ def prepare(
     )
     holdout = build_holdout(list(builds.values()), out / "holdout")
     replay = probe = None
-    if cfg.replay is not None and replay_spec is not None:
+    if replay_spec is not None:
         if probe_documents:
             probe = out / "probe"
             write_probe(probe_documents, replay_spec, cfg.tokenizer, probe)
@@ -100,6 +101,7 @@ def prepare(
             cfg.replay.selection,
             cfg.build.seed,
             list(builds.values()),
+            overlap,
         )
     summary = {
         "version": __version__,

@@ -30,7 +30,7 @@ import pyarrow as pa
 from . import __version__
 from .arrow_dataset import write_dataset_dir
 from .atomic import write_json
-from .build import HoldoutSplit, SourceSpec, doc_digests
+from .build import HoldoutSplit, SourceSpec, doc_digests, found_in_builds
 from .documents import Document, Reject
 from .errors import UserError
 from .progress import progress_bar
@@ -160,13 +160,8 @@ def select_replay(
 
 
 def overlap_with_builds(digests: frozenset[int], build_dirs: list[str]) -> dict[str, int]:
-    """How many of ``digests`` the builds train on, and hold out."""
-    chosen = np.array(sorted(digests), dtype=np.uint64)
-    overlap = {"train": 0, "holdout": 0}
-    for build_dir in build_dirs:
-        overlap["train"] += int(np.isin(chosen, doc_digests(build_dir, holdout=False)).sum())
-        overlap["holdout"] += int(np.isin(chosen, doc_digests(build_dir, holdout=True)).sum())
-    return overlap
+    """How many of the documents ``digests`` the builds train on, and hold out."""
+    return found_in_builds(np.array(sorted(digests), dtype=np.uint64), build_dirs)
 
 
 def refuse_overlap(spec: SourceSpec, overlap: dict[str, int], builds: list[str]) -> None:
@@ -188,13 +183,14 @@ def write_replay(
     selection: str,
     seed: int,
     builds: list[str],
+    overlap: dict[str, int],
 ) -> dict[str, Any]:
-    """Write the shard (see ``ReplayShard``) from ``chosen``; refused if any sample is in ``builds``."""
+    """Write the shard (see ``ReplayShard``) from ``chosen``; refused if ``overlap`` (its documents found in
+    ``builds``, from :func:`overlap_with_builds`) is not 0."""
     if replay_len < 2:
         raise UserError(f"--replay-len must be >= 2, got {replay_len}")
     if not chosen.documents:
         raise UserError(f"source '{spec.name}': no usable documents to sample replay data from")
-    overlap = overlap_with_builds(chosen.digests, builds)
     refuse_overlap(spec, overlap, builds)
     if len(chosen.documents) < num_samples:
         log.warning(
@@ -207,15 +203,7 @@ def write_replay(
     tokenizer = load_tokenizer(tokenizer_path)
     ids = tokenizer.encode_batch([d.text for d in chosen.documents])
     samples = [(doc_ids + [tokenizer.eos_id])[:replay_len] for doc_ids in ids]
-    table = pa.table(
-        {
-            "id": [f"{spec.name}:{d.digest:016x}" for d in chosen.documents],
-            "input_ids": pa.array(samples, pa.list_(pa.int32())),
-            "loss_mask": pa.array([[1] * len(s) for s in samples], pa.list_(pa.uint8())),
-        },
-        schema=DOCUMENT_SCHEMA,
-    )
-    written = write_dataset_dir(Path(out_dir) / REPLAY_DATA, DOCUMENT_SCHEMA, [table], 1)
+    written = _write_documents(Path(out_dir) / REPLAY_DATA, spec, chosen.documents, samples)
     lengths = np.array([len(s) for s in samples])
     manifest = {
         "version": __version__,
@@ -248,10 +236,11 @@ def write_replay(
     return manifest
 
 
-def write_probe(documents: list[Document], spec: SourceSpec, tokenizer_path: str, out_dir: Path) -> None:
-    """The forgetting budget's probe documents, whole, as holdout rows are (``id``, ``input_ids`` + EOS)."""
-    tokenizer = load_tokenizer(tokenizer_path)
-    ids = [doc + [tokenizer.eos_id] for doc in tokenizer.encode_batch([d.text for d in documents])]
+def _write_documents(
+    out_dir: Path, spec: SourceSpec, documents: list[Document], ids: list[list[int]]
+) -> list[dict[str, Any]]:
+    """One row per document (``id`` ``<source>:<content hash>``, its token ids, loss on every token), as a saved
+    dataset; returns its shard list."""
     table = pa.table(
         {
             "id": [f"{spec.name}:{d.digest:016x}" for d in documents],
@@ -260,7 +249,18 @@ def write_probe(documents: list[Document], spec: SourceSpec, tokenizer_path: str
         },
         schema=DOCUMENT_SCHEMA,
     )
-    write_dataset_dir(out_dir, DOCUMENT_SCHEMA, [table], 1)
+    return write_dataset_dir(out_dir, DOCUMENT_SCHEMA, [table], 1)
+
+
+def write_probe(documents: list[Document], spec: SourceSpec, tokenizer_path: str, out_dir: Path) -> None:
+    """The forgetting budget's probe documents, whole, as holdout rows are (``id``, ``input_ids`` + EOS)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    _write_documents(
+        out_dir,
+        spec,
+        documents,
+        [doc + [tokenizer.eos_id] for doc in tokenizer.encode_batch([d.text for d in documents])],
+    )
     log.info("probe: %d general documents for the forgetting budget → %s", len(documents), out_dir)
 
 
@@ -289,4 +289,7 @@ def build_replay(
             f"source '{spec.name}': every usable document is in the builds {builds}; sample replay from "
             "another source, or run `prepare`, which keeps replay documents out of the build"
         )
-    return write_replay(chosen, spec, tokenizer_path, out_dir, num_samples, replay_len, selection, seed, builds)
+    overlap = overlap_with_builds(chosen.digests, builds)
+    return write_replay(
+        chosen, spec, tokenizer_path, out_dir, num_samples, replay_len, selection, seed, builds, overlap
+    )
