@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,11 +29,9 @@ import torch
 from data_prep.errors import ConfigError
 
 from .config import ForgettingConfig
-from .perplexity import perplexity
+from .perplexity import Forward, perplexity
 
 log = logging.getLogger(__name__)
-
-Forward = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids → [1, L, V] logits
 
 
 def next_scale(scale: float, rise: float, cfg: ForgettingConfig) -> float:

@@ -51,7 +51,7 @@ from .gere.states import activation_states, unpack_states
 from .losses.tm_loss import tm_loss_reference
 from .mcq import mcq_accuracy, read_questions
 from .model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
-from .perplexity import holdout_perplexities
+from .perplexity import holdout_perplexities, logits_of
 
 log = logging.getLogger("pipeline.eval")
 
@@ -149,7 +149,7 @@ def evaluate_model(
     holdout = {r: datasets.load_from_disk(str(p)) for r, p in paths.holdout.items() if r in ("general", "domain")}
     with torch.no_grad():
         return holdout_perplexities(
-            lambda ids: model(input_ids=ids, use_cache=False).logits,
+            logits_of(model),
             holdout,
             paths.seq_len,
             max_docs,
@@ -165,9 +165,7 @@ def multiple_choice(
     tokenizer = load_tokenizer(PrepPaths.read(prep).tokenizer)
     out = {}
     for path in files:
-        scores = mcq_accuracy(
-            lambda ids: model(input_ids=ids, use_cache=False).logits, tokenizer, read_questions(path), device
-        )
+        scores = mcq_accuracy(logits_of(model), tokenizer, read_questions(path), device)
         out.update({f"mcq/{Path(path).stem}/{k}": v for k, v in scores.items() if k != "n"})
     return out
 

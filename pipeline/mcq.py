@@ -20,7 +20,7 @@ import csv
 import json
 import math
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from data_prep.errors import InputError, UserError
 from data_prep.progress import progress_bar
 from data_prep.tokenizer import Tokenizer
 
-Forward = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids → [1, L, V] logits
+from .perplexity import Forward
 
 
 @dataclass(frozen=True)

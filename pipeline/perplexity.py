@@ -26,6 +26,11 @@ from data_prep.progress import progress_bar
 Forward = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids → [1, L, V] logits
 
 
+def logits_of(model: Callable[..., Any]) -> Forward:
+    """The :data:`Forward` of a causal LM or a DeepSpeed engine around one (no KV cache)."""
+    return lambda ids: model(input_ids=ids, use_cache=False).logits
+
+
 def windows(doc_lengths: Sequence[int], seq_len: int, whole_documents: bool = True) -> list[tuple[int, int]]:
     """(document, start) of every window; consecutive windows share one token (the next one's context)."""
     stride = seq_len - 1

@@ -42,7 +42,7 @@ from .losses.objective import Objective, ReplayOutputs, TaskOutputs
 from .metrics import MetricsLogger, PeakMemory, device_peak_flops, model_flops_utilization
 from .model import hidden_size
 from .penalty import build_anchor_pull
-from .perplexity import holdout_perplexities
+from .perplexity import holdout_perplexities, logits_of
 from .precision import enable_tf32, resolve_precision
 from .schedule import lr_at, warmup_steps_for
 
@@ -87,7 +87,7 @@ class Trainer:
         self._resume()
         if self.budget is not None and self.budget.base_ppl is None:
             with self._eval_mode():
-                self.budget.start(self._logits)
+                self.budget.start(logits_of(self.engine))
         self.reader = StepReader(self.mixture, self.order, self.device)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard)
         self.holdout = {
@@ -112,7 +112,7 @@ class Trainer:
                 last = self._timed_step()
                 if self.budget is not None and self._due(self.cfg.forgetting.every):
                     with self._eval_mode():
-                        last.update(self.budget.update(self._logits))
+                        last.update(self.budget.update(logits_of(self.engine)))
                     self.objective.anti_forgetting_scale = self.budget.scale
                 self._log(last)
                 if self._due(self.cfg.eval.every) and self.step < self.total_steps:
@@ -187,7 +187,12 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         with self._eval_mode():
             return holdout_perplexities(
-                self._logits, self.holdout, self.seq_len, self.cfg.eval.max_docs, self.device, whole_documents=False
+                logits_of(self.engine),
+                self.holdout,
+                self.seq_len,
+                self.cfg.eval.max_docs,
+                self.device,
+                whole_documents=False,
             )
 
     def save(self) -> Path:
@@ -211,10 +216,6 @@ class Trainer:
             yield
         finally:
             self.engine.train()
-
-    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits of one evaluation row (holdout, probe): every rank calls it the same number of times."""
-        return self.engine(input_ids=ids, use_cache=False).logits
 
     def _forgetting_budget(self) -> ForgettingBudget | None:
         if self.cfg.forgetting.budget is None:
