@@ -46,16 +46,10 @@ def load_causal_lm(
     """The model, partitioned at construction when ``ds_config`` enables ZeRO-3."""
     dtype = getattr(torch, source.dtype)
     if source.path is not None:
-        pretrained_config(source)  # a missing config.json or unconsented remote code is a user error, said first
+        check_loadable(source)
         keep_alive = _zero3_context(ds_config)  # noqa: F841  transformers reads it through a weak reference
-        path = Path(source.path)
-        if not any(path.glob("*.safetensors")):
-            raise UserError(
-                f"{path}: no *.safetensors weights; pickled weights (*.bin, *.pt) are never loaded "
-                "(convert them once, where you trust them, with save_pretrained(safe_serialization=True))"
-            )
         return AutoModelForCausalLM.from_pretrained(
-            str(path),
+            str(source.path),
             dtype=dtype,
             use_safetensors=True,
             local_files_only=True,
@@ -85,8 +79,23 @@ def hidden_size(source: ModelSource) -> int:
     return int(model_config(source).get_text_config().hidden_size)
 
 
+def check_loadable(source: ModelSource) -> None:
+    """What :func:`load_causal_lm` refuses, found without reading a weight: no config.json, code the
+    checkpoint ships that the user has not trusted, or pickled weights only (unpickling can run code).
+    Cheap, so entry points call it before any process group forms."""
+    if source.path is None:
+        return
+    pretrained_config(source)
+    if not any(Path(source.path).glob("*.safetensors")):
+        raise UserError(
+            f"{source.path}: no *.safetensors weights; pickled weights (*.bin, *.pt) are never loaded "
+            "(convert them once, where you trust them, with save_pretrained(safe_serialization=True))"
+        )
+
+
 def pretrained_config(source: ModelSource) -> Any:
-    """The checkpoint's config; refusing to run code it ships is a user error naming the setting."""
+    """The checkpoint's config (a config.json alone will do: the memory planner needs no weights); refusing
+    to run code it ships is a user error naming the setting."""
     path = Path(source.path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face checkpoint (no config.json)")

@@ -13,9 +13,22 @@ import os
 import sys
 
 from data_prep.errors import run_cli
-from pipeline.config import config_reference, load_train_config
+from pipeline.config import TrainConfig, config_reference, load_train_config
 
 log = logging.getLogger("pipeline.train")
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """The prep and model directories' refusals, in seconds: on a cluster every rank would otherwise pay for
+    its imports and the process group (and NCCL's start) before saying them."""
+    from pipeline.data import PrepPaths
+
+    PrepPaths.read(cfg.data.prep)
+    for path in (cfg.model.path, cfg.init_from):
+        if path:
+            from pipeline.model import ModelSource, check_loadable  # transformers: seconds to import
+
+            check_loadable(ModelSource(path=path, trust_remote_code=cfg.model.trust_remote_code))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def body() -> None:
-        cfg = load_train_config(args.config, args.set)  # a bad config fails before any process group forms
+        cfg = load_train_config(args.config, args.set)  # a bad config fails before any process group forms,
+        check_inputs(cfg)  # and so does a missing prep or a model directory that would be refused
         from pipeline.distributed import finish, init_distributed
         from pipeline.trainer import Trainer  # deepspeed and transformers: seconds to import
 
