@@ -3,18 +3,28 @@
 Every ``forgetting.every`` steps all ranks score the prep's probe documents
 (general text no split shares: not trained on, replayed or in the holdout the
 report scores), each alone, its first ``seq_len`` tokens, and compare the
-probe perplexity with its value before the first step:
+probe perplexity with its value before the first step. One integral state,
+the level ``u``, moves with the relative error:
 
     rise = ppl / ppl_0 − 1
-    s ← clamp(s · exp(gain · (rise − budget) / budget), min_scale, max_scale)
+    u ← clamp(u + gain · (rise − budget) / budget, log min_scale, log max_scale − log min_lr_scale)
 
-``s`` multiplies the replay term's weight and the KD weight (the objective's
-``anti_forgetting_scale``). Above the budget ``s`` grows; below it ``s``
-shrinks, handing the domain what the budget allows. Integral action only: the
-rise moves slowly and is measured rarely, so a proportional term would only
-echo the last measurement's noise. The probe loss is an all-reduced sum, so
-every rank computes the same ``s``; the state (``s``, ``ppl_0``, the last
-rise) is part of the checkpoint, so a resumed run continues exactly.
+and drives two levers in turn. Up to ``log max_scale`` it is the log of the
+scale ``s`` on the anti-forgetting weights (replay CE, the replay term, KD: the
+objective's ``anti_forgetting_scale``); beyond, ``s`` stays at max_scale and
+the learning rate is multiplied by ``exp(log max_scale − u)``, down to
+min_lr_scale. Weights first, because they trade domain learning for general
+ability; the brake, because at a high lr they cannot hold it: Adam's step
+has the lr's size whatever the loss weights, and the bench's 10x-lr budget
+row rose past naive CPT with the weights alone at their ceiling. Below the
+budget ``u`` falls: the lr comes back first, then the weights shrink and the
+domain gets what the budget allows.
+
+Integral action only: the rise moves slowly and is measured rarely, so a
+proportional term would only echo the last measurement's noise. The probe
+loss is an all-reduced sum, so every rank computes the same ``u``; the state
+(``u``, ``ppl_0``, the last rise) is in the checkpoint, so a resumed run
+continues exactly.
 """
 
 from __future__ import annotations
@@ -34,14 +44,21 @@ from .perplexity import Forward, perplexity
 log = logging.getLogger(__name__)
 
 
-def next_scale(scale: float, rise: float, cfg: ForgettingConfig) -> float:
-    """One controller update (see the module docstring). A rise that is not finite (the probe loss diverged)
-    sends the scale to its ceiling; the exponent is bounded, so a huge rise cannot overflow."""
+def next_level(level: float, rise: float, cfg: ForgettingConfig) -> float:
+    """One controller update of ``u`` (see the module docstring). A rise that is not finite (the probe loss
+    diverged) sends it to its ceiling; the step is bounded, so a huge rise cannot overflow."""
     assert cfg.budget is not None
+    ceiling = math.log(cfg.max_scale) - math.log(cfg.min_lr_scale)
     if not math.isfinite(rise):
-        return cfg.max_scale
+        return ceiling
     step = min(max(cfg.gain * (rise - cfg.budget) / cfg.budget, -50.0), 50.0)
-    return min(max(scale * math.exp(step), cfg.min_scale), cfg.max_scale)
+    return min(max(level + step, math.log(cfg.min_scale)), ceiling)
+
+
+def levers(level: float, cfg: ForgettingConfig) -> tuple[float, float]:
+    """(scale on the anti-forgetting weights, multiplier on the learning rate) at level ``u``."""
+    top = math.log(cfg.max_scale)
+    return math.exp(min(level, top)), math.exp(min(top - level, 0.0))
 
 
 class ForgettingBudget:
@@ -51,7 +68,15 @@ class ForgettingBudget:
         self.cfg, self.seq_len, self.device = cfg, seq_len, device
         self.docs, self.masks = rows["input_ids"], rows["loss_mask"]
         self.probe = hashlib.sha256("\n".join(rows["id"]).encode()).hexdigest()[:16]  # which documents
-        self.scale, self.base_ppl, self.rise = 1.0, None, 0.0
+        self.level, self.base_ppl, self.rise = 0.0, None, 0.0
+
+    @property
+    def scale(self) -> float:
+        return levers(self.level, self.cfg)[0]
+
+    @property
+    def lr_scale(self) -> float:
+        return levers(self.level, self.cfg)[1]
 
     def probe_ppl(self, forward: Forward) -> float:
         return perplexity(forward, self.docs, self.masks, self.seq_len, self.device, whole_documents=False)["ppl"]
@@ -62,13 +87,17 @@ class ForgettingBudget:
         log.info("forgetting budget %.3g: probe ppl %.3f before training", self.cfg.budget, self.base_ppl)
 
     def update(self, forward: Forward) -> dict[str, float]:
-        """Measure, move the scale; returns what to log."""
+        """Measure, move the level; returns what to log."""
         self.rise = self.probe_ppl(forward) / self.base_ppl - 1.0
-        self.scale = next_scale(self.scale, self.rise, self.cfg)
-        return {"forgetting/probe_rise": self.rise, "forgetting/scale": self.scale}
+        self.level = next_level(self.level, self.rise, self.cfg)
+        return {
+            "forgetting/probe_rise": self.rise,
+            "forgetting/scale": self.scale,
+            "forgetting/lr_scale": self.lr_scale,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "base_ppl": self.base_ppl, "rise": self.rise, "probe": self.probe}
+        return {"level": self.level, "base_ppl": self.base_ppl, "rise": self.rise, "probe": self.probe}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Continue a checkpoint's controller; refused when its baseline was measured on other documents."""
@@ -82,4 +111,6 @@ class ForgettingBudget:
                 "the checkpoint's forgetting budget measured other probe documents (forgetting.probe_docs or the "
                 "prep changed); its baseline does not apply"
             )
-        self.scale, self.base_ppl, self.rise = state["scale"], state["base_ppl"], state["rise"]
+        # checkpoints written before the lr brake kept the scale: its log is the same level
+        self.level = state["level"] if "level" in state else math.log(state["scale"])
+        self.base_ppl, self.rise = state["base_ppl"], state["rise"]

@@ -119,16 +119,21 @@ class PenaltyConfig:
 
 @dataclass
 class ForgettingConfig:
-    """A forgetting budget the trainer holds (pipeline/budget.py): it scales the replay term and KD weights."""
+    """A forgetting budget the trainer holds (pipeline/budget.py): it scales anti-forgetting weights, then the lr."""
 
     budget: float | None = setting(
         None, "allowed rise of general perplexity on the prep's probe documents, e.g. 0.02; null: off"
     )
     every: int = setting(50, "steps between probe measurements (all ranks, one forward per probe document)")
     probe_docs: int = setting(64, "probe documents scored (the first ones of PREP/probe; replay.probe_docs in prep)")
-    gain: float = setting(0.5, "log-scale step per unit of relative error: log s += gain · (rise − budget) / budget")
+    gain: float = setting(
+        0.5, "step of the controller's level per unit of relative error: u += gain · (rise − budget) / budget"
+    )
     min_scale: float = setting(0.01, "floor of the scale on the anti-forgetting weights")
     max_scale: float = setting(100.0, "ceiling of the scale")
+    min_lr_scale: float = setting(
+        0.05, "floor of the lr brake: past max_scale the controller lowers the lr, down to this fraction; 1: never"
+    )
 
 
 @dataclass
@@ -270,15 +275,16 @@ def validate(cfg: TrainConfig) -> None:
     if budget.budget is not None:
         need(budget.budget > 0, "forgetting.budget", budget.budget, "> 0")
         need(
-            cfg.replay.strategy not in ("none", "ce") or cfg.kd.weight > 0,
+            cfg.replay.strategy != "none" or cfg.kd.weight > 0,
             "forgetting.budget",
             budget.budget,
-            "set with something to scale: replay.strategy tm, l1, l2 or kl, or kd.weight > 0",
+            "set with something to scale: a replay.strategy other than none, or kd.weight > 0",
         )
         need(budget.every >= 1, "forgetting.every", budget.every, ">= 1")
         need(budget.probe_docs >= 1, "forgetting.probe_docs", budget.probe_docs, ">= 1")
         need(budget.gain > 0, "forgetting.gain", budget.gain, "> 0")
         need(0 < budget.min_scale <= 1 <= budget.max_scale, "forgetting scales", budget, "min <= 1 <= max, min > 0")
+        need(0 < budget.min_lr_scale <= 1, "forgetting.min_lr_scale", budget.min_lr_scale, "in (0, 1]")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, ">= 0")
     need(cfg.log.every >= 1, "log.every", cfg.log.every, ">= 1")

@@ -72,6 +72,7 @@ class Trainer:
         self.resume_from, universal = self.checkpoints.resume_point(cfg.checkpoint.resume)
         if universal:
             ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+        self.budget: ForgettingBudget | None = None  # the lr schedule reads its brake (built below)
         self.engine = build_engine(cfg, start, ds_cfg, self._scheduler, tokenizer, self.seq_len)
         self.device = self.engine.device
         self.teacher = build_teacher(cfg, base, ds_cfg) if needs_teacher(cfg) else None
@@ -230,9 +231,17 @@ class Trainer:
         )
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """Warmup and decay, times the forgetting budget's lr brake (1 without a budget). The brake moves
+        at probe updates, after that step's scheduler step, so it sets the lr from the step after next; it is
+        in the checkpoint, so a resumed run's lr is the same."""
         peak, optim = self.cfg.peak_lr, self.cfg.optim
+
+        def brake() -> float:
+            return self.budget.lr_scale if self.budget is not None else 1.0
+
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_at(s, peak, self.total_steps, self.warmup, optim.decay, optim.min_lr_ratio) / peak
+            optimizer,
+            lambda s: lr_at(s, peak, self.total_steps, self.warmup, optim.decay, optim.min_lr_ratio) / peak * brake(),
         )
 
     def _task_forward(self, batch: dict[str, torch.Tensor], rows: list[int]) -> TaskOutputs:

@@ -9,26 +9,35 @@ import pytest
 import torch
 
 from data_prep.errors import ConfigError
-from pipeline.budget import ForgettingBudget, next_scale
+from pipeline.budget import ForgettingBudget, levers, next_level
 from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
-from pipeline.config import ForgettingConfig, KDConfig, ReplayConfig
-from pipeline.losses.objective import Objective, TaskOutputs
+from pipeline.config import ForgettingConfig, KDConfig, ReplayConfig, load_train_config
+from pipeline.losses.objective import Objective
+from pipeline.schedule import lr_at
 
+from .test_replay_loss import objective_inputs
 from .train_helpers import make_prep, metrics, run_training, write_config
 
 CFG = ForgettingConfig(budget=0.02, gain=0.5, min_scale=0.01, max_scale=100.0)
 
 
-def test_the_scale_grows_above_the_budget_shrinks_below_it_and_stays_in_its_bounds():
-    assert next_scale(1.0, 0.02, CFG) == pytest.approx(1.0)  # on budget: no change
-    assert next_scale(1.0, 0.04, CFG) == pytest.approx(math.exp(0.5))  # twice the budget: one gain step up
-    assert next_scale(2.0, 0.0, CFG) == pytest.approx(2.0 * math.exp(-0.5))  # nothing forgotten: give it back
-    assert next_scale(50.0, 10.0, CFG) == 100.0 and next_scale(0.02, -5.0, CFG) == 0.01
+def test_the_level_moves_with_the_error_and_drives_the_weights_first_then_the_lr_brake():
+    assert next_level(0.0, 0.02, CFG) == pytest.approx(0.0)  # on budget: no change
+    assert next_level(0.0, 0.04, CFG) == pytest.approx(0.5)  # twice the budget: one gain step up
+    assert next_level(1.0, 0.0, CFG) == pytest.approx(0.5)  # nothing forgotten: give it back
+    top, floor = math.log(100.0), math.log(0.01)
+    assert levers(0.0, CFG) == (1.0, 1.0) and levers(floor, CFG) == pytest.approx((0.01, 1.0))
+    assert levers(top, CFG) == pytest.approx((100.0, 1.0))  # weights at their ceiling, lr untouched
+    assert levers(top + math.log(4.0), CFG) == pytest.approx((100.0, 0.25))  # beyond it: the brake
+    ceiling = top - math.log(CFG.min_lr_scale)
+    assert next_level(ceiling - 0.1, 10.0, CFG) == ceiling and next_level(floor + 0.1, -5.0, CFG) == floor
+    assert levers(ceiling, CFG) == pytest.approx((100.0, CFG.min_lr_scale))
 
 
-def test_a_diverged_or_huge_rise_sends_the_scale_to_its_ceiling_without_overflow():
-    assert next_scale(1.0, float("nan"), CFG) == 100.0 and next_scale(1.0, float("inf"), CFG) == 100.0
-    assert next_scale(1.0, 1e6, CFG) == 100.0 and next_scale(1.0, -1e6, CFG) == 0.01
+def test_a_diverged_or_huge_rise_sends_the_level_to_its_ceiling_without_overflow():
+    ceiling = math.log(100.0) - math.log(CFG.min_lr_scale)
+    assert next_level(0.0, float("nan"), CFG) == ceiling and next_level(0.0, float("inf"), CFG) == ceiling
+    assert next_level(0.0, 1e6, CFG) == ceiling and next_level(0.0, -1e6, CFG) == math.log(0.01)
 
 
 def test_a_checkpoint_without_budget_state_or_measured_on_other_probe_documents_is_refused():
@@ -41,52 +50,62 @@ def test_a_checkpoint_without_budget_state_or_measured_on_other_probe_documents_
     fewer = ForgettingBudget(ForgettingConfig(budget=0.02, probe_docs=2), probe, 8, torch.device("cpu"))
     with pytest.raises(ConfigError, match="other probe documents"):
         fewer.load_state_dict({**budget.state_dict(), "base_ppl": 5.0})
-    budget.load_state_dict({**budget.state_dict(), "base_ppl": 5.0, "scale": 3.0})
-    assert budget.scale == 3.0 and budget.base_ppl == 5.0
+    budget.load_state_dict({**budget.state_dict(), "base_ppl": 5.0, "level": math.log(3.0)})
+    assert budget.scale == pytest.approx(3.0) and budget.base_ppl == 5.0
+    old = {k: v for k, v in budget.state_dict().items() if k != "level"}  # written before the lr brake
+    budget.load_state_dict({**old, "scale": 2.0})
+    assert budget.level == pytest.approx(math.log(2.0))
 
 
-def test_the_scale_multiplies_the_kd_weight_and_nothing_else():
-    g = torch.Generator().manual_seed(0)
-    logits, teacher = torch.randn(2, 6, 11, generator=g), torch.randn(2, 6, 11, generator=g)
-    labels = torch.randint(0, 11, (2, 6), generator=g)
-    objective = Objective(ReplayConfig(), KDConfig(weight=0.5))
-    task = TaskOutputs(logits, labels, teacher_logits=teacher)
+def test_the_scale_multiplies_replay_ce_the_replay_term_and_kd_and_leaves_task_ce_alone():
+    task, replay = objective_inputs()
+    g = torch.Generator().manual_seed(1)
+    task.teacher_logits = torch.randn(task.logits.shape, generator=g)
+    objective = Objective(ReplayConfig(strategy="l2", weight=0.5, ce_weight=2.0), KDConfig(weight=0.5))
 
     def loss(scale: float) -> float:
         objective.anti_forgetting_scale = scale
-        return float(objective(task, None, global_tokens=10, scale=1.0, grad_accum=1).loss)
+        return float(objective(task, replay, global_tokens=10, scale=1.0, grad_accum=1).loss)
 
-    ce, kd = loss(0.0), loss(1.0) - loss(0.0)
-    assert kd > 0 and loss(3.0) == pytest.approx(ce + 3.0 * kd, rel=1e-6)
+    task_ce, guarded = loss(0.0), loss(1.0) - loss(0.0)
+    ce_sum = torch.nn.functional.cross_entropy(
+        task.logits[:, :-1].flatten(0, 1), task.labels[:, 1:].flatten(), reduction="sum"
+    )
+    assert task_ce == pytest.approx(float(ce_sum) / 10, rel=1e-6)
+    assert guarded > 0 and loss(3.0) == pytest.approx(task_ce + 3.0 * guarded, rel=1e-6)
+    objective.anti_forgetting_scale = 3.0
+    assert objective.kd_weight == 1.5 and objective.replay_ce_weight == 6.0
 
 
-def test_a_budgeted_run_follows_the_law_and_resumes_exactly(sample, tmp_path):
+def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample, tmp_path):
     prep = make_prep(sample, tmp_path / "prep", probe_docs=6)
-    budget = {"budget": 0.001, "every": 2, "probe_docs": 6}
-    config = write_config(tmp_path / "a.yaml", prep, tmp_path / "a", steps=6, kd={"weight": 1.0}, forgetting=budget)
+    # A from-scratch model's probe perplexity falls as it learns; an lr of 0.1 makes it rise, and max_scale
+    # 1.5 puts the brake within reach, so this short run exercises both levers.
+    budget = {"budget": 0.001, "every": 2, "probe_docs": 6, "max_scale": 1.5, "min_lr_scale": 0.1}
+    sections = {"steps": 6, "kd": {"weight": 1.0}, "forgetting": budget, "optim": {"lr": 0.1, "warmup_steps": 1}}
+    config = write_config(tmp_path / "a.yaml", prep, tmp_path / "a", **sections)
     run_training(config)
     first = metrics(tmp_path / "a")
-    scale = 1.0
+    cfg, law = load_train_config(config), ForgettingConfig(**budget)
+    level, brake = 0.0, {}  # brake[k]: the lr multiplier after the update at step k
     for step in (2, 4, 6):
-        row = first[step]
-        scale = next_scale(scale, row["forgetting/probe_rise"], ForgettingConfig(**budget))
-        assert row["forgetting/scale"] == pytest.approx(scale, rel=1e-12), step
+        level = next_level(level, first[step]["forgetting/probe_rise"], law)
+        scale, brake[step] = levers(level, law)
+        assert first[step]["forgetting/scale"] == pytest.approx(scale, rel=1e-12), step
+        assert first[step]["forgetting/lr_scale"] == pytest.approx(brake[step], rel=1e-12), step
     assert {s for s, r in first.items() if "forgetting/scale" in r} == {2, 4, 6}
-    assert first[2]["forgetting/scale"] != 1.0
+    rises = {k: first[k]["forgetting/probe_rise"] for k in brake}
+    assert brake[2] < 1.0, (brake, rises)  # the brake engaged early enough for the lr checks below to see it
+    for step in range(1, 7):  # an update after step k sets the lr from step k + 2 (the scheduler ran already)
+        applied = max((k for k in brake if k <= step - 2), default=None)
+        scheduled = lr_at(step - 1, cfg.peak_lr, 6, cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr_ratio)
+        assert first[step]["lr"] == pytest.approx(scheduled * brake.get(applied, 1.0), rel=1e-9), step
     # Resume from step 2 in another run directory: the controller's state comes back with the checkpoint.
     step2 = CheckpointDir.for_step(checkpoint_root(tmp_path / "a"), 2).path
-    resumed = write_config(
-        tmp_path / "b.yaml",
-        prep,
-        tmp_path / "b",
-        steps=6,
-        kd={"weight": 1.0},
-        forgetting=budget,
-        checkpoint={"resume": str(step2)},
-    )
+    resumed = write_config(tmp_path / "b.yaml", prep, tmp_path / "b", **sections, checkpoint={"resume": str(step2)})
     run_training(resumed)
     second = metrics(tmp_path / "b")
     for step in (3, 4, 5, 6):
-        for key in ("loss", "loss/kd", "forgetting/probe_rise", "forgetting/scale"):
+        for key in ("loss", "loss/kd", "lr", "forgetting/probe_rise", "forgetting/scale", "forgetting/lr_scale"):
             if key in first[step]:
                 assert second[step][key] == first[step][key], (step, key)  # bitwise

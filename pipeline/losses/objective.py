@@ -14,9 +14,12 @@ both detached, so the term has CE's size, capped at ``replay.max_weight``: as th
 term nears 0 (a few states just past a threshold) the ratio would grow without
 bound and so would the step those few elements get.
 
-With a forgetting budget (``pipeline/budget.py``) ``w`` and kd.weight are
-both multiplied by its scale, ``anti_forgetting_scale``, after the dynamic
-weight's cap: forgetting.max_scale bounds what the controller adds.
+With a forgetting budget (``pipeline/budget.py``) replay.ce_weight, ``w`` and
+kd.weight are all multiplied by its scale, ``anti_forgetting_scale`` (``w``
+after the dynamic weight's cap): forgetting.max_scale bounds what the
+controller adds. Replay CE is in the lever because it is what holds general
+ability: scaling TM alone to 100x at 10x lr crowded replay CE out of the step
+and general perplexity kept rising (bench/forgetting.py, the budget rows).
 
 The trainer runs the forwards and hands their outputs here; what this module
 returns is exactly what backward sees, and its named parts are what is logged.
@@ -80,11 +83,15 @@ class Objective:
         self.replay, self.kd = replay, kd
         self.head, self.teacher_head_weight = head, teacher_head_weight
         self.strategy_term = replay.strategy not in ("none", "ce")  # a term beyond replay CE
-        self.anti_forgetting_scale = 1.0  # on the replay term and KD weights: the forgetting budget's lever
+        self.anti_forgetting_scale = 1.0  # on replay CE, replay term and KD weights: the forgetting budget's lever
 
     @property
     def kd_weight(self) -> float:
         return self.kd.weight * self.anti_forgetting_scale
+
+    @property
+    def replay_ce_weight(self) -> float:
+        return self.replay.ce_weight * self.anti_forgetting_scale
 
     def __call__(
         self, task: TaskOutputs, replay: ReplayOutputs | None, global_tokens: int, scale: float, grad_accum: int
@@ -98,8 +105,8 @@ class Objective:
         if replay is not None:
             terms = replay_terms(self.replay, replay.logits, replay.hidden, replay.inputs, self.head)
             share = replay.share
-            # share and ce_weight 1.0 (replay in every micro-batch, the default weight) change no bit
-            loss = loss + share * self.replay.ce_weight * terms["replay_ce"]
+            # share, ce_weight and scale 1.0 (replay in every micro-batch, the defaults) change no bit
+            loss = loss + share * self.replay_ce_weight * terms["replay_ce"]
             parts["replay_ce"] = share * terms["replay_ce"].item() / grad_accum
             if self.strategy_term:
                 term = terms[self.replay.strategy]
