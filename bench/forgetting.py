@@ -14,7 +14,8 @@ Per row: general and domain perplexity change against the base, mean ± std
 over seeds, and the row's forgetting and learning as ratios of naive CPT's at
 the same lr. A difference from naive smaller than twice its standard error
 (the two rows' seed spreads) is marked "~": within noise. Results are kept in
-``OUT/results.json`` as they finish, so an interrupted bench resumes.
+``OUT/results.json`` as they finish, so an interrupted bench resumes; each
+run's training log is kept as ``OUT/metrics/<row>-s<seed>.jsonl``.
 Last line: tm_forgetting_vs_naive=<x> tm_learning_vs_naive=<y> seeds=<n> clean_holdout=<0|1>
 (goal x <= 0.25 and y >= 0.95 at every lr).
 """
@@ -46,8 +47,9 @@ from pipeline.launch import ROOT, run_deepspeed
 
 log = logging.getLogger("bench.forgetting")
 
-TM = {"replay": {"strategy": "tm", "samples_per_step": 4, "weight": 1.0}}
-BUDGET = {"budget": 0.05, "every": 10, "probe_docs": 32}  # general ppl may rise 5%: the trainer scales TM
+TM = {"replay": {"strategy": "tm", "weight": 1.0}}  # replay rows per step: --replay-per-step
+RANKS = 2  # every run is a real 2-rank ZeRO-3 run (run_deepspeed's default)
+BUDGET = {"budget": 0.05, "every": 5, "probe_docs": 32, "gain": 2.0}  # 8 updates in 40 steps: a faster gain
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Row:
 ROWS = [
     Row("naive CPT", False),
     Row("+ 15% general mix", True),
-    Row("+ mix + replay CE", True, {"replay": {"strategy": "ce", "samples_per_step": 4}}),
+    Row("+ mix + replay CE", True, {"replay": {"strategy": "ce"}}),
     Row("+ mix + TM (w 1)", True, TM),
     Row("+ mix + TM (w 100)", True, {"replay": {**TM["replay"], "weight": 100.0}}),
     Row("+ mix + TM (dynamic w)", True, {"replay": {**TM["replay"], "weight": "dynamic"}}),
@@ -82,6 +84,11 @@ DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line 
 
 
 # --- setup -------------------------------------------------------------------------------------------
+
+
+def global_rows(args: argparse.Namespace) -> int:
+    """Rows per optimizer step: 2 ranks x micro batch x accumulation (the mixture's batch for its stats)."""
+    return RANKS * args.micro_batch * args.grad_accum
 
 
 def base_and_corpora(args: argparse.Namespace) -> tuple[Path, str, list[str], list[str]]:
@@ -113,7 +120,7 @@ def prepare_data(out: Path, tokenizer: str, general: list[str], domain: list[str
                 {"name": "general", "role": "general", "paths": [str(Path(p).resolve()) for p in general]},
                 {"name": "domain", "role": "domain", "paths": [str(Path(p).resolve()) for p in domain]},
             ],
-            "mix": {"general_ratio": 0.15, "batch_rows": 8},  # the global batch: 2 ranks x 2 x 2
+            "mix": {"general_ratio": 0.15, "batch_rows": global_rows(args)},
             "replay": {"num_samples": args.replay_samples, "replay_len": args.seq_len, "probe_docs": 32},
             "holdout": {"fraction": args.holdout_fraction, "max_docs": args.eval_docs},
         }
@@ -124,13 +131,13 @@ def prepare_data(out: Path, tokenizer: str, general: list[str], domain: list[str
     return prep
 
 
-def seeded_prep(prep: Path, seed: int, mixed: bool) -> Path:
+def seeded_prep(prep: Path, seed: int, mixed: bool, batch_rows: int) -> Path:
     """``prep`` with its mixture re-drawn in seed ``seed``'s row order (general share 15%, or 0)."""
     out = prep.parent / f"prep-{'mix' if mixed else 'nomix'}-s{seed}"
     if not (out / "prep.json").is_file():
         meta = json.loads((prep / "prep.json").read_text())
         builds = [b for name, b in meta["builds"].items() if mixed or name == "domain"]
-        mix(builds, out / "mixture", 0.15 if mixed else 0.0, seed=seed, batch_rows=8, quiet=True)
+        mix(builds, out / "mixture", 0.15 if mixed else 0.0, seed=seed, batch_rows=batch_rows, quiet=True)
         write_json(out / "prep.json", {**meta, "mixture": str(out / "mixture")})
     return out
 
@@ -145,13 +152,17 @@ def train_config(row: Row, seed: int, prep: Path, base: Path, cache: Path, out: 
         "model": {"path": str(base)},
         "data": {"prep": str(prep)},
         "optim": {"lr": args.lr * row.lr_mult, "warmup_steps": 5, "min_lr_ratio": 0.1},
-        "batch": {"micro_batch": 2, "grad_accum": 2},
+        "batch": {"micro_batch": args.micro_batch, "grad_accum": args.grad_accum},
         "checkpoint": {"every": 0, "keep_last": 1, "resume": "never"},
         "eval": {"max_docs": 8},
         "log": {"tensorboard": False},
     }
     for key, value in row.extra.items():
-        cfg[key] = {**value, **({"cache": str(cache)} if value.get("strategy") == "tm" else {})}
+        cfg[key] = value
+        if key == "replay":
+            cfg[key] = {"samples_per_step": args.replay_per_step, **value}
+            if value["strategy"] == "tm":
+                cfg[key]["cache"] = str(cache)
     return cfg
 
 
@@ -167,6 +178,11 @@ def gere_cache(out: Path, prep: Path, base: Path, args: argparse.Namespace) -> P
 
 
 # --- runs --------------------------------------------------------------------------------------------
+
+
+def score(model: Any, prep: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Holdout perplexities: whole documents, or with --first-window each document's first seq_len tokens."""
+    return evaluate_model(model, prep, args.eval_docs, whole_documents=not args.first_window)
 
 
 def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path, args) -> dict[str, float]:
@@ -187,7 +203,10 @@ def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path
         check=True,
         capture_output=True,
     )
-    scores = evaluate_model(load_hf(out / "hf"), prep, args.eval_docs)
+    scores = score(load_hf(out / "hf"), prep, args)
+    logs = work / "metrics"  # each run's training log outlives its checkpoints: what the controller did, etc.
+    logs.mkdir(exist_ok=True)
+    shutil.copyfile(out / "metrics.jsonl", logs / f"{row.name.replace(' ', '_').replace('/', '_')}-s{seed}.jsonl")
     shutil.rmtree(out)
     return {**scores, "seconds": seconds}
 
@@ -212,10 +231,12 @@ def beyond_noise(a: list[float], b: list[float]) -> bool:
     return abs(statistics.fmean(a) - statistics.fmean(b)) > 2 * se
 
 
-def ratio(row: list[float], naive: list[float]) -> float:
-    """mean over seeds of the row's change over naive's (seed i with seed i)."""
-    pairs = [(r, n) for r, n in zip(row, naive) if n != 0]
-    return statistics.fmean(r / n for r, n in pairs) if pairs else math.nan
+def ratio(row: list[float], naive: list[float], sign: float) -> float:
+    """mean over seeds of the row's change over naive's (seed i with seed i); nan unless every naive seed moved
+    the way ``sign`` says (+1: general ppl rose; -1: domain ppl fell): a share of no forgetting means nothing."""
+    if not naive or any(n * sign <= 0 for n in naive):
+        return math.nan
+    return statistics.fmean(r / n for r, n in zip(row, naive))
 
 
 def naive_of(name: str) -> str:
@@ -225,8 +246,8 @@ def naive_of(name: str) -> str:
 
 def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(
-        f"\n{args.steps} steps of 4 x {args.seq_len} tokens from {results['base_name']}, lr {args.lr:g} (1x), "
-        f"2 CPU ranks, seeds {' '.join(map(str, args.seeds))}; {results['scored']}"
+        f"\n{args.steps} steps of {global_rows(args)} x {args.seq_len} tokens from {results['base_name']}, "
+        f"lr {args.lr:g} (1x), {RANKS} CPU ranks, seeds {' '.join(map(str, args.seeds))}; {results['scored']}"
     )
     print("| run | seeds | Δ general ppl | Δ domain ppl | forgetting / naive | learning / naive | wall s |")
     print("|---|---|---|---|---|---|---|")
@@ -242,20 +263,23 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
             cells += ["1", "1"]
         else:
             cells += [
-                f"{ratio(g, ng):.2f}{'' if beyond_noise(g, ng) else ' ~'}",
-                f"{ratio(d, nd):.2f}{'' if beyond_noise(d, nd) else ' ~'}",
+                f"{ratio(g, ng, +1):.2f}{'' if beyond_noise(g, ng) else ' ~'}",
+                f"{ratio(d, nd, -1):.2f}{'' if beyond_noise(d, nd) else ' ~'}",
             ]
         seconds = statistics.fmean(r["seconds"] for r in results["rows"][row.name].values())
         print(f"| {row.name} | {len(g)} | " + " | ".join(cells) + f" | {seconds:.0f} |")
-    print("Δ: mean ± std over seeds; ratios: mean over seeds of the row's Δ over naive's; ~: within noise")
+    print(
+        "Δ: mean ± std over seeds; ratios: mean over seeds of the row's Δ over naive's (nan where a naive seed did "
+        "not forget, or did not learn); ~: within noise"
+    )
     for lr in ("", ", 3x lr", ", 10x lr"):
         name = DEFAULT + lr
         g, d = changes(results, name, "general"), changes(results, name, "domain")
         ng, nd = changes(results, naive_of(name), "general"), changes(results, naive_of(name), "domain")
         if g and ng:
             print(
-                f"{lr.strip(', ') or '1x lr'}: {DEFAULT} forgets {ratio(g, ng):.2f} of naive's rise (goal <= 0.25) "
-                f"and learns {ratio(d, nd):.2f} of its gain (goal >= 0.95)"
+                f"{lr.strip(', ') or '1x lr'}: {DEFAULT} forgets {ratio(g, ng, +1):.2f} of naive's rise (goal <= 0.25) "
+                f"and learns {ratio(d, nd, -1):.2f} of its gain (goal >= 0.95)"
             )
     for name in (r.name for r in ROWS if "budget" in r.name):
         g = changes(results, name, "general")
@@ -269,7 +293,7 @@ def summary_line(results: dict[str, Any], args: argparse.Namespace) -> str:
     ng, nd = changes(results, "naive CPT", "general"), changes(results, "naive CPT", "domain")
     clean = int(all(c["in_replay"] == c["in_training"] == 0 for c in results["contamination"].values()))
     return (
-        f"tm_forgetting_vs_naive={ratio(g, ng):.3f} tm_learning_vs_naive={ratio(d, nd):.3f} "
+        f"tm_forgetting_vs_naive={ratio(g, ng, +1):.3f} tm_learning_vs_naive={ratio(d, nd, -1):.3f} "
         f"seeds={min(len(g), len(ng))} clean_holdout={clean}"
     )
 
@@ -287,9 +311,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-3, help="the 1x learning rate (2e-5 for a real model)")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--replay-samples", type=int, default=500)
+    p.add_argument("--micro-batch", type=int, default=2, help="rows per rank per forward")
+    p.add_argument("--grad-accum", type=int, default=2, help="forwards per optimizer step")
+    p.add_argument("--replay-samples", type=int, default=500, help="documents in the replay shard")
+    p.add_argument("--replay-per-step", type=int, default=4, help="replay samples per step, in the rows that replay")
     p.add_argument("--holdout-fraction", type=float, default=0.05)
     p.add_argument("--eval-docs", type=int, default=100, help="holdout documents scored per split")
+    p.add_argument(
+        "--first-window",
+        action="store_true",
+        help="score each holdout document's first seq_len tokens only (whole documents take hours for a real "
+        "model on CPU: a State of the Union address is ~8k tokens)",
+    )
     p.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
     p.add_argument("--skip", nargs="*", default=[], help="skip rows whose name contains one of these")
     args = p.parse_args()
@@ -301,6 +334,11 @@ def main() -> None:
     cache = gere_cache(work, prep, base, args)
     store = work / "results.json"
     protocol = {"base": str(base), "steps": args.steps, "lr": args.lr, "seq_len": args.seq_len, "docs": args.eval_docs}
+    if args.first_window:
+        protocol["first_window"] = True
+    if (global_rows(args), args.replay_per_step) != (8, 4):  # older results.json files lack the keys
+        protocol["rows_per_step"] = global_rows(args)
+        protocol["replay_per_step"] = args.replay_per_step
     results = json.loads(store.read_text()) if store.is_file() else {}
     if results.get("protocol") != protocol:  # results of another protocol are not comparable: start over
         results = {"protocol": protocol, "rows": {}}
@@ -311,14 +349,14 @@ def main() -> None:
         for role, c in results["contamination"].items()
     )
     if "base" not in results:
-        results["base"] = evaluate_model(load_hf(base), prep, args.eval_docs)
+        results["base"] = score(load_hf(base), prep, args)
     for seed in args.seeds:
         for row in ROWS:
             if args.only and not any(o in row.name for o in args.only) or any(o in row.name for o in args.skip):
                 continue
             if str(seed) in results["rows"].get(row.name, {}):
                 continue
-            scores = run_row(row, seed, seeded_prep(prep, seed, row.mixed), base, cache, work, args)
+            scores = run_row(row, seed, seeded_prep(prep, seed, row.mixed, global_rows(args)), base, cache, work, args)
             results["rows"].setdefault(row.name, {})[str(seed)] = scores
             write_json(store, results)
             log.info("%s, seed %d: %s", row.name, seed, {k: round(v, 3) for k, v in scores.items()})
