@@ -48,11 +48,20 @@ def next_level(level: float, rise: float, cfg: ForgettingConfig) -> float:
     """One controller update of ``u`` (see the module docstring). A rise that is not finite (the probe loss
     diverged) sends it to its ceiling; the step is bounded, so a huge rise cannot overflow."""
     assert cfg.budget is not None
-    ceiling = math.log(cfg.max_scale) - math.log(cfg.min_lr_scale)
     if not math.isfinite(rise):
-        return ceiling
+        return level_bounds(cfg)[1]
     step = min(max(cfg.gain * (rise - cfg.budget) / cfg.budget, -50.0), 50.0)
-    return min(max(level + step, math.log(cfg.min_scale)), ceiling)
+    return clamp_level(level + step, cfg)
+
+
+def level_bounds(cfg: ForgettingConfig) -> tuple[float, float]:
+    """``u`` runs from log min_scale (weights at their floor) to log max_scale − log min_lr_scale (full brake)."""
+    return math.log(cfg.min_scale), math.log(cfg.max_scale) - math.log(cfg.min_lr_scale)
+
+
+def clamp_level(level: float, cfg: ForgettingConfig) -> float:
+    low, high = level_bounds(cfg)
+    return min(max(level, low), high)
 
 
 def levers(level: float, cfg: ForgettingConfig) -> tuple[float, float]:
@@ -112,5 +121,6 @@ class ForgettingBudget:
                 "prep changed); its baseline does not apply"
             )
         # checkpoints written before the lr brake kept the scale: its log is the same level
-        self.level = state["level"] if "level" in state else math.log(state["scale"])
+        # clamped: a resume may narrow the bounds (min_lr_scale, max_scale) the level was set under
+        self.level = clamp_level(state["level"] if "level" in state else math.log(state["scale"]), self.cfg)
         self.base_ppl, self.rise = state["base_ppl"], state["rise"]

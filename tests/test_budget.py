@@ -55,6 +55,9 @@ def test_a_checkpoint_without_budget_state_or_measured_on_other_probe_documents_
     old = {k: v for k, v in budget.state_dict().items() if k != "level"}  # written before the lr brake
     budget.load_state_dict({**old, "scale": 2.0})
     assert budget.level == pytest.approx(math.log(2.0))
+    # a level set under a lower min_lr_scale than this run's comes back at this run's full brake
+    budget.load_state_dict({**budget.state_dict(), "level": 50.0})
+    assert budget.level == pytest.approx(math.log(CFG.max_scale) - math.log(CFG.min_lr_scale))
 
 
 def test_the_scale_multiplies_replay_ce_the_replay_term_and_kd_and_leaves_task_ce_alone():

@@ -214,15 +214,19 @@ def test_replay_on_some_micro_batches_gives_the_mean_over_the_steps_samples():
     assert half.parts["replay_ce"] == pytest.approx(replay_ce.item())  # logged: the step's mean
 
 
-def test_the_logged_loss_is_the_objective_with_the_weight_used():
+@pytest.mark.parametrize("budget_scale", [1.0, 3.0])
+def test_the_logged_loss_is_the_objective_with_the_weight_used(budget_scale):
+    """With the forgetting budget's scale too: the logged loss is the one optimized."""
     task, rep = objective_inputs()
-    objective = Objective(ReplayConfig(strategy="l2", weight="dynamic"), KDConfig())
+    objective = Objective(ReplayConfig(strategy="l2", weight="dynamic", ce_weight=0.5), KDConfig())
+    objective.anti_forgetting_scale = budget_scale
     parts = [objective(task, rep, 16, 2, 2) for _ in range(2)]  # two micro-batches of one step, one rank
     sums = {name: sum(p.parts[name] for p in parts) for name in parts[0].parts}
     out = objective.summarize(sums, 16, world=1, device=torch.device("cpu"), replay_weight=parts[-1].replay_weight)
     assert out["loss/task_ce"] == pytest.approx(sums["task_ce"] / 16)
     assert out["loss/replay_ce"] == pytest.approx(sums["replay_ce"]) and out["loss/l2"] == pytest.approx(sums["l2"])
-    expected = out["loss/task_ce"] + out["loss/replay_ce"] + parts[-1].replay_weight * out["loss/l2"]
+    replay_ce = 0.5 * budget_scale * out["loss/replay_ce"]
+    expected = out["loss/task_ce"] + replay_ce + parts[-1].replay_weight * out["loss/l2"]
     assert out["loss"] == pytest.approx(expected) and out["replay_weight"] == parts[-1].replay_weight
     # the loss backward sees, summed over the step's micro-batches and divided by DeepSpeed's factor (2), is it too
     assert sum(p.loss.item() for p in parts) / 2 == pytest.approx(out["loss"], rel=1e-6)

@@ -175,7 +175,7 @@ class Objective:
             loss += self.kd_weight * out["loss/kd"]
         if "replay_ce" in sums:
             out["loss/replay_ce"] = replay_ce / world
-            loss += self.replay.ce_weight * out["loss/replay_ce"]
+            loss += self.replay_ce_weight * out["loss/replay_ce"]
             if self.strategy_term:
                 out[f"loss/{self.replay.strategy}"] = term / world
                 out["replay_weight"] = replay_weight
