@@ -274,11 +274,13 @@ def validate(cfg: TrainConfig) -> None:
     budget = cfg.forgetting
     if budget.budget is not None:
         need(budget.budget > 0, "forgetting.budget", budget.budget, "> 0")
+        replay_term = cfg.replay.strategy not in ("none", "ce")
+        replay_ce = cfg.replay.strategy != "none" and cfg.replay.ce_weight > 0
         need(
-            cfg.replay.strategy != "none" or cfg.kd.weight > 0,
+            replay_term or replay_ce or cfg.kd.weight > 0,
             "forgetting.budget",
             budget.budget,
-            "set with something to scale: a replay.strategy other than none, or kd.weight > 0",
+            "set with something to scale: a replay term (tm, l1, l2, kl), replay CE (ce_weight > 0) or kd.weight > 0",
         )
         need(budget.every >= 1, "forgetting.every", budget.every, ">= 1")
         need(budget.probe_docs >= 1, "forgetting.probe_docs", budget.probe_docs, ">= 1")

@@ -124,6 +124,8 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
         (["model.gradient_checkpointing=1"], "model.gradient_checkpointing must be true or false, got 1"),
         (["replay.weight=[1]"], "replay.weight must be a number or dynamic, got [1]"),
         (["model.dtype=fp8"], "model.dtype must be auto | float32 | bfloat16 | float16"),
+        (["forgetting.budget=0.02"], "set with something to scale"),  # replay.strategy none, no KD
+        (["forgetting.budget=0.02", "replay.strategy=ce", "replay.ce_weight=0"], "set with something to scale"),
     ],
 )
 def test_bad_training_config_names_the_field(override, message, tmp_path):
