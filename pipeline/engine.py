@@ -28,24 +28,6 @@ log = logging.getLogger(__name__)
 Scheduler = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
-def model_sources(cfg: TrainConfig) -> tuple[ModelSource, ModelSource]:
-    """(base, start): the base model (GeRe cache, teacher, fingerprints) and the weights training starts from."""
-    model = cfg.model
-    base = ModelSource(
-        path=model.path,
-        config=model.config or {},
-        seed=model.seed,
-        dtype=model.dtype,
-        trust_remote_code=model.trust_remote_code,
-    )
-    start = (
-        ModelSource(path=cfg.init_from, dtype=model.dtype, trust_remote_code=model.trust_remote_code)
-        if cfg.init_from
-        else base
-    )
-    return base, start
-
-
 def build_engine(
     cfg: TrainConfig,
     source: ModelSource,
@@ -105,10 +87,6 @@ def build_engine(
         error,
     )
     return engine
-
-
-def needs_teacher(cfg: TrainConfig) -> bool:
-    return cfg.kd.weight > 0 or cfg.replay.strategy == "kl"
 
 
 def build_teacher(cfg: TrainConfig, base: ModelSource, ds_cfg: dict[str, Any]) -> Any:

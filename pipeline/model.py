@@ -12,13 +12,16 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.integrations import HfDeepSpeedConfig
 
 from data_prep.errors import UserError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 HEAD_TAIL_BYTES = 4 << 20
 
@@ -145,3 +148,26 @@ def _zero3_context(ds_config: dict[str, Any] | None) -> Any:
     if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
         return None
     return HfDeepSpeedConfig(ds_config)
+
+
+def model_sources(cfg: TrainConfig) -> tuple[ModelSource, ModelSource]:
+    """(base, start): the base model (GeRe cache, teacher, fingerprints) and the weights training starts from."""
+    model = cfg.model
+    base = ModelSource(
+        path=model.path,
+        config=model.config or {},
+        seed=model.seed,
+        dtype=model.dtype,
+        trust_remote_code=model.trust_remote_code,
+    )
+    start = (
+        ModelSource(path=cfg.init_from, dtype=model.dtype, trust_remote_code=model.trust_remote_code)
+        if cfg.init_from
+        else base
+    )
+    return base, start
+
+
+def needs_teacher(cfg: TrainConfig) -> bool:
+    """A frozen copy of the base model is needed: KD, or KL replay."""
+    return cfg.kd.weight > 0 or cfg.replay.strategy == "kl"

@@ -55,10 +55,9 @@ from data_prep.replay import ReplayShard
 from .config import TrainConfig, load_train_config
 from .data import PrepPaths
 from .ds_config import filled_ds_config
-from .engine import model_sources
 from .losses.head import chunkable_head
 from .losses.linear_ce import CHUNK_BYTES
-from .model import model_config
+from .model import model_config, model_sources
 from .precision import resolve_dtype
 
 log = logging.getLogger("pipeline.plan")

@@ -24,11 +24,21 @@ def check_inputs(cfg: TrainConfig) -> None:
     from pipeline.data import PrepPaths
 
     PrepPaths.read(cfg.data.prep)
-    for path in (cfg.model.path, cfg.init_from):
-        if path:
-            from pipeline.model import ModelSource, check_loadable  # transformers: seconds to import
+    if not (cfg.model.path or cfg.init_from):
+        return
+    from pipeline.model import ModelSource, check_loadable, needs_teacher, pretrained_config  # transformers
 
-            check_loadable(ModelSource(path=path, trust_remote_code=cfg.model.trust_remote_code))
+    def source(path: str) -> ModelSource:
+        return ModelSource(path=path, trust_remote_code=cfg.model.trust_remote_code)
+
+    check_loadable(source(cfg.init_from or cfg.model.path))  # the weights training starts from
+    if cfg.init_from and cfg.model.path:
+        # the base's weights are read only by a teacher (KD, KL replay); otherwise its config.json is enough
+        # (the GeRe cache's fingerprint, export's architecture)
+        if needs_teacher(cfg):
+            check_loadable(source(cfg.model.path))
+        else:
+            pretrained_config(source(cfg.model.path))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,13 +34,13 @@ from .config import TrainConfig, to_dict
 from .data import GlobalOrder, PrepPaths, StepReader, global_loss_tokens
 from .distributed import local_device
 from .ds_config import filled_ds_config
-from .engine import build_engine, build_teacher, model_sources, needs_teacher
+from .engine import build_engine, build_teacher
 from .gere.feed import ReplayFeed
 from .isolation import forward_packed
 from .losses.head import frozen_head_weight
 from .losses.objective import Objective, ReplayOutputs, TaskOutputs
 from .metrics import MetricsLogger, PeakMemory, device_peak_flops, model_flops_utilization
-from .model import hidden_size
+from .model import hidden_size, model_sources, needs_teacher
 from .penalty import build_anchor_pull
 from .perplexity import holdout_perplexities, logits_of
 from .precision import enable_tf32, resolve_precision

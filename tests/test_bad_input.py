@@ -448,3 +448,26 @@ def test_bad_training_config_or_model(name, prep, tmp_path, lost):
     assert lost(len(set(before.items()) ^ set(digest(run).items()))) == 0
     one_line_error(result, needles)
     assert not (tmp_path / "code_ran").exists()
+
+
+def test_with_init_from_the_base_weights_are_checked_only_where_a_teacher_reads_them(prep, tmp_path):
+    """The base (model.path) of an init_from run is read for its config alone unless KD or KL replay loads it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.config import load_train_config
+    from pipeline.train import check_inputs
+
+    earlier = tmp_path / "earlier_run"
+    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(str(earlier))
+    config = write_config(
+        tmp_path / "cpt.yaml",
+        prep,
+        tmp_path / "run",
+        model={"config": None, "path": str(pickled_weights_model(tmp_path))},
+        init_from=str(earlier),
+    )
+    check_inputs(load_train_config(config))  # pickled base weights, never read: accepted
+    from data_prep.errors import UserError
+
+    with pytest.raises(UserError, match=r"no \*\.safetensors weights"):
+        check_inputs(load_train_config(config, ["kd.weight=1"]))

@@ -24,8 +24,7 @@ from ..config import CACHED_STRATEGIES, TrainConfig
 from ..data import PrepPaths
 from ..distributed import init_distributed, local_device
 from ..ds_config import filled_ds_config, inference_ds_config
-from ..engine import model_sources
-from ..model import ModelSource, final_hidden_states, hidden_size, load_causal_lm, model_fingerprint
+from ..model import ModelSource, final_hidden_states, hidden_size, load_causal_lm, model_fingerprint, model_sources
 from ..precision import resolve_precision
 from .cache import build_cache
 from .sampler import replay_plan
