@@ -49,7 +49,7 @@ log = logging.getLogger("bench.forgetting")
 
 TM = {"replay": {"strategy": "tm", "weight": 1.0}}  # replay rows per step: --replay-per-step
 RANKS = 2  # every run is a real 2-rank ZeRO-3 run (run_deepspeed's default)
-BUDGET = {"budget": 0.05, "every": 5, "probe_docs": 32, "gain": 2.0}  # 8 updates in 40 steps: a faster gain
+BUDGET = {"budget": 0.05, "every": 5, "probe_docs": 32, "gain": 2.0}  # an update every 5 steps, a fast gain
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,11 @@ class Row:
     mixed: bool  # the 15% general mix, or domain rows only
     extra: dict[str, Any] = field(default_factory=dict)
     lr_mult: float = 1.0
+
+    @property
+    def definition(self) -> dict[str, Any]:
+        """What a stored result was run with: a row whose definition changed is run again."""
+        return {"mixed": self.mixed, "extra": self.extra, "lr_mult": self.lr_mult}
 
 
 ROWS = [
@@ -79,6 +84,8 @@ ROWS = [
     Row("+ mix + TM (w 1), 10x lr", True, TM, 10.0),
     Row("+ mix + TM, budget 5%", True, {**TM, "forgetting": BUDGET}),
     Row("+ mix + TM, budget 5%, 10x lr", True, {**TM, "forgetting": BUDGET}, 10.0),
+    Row("+ mix + TM, budget 5%, probe every step", True, {**TM, "forgetting": {**BUDGET, "every": 1}}),
+    Row("+ mix + TM, budget 5%, probe every step, 10x lr", True, {**TM, "forgetting": {**BUDGET, "every": 1}}, 10.0),
 ]
 DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
 
@@ -208,7 +215,13 @@ def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path
     logs.mkdir(exist_ok=True)
     shutil.copyfile(out / "metrics.jsonl", logs / f"{row.name.replace(' ', '_').replace('/', '_')}-s{seed}.jsonl")
     shutil.rmtree(out)
-    return {**scores, "seconds": seconds}
+    return {**scores, "seconds": seconds, "commit": git_commit()}
+
+
+def git_commit() -> str:
+    """The code a result was measured with (its provenance; a code change alone does not rerun a row)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return head.stdout.strip() or "unknown"
 
 
 # --- the table ---------------------------------------------------------------------------------------
@@ -350,6 +363,12 @@ def main() -> None:
     )
     if "base" not in results:
         results["base"] = score(load_hf(base), prep, args)
+    definitions = results.setdefault("definitions", {})
+    for row in ROWS:  # a row redefined since its results were stored (BUDGET, a weight) starts over
+        if definitions.get(row.name) != row.definition and row.name in results["rows"]:
+            log.info("%s: defined otherwise than its stored results; they are dropped", row.name)
+            del results["rows"][row.name]
+        definitions[row.name] = row.definition
     for seed in args.seeds:
         for row in ROWS:
             if args.only and not any(o in row.name for o in args.only) or any(o in row.name for o in args.skip):
@@ -359,7 +378,8 @@ def main() -> None:
             scores = run_row(row, seed, seeded_prep(prep, seed, row.mixed, global_rows(args)), base, cache, work, args)
             results["rows"].setdefault(row.name, {})[str(seed)] = scores
             write_json(store, results)
-            log.info("%s, seed %d: %s", row.name, seed, {k: round(v, 3) for k, v in scores.items()})
+            shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in scores.items()}
+            log.info("%s, seed %d: %s", row.name, seed, shown)
     write_json(store, results)
     print_table(results, args)
     print(summary_line(results, args))
