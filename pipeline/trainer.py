@@ -115,6 +115,7 @@ class Trainer:
                     with self._eval_mode():
                         last.update(self.budget.update(logits_of(self.engine)))
                     self.objective.anti_forgetting_scale = self.budget.scale
+                    self._rebrake()
                 self._log(last)
                 if self._due(self.cfg.eval.every) and self.step < self.total_steps:
                     self.metrics.log(self.step, self.evaluate())
@@ -231,8 +232,7 @@ class Trainer:
         )
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        """Warmup and decay, times the forgetting budget's lr brake (1 without a budget). The brake moves
-        at probe updates, after that step's scheduler step, so it sets the lr from the step after next; it is
+        """Warmup and decay, times the forgetting budget's lr brake (1 without a budget); the brake's level is
         in the checkpoint, so a resumed run's lr is the same."""
         peak, optim = self.cfg.peak_lr, self.cfg.optim
 
@@ -243,6 +243,14 @@ class Trainer:
             optimizer,
             lambda s: lr_at(s, peak, self.total_steps, self.warmup, optim.decay, optim.min_lr_ratio) / peak * brake(),
         )
+
+    def _rebrake(self) -> None:
+        """Set the coming step's lr again with the brake just moved. The budget updates after the step, when
+        the scheduler has already set the next lr, so without this the brake would act a step later: at 10x
+        lr on the bench's tiny base, that one unbraked step took the probe's rise from 36% to 121%."""
+        sched = self.engine.lr_scheduler
+        for group, base_lr, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base_lr * factor(sched.last_epoch)  # LambdaLR's own rule, at the step it is at
 
     def _task_forward(self, batch: dict[str, torch.Tensor], rows: list[int]) -> TaskOutputs:
         attn, hidden = self.cfg.model.attn_implementation, self.head is not None

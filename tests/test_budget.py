@@ -99,8 +99,8 @@ def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample
     assert {s for s, r in first.items() if "forgetting/scale" in r} == {2, 4, 6}
     rises = {k: first[k]["forgetting/probe_rise"] for k in brake}
     assert brake[2] < 1.0, (brake, rises)  # the brake engaged early enough for the lr checks below to see it
-    for step in range(1, 7):  # an update after step k sets the lr from step k + 2 (the scheduler ran already)
-        applied = max((k for k in brake if k <= step - 2), default=None)
+    for step in range(1, 7):  # an update after step k sets the lr from step k + 1 on
+        applied = max((k for k in brake if k <= step - 1), default=None)
         scheduled = lr_at(step - 1, cfg.peak_lr, 6, cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr_ratio)
         assert first[step]["lr"] == pytest.approx(scheduled * brake.get(applied, 1.0), rel=1e-9), step
     # Resume from step 2 in another run directory: the controller's state comes back with the checkpoint.
