@@ -49,7 +49,9 @@ log = logging.getLogger("bench.forgetting")
 
 TM = {"replay": {"strategy": "tm", "weight": 1.0}}  # replay rows per step: --replay-per-step
 RANKS = 2  # every run is a real 2-rank ZeRO-3 run (run_deepspeed's default)
-BUDGET = {"budget": 0.05, "every": 5, "probe_docs": 32, "gain": 2.0}  # an update every 5 steps, a fast gain
+# Probed every step: at 10x lr the tiny base's probe rose 110% in the first 5 steps, before a probe every 5
+# could act. The gain per step is the one that updated every 5 steps with gain 2.
+BUDGET = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 0.4}
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,6 @@ ROWS = [
     Row("+ mix + TM (w 1), 10x lr", True, TM, 10.0),
     Row("+ mix + TM, budget 5%", True, {**TM, "forgetting": BUDGET}),
     Row("+ mix + TM, budget 5%, 10x lr", True, {**TM, "forgetting": BUDGET}, 10.0),
-    Row("+ mix + TM, budget 5%, probe every step", True, {**TM, "forgetting": {**BUDGET, "every": 1}}),
-    Row("+ mix + TM, budget 5%, probe every step, 10x lr", True, {**TM, "forgetting": {**BUDGET, "every": 1}}, 10.0),
 ]
 DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
 
