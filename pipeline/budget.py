@@ -20,11 +20,13 @@ row rose past naive CPT with the weights alone at their ceiling. Below the
 budget ``u`` falls: the lr comes back first, then the weights shrink and the
 domain gets what the budget allows.
 
-Integral action only: the rise moves slowly and is measured rarely, so a
-proportional term would only echo the last measurement's noise. The probe
-loss is an all-reduced sum, so every rank computes the same ``u``; the state
-(``u``, ``ppl_0``, the last rise) is in the checkpoint, so a resumed run
-continues exactly.
+Integral action only, with a measured weakness (README, bench/forgetting.py):
+the rise is itself an accumulation, and falls back slowly even at full brake,
+so once it has overshot the budget the level winds up to the brake and the
+domain stops learning; and no feedback undoes a step taken before the first
+probe. The probe loss is an all-reduced sum, so every rank computes the same
+``u``; the state (``u``, ``ppl_0``, the last rise) is in the checkpoint, so a
+resumed run continues exactly.
 """
 
 from __future__ import annotations
