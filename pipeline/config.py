@@ -274,7 +274,8 @@ def validate(cfg: TrainConfig) -> None:
     budget = cfg.forgetting
     if budget.budget is not None:
         need(budget.budget > 0, "forgetting.budget", budget.budget, "> 0")
-        replay_term = cfg.replay.strategy not in ("none", "ce")
+        weight = cfg.replay.weight
+        replay_term = cfg.replay.strategy not in ("none", "ce") and (weight == "dynamic" or weight > 0)
         replay_ce = cfg.replay.strategy != "none" and cfg.replay.ce_weight > 0
         need(
             replay_term or replay_ce or cfg.kd.weight > 0,

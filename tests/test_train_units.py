@@ -126,6 +126,10 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
         (["model.dtype=fp8"], "model.dtype must be auto | float32 | bfloat16 | float16"),
         (["forgetting.budget=0.02"], "set with something to scale"),  # replay.strategy none, no KD
         (["forgetting.budget=0.02", "replay.strategy=ce", "replay.ce_weight=0"], "set with something to scale"),
+        (
+            ["forgetting.budget=0.02", "replay.strategy=l2", "replay.cache=c", "replay.weight=0", "replay.ce_weight=0"],
+            "to scale",
+        ),
     ],
 )
 def test_bad_training_config_names_the_field(override, message, tmp_path):
