@@ -297,6 +297,7 @@ class Trainer:
         if self.budget is not None:
             self.budget.load_state_dict(state.get("forgetting_budget"))
             self.objective.anti_forgetting_scale = self.budget.scale
+            self._rebrake()  # the optimizer state's lr was set under the saved level, which the load may clamp
         # L2-SP anchors were taken from the start weights before this load: still the run's initial weights.
 
     def _save_on_signal(self) -> None:
