@@ -220,7 +220,10 @@ def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path
 
 def git_commit() -> str:
     """The code a result was measured with (its provenance; a code change alone does not rerun a row)."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    try:  # --dirty: a result measured with uncommitted changes says so
+        head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:  # no git: the run is still worth keeping
+        return "unknown"
     return head.stdout.strip() or "unknown"
 
 
@@ -366,7 +369,8 @@ def main() -> None:
     definitions = results.setdefault("definitions", {})
     for row in ROWS:  # a row redefined since its results were stored (BUDGET, a weight) starts over
         if definitions.get(row.name) != row.definition and row.name in results["rows"]:
-            log.info("%s: defined otherwise than its stored results; they are dropped", row.name)
+            # results stored without a definition are of unknown provenance: dropped too
+            log.info("%s: stored results defined otherwise (or not recorded); they are dropped", row.name)
             del results["rows"][row.name]
         definitions[row.name] = row.definition
     for seed in args.seeds:
