@@ -232,7 +232,8 @@ def git_commit() -> str:
 
 def changes(results: dict[str, Any], name: str, role: str) -> list[float]:
     base = results["base"][f"ppl/{role}"]
-    return [r[f"ppl/{role}"] / base - 1.0 for r in results["rows"].get(name, {}).values()]
+    by_seed = sorted(results["rows"].get(name, {}).items(), key=lambda item: int(item[0]))  # seed order
+    return [r[f"ppl/{role}"] / base - 1.0 for _, r in by_seed]
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -250,8 +251,8 @@ def beyond_noise(a: list[float], b: list[float]) -> bool:
 def ratio(row: list[float], naive: list[float], sign: float) -> float:
     """mean over seeds of the row's change over naive's (seed i with seed i); nan unless every naive seed moved
     the way ``sign`` says (+1: general ppl rose; -1: domain ppl fell): a share of no forgetting means nothing."""
-    if not naive or any(n * sign <= 0 for n in naive):
-        return math.nan
+    if not naive or len(row) != len(naive) or any(n * sign <= 0 for n in naive):
+        return math.nan  # rows are paired in seed order, so they need the same seeds
     return statistics.fmean(r / n for r, n in zip(row, naive))
 
 
