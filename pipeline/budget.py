@@ -3,11 +3,12 @@
 Every ``forgetting.every`` steps all ranks score the prep's probe documents
 (general text no split shares: not trained on, replayed or in the holdout the
 report scores), each alone, its first ``seq_len`` tokens, and compare the
-probe perplexity with its value before the first step. One integral state,
-the level ``u``, moves with the relative error:
+probe perplexity with its value before the first step. One state, the level
+``u``, moves with the relative error of the rise projected ``lookahead`` probe
+intervals ahead at its last rate:
 
-    rise = ppl / ppl_0 − 1
-    u ← clamp(u + gain · (rise − budget) / budget, log min_scale, log max_scale − log min_lr_scale)
+    rise = ppl / ppl_0 − 1,   projected = rise + lookahead · (rise − previous rise)
+    u ← clamp(u + gain · (projected − budget) / budget, log min_scale, log max_scale − log min_lr_scale)
 
 and drives two levers in turn. Up to ``log max_scale`` it is the log of the
 scale ``s`` on the anti-forgetting weights (replay CE, the replay term, KD: the
@@ -20,12 +21,19 @@ row rose past naive CPT with the weights alone at their ceiling. Below the
 budget ``u`` falls: the lr comes back first, then the weights shrink and the
 domain gets what the budget allows.
 
-Integral action only, with a measured weakness (README, bench/forgetting.py):
-the rise is itself an accumulation, and falls back slowly even at full brake,
-so once it has overshot the budget the level winds up to the brake and the
-domain stops learning; and no feedback undoes a step taken before the first
-probe. The probe loss is an all-reduced sum, so every rank computes the same
-``u``; the state (``u``, ``ppl_0``, the last rise) is in the checkpoint, so a
+The law's measured weakness (bench README): the rise is itself an
+accumulation of past steps and falls back slowly even at full brake, so a law
+on the rise as measured acts once the budget is spent and winds up; and no
+feedback undoes a step taken before the first probe. Two options address
+them, both off by default: ``lookahead`` acts on where the rise is heading
+(summed over updates its term is a proportional one, so the law becomes PI),
+and ``cautious_start`` starts the level at its ceiling and releases it while
+the probe stays under budget. On the tiny base both trade domain learning
+for general ability along the same frontier as the fixed weights rather than
+beating it, so neither is the default.
+
+The probe loss is an all-reduced sum, so every rank computes the same ``u``;
+the state (``u``, ``ppl_0``, the last rise) is in the checkpoint, so a
 resumed run continues exactly.
 """
 
@@ -46,13 +54,15 @@ from .perplexity import Forward, perplexity
 log = logging.getLogger(__name__)
 
 
-def next_level(level: float, rise: float, cfg: ForgettingConfig) -> float:
-    """One controller update of ``u`` (see the module docstring). A rise that is not finite (the probe loss
-    diverged) sends it to its ceiling; the step is bounded, so a huge rise cannot overflow."""
+def next_level(level: float, rise: float, previous: float, cfg: ForgettingConfig) -> float:
+    """One controller update of ``u`` from the rise just measured and the one before it (0 at the first update:
+    the baseline); see the module docstring. A rise that is not finite (the probe loss diverged) sends it to its
+    ceiling; the step is bounded, so a huge rise cannot overflow."""
     assert cfg.budget is not None
-    if not math.isfinite(rise):
+    projected = rise + cfg.lookahead * (rise - previous)
+    if not math.isfinite(projected):
         return level_bounds(cfg)[1]
-    step = min(max(cfg.gain * (rise - cfg.budget) / cfg.budget, -50.0), 50.0)
+    step = min(max(cfg.gain * (projected - cfg.budget) / cfg.budget, -50.0), 50.0)
     return clamp_level(level + step, cfg)
 
 
@@ -79,7 +89,8 @@ class ForgettingBudget:
         self.cfg, self.seq_len, self.device = cfg, seq_len, device
         self.docs, self.masks = rows["input_ids"], rows["loss_mask"]
         self.probe = hashlib.sha256("\n".join(rows["id"]).encode()).hexdigest()[:16]  # which documents
-        self.level, self.base_ppl, self.rise = 0.0, None, 0.0
+        self.level = level_bounds(cfg)[1] if cfg.cautious_start else 0.0
+        self.base_ppl, self.rise = None, 0.0
 
     @property
     def scale(self) -> float:
@@ -99,8 +110,8 @@ class ForgettingBudget:
 
     def update(self, forward: Forward) -> dict[str, float]:
         """Measure, move the level; returns what to log."""
-        self.rise = self.probe_ppl(forward) / self.base_ppl - 1.0
-        self.level = next_level(self.level, self.rise, self.cfg)
+        previous, self.rise = self.rise, self.probe_ppl(forward) / self.base_ppl - 1.0
+        self.level = next_level(self.level, self.rise, previous, self.cfg)
         return {
             "forgetting/probe_rise": self.rise,
             "forgetting/scale": self.scale,

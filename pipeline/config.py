@@ -127,7 +127,20 @@ class ForgettingConfig:
     every: int = setting(50, "steps between probe measurements (all ranks, one forward per probe document)")
     probe_docs: int = setting(64, "probe documents scored (the first ones of PREP/probe; replay.probe_docs in prep)")
     gain: float = setting(
-        0.5, "step of the controller's level per unit of relative error: u += gain · (rise − budget) / budget"
+        0.5,
+        "step of the controller's level per unit of relative error: u += gain · (projected rise − budget) / budget",
+    )
+    lookahead: float = setting(
+        0.0,
+        "probe intervals the rise is projected ahead at its last rate before it is compared with the budget "
+        "(projected = rise + lookahead · (rise − previous rise): a proportional term beside the integral); "
+        "0: act on the rise as measured",
+    )
+    cautious_start: bool = setting(
+        False,
+        "start at full protection (weights at max_scale, lr at min_lr_scale) and release while the probe stays "
+        "under budget, for an lr at which the steps before the first probe can spend the budget; false: start "
+        "at scale 1 and full lr",
     )
     min_scale: float = setting(0.01, "floor of the scale on the anti-forgetting weights")
     max_scale: float = setting(100.0, "ceiling of the scale")
@@ -286,6 +299,7 @@ def validate(cfg: TrainConfig) -> None:
         need(budget.every >= 1, "forgetting.every", budget.every, ">= 1")
         need(budget.probe_docs >= 1, "forgetting.probe_docs", budget.probe_docs, ">= 1")
         need(budget.gain > 0, "forgetting.gain", budget.gain, "> 0")
+        need(budget.lookahead >= 0, "forgetting.lookahead", budget.lookahead, ">= 0")
         need(0 < budget.min_scale <= 1 <= budget.max_scale, "forgetting scales", budget, "min <= 1 <= max, min > 0")
         need(0 < budget.min_lr_scale <= 1, "forgetting.min_lr_scale", budget.min_lr_scale, "in (0, 1]")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")

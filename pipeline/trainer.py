@@ -86,9 +86,14 @@ class Trainer:
         self.budget = self._forgetting_budget()
         self.step, self.tokens_seen = 0, 0
         self._resume()
-        if self.budget is not None and self.budget.base_ppl is None:
-            with self._eval_mode():
-                self.budget.start(logits_of(self.engine))
+        if self.budget is not None:
+            if self.budget.base_ppl is None:
+                with self._eval_mode():
+                    self.budget.start(logits_of(self.engine))
+            # The first step's lr was set before the budget existed (a cautious start brakes it), and a resumed
+            # optimizer's under the saved level, which the load may have clamped.
+            self.objective.anti_forgetting_scale = self.budget.scale
+            self._rebrake()
         self.reader = StepReader(self.mixture, self.order, self.device)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard)
         self.holdout = {
@@ -296,8 +301,6 @@ class Trainer:
             self.replay.load_state_dict(state["replay_sampler"])
         if self.budget is not None:
             self.budget.load_state_dict(state.get("forgetting_budget"))
-            self.objective.anti_forgetting_scale = self.budget.scale
-            self._rebrake()  # the optimizer state's lr was set under the saved level, which the load may clamp
         # L2-SP anchors were taken from the start weights before this load: still the run's initial weights.
 
     def _save_on_signal(self) -> None:

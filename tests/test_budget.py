@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import datasets
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from data_prep.errors import ConfigError
-from pipeline.budget import ForgettingBudget, levers, next_level
+from pipeline.budget import ForgettingBudget, level_bounds, levers, next_level
 from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
 from pipeline.config import ForgettingConfig, KDConfig, ReplayConfig, load_train_config
 from pipeline.losses.objective import Objective
@@ -18,26 +19,45 @@ from pipeline.schedule import lr_at
 from .test_replay_loss import objective_inputs
 from .train_helpers import make_prep, metrics, run_training, write_config
 
-CFG = ForgettingConfig(budget=0.02, gain=0.5, min_scale=0.01, max_scale=100.0)
+CFG = ForgettingConfig(budget=0.02, gain=0.5, lookahead=0.0, min_scale=0.01, max_scale=100.0)
 
 
 def test_the_level_moves_with_the_error_and_drives_the_weights_first_then_the_lr_brake():
-    assert next_level(0.0, 0.02, CFG) == pytest.approx(0.0)  # on budget: no change
-    assert next_level(0.0, 0.04, CFG) == pytest.approx(0.5)  # twice the budget: one gain step up
-    assert next_level(1.0, 0.0, CFG) == pytest.approx(0.5)  # nothing forgotten: give it back
+    assert next_level(0.0, 0.02, 0.02, CFG) == pytest.approx(0.0)  # on budget: no change
+    assert next_level(0.0, 0.04, 0.04, CFG) == pytest.approx(0.5)  # twice the budget: one gain step up
+    assert next_level(1.0, 0.0, 0.0, CFG) == pytest.approx(0.5)  # nothing forgotten: give it back
     top, floor = math.log(100.0), math.log(0.01)
     assert levers(0.0, CFG) == (1.0, 1.0) and levers(floor, CFG) == pytest.approx((0.01, 1.0))
     assert levers(top, CFG) == pytest.approx((100.0, 1.0))  # weights at their ceiling, lr untouched
     assert levers(top + math.log(4.0), CFG) == pytest.approx((100.0, 0.25))  # beyond it: the brake
     ceiling = top - math.log(CFG.min_lr_scale)
-    assert next_level(ceiling - 0.1, 10.0, CFG) == ceiling and next_level(floor + 0.1, -5.0, CFG) == floor
+    assert next_level(ceiling - 0.1, 10.0, 10.0, CFG) == ceiling and next_level(floor + 0.1, -5.0, -5.0, CFG) == floor
     assert levers(ceiling, CFG) == pytest.approx((100.0, CFG.min_lr_scale))
+
+
+def test_the_lookahead_acts_on_where_the_rise_is_heading():
+    ahead = dataclasses.replace(CFG, lookahead=2.0)
+    # under budget but climbing 0.01 per probe: projected 0.03, half a budget over, so protection rises now
+    assert next_level(0.0, 0.01, 0.0, ahead) == pytest.approx(0.25)
+    assert next_level(0.0, 0.01, 0.0, CFG) == pytest.approx(-0.25)  # without it the level would still fall
+    # over budget but falling back fast enough to land on it: no change
+    assert next_level(1.0, 0.04, 0.05, ahead) == pytest.approx(1.0)
+
+
+def test_a_cautious_start_begins_at_full_protection_and_a_neutral_one_at_scale_1_and_full_lr():
+    probe = datasets.Dataset.from_dict({"id": ["g:1"], "input_ids": [[1, 2, 3]], "loss_mask": [[1, 1, 1]]})
+    cautious = ForgettingBudget(dataclasses.replace(CFG, cautious_start=True), probe, 8, torch.device("cpu"))
+    assert (cautious.scale, cautious.lr_scale) == pytest.approx((CFG.max_scale, CFG.min_lr_scale))
+    neutral = ForgettingBudget(CFG, probe, 8, torch.device("cpu"))  # the default
+    assert (neutral.scale, neutral.lr_scale) == (1.0, 1.0)
 
 
 def test_a_diverged_or_huge_rise_sends_the_level_to_its_ceiling_without_overflow():
     ceiling = math.log(100.0) - math.log(CFG.min_lr_scale)
-    assert next_level(0.0, float("nan"), CFG) == ceiling and next_level(0.0, float("inf"), CFG) == ceiling
-    assert next_level(0.0, 1e6, CFG) == ceiling and next_level(0.0, -1e6, CFG) == math.log(0.01)
+    assert next_level(0.0, float("nan"), 0.0, CFG) == ceiling and next_level(0.0, float("inf"), 0.0, CFG) == ceiling
+    assert next_level(0.0, 1e6, 0.0, CFG) == ceiling and next_level(0.0, -1e6, 0.0, CFG) == math.log(0.01)
+    ahead = dataclasses.replace(CFG, lookahead=2.0)  # inf - inf in the projection is nan: the ceiling too
+    assert next_level(0.0, float("inf"), float("inf"), ahead) == ceiling
 
 
 def test_a_checkpoint_without_budget_state_or_measured_on_other_probe_documents_is_refused():
@@ -82,27 +102,31 @@ def test_the_scale_multiplies_replay_ce_the_replay_term_and_kd_and_leaves_task_c
 
 def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample, tmp_path):
     prep = make_prep(sample, tmp_path / "prep", probe_docs=6)
-    # A from-scratch model's probe perplexity falls as it learns; an lr of 0.1 makes it rise, and max_scale
-    # 1.5 puts the brake within reach, so this short run exercises both levers.
+    # A from-scratch model's probe perplexity falls as it learns; an lr of 0.1 makes it rise. A cautious start
+    # brakes step 1 (the trainer must apply the level before the first step); max_scale 1.5 keeps the brake
+    # within the few updates of a 6-step run.
     budget = {"budget": 0.001, "every": 2, "probe_docs": 6, "max_scale": 1.5, "min_lr_scale": 0.1}
+    budget |= {"lookahead": 2.0, "cautious_start": True}
     sections = {"steps": 6, "kd": {"weight": 1.0}, "forgetting": budget, "optim": {"lr": 0.1, "warmup_steps": 1}}
     config = write_config(tmp_path / "a.yaml", prep, tmp_path / "a", **sections)
     run_training(config)
     first = metrics(tmp_path / "a")
     cfg, law = load_train_config(config), ForgettingConfig(**budget)
-    level, brake = 0.0, {}  # brake[k]: the lr multiplier after the update at step k
+    level, previous = level_bounds(law)[1], 0.0  # a cautious start: full protection from the first step
+    brake = {0: levers(level, law)[1]}  # brake[k]: the lr multiplier after the update at step k
     for step in (2, 4, 6):
-        level = next_level(level, first[step]["forgetting/probe_rise"], law)
+        rise = first[step]["forgetting/probe_rise"]
+        level, previous = next_level(level, rise, previous, law), rise
         scale, brake[step] = levers(level, law)
         assert first[step]["forgetting/scale"] == pytest.approx(scale, rel=1e-12), step
         assert first[step]["forgetting/lr_scale"] == pytest.approx(brake[step], rel=1e-12), step
     assert {s for s, r in first.items() if "forgetting/scale" in r} == {2, 4, 6}
-    rises = {k: first[k]["forgetting/probe_rise"] for k in brake}
-    assert brake[2] < 1.0, (brake, rises)  # the brake engaged early enough for the lr checks below to see it
-    for step in range(1, 7):  # an update after step k sets the lr from step k + 1 on
-        applied = max((k for k in brake if k <= step - 1), default=None)
+    # braked from step 1, then moved: the lr checks below see the start's brake and a moved one
+    assert brake[0] < 1.0 and brake[2] != brake[0], brake
+    for step in range(1, 7):  # an update after step k sets the lr from step k + 1 on; the start, step 1's
+        applied = max(k for k in brake if k <= step - 1)
         scheduled = lr_at(step - 1, cfg.peak_lr, 6, cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr_ratio)
-        assert first[step]["lr"] == pytest.approx(scheduled * brake.get(applied, 1.0), rel=1e-9), step
+        assert first[step]["lr"] == pytest.approx(scheduled * brake[applied], rel=1e-9), step
     # Resume from step 2 in another run directory: the controller's state comes back with the checkpoint.
     step2 = CheckpointDir.for_step(checkpoint_root(tmp_path / "a"), 2).path
     resumed = write_config(tmp_path / "b.yaml", prep, tmp_path / "b", **sections, checkpoint={"resume": str(step2)})
