@@ -4,10 +4,10 @@ Every ``forgetting.every`` steps all ranks score the prep's probe documents
 (general text no split shares: not trained on, replayed or in the holdout the
 report scores), each alone, its first ``seq_len`` tokens, and compare the
 probe perplexity with its value before the first step. One state, the level
-``u``, moves with the relative error of the rise projected ``lookahead`` probe
-intervals ahead at its last rate:
+``u``, moves with the relative error of the rise, projected ``lookahead`` probe
+intervals ahead at its last rate while it climbs:
 
-    rise = ppl / ppl_0 − 1,   projected = rise + lookahead · (rise − previous rise)
+    rise = ppl / ppl_0 − 1,   projected = rise + lookahead · max(rise − previous rise, 0)
     u ← clamp(u + gain · (projected − budget) / budget, log min_scale, log max_scale − log min_lr_scale)
 
 and drives two levers in turn. Up to ``log max_scale`` it is the log of the
@@ -21,16 +21,19 @@ row rose past naive CPT with the weights alone at their ceiling. Below the
 budget ``u`` falls: the lr comes back first, then the weights shrink and the
 domain gets what the budget allows.
 
-The law's measured weakness (bench README): the rise is itself an
-accumulation of past steps and falls back slowly even at full brake, so a law
-on the rise as measured acts once the budget is spent and winds up; and no
-feedback undoes a step taken before the first probe. Two options address
-them, both off by default: ``lookahead`` acts on where the rise is heading
-(summed over updates its term is a proportional one, so the law becomes PI),
-and ``cautious_start`` starts the level at its ceiling and releases it while
-the probe stays under budget. On the tiny base both trade domain learning
-for general ability along the same frontier as the fixed weights rather than
-beating it, so neither is the default.
+The law's measured weakness (bench README): the rise is itself an accumulation
+of past steps and falls back slowly even at full brake, so a law on the rise
+as measured acts once the budget is spent and winds up; and no feedback undoes
+a step taken before the first probe. Two options address them, both off by
+default: ``lookahead`` acts on where a climbing rise is heading (a
+proportional term beside the integral), and ``cautious_start`` starts the
+level at its ceiling and releases it while the probe stays under budget. The
+projection is one-sided because a falling rise says nothing about how large a
+step the lr can take: projected down, a rise recovering at 10x lr released the
+whole brake in one update, and the next step took the probe from +5% to +205%
+(bench README). On the tiny base both trade domain learning for general
+ability along the same frontier as the fixed weights rather than beating it,
+so neither is the default.
 
 The probe loss is an all-reduced sum, so every rank computes the same ``u``;
 the state (``u``, ``ppl_0``, the last rise) is in the checkpoint, so a
@@ -59,7 +62,7 @@ def next_level(level: float, rise: float, previous: float, cfg: ForgettingConfig
     the baseline); see the module docstring. A rise that is not finite (the probe loss diverged) sends it to its
     ceiling; the step is bounded, so a huge rise cannot overflow."""
     assert cfg.budget is not None
-    projected = rise + cfg.lookahead * (rise - previous)
+    projected = rise + cfg.lookahead * max(rise - previous, 0.0)  # one-sided: see the module docstring
     if not math.isfinite(projected):
         return level_bounds(cfg)[1]
     step = min(max(cfg.gain * (projected - cfg.budget) / cfg.budget, -50.0), 50.0)

@@ -132,9 +132,9 @@ class ForgettingConfig:
     )
     lookahead: float = setting(
         0.0,
-        "probe intervals the rise is projected ahead at its last rate before it is compared with the budget "
-        "(projected = rise + lookahead · (rise − previous rise): a proportional term beside the integral); "
-        "0: act on the rise as measured",
+        "probe intervals a climbing rise is projected ahead at its last rate before it is compared with the "
+        "budget (projected = rise + lookahead · max(rise − previous rise, 0): a proportional term beside the "
+        "integral; a falling rise is taken as measured); 0: act on the rise as measured",
     )
     cautious_start: bool = setting(
         False,

@@ -40,8 +40,9 @@ def test_the_lookahead_acts_on_where_the_rise_is_heading():
     # under budget but climbing 0.01 per probe: projected 0.03, half a budget over, so protection rises now
     assert next_level(0.0, 0.01, 0.0, ahead) == pytest.approx(0.25)
     assert next_level(0.0, 0.01, 0.0, CFG) == pytest.approx(-0.25)  # without it the level would still fall
-    # over budget but falling back fast enough to land on it: no change
-    assert next_level(1.0, 0.04, 0.05, ahead) == pytest.approx(1.0)
+    # falling back: taken as measured, not projected, so the level does not release on a trend
+    assert next_level(1.0, 0.04, 0.05, ahead) == next_level(1.0, 0.04, 0.05, CFG) == pytest.approx(1.5)
+    assert next_level(1.0, 0.01, 0.2, ahead) == pytest.approx(0.75)  # far under budget: one measured step
 
 
 def test_a_cautious_start_begins_at_full_protection_and_a_neutral_one_at_scale_1_and_full_lr():
