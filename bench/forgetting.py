@@ -50,8 +50,11 @@ log = logging.getLogger("bench.forgetting")
 TM = {"replay": {"strategy": "tm", "weight": 1.0}}  # replay rows per step: --replay-per-step
 RANKS = 2  # every run is a real 2-rank ZeRO-3 run (run_deepspeed's default)
 # Probed every step: at 10x lr the tiny base's probe rose 110% in the first 5 steps, before a probe every 5
-# could act. The gain per step is the one that updated every 5 steps with gain 2.
-BUDGET = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 0.4}
+# could act. Every controller setting is spelled out, so a changed default does not change a stored row;
+# INTEGRAL's rows predate lookahead and cautious_start and ran with both off, as their defaults still are.
+INTEGRAL = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 0.4}
+BUDGET = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 1.0, "lookahead": 2.0, "cautious_start": True}
+KD = {"kd": {"weight": 1.0}}
 
 
 @dataclass(frozen=True)
@@ -74,18 +77,21 @@ ROWS = [
     Row("+ mix + TM (w 1)", True, TM),
     Row("+ mix + TM (w 100)", True, {"replay": {**TM["replay"], "weight": 100.0}}),
     Row("+ mix + TM (dynamic w)", True, {"replay": {**TM["replay"], "weight": "dynamic"}}),
-    Row("+ mix + KD", True, {"kd": {"weight": 1.0}}),
+    Row("+ mix + KD", True, KD),
     Row("+ mix + L2-SP", True, {"penalty": {"kind": "l2sp", "weight": 50.0}}),
     Row("+ mix + EWC", True, {"penalty": {"kind": "ewc", "weight": 50.0}}),
-    Row("+ mix + TM + KD", True, {**TM, "kd": {"weight": 1.0}}),
+    Row("+ mix + TM + KD", True, {**TM, **KD}),
     Row("+ mix + TM, no replay CE", True, {"replay": {**TM["replay"], "ce_weight": 0.0}}),
     Row("+ mix + TM, 2 replay samples", True, {"replay": {**TM["replay"], "samples_per_step": 2}}),
     Row("naive CPT, 3x lr", False, {}, 3.0),
     Row("+ mix + TM (w 1), 3x lr", True, TM, 3.0),
     Row("naive CPT, 10x lr", False, {}, 10.0),
     Row("+ mix + TM (w 1), 10x lr", True, TM, 10.0),
-    Row("+ mix + TM, budget 5%", True, {**TM, "forgetting": BUDGET}),
-    Row("+ mix + TM, budget 5%, 10x lr", True, {**TM, "forgetting": BUDGET}, 10.0),
+    Row("+ mix + KD, 10x lr", True, KD, 10.0),
+    Row("+ mix + TM, budget 5%, integral only", True, {**TM, "forgetting": INTEGRAL}),
+    Row("+ mix + TM, budget 5%, integral only, 10x lr", True, {**TM, "forgetting": INTEGRAL}, 10.0),
+    Row("+ mix + KD, budget 5%", True, {**KD, "forgetting": BUDGET}),
+    Row("+ mix + KD, budget 5%, 10x lr", True, {**KD, "forgetting": BUDGET}, 10.0),
 ]
 DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
 
