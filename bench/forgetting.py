@@ -50,8 +50,8 @@ log = logging.getLogger("bench.forgetting")
 TM = {"replay": {"strategy": "tm", "weight": 1.0}}  # replay rows per step: --replay-per-step
 RANKS = 2  # every run is a real 2-rank ZeRO-3 run (run_deepspeed's default)
 # Probed every step: at 10x lr the tiny base's probe rose 110% in the first 5 steps, before a probe every 5
-# could act. Every controller setting is spelled out, so a changed default does not change a stored row;
-# INTEGRAL's rows predate lookahead and cautious_start and ran with both off, as their defaults still are.
+# could act. A row's definition is its config, not the defaults under it: INTEGRAL's rows predate lookahead
+# and cautious_start and ran with both off, as their defaults still are; a changed default must drop them.
 INTEGRAL = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 0.4}
 BUDGET = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 1.0, "lookahead": 2.0, "cautious_start": True}
 KD = {"kd": {"weight": 1.0}}

@@ -62,7 +62,9 @@ def next_level(level: float, rise: float, previous: float, cfg: ForgettingConfig
     the baseline); see the module docstring. A rise that is not finite (the probe loss diverged) sends it to its
     ceiling; the step is bounded, so a huge rise cannot overflow."""
     assert cfg.budget is not None
-    projected = rise + cfg.lookahead * max(rise - previous, 0.0)  # one-sided: see the module docstring
+    # One-sided (see the module docstring); a previous rise that was not finite has no slope to project.
+    climb = rise - previous if cfg.lookahead > 0 and math.isfinite(previous) else 0.0
+    projected = rise + cfg.lookahead * max(climb, 0.0)
     if not math.isfinite(projected):
         return level_bounds(cfg)[1]
     step = min(max(cfg.gain * (projected - cfg.budget) / cfg.budget, -50.0), 50.0)

@@ -53,12 +53,35 @@ def test_a_cautious_start_begins_at_full_protection_and_a_neutral_one_at_scale_1
     assert (neutral.scale, neutral.lr_scale) == (1.0, 1.0)
 
 
+def test_each_update_projects_from_the_rise_the_last_update_measured():
+    """Uniform logits over V tokens score perplexity V exactly, so the probe's rise is scripted."""
+    probe = datasets.Dataset.from_dict({"id": ["g:1", "g:2"], "input_ids": [[1, 2, 3]] * 2, "loss_mask": [[1] * 3] * 2})
+    law = dataclasses.replace(CFG, lookahead=2.0)
+    budget = ForgettingBudget(law, probe, 8, torch.device("cpu"))
+
+    def uniform(vocab: int):
+        return lambda ids: torch.zeros(*ids.shape, vocab)
+
+    budget.start(uniform(100))
+    level, previous = 0.0, 0.0
+    for vocab in (101, 103, 102, 102):  # climbs, then falls back: projected, then taken as measured
+        budget.update(uniform(vocab))
+        rise = budget.rise
+        assert rise == pytest.approx(vocab / 100 - 1, abs=1e-6)  # fp32 perplexity
+        level, previous = next_level(level, rise, previous, law), rise
+        assert budget.level == level, vocab
+    # by hand: 0.5 · (0.01 + 2 · 0.01 − 0.02) / 0.02, then 0.5 · (0.03 + 2 · 0.02 − 0.02) / 0.02, then 0, 0
+    assert budget.level == pytest.approx(0.25 + 1.25, abs=1e-3)
+
+
 def test_a_diverged_or_huge_rise_sends_the_level_to_its_ceiling_without_overflow():
     ceiling = math.log(100.0) - math.log(CFG.min_lr_scale)
     assert next_level(0.0, float("nan"), 0.0, CFG) == ceiling and next_level(0.0, float("inf"), 0.0, CFG) == ceiling
     assert next_level(0.0, 1e6, 0.0, CFG) == ceiling and next_level(0.0, -1e6, 0.0, CFG) == math.log(0.01)
-    ahead = dataclasses.replace(CFG, lookahead=2.0)  # inf - inf in the projection is nan: the ceiling too
+    ahead = dataclasses.replace(CFG, lookahead=2.0)
     assert next_level(0.0, float("inf"), float("inf"), ahead) == ceiling
+    # after a diverged probe the next finite rise is taken as measured, with or without the lookahead
+    assert next_level(1.0, 0.01, float("nan"), CFG) == next_level(1.0, 0.01, float("nan"), ahead) == 0.75
 
 
 def test_a_checkpoint_without_budget_state_or_measured_on_other_probe_documents_is_refused():
@@ -122,6 +145,11 @@ def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample
         assert first[step]["forgetting/scale"] == pytest.approx(scale, rel=1e-12), step
         assert first[step]["forgetting/lr_scale"] == pytest.approx(brake[step], rel=1e-12), step
     assert {s for s, r in first.items() if "forgetting/scale" in r} == {2, 4, 6}
+    # Steps 1-2 run at the cautious start's scale (the first update follows step 2); the logged loss is the
+    # optimized one. Step 2's, since at step 1 the student is its teacher and KD is 0.
+    assert first[2]["loss/kd"] > 1e-6, first[2]
+    scaled = first[2]["loss/task_ce"] + law.max_scale * sections["kd"]["weight"] * first[2]["loss/kd"]
+    assert first[2]["loss"] == pytest.approx(scaled, rel=1e-9)
     # braked from step 1, then moved: the lr checks below see the start's brake and a moved one
     assert brake[0] < 1.0 and brake[2] != brake[0], brake
     for step in range(1, 7):  # an update after step k sets the lr from step k + 1 on; the start, step 1's
