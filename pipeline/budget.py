@@ -31,9 +31,10 @@ level at its ceiling and releases it while the probe stays under budget. The
 projection is one-sided because a falling rise says nothing about how large a
 step the lr can take: projected down, a rise recovering at 10x lr released the
 whole brake in one update, and the next step took the probe from +5% to +205%
-(bench README). On the tiny base both trade domain learning for general
-ability along the same frontier as the fixed weights rather than beating it,
-so neither is the default.
+(bench README). With both and KD as the lever, the bench's 5% budget held at
+10x lr where fixed weights did not, but at 1x both cost learning, and at the
+default ``every`` a cautious start holds full protection for hundreds of
+steps, so neither is the default.
 
 The probe loss is an all-reduced sum, so every rank computes the same ``u``;
 the state (``u``, ``ppl_0``, the last rise) is in the checkpoint, so a

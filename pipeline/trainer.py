@@ -92,8 +92,7 @@ class Trainer:
                     self.budget.start(logits_of(self.engine))
             # The first step's lr was set before the budget existed (a cautious start brakes it), and a resumed
             # optimizer's under the saved level, which the load may have clamped.
-            self.objective.anti_forgetting_scale = self.budget.scale
-            self._rebrake()
+            self._apply_levers()
         self.reader = StepReader(self.mixture, self.order, self.device)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard)
         self.holdout = {
@@ -119,8 +118,7 @@ class Trainer:
                 if self.budget is not None and self._due(self.cfg.forgetting.every):
                     with self._eval_mode():
                         last.update(self.budget.update(logits_of(self.engine)))
-                    self.objective.anti_forgetting_scale = self.budget.scale
-                    self._rebrake()
+                    self._apply_levers()
                 self._log(last)
                 if self._due(self.cfg.eval.every) and self.step < self.total_steps:
                     self.metrics.log(self.step, self.evaluate())
@@ -249,10 +247,13 @@ class Trainer:
             lambda s: lr_at(s, peak, self.total_steps, self.warmup, optim.decay, optim.min_lr_ratio) / peak * brake(),
         )
 
-    def _rebrake(self) -> None:
-        """Set the coming step's lr again with the brake just moved. The budget updates after the step, when
-        the scheduler has already set the next lr, so without this the brake would act a step later: at 10x
-        lr on the bench's tiny base, that one unbraked step took the probe's rise from 36% to 121%."""
+    def _apply_levers(self) -> None:
+        """Put the budget's level into effect for the coming step: the scale on the anti-forgetting weights,
+        and the lr set again with the brake. The budget updates after the step, when the scheduler has already
+        set the next lr, so without this the brake would act a step later: at 10x lr on the bench's tiny base,
+        that one unbraked step took the probe's rise from 36% to 121%."""
+        assert self.budget is not None
+        self.objective.anti_forgetting_scale = self.budget.scale
         sched = self.engine.lr_scheduler
         for group, base_lr, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base_lr * factor(sched.last_epoch)  # LambdaLR's own rule, at the step it is at
