@@ -6,16 +6,20 @@ config for all variants; tokens/s over --steps timed steps after --warmup.
   1. this loop (``pipeline.trainer.Trainer.train_step``), replay off;
   2. HF ``Trainer`` with ``deepspeed=`` the same config, a collator producing
      the same inputs, loss from the model (labels);
-  3. this loop with GeRe TM replay (cache built in this script).
-gere_overhead = t(3)/t(1) - 1 - replay_share, where replay_share is the replay
+  3. this loop with GeRe TM replay (cache built in this script), replay samples
+     in a forward of their own (replay.forward: separate);
+  4. the same with the samples packed behind the task rows in their forward
+     (replay.forward: joint, what auto picks for this model).
+gere_overhead = t(4)/t(1) - 1 - replay_share, where replay_share is the replay
 rows' tokens (padded to replay_len, as computed) over the task tokens: the
-cost beyond the extra tokens themselves (goal <= 0.05).
+cost beyond the extra tokens themselves (goal <= 0.02); gere_overhead_separate
+the same for 3. The loop's variants run --repeats times, interleaved.
 
 On CPU the HF Trainer only runs DeepSpeed in a world of one (accelerate sees
 one process on CPU ranks), so run it with one rank:
     deepspeed --num_gpus 1 --module bench.train_step
 On GPUs: deepspeed --num_gpus 8 --module bench.train_step --deepspeed ds_configs/zero3_bf16.json --dtype bfloat16
-Last line: ratio_vs_hf_trainer=<x> gere_overhead=<y>
+Last line: ratio_vs_hf_trainer=<x> gere_overhead=<y> gere_overhead_separate=<z>
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -41,6 +46,7 @@ from pipeline.data import PrepPaths, packed_inputs
 from pipeline.distributed import init_distributed
 from pipeline.ds_config import filled_ds_config
 from pipeline.gere.build import build_gere_cache
+from pipeline.gere.sampler import replay_plan
 from pipeline.model import ModelSource, load_causal_lm
 from pipeline.trainer import Trainer
 
@@ -92,7 +98,7 @@ def time_ours(cfg_overrides: list[str], args: argparse.Namespace) -> tuple[float
 def time_hf(cfg_overrides: list[str], args: argparse.Namespace) -> float:
     cfg = load_train_config(None, cfg_overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ds = filled_ds_config(cfg, world)
+    ds = filled_ds_config(cfg, world, MODEL["hidden_size"])
     model = load_causal_lm(ModelSource(config=cfg.model.config, seed=cfg.model.seed, dtype=cfg.model.dtype))
     model.config.use_cache = False
     mixture = datasets.load_from_disk(str(PrepPaths.read(cfg.data.prep).mixture))
@@ -137,9 +143,12 @@ def sync() -> None:
 
 
 def build_cache_for(prep: Path, cfg_overrides: list[str], out: Path) -> Path:
+    """The cache as the joint run's replay forward runs (on CPU the separate forward gives the same states)."""
     cfg = load_train_config(None, cfg_overrides)
     source = ModelSource(config=cfg.model.config, seed=cfg.model.seed, dtype=cfg.model.dtype)
-    return build_gere_cache(source, prep / "replay", out, batch_size=8)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_forward, _ = replay_plan(cfg.replay.samples_per_step, world, cfg.batch.grad_accum)
+    return build_gere_cache(source, prep / "replay", out, batch_size=per_forward, training=cfg)
 
 
 def main() -> None:
@@ -151,6 +160,7 @@ def main() -> None:
     p.add_argument("--replay-per-step", type=int, default=2)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each variant, interleaved")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -163,40 +173,60 @@ def main() -> None:
         prep = Path(build_demo_data(work / "demo", quiet=True)["mixture"]).parent
 
     vocab = load_tokenizer(PrepPaths.read(prep).tokenizer).vocab_size
-    plain = overrides(prep, work / "ours", args, vocab)
+    cache = work / "cache"
+    replay = {
+        "replay.strategy": "tm",
+        "replay.samples_per_step": str(args.replay_per_step),
+        "replay.cache": str(cache),
+    }
+    variants = {
+        "this loop": {},
+        f"+ GeRe TM ({args.replay_per_step} replay rows), own forward": {**replay, "replay.forward": "separate"},
+        f"+ GeRe TM ({args.replay_per_step} replay rows), in the task forward": {**replay, "replay.forward": "joint"},
+    }
+    plain, separate, joint = variants
     # The cache first and the HF Trainer last: TrainingArguments(deepspeed=...) leaves a process-wide
     # HfDeepSpeedConfig behind, under which transformers builds any later model partitioned.
-    cache = build_cache_for(prep, plain, work / "cache") if rank == 0 else work / "cache"
+    if rank == 0:
+        build_cache_for(prep, overrides(prep, work / "c", args, vocab, **variants[joint]), cache)
     torch.distributed.barrier()
-    ours_s, tokens, _ = time_ours(plain, args)
-    gere = overrides(
-        prep,
-        work / "gere",
-        args,
-        vocab,
-        **{"replay.strategy": "tm", "replay.cache": str(cache), "replay.samples_per_step": str(args.replay_per_step)},
-    )
-    gere_s, _, replay_tokens = time_ours(gere, args)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    tokens = replay_tokens = 0
+    for repeat in range(args.repeats):  # interleaved, so drift in the machine's speed hits every variant alike
+        for i, (name, extra) in enumerate(variants.items()):
+            run = work / f"run-{repeat}-{i}"
+            s, tokens, r = time_ours(overrides(prep, run, args, vocab, **extra), args)
+            seconds[name].append(s)
+            if rank == 0:
+                print(f"repeat {repeat}: {name}: {s:.3f} s/step", flush=True)
+            replay_tokens = max(replay_tokens, r)
     hf_s = time_hf(overrides(prep, work / "hf", args, vocab), args)
     if rank != 0:
         return
     share = replay_tokens / tokens
-    rows = [
-        ("this loop", ours_s),
-        ("HF Trainer + same DeepSpeed config", hf_s),
-        (f"this loop + GeRe TM ({args.replay_per_step} replay rows)", gere_s),
-    ]
+    mean = {name: statistics.mean(v) for name, v in seconds.items()}
+    spread = {name: statistics.stdev(v) if len(v) > 1 else 0.0 for name, v in seconds.items()}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(
         f"\n{world} rank(s) on {'cuda' if torch.cuda.is_available() else 'cpu'}, model {MODEL} vocab {vocab}, "
-        f"{tokens} task tokens/step, mean of {args.steps} steps after {args.warmup}"
+        f"{tokens} task tokens/step; each of {args.repeats} repeats the mean of {args.steps} steps after "
+        f"{args.warmup}; ± is the std over repeats"
     )
-    print(f"| {'variant':<44} | {'s/step':>7} | {'tokens/s':>9} | {'vs this loop':>12} |")
-    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 11}|{'-' * 14}|")
-    for name, s in rows:
-        print(f"| {name:<44} | {s:>7.3f} | {tokens / s:>9,.0f} | {ours_s / s:>11.2f}x |")
-    print(f"replay rows add {share:.1%} tokens (padded to replay_len); measured slowdown {gere_s / ours_s - 1:.1%}")
-    print(f"ratio_vs_hf_trainer={hf_s / ours_s:.3f} gere_overhead={gere_s / ours_s - 1 - share:.3f}")
+    print(f"| {'variant':<56} | {'s/step':>15} | {'tokens/s':>9} | {'vs this loop':>12} |")
+    print(f"|{'-' * 58}|{'-' * 17}|{'-' * 11}|{'-' * 14}|")
+    rows = [(name, mean[name], f"± {spread[name]:5.3f}") for name in variants]
+    rows.insert(1, ("HF Trainer + same DeepSpeed config (one run)", hf_s, " " * 7))
+    for name, s, sd in rows:
+        print(f"| {name:<56} | {s:>7.3f} {sd} | {tokens / s:>9,.0f} | {mean[plain] / s:>11.2f}x |")
+    overhead = {name: mean[name] / mean[plain] - 1 - share for name in (separate, joint)}
+    print(
+        f"replay rows add {share:.1%} tokens (padded to replay_len); measured slowdown: own forward "
+        f"{mean[separate] / mean[plain] - 1:.1%}, in the task forward {mean[joint] / mean[plain] - 1:.1%}"
+    )
+    print(
+        f"ratio_vs_hf_trainer={hf_s / mean[plain]:.3f} gere_overhead={overhead[joint]:.3f} "
+        f"gere_overhead_separate={overhead[separate]:.3f}"
+    )
 
 
 if __name__ == "__main__":

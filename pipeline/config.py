@@ -97,6 +97,13 @@ class ReplayConfig:
     cache: str | None = setting(None, "GeRe cache directory from `python -m pipeline.gere` (tm, l1, l2)")
     kl_temperature: float = setting(1.0, "softmax temperature of the kl strategy (the term is scaled by T²)")
     fused_tm: bool | None = setting(None, "null: the Triton TM kernel on CUDA, the PyTorch reference elsewhere")
+    forward: Literal["auto", "joint", "separate"] = setting(
+        "auto",
+        "joint: replay samples ride in the task rows' forward, each in its own packed slot (one ZeRO-3 gather, "
+        "not two); separate: their own padded forward; auto: joint where it is exact and cheap (needs a strategy "
+        "other than kl, the chunked head loss, replay_len <= seq_len, <= 10% empty slots, and CPU or flash "
+        "attention), else separate",
+    )
 
 
 @dataclass
@@ -280,6 +287,12 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.replay.max_weight > 0, "replay.max_weight", cfg.replay.max_weight, "> 0")
     need(cfg.replay.ce_weight >= 0, "replay.ce_weight", cfg.replay.ce_weight, ">= 0")
     need(cfg.replay.kl_temperature > 0, "replay.kl_temperature", cfg.replay.kl_temperature, "> 0")
+    need(
+        not (cfg.replay.forward == "joint" and cfg.replay.strategy == "kl"),
+        "replay.forward",
+        cfg.replay.forward,
+        "auto or separate with replay.strategy kl (its teacher scores the replay rows in their own forward)",
+    )
     need(cfg.kd.weight >= 0, "kd.weight", cfg.kd.weight, ">= 0")
     need(cfg.kd.temperature > 0, "kd.temperature", cfg.kd.temperature, "> 0")
     need(cfg.penalty.ewc_batches >= 1, "penalty.ewc_batches", cfg.penalty.ewc_batches, ">= 1")

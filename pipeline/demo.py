@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from data_prep.config import load_config
@@ -33,7 +34,7 @@ from data_prep.tokenizer import load_tokenizer
 from .config import load_train_config
 from .data import PrepPaths
 from .eval import markdown_table, run_eval
-from .gere.build import differs_from_training
+from .gere.build import differs_from_training, training_layout
 from .gere.cache import CacheMismatch, GeReCache
 from .launch import ROOT, deepspeed_command
 from .model import ModelSource, model_fingerprint
@@ -136,7 +137,8 @@ def _cache_is_current(config: Path, ranks: int) -> bool:
         )
     except (CacheMismatch, FileNotFoundError):
         return False
-    return not differs_from_training(cache.meta, cfg, ranks)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return not differs_from_training(cache.meta, cfg, ranks, training_layout(cfg, ranks, device_type))
 
 
 def step(text: str) -> None:

@@ -71,19 +71,22 @@ def build_engine(
         model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler, config=ds_cfg
     )
     engine.eval()  # no dropout in the probe
+    # Replay samples packed behind the task rows (replay.forward) add rows to a forward: probe with one more,
+    # so a micro_batch of 1 still checks the multi-row path (flash attention runs rows as one varlen row).
+    rows = cfg.batch.micro_batch + (cfg.replay.strategy != "none" and cfg.replay.forward != "separate")
     error = check_document_isolation(
         engine,
         cfg.model.attn_implementation,
         model.config.vocab_size,
-        cfg.batch.micro_batch,
+        rows,
         getattr(torch, cfg.model.dtype),
         engine.device,
     )
     engine.train()
     log.info(
-        "document isolation: %s at micro_batch %d, packed vs alone logits differ by %.1g (relative)",
+        "document isolation: %s at %d rows a forward, packed vs alone logits differ by %.1g (relative)",
         cfg.model.attn_implementation,
-        cfg.batch.micro_batch,
+        rows,
         error,
     )
     return engine

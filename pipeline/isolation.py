@@ -115,6 +115,7 @@ def check_document_isolation(
         raise DocumentLeak(
             f"model.attn_implementation '{attn_implementation}' with transformers {transformers.__version__} lets "
             f"packed documents attend to each other (logits packed vs alone differ by {error:.2g} of the largest "
-            f"logit at micro_batch {micro_batch}); use sdpa or eager with transformers >= 5.23, or micro_batch 1"
+            f"logit at {micro_batch} rows a forward); use sdpa or eager with transformers >= 5.23, or micro_batch 1 "
+            "(and replay.forward separate)"
         )
     return error

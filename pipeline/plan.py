@@ -21,7 +21,8 @@ counts, no weights read), per rank, in bytes:
                    gradient checkpointing only the layer input per layer plus one
                    layer recomputed. Task rows (micro_batch × seq_len) and, when
                    replay runs, the replay rows of the micro-batch, whose graph is
-                   alive at the same backward
+                   alive at the same backward (packed into rows of seq_len with
+                   replay.forward joint, and recomputed with the task rows)
     logits/loss    chunked head loss: 4 fp32 chunks + the head weight's gradient
                    per head-loss call (task, replay); full logits: b + 3 fp32
                    copies of [tokens, V] for task and replay rows
@@ -55,6 +56,7 @@ from data_prep.replay import ReplayShard
 from .config import TrainConfig, load_train_config
 from .data import PrepPaths
 from .ds_config import filled_ds_config
+from .gere.joint import replay_layout
 from .losses.head import chunkable_head
 from .losses.linear_ce import CHUNK_BYTES
 from .model import model_config, model_sources
@@ -126,8 +128,9 @@ def model_shape(cfg: TrainConfig, cuda: bool) -> ModelShape:
     return ModelShape.from_config(model_config(start))
 
 
-def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape) -> Plan:
-    """Per-rank memory of ``cfg`` (``model.dtype`` resolved, see :func:`model_shape`) on ``ranks`` ranks."""
+def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: str = "cuda") -> Plan:
+    """Per-rank memory of ``cfg`` (``model.dtype`` resolved, see :func:`model_shape`) on ``ranks`` ranks of
+    ``device_type``."""
     dtype = cfg.model.dtype
     b = 4 if dtype == "float32" else 2
     ds = filled_ds_config(cfg, ranks, shape.hidden)
@@ -161,22 +164,26 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape) -> Plan:
 
     seq_len, replay_len = _lengths(cfg, plan)
     tokens = cfg.batch.micro_batch * seq_len
-    replay_tokens = 0
+    chunked = cfg.model.chunked_loss and shape.chunkable
+    layout = replay_layout(cfg, replay_len, seq_len, ranks, chunked, device_type)
+    replay_tokens = samples = 0
     if cfg.replay.strategy != "none":
         per_rank = cfg.replay.samples_per_step / ranks
-        replay_tokens = math.ceil(per_rank / cfg.batch.grad_accum) * replay_len if per_rank else 0
+        samples = math.ceil(per_rank / cfg.batch.grad_accum) if per_rank else 0
+        # joint: packed rows of seq_len tokens behind the task rows, in the same forward
+        replay_tokens = layout.rows_for(samples) * seq_len if layout else samples * replay_len
     per_token_layer = b * (7 * shape.hidden + 2 * shape.kv + 4 * shape.intermediate)
     per_token_all = per_token_layer * shape.layers
     live = tokens + replay_tokens
-    if cfg.model.gradient_checkpointing:
-        t["activations"] = b * shape.hidden * shape.layers * live + per_token_layer * max(tokens, replay_tokens)
+    if cfg.model.gradient_checkpointing:  # one layer recomputed at a time, for the largest forward
+        largest = live if layout else max(tokens, replay_tokens)
+        t["activations"] = b * shape.hidden * shape.layers * live + per_token_layer * largest
     else:
         t["activations"] = per_token_all * live
     if cfg.model.attn_implementation == "eager":  # scores and probabilities, [heads, L, L] a row and layer
-        rows = cfg.batch.micro_batch
+        rows = cfg.batch.micro_batch + (layout.rows_for(samples) if layout else 0)
         kept = 1 if cfg.model.gradient_checkpointing else shape.layers
         t["activations"] += 2 * b * shape.heads * kept * rows * seq_len**2
-    chunked = cfg.model.chunked_loss and shape.chunkable
     head_calls = 2 if replay_tokens else 1  # task and replay each keep a [V, H] head gradient until backward
     if chunked:
         chunk_tokens = min(max(tokens, replay_tokens), max(1, CHUNK_BYTES // (shape.vocab * 4)))
@@ -278,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_train_config(args.config)
         ranks = args.gpus * args.nodes
         shape = model_shape(cfg, cuda=not args.cpu)
-        plan = plan_memory(cfg, ranks, shape)
+        plan = plan_memory(cfg, ranks, shape, "cpu" if args.cpu else "cuda")
         gpu_bytes = args.gpu_mem * GB if args.gpu_mem else None
         if gpu_bytes is None and torch.cuda.is_available():
             gpu_bytes = float(torch.cuda.get_device_properties(0).total_memory)

@@ -1,8 +1,9 @@
 """The training loop: resume, then step, log, checkpoint and evaluate until done.
 
 One step = grad_accum micro-batches per rank of packed task rows (+ replay
-rows, in their own forward: each document alone, padded to replay_len, as the
-GeRe cache saw them). Forwards return final hidden states, and the losses
+samples, each alone in a slot of replay_len tokens: packed behind the task rows
+in their forward, or padded rows in a forward of their own; ``replay.forward``).
+Forwards return final hidden states, and the losses
 apply the output head in chunks (``pipeline/losses/head.py``), where the model
 allows it. The loss is formed by ``pipeline/losses/objective.py``;
 each component (engines, replay feed, penalty, forgetting budget, checkpoints) is built from the
@@ -36,6 +37,7 @@ from .distributed import local_device
 from .ds_config import filled_ds_config
 from .engine import build_engine, build_teacher
 from .gere.feed import ReplayFeed
+from .gere.joint import joint_hidden
 from .isolation import forward_packed
 from .losses.head import frozen_head_weight
 from .losses.objective import Objective, ReplayOutputs, TaskOutputs
@@ -76,11 +78,11 @@ class Trainer:
         self.engine = build_engine(cfg, start, ds_cfg, self._scheduler, tokenizer, self.seq_len)
         self.device = self.engine.device
         self.teacher = build_teacher(cfg, base, ds_cfg) if needs_teacher(cfg) else None
+        self.head = getattr(self.engine.module, "head_loss", None)
         self.replay = ReplayFeed.from_config(
-            cfg, self.prep, base, tokenizer.fingerprint, self.world, self.rank, self.device
+            cfg, self.prep, base, tokenizer.fingerprint, self.world, self.rank, self.device, self.head is not None
         )
         self.pull = build_anchor_pull(cfg, self.engine, self.prep.replay, self.world, self.rank)  # at the start weights
-        self.head = getattr(self.engine.module, "head_loss", None)
         teacher_head = frozen_head_weight(self.teacher.module) if self.head is not None and cfg.kd.weight > 0 else None
         self.objective = Objective(cfg.replay, cfg.kd, self.head, teacher_head)
         self.budget = self._forgetting_budget()
@@ -175,8 +177,7 @@ class Trainer:
         sums: dict[str, float] = {}
         weight = 0.0
         for j, (batch, chunk) in enumerate(zip(micro, replay_chunks)):
-            task = self._task_forward(batch, self.order.rows(self.step, j))
-            replay = self._replay_forward(chunk) if chunk is not None else None
+            task, replay = self._forward(batch, self.order.rows(self.step, j), chunk)
             part = self.objective(task, replay, global_tokens, scale, accum)
             engine.backward(part.loss)
             engine.step()
@@ -258,9 +259,39 @@ class Trainer:
         for group, base_lr, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base_lr * factor(sched.last_epoch)  # LambdaLR's own rule, at the step it is at
 
-    def _task_forward(self, batch: dict[str, torch.Tensor], rows: list[int]) -> TaskOutputs:
+    def _forward(
+        self, batch: dict[str, torch.Tensor], rows: list[int], replay_index: list[int] | None
+    ) -> tuple[TaskOutputs, ReplayOutputs | None]:
+        """A micro-batch's task rows and replay samples (``replay_index``; None: none) through the model: one
+        forward, or the task forward and then the replay forward (``replay.forward``)."""
+        if replay_index is None:
+            return self._task_forward(batch, rows), None
+        layout = self.replay.layout
+        if layout is None:
+            return self._task_forward(batch, rows), self._replay_forward(replay_index)
+        inputs = self.replay.inputs(replay_index, self.device, self.teacher)
+        task_hidden, replay_hidden = joint_hidden(
+            self.engine,
+            batch["input_ids"],
+            batch["position_ids"],
+            inputs.input_ids,
+            layout,
+            self.cfg.model.attn_implementation,
+        )
+        return self._task_forward(batch, rows, task_hidden), ReplayOutputs(
+            None, replay_hidden, inputs, self.replay.share
+        )
+
+    def _task_forward(
+        self, batch: dict[str, torch.Tensor], rows: list[int], hidden_states: torch.Tensor | None = None
+    ) -> TaskOutputs:
+        """The task rows' outputs (and the teacher's, for KD); ``hidden_states``: the rows' final hidden states
+        from a forward already run (the joint one)."""
         attn, hidden = self.cfg.model.attn_implementation, self.head is not None
-        out = forward_packed(self.engine, batch["input_ids"], batch["position_ids"], attn, hidden)
+        if hidden_states is not None:
+            out = hidden_states
+        else:
+            out = forward_packed(self.engine, batch["input_ids"], batch["position_ids"], attn, hidden)
         task = TaskOutputs(None, batch["labels"], hidden=out) if hidden else TaskOutputs(out, batch["labels"])
         if self.cfg.kd.weight > 0:
             with torch.no_grad():

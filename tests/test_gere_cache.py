@@ -177,9 +177,9 @@ def test_a_cache_built_otherwise_than_training_runs_is_named_in_what_differs():
 
     cfg = load_train_config(None, ["data.prep=p", "steps=1", "model.config={hidden_size: 8}", "model.dtype=bfloat16"])
     meta = {"built_with": {"dtype": "float32", "attn_implementation": "sdpa", "batch_size": 4}}
-    assert differs_from_training(meta, cfg, world=4) == [
+    assert differs_from_training(meta, cfg, world=4, layout=None) == [
         "dtype float32 (training: bfloat16)",
         "batch_size 4 (training: 1)",
     ]
     meta["built_with"].update(dtype="bfloat16", batch_size=1)
-    assert differs_from_training(meta, cfg, world=4) == []
+    assert differs_from_training(meta, cfg, world=4, layout=None) == []

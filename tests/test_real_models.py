@@ -159,7 +159,7 @@ def test_the_memory_planner_is_within_20_percent_of_the_measured_peak(real_run):
     from pipeline.plan import model_shape, plan_memory
 
     cfg = load_train_config(real_run["root"] / "cpt.yaml")
-    plan = plan_memory(cfg, 2, model_shape(cfg, cuda=False))
+    plan = plan_memory(cfg, 2, model_shape(cfg, cuda=False), "cpu")
     measured = max(row["peak_mem_gb"] for row in metrics(real_run["run"]).values() if "peak_mem_gb" in row) * 1e9
     assert abs(plan.total - measured) <= 0.2 * measured, ({k: v / 1e9 for k, v in plan.terms.items()}, measured / 1e9)
 

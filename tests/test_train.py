@@ -156,13 +156,15 @@ def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(refer
         tmp_path / "run",
         penalty={"kind": "l2sp", "weight": 200.0},
         batch={"micro_batch": 1, "grad_accum": 2},  # the reference's global batch; replay in 1 of 2 micro-batches
-        replay={"strategy": "tm", "cache": str(tmp_path / "cache"), "samples_per_step": 2},
+        # joint: auto would keep 1 sample a forward in its own (half of a packed row of 64 tokens would be empty)
+        replay={"strategy": "tm", "cache": str(tmp_path / "cache"), "samples_per_step": 2, "forward": "joint"},
     )
     built = run_deepspeed("pipeline.gere", ["--config", str(config)], ranks=2, capture=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]  # the cache as the run trains: 2 ZeRO-3 ranks, 1 row each
     inputs = {**digest(prep), **{f"tmp/{k}": v for k, v in digest(tmp_path).items()}}
     trained = run_training(config)
     assert "GeRe cache was built with" not in trained.stdout + trained.stderr  # nothing differs from training
+    assert "replay: samples in the task rows' forward" in trained.stdout + trained.stderr  # the joint layout
     after = {**digest(prep), **{f"tmp/{k}": v for k, v in digest(tmp_path).items() if not k.startswith("run/")}}
     assert lost(len(set(inputs.items()) ^ set(after.items()))) == 0  # prep, cache, config: read, never written
     m = metrics(tmp_path / "run")
@@ -177,8 +179,10 @@ def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(refer
 
 def test_chunked_head_loss_gives_the_full_logits_losses_on_two_zero3_ranks(prep, tmp_path):
     """KD on general rows + replay CE, 2 ZeRO-3 ranks: the head weight, an external parameter of the head loss,
-    is gathered for its forward and backward, so every logged loss and the gradient norm match the full logits."""
-    runs = {}
+    is gathered for its forward and backward, so every logged loss and the gradient norm match the full logits.
+    The chunked run packs its replay samples behind the task rows (replay.forward joint), the full-logits run
+    gives them their own forward (auto: no head loss): the two layouts give the same losses too."""
+    runs, logs = {}, {}
     for chunked in (True, False):
         config = write_config(
             tmp_path / f"{chunked}.yaml",
@@ -187,11 +191,14 @@ def test_chunked_head_loss_gives_the_full_logits_losses_on_two_zero3_ranks(prep,
             steps=4,
             model={"chunked_loss": chunked},
             kd={"weight": 0.5, "rows": "general"},
-            replay={"strategy": "ce", "samples_per_step": 2},
+            replay={"strategy": "ce", "samples_per_step": 2, "forward": "joint" if chunked else "auto"},
             checkpoint={"every": 0},
         )
-        run_training(config)
+        trained = run_training(config)
+        logs[chunked] = trained.stdout + trained.stderr
         runs[chunked] = metrics(tmp_path / f"run-{chunked}")
+    assert "replay: samples in the task rows' forward" in logs[True]
+    assert "replay rows in their own forward: the model's loss runs from full logits" in logs[False]
     keys = ("loss", "loss/task_ce", "loss/kd", "loss/replay_ce", "grad_norm")
     for step in range(1, 5):
         for key in keys:  # abs: KD (~4e-4 nats) is a difference of near-equal sums; fp32 GEMMs differ at ~1e-8

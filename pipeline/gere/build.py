@@ -3,7 +3,8 @@
 TM is exactly 0 at step 1 only if the replay forward in training reproduces the
 cached states bit for bit, so the cache should be built the way training runs:
 ``build_cache_for_training`` takes the training config and uses its dtype,
-attention implementation, device and replay rows per forward, under the run's
+attention implementation, device, replay rows per forward and layout (their
+own forward, or packed behind the task rows: ``joint.py``), under the run's
 DeepSpeed JSON (ZeRO-3, stripped of its optimizer) when launched on N ranks.
 On one process the model runs on this rank's accelerator (cuda:0 on a GPU node).
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from data_prep.errors import ConfigError, UserError
@@ -24,9 +27,18 @@ from ..config import CACHED_STRATEGIES, TrainConfig
 from ..data import PrepPaths
 from ..distributed import init_distributed, local_device
 from ..ds_config import filled_ds_config, inference_ds_config
-from ..model import ModelSource, final_hidden_states, hidden_size, load_causal_lm, model_fingerprint, model_sources
+from ..model import (
+    ModelSource,
+    final_hidden_states,
+    hidden_size,
+    load_causal_lm,
+    model_config,
+    model_fingerprint,
+    model_sources,
+)
 from ..precision import resolve_precision
 from .cache import build_cache
+from .joint import ReplayLayout, filler_task_rows, joint_hidden, replay_layout
 from .sampler import replay_plan
 
 log = logging.getLogger(__name__)
@@ -41,11 +53,13 @@ def build_gere_cache(
     features: bool = False,
     ds_config: dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
+    training: TrainConfig | None = None,
 ) -> Path:
     """Run ``source`` over every replay sample and write thresholds + 2-bit states (+ features) to ``out``.
 
     With ``ds_config`` the model is partitioned (ZeRO-3) over the launched ranks; DeepSpeed gets the config
-    without its optimizer, so building never allocates optimizer state.
+    without its optimizer, so building never allocates optimizer state. With ``training``, the samples are
+    laid out as that run's replay forward lays them out (``replay.forward``; ``pipeline/gere/joint.py``).
     """
     shard = ReplayShard.open(replay_dir)
     rows = shard.rows()
@@ -68,8 +82,16 @@ def build_gere_cache(
             f"{replay_dir}: token id {top} is outside the model's vocabulary of "
             f"{module.config.vocab_size}; the replay shard was built with another tokenizer"
         )
+    built_with: dict[str, Any] = {"dtype": source.dtype, "attn_implementation": attn_implementation}
+    hidden_fn = partial(final_hidden_states, module)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    layout = training_layout(training, world, device.type, module) if training is not None else None
+    if layout is not None:
+        task_rows = training.batch.micro_batch
+        hidden_fn = partial(_joint_hidden, module, layout, task_rows, attn_implementation)
+        built_with.update(layout="joint", task_rows=task_rows, seq_len=layout.seq_len)
     return build_cache(
-        lambda ids, mask: final_hidden_states(module, ids, mask),
+        hidden_fn,
         rows["input_ids"],
         rows["id"],
         out,
@@ -80,8 +102,39 @@ def build_gere_cache(
         tokenizer_fingerprint=shard.tokenizer_fingerprint,
         device=device,
         features=features,
-        built_with={"dtype": source.dtype, "attn_implementation": attn_implementation},
+        built_with=built_with,
     )
+
+
+def training_layout(cfg: TrainConfig, world: int, device_type: str, model: Any = None) -> ReplayLayout | None:
+    """The layout ``cfg``'s run on ``world`` ranks of ``device_type`` gives its replay samples
+    (``replay.forward``, :func:`replay_layout`; None: their own forward).
+
+    It depends on whether the model's loss runs from hidden states: ``model``'s head, or, without one, that of
+    the base model's architecture built on the meta device (no weights read).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ..losses.head import chunkable_head  # imports deepspeed (seconds): only for a training config
+
+    if model is None:
+        base, _ = model_sources(cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config(base), trust_remote_code=base.trust_remote_code)
+    prep = PrepPaths.read(cfg.data.prep)
+    if prep.replay is None:
+        return None
+    head_loss = cfg.model.chunked_loss and chunkable_head(model) is None
+    replay_len = ReplayShard.open(prep.replay).replay_len
+    return replay_layout(cfg, replay_len, prep.seq_len, world, head_loss, device_type)
+
+
+def _joint_hidden(
+    model: Any, layout: ReplayLayout, task_rows: int, attn_implementation: str, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Replay samples' states from a forward of training's shape: ``task_rows`` filler rows, then the samples."""
+    filler, positions = filler_task_rows(task_rows, layout.seq_len, ids.device)
+    return joint_hidden(model, filler, positions, ids, layout, attn_implementation)[1]
 
 
 def build_cache_for_training(cfg: TrainConfig, features: bool = False) -> Path:
@@ -115,16 +168,30 @@ def build_cache_for_training(cfg: TrainConfig, features: bool = False) -> Path:
         features=features,
         ds_config=ds_config,
         attn_implementation=cfg.model.attn_implementation,
+        training=cfg,
     )
     if dist.is_initialized():
         dist.barrier()  # every rank returns once rank 0 has moved the cache into place
     return out
 
 
-def differs_from_training(meta: dict[str, Any], cfg: TrainConfig, world: int) -> list[str]:
-    """How the cache was built differently from how ``cfg`` on ``world`` ranks runs its replay forward
-    (empty: the same)."""
+def built_in_own_forward(meta: dict[str, Any]) -> bool:
+    """Whether a cache was built with each replay batch in a forward of its own (caches from before the joint
+    layout recorded no layout, and were)."""
+    return meta.get("built_with", {}).get("layout", "separate") == "separate"
+
+
+def differs_from_training(meta: dict[str, Any], cfg: TrainConfig, world: int, layout: ReplayLayout | None) -> list[str]:
+    """How the cache was built differently from how ``cfg`` on ``world`` ranks runs its replay forward with
+    ``layout`` (None: their own forward); empty: the same."""
     per_forward, _ = replay_plan(cfg.replay.samples_per_step, world, cfg.batch.grad_accum)
-    built = meta.get("built_with", {})
-    wanted = {"dtype": cfg.model.dtype, "attn_implementation": cfg.model.attn_implementation, "batch_size": per_forward}
+    built = {**meta.get("built_with", {}), "layout": "separate" if built_in_own_forward(meta) else "joint"}
+    wanted: dict[str, Any] = {
+        "dtype": cfg.model.dtype,
+        "attn_implementation": cfg.model.attn_implementation,
+        "batch_size": per_forward,
+        "layout": "separate" if layout is None else "joint",
+    }
+    if layout is not None:
+        wanted.update(task_rows=cfg.batch.micro_batch, seq_len=layout.seq_len)
     return [f"{key} {built.get(key)} (training: {value})" for key, value in wanted.items() if built.get(key) != value]

@@ -6,7 +6,8 @@ checked against the base model and the prep's tokenizer. Each step draws
 ``replay.samples_per_step`` samples and spreads them over the ranks and, when
 there are fewer than ranks × grad_accum, over a subset of the micro-batches
 (the same ones on every rank: a replay forward under ZeRO-3 gathers parameters
-collectively, so every rank must run it). A micro-batch with replay then weighs
+collectively, so every rank must run it), either in their own forward or packed
+behind the task rows in theirs (``replay.forward``, ``joint.py``). A micro-batch with replay then weighs
 its replay terms by grad_accum / (micro-batches with replay), so the gradient is
 still the mean over the step's replay samples.
 """
@@ -25,17 +26,27 @@ from ..config import CACHED_STRATEGIES, TrainConfig
 from ..data import PrepPaths
 from ..losses.replay import ReplayInputs
 from ..model import ModelSource, model_fingerprint
-from .build import differs_from_training
+from .build import built_in_own_forward, differs_from_training
 from .cache import GeReCache, pad_replay_rows
+from .joint import ReplayLayout, replay_layout
 from .sampler import ReplaySampler, replay_plan, replay_slots
 
 log = logging.getLogger(__name__)
 
 
 class ReplayFeed:
-    def __init__(self, cfg: TrainConfig, shard: ReplayShard, cache: GeReCache | None, world: int, rank: int) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        shard: ReplayShard,
+        cache: GeReCache | None,
+        world: int,
+        rank: int,
+        layout: ReplayLayout | None = None,
+    ) -> None:
         self.strategy, self.grad_accum, self.world, self.rank = cfg.replay.strategy, cfg.batch.grad_accum, world, rank
         self.shard, self.cache, self.replay_len = shard, cache, shard.replay_len
+        self.layout = layout  # None: the replay rows get their own forward
         self.rows = shard.rows()
         self.rows_per_forward, self.active = replay_plan(cfg.replay.samples_per_step, world, cfg.batch.grad_accum)
         self.share = cfg.batch.grad_accum / self.active  # the weight of a micro-batch that has replay rows
@@ -53,23 +64,38 @@ class ReplayFeed:
         world: int,
         rank: int,
         device: torch.device,
+        head_loss: bool,
     ) -> ReplayFeed | None:
-        """None when ``replay.strategy`` is none."""
+        """None when ``replay.strategy`` is none. ``head_loss``: the trained model's loss runs from hidden
+        states, which the joint layout needs."""
         if cfg.replay.strategy == "none":
             return None
         if prep.replay is None:
             raise UserError(f"{cfg.data.prep}: no replay shard in prep.json; replay.strategy needs one")
+        shard = ReplayShard.open(prep.replay)
+        layout = replay_layout(cfg, shard.replay_len, prep.seq_len, world, head_loss, device.type)
         cache = None
         if cfg.replay.strategy in CACHED_STRATEGIES:
             cache = GeReCache.open(cfg.replay.cache, model_fingerprint(base), tokenizer_fingerprint, device=device)
-            differences = differs_from_training(cache.meta, cfg, world)
+            if layout is not None and cfg.replay.forward == "auto" and built_in_own_forward(cache.meta):
+                # A cache from before the joint layout, or built without --config: follow it, so TM starts at 0.
+                log.info(
+                    "replay: samples in their own forward, as the GeRe cache was built; rebuild it with "
+                    "`python -m pipeline.gere --config <this config>` to run them in the task rows' forward"
+                )
+                layout = None
+            differences = differs_from_training(cache.meta, cfg, world, layout)
             if differences:
                 log.warning(
                     "replay: the GeRe cache was built with %s, so the replay term may start slightly above 0; "
                     "build it as this run trains with `python -m pipeline.gere --config <this config>`",
                     ", ".join(differences),
                 )
-        return cls(cfg, ReplayShard.open(prep.replay), cache, world, rank)
+        if layout is not None:
+            log.info(
+                "replay: samples in the task rows' forward, %d a packed row of %d tokens", layout.slots, prep.seq_len
+            )
+        return cls(cfg, shard, cache, world, rank, layout)
 
     def step_chunks(self) -> list[list[int] | None]:
         """Draw the next step's samples; returns this rank's rows for each micro-batch (None: no replay)."""
