@@ -2,8 +2,9 @@
 ``python -m pipeline.gere --replay PREP/replay --model-path BASE --out CACHE``.
 
 With ``--config`` the cache goes where ``replay.cache`` says, built with the run's base model, dtype,
-attention implementation and replay rows per forward, so TM is exactly 0 at step 1; launch it with the
-run's number of ranks (``deepspeed --num_gpus 8 -m pipeline.gere --config cpt.yaml``).
+attention implementation, replay rows per forward and layout (``replay.forward``), so TM is exactly 0 at
+step 1; launch it with the run's number of ranks (``deepspeed --num_gpus 8 -m pipeline.gere --config
+cpt.yaml``).
 
 Runs as one process, or as N ranks under the launcher with a ZeRO-3 config
 (for a base model too big for one device):
