@@ -45,8 +45,7 @@ from pipeline.config import load_train_config
 from pipeline.data import PrepPaths, packed_inputs
 from pipeline.distributed import init_distributed
 from pipeline.ds_config import filled_ds_config
-from pipeline.gere.build import build_gere_cache
-from pipeline.gere.sampler import replay_plan
+from pipeline.gere.build import build_cache_for_training
 from pipeline.model import ModelSource, load_causal_lm
 from pipeline.trainer import Trainer
 
@@ -142,15 +141,6 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def build_cache_for(prep: Path, cfg_overrides: list[str], out: Path) -> Path:
-    """The cache as the joint run's replay forward runs (on CPU the separate forward gives the same states)."""
-    cfg = load_train_config(None, cfg_overrides)
-    source = ModelSource(config=cfg.model.config, seed=cfg.model.seed, dtype=cfg.model.dtype)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_forward, _ = replay_plan(cfg.replay.samples_per_step, world, cfg.batch.grad_accum)
-    return build_gere_cache(source, prep / "replay", out, batch_size=per_forward, training=cfg)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prep", help="data_prep output to train on (default: build the demo's)")
@@ -187,9 +177,8 @@ def main() -> None:
     plain, separate, joint = variants
     # The cache first and the HF Trainer last: TrainingArguments(deepspeed=...) leaves a process-wide
     # HfDeepSpeedConfig behind, under which transformers builds any later model partitioned.
-    if rank == 0:
-        build_cache_for(prep, overrides(prep, work / "c", args, vocab, **variants[joint]), cache)
-    torch.distributed.barrier()
+    # Built as the joint run replays (on CPU the separate forward gives the same states); every rank takes part.
+    build_cache_for_training(load_train_config(None, overrides(prep, work / "c", args, vocab, **variants[joint])))
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     tokens = replay_tokens = 0
     for repeat in range(args.repeats):  # interleaved, so drift in the machine's speed hits every variant alike

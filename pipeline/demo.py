@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from data_prep.config import load_config
@@ -33,6 +32,7 @@ from data_prep.tokenizer import load_tokenizer
 
 from .config import load_train_config
 from .data import PrepPaths
+from .distributed import local_device
 from .eval import markdown_table, run_eval
 from .gere.build import differs_from_training, training_layout
 from .gere.cache import CacheMismatch, GeReCache
@@ -137,8 +137,7 @@ def _cache_is_current(config: Path, ranks: int) -> bool:
         )
     except (CacheMismatch, FileNotFoundError):
         return False
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return not differs_from_training(cache.meta, cfg, ranks, training_layout(cfg, ranks, device_type))
+    return not differs_from_training(cache.meta, cfg, ranks, training_layout(cfg, ranks, local_device().type))
 
 
 def step(text: str) -> None:
