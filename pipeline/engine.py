@@ -51,8 +51,7 @@ def build_engine(
         raise ConfigError(f"data seq_len {seq_len} is above the model's max_position_embeddings {limit}")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if cfg.model.chunked_loss:
-        attach_head_loss(model)  # before initialize: DeepSpeed hooks the modules it finds there
+    attach_head_loss(model, cfg)  # before initialize: DeepSpeed hooks the modules it finds there
     params = [p for p in model.parameters() if p.requires_grad]
     optim = cfg.optim
     optimizer = (

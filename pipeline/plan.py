@@ -57,7 +57,7 @@ from .config import TrainConfig, load_train_config
 from .data import PrepPaths
 from .ds_config import filled_ds_config
 from .gere.joint import replay_layout
-from .losses.head import chunkable_head
+from .losses.head import loss_from_hidden
 from .losses.linear_ce import CHUNK_BYTES
 from .model import model_config, model_sources
 from .precision import resolve_dtype
@@ -78,10 +78,10 @@ class ModelShape:
     heads: int
     vocab: int
     largest_module: int  # parameters of the largest module gathered whole (a layer, or the embedding)
-    chunkable: bool  # the head loss can skip full logits
+    loss_from_hidden: bool  # the run's loss skips full logits (pipeline.losses.head)
 
     @classmethod
-    def from_config(cls, config: Any) -> ModelShape:
+    def from_config(cls, config: Any, cfg: TrainConfig) -> ModelShape:
         text = config.get_text_config()
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -102,7 +102,7 @@ class ModelShape:
             heads=heads,
             vocab=text.vocab_size,
             largest_module=max(layer, embedding),
-            chunkable=chunkable_head(model) is None,
+            loss_from_hidden=loss_from_hidden(cfg, model),
         )
 
 
@@ -125,7 +125,7 @@ def model_shape(cfg: TrainConfig, cuda: bool) -> ModelShape:
     """The shape of the model ``cfg`` trains; resolves ``model.dtype: auto`` in ``cfg`` for CUDA or CPU ranks."""
     cfg.model.dtype = resolve_dtype(cfg.model.dtype, cfg.deepspeed, cuda=cuda)
     _, start = model_sources(cfg)
-    return ModelShape.from_config(model_config(start))
+    return ModelShape.from_config(model_config(start), cfg)
 
 
 def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: str = "cuda") -> Plan:
@@ -164,7 +164,7 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: st
 
     seq_len, replay_len = _lengths(cfg, plan)
     tokens = cfg.batch.micro_batch * seq_len
-    chunked = cfg.model.chunked_loss and shape.chunkable
+    chunked = shape.loss_from_hidden
     layout = replay_layout(cfg, replay_len, seq_len, ranks, chunked, device_type)
     replay_tokens = samples = 0
     if cfg.replay.strategy != "none":
@@ -207,7 +207,7 @@ def advise(plan: Plan, cfg: TrainConfig, gpu_bytes: float, shape: ModelShape) ->
         return []
     t, advice = plan.terms, []
     over = plan.total - budget
-    if not (cfg.model.chunked_loss and shape.chunkable) and t["logits / loss"] > 0.1 * plan.total:
+    if not shape.loss_from_hidden and t["logits / loss"] > 0.1 * plan.total:
         advice.append("model.chunked_loss: true (full-vocabulary logits are a large share)")
     if not cfg.model.gradient_checkpointing and t["activations"] > 0.2 * plan.total:
         advice.append("model.gradient_checkpointing: true (activations shrink to one tensor a layer)")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from pipeline.config import KDConfig, ReplayConfig
-from pipeline.losses.head import attach_head_loss, chunkable_head
+from pipeline.config import KDConfig, ReplayConfig, TrainConfig
+from pipeline.losses.head import attach_head_loss, chunkable_head, loss_from_hidden
 from pipeline.losses.linear_ce import TeacherHead, linear_ce_kl, linear_ce_kl_reference
 from pipeline.losses.objective import Objective, ReplayOutputs, TaskOutputs
 from pipeline.losses.replay import ReplayInputs
@@ -100,7 +100,7 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
 def test_objective_from_hidden_states_equals_the_objective_from_logits():
     """Task CE + KD on general rows + replay CE + TM's CE weight: one step's loss and every gradient, both ways."""
     student, teacher = tiny_llama(0), tiny_llama(1).eval()
-    assert attach_head_loss(student)
+    assert attach_head_loss(student, TrainConfig())
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 20), generator=g)
     labels = ids.clone()
@@ -157,7 +157,9 @@ def test_models_whose_logits_are_not_the_plain_head_keep_full_logits():
         )
     )
     assert "final_logit_softcapping=30.0" in chunkable_head(gemma2)
-    assert not attach_head_loss(gemma2) and not hasattr(gemma2, "head_loss")
-    llama = tiny_llama()
-    assert chunkable_head(llama) is None and attach_head_loss(llama)
+    assert not attach_head_loss(gemma2, TrainConfig()) and not hasattr(gemma2, "head_loss")
+    llama, off = tiny_llama(), TrainConfig()
+    off.model.chunked_loss = False
+    assert not loss_from_hidden(off, llama) and not attach_head_loss(llama, off) and not hasattr(llama, "head_loss")
+    assert chunkable_head(llama) is None and attach_head_loss(llama, TrainConfig())
     assert llama.state_dict().keys() == tiny_llama().state_dict().keys()  # nothing new to save or export

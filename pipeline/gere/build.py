@@ -115,7 +115,7 @@ def training_layout(cfg: TrainConfig, world: int, device_type: str, model: Any =
     """
     from transformers import AutoModelForCausalLM
 
-    from ..losses.head import chunkable_head  # imports deepspeed (seconds): only for a training config
+    from ..losses.head import loss_from_hidden  # imports deepspeed (seconds): only for a training config
 
     if model is None:
         base, _ = model_sources(cfg)
@@ -124,9 +124,8 @@ def training_layout(cfg: TrainConfig, world: int, device_type: str, model: Any =
     prep = PrepPaths.read(cfg.data.prep)
     if prep.replay is None:
         return None
-    head_loss = cfg.model.chunked_loss and chunkable_head(model) is None
     replay_len = ReplayShard.open(prep.replay).replay_len
-    return replay_layout(cfg, replay_len, prep.seq_len, world, head_loss, device_type)
+    return replay_layout(cfg, replay_len, prep.seq_len, world, loss_from_hidden(cfg, model), device_type)
 
 
 def _joint_hidden(

@@ -34,6 +34,7 @@ import deepspeed
 import torch
 from torch import nn
 
+from ..config import TrainConfig
 from .linear_ce import TeacherHead, linear_ce_kl
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,19 @@ def chunkable_head(model: nn.Module) -> str | None:
     return None
 
 
-def attach_head_loss(model: nn.Module) -> bool:
-    """Add ``model.head_loss`` where the model allows it (before ``deepspeed.initialize``); whether it was added."""
-    reason = chunkable_head(model)
-    if reason is not None:
-        log.warning("loss from full logits (memory grows with vocabulary × tokens): %s", reason)
+def loss_from_hidden(cfg: TrainConfig, model: nn.Module) -> bool:
+    """Whether ``cfg``'s run of ``model`` takes its loss from hidden states (``head_loss``).
+
+    The one test: the engine attaches the head loss by it, and the GeRe cache's layout and the memory
+    planner predict the run with it (on a model built on the meta device)."""
+    return cfg.model.chunked_loss and chunkable_head(model) is None
+
+
+def attach_head_loss(model: nn.Module, cfg: TrainConfig) -> bool:
+    """Add ``model.head_loss`` where :func:`loss_from_hidden` (before ``deepspeed.initialize``); whether it was."""
+    if not loss_from_hidden(cfg, model):
+        if cfg.model.chunked_loss:
+            log.warning("loss from full logits (memory grows with vocabulary × tokens): %s", chunkable_head(model))
         return False
     model.add_module("head_loss", HeadLoss(model))
     # Registered whether or not ZeRO-3 partitions the model (now under zero.Init, or later in initialize):
