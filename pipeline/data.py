@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 
@@ -67,8 +68,10 @@ class GlobalOrder:
         if num_rows < 1:
             raise UserError("the mixture has no rows")
 
-    def rows(self, step: int, micro_index: int) -> list[int]:
-        base = step * self.global_batch + (micro_index * self.world + self.rank) * self.micro
+    def rows(self, step: int, micro_index: int, rank: int | None = None) -> list[int]:
+        """Rows of ``rank``'s (default: this rank's) micro-batch ``micro_index`` of ``step``."""
+        rank = self.rank if rank is None else rank
+        base = step * self.global_batch + (micro_index * self.world + rank) * self.micro
         return [(base + i) % self.num_rows for i in range(self.micro)]
 
     def global_rows(self, step: int) -> list[int]:
@@ -77,6 +80,26 @@ class GlobalOrder:
 
     def epoch(self, step: int) -> float:
         return step * self.global_batch / self.num_rows
+
+
+def role_flags(mixture: Any, role: str) -> np.ndarray:
+    """Per mixture row, whether its role is ``role``: one Arrow column read at start-up (a byte a row, 10 MB at
+    10M rows), so no step reads rows again to learn their roles, and any rank knows every rank's."""
+    column = mixture.with_format("arrow")["role"]  # follows an index mapping (select, shuffle) if there is one
+    return pc.equal(column, role).to_numpy(zero_copy_only=False).astype(np.bool_)
+
+
+def teacher_rows(flags: np.ndarray, order: GlobalOrder, step: int, micro_index: int) -> list[int] | None:
+    """Which rows of this rank's micro-batch the teacher runs on when only ``flags`` rows are distilled.
+
+    None when no rank's micro-batch holds one (the teacher does not run); else this rank's flagged rows, or
+    its first row when it has none (run, not used), because under ZeRO-3 the teacher's forward gathers
+    parameters collectively and every rank must make the same choice. Each rank decides from the flags of
+    every rank's rows, in host memory: no collective, no device sync.
+    """
+    if not any(flags[order.rows(step, micro_index, r)].any() for r in range(order.world)):
+        return None
+    return np.flatnonzero(flags[order.rows(step, micro_index)]).tolist() or [0]
 
 
 def packed_inputs(rows: dict[str, Sequence[Any]]) -> dict[str, torch.Tensor]:

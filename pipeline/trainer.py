@@ -32,7 +32,7 @@ from .budget import ForgettingBudget
 from .checkpoint import CheckpointManager
 from .checkpoint_files import checkpoint_root
 from .config import TrainConfig, to_dict
-from .data import GlobalOrder, PrepPaths, StepReader, global_loss_tokens
+from .data import GlobalOrder, PrepPaths, StepReader, global_loss_tokens, role_flags, teacher_rows
 from .distributed import local_device
 from .ds_config import filled_ds_config
 from .engine import build_engine, build_teacher
@@ -78,6 +78,8 @@ class Trainer:
         self.engine = build_engine(cfg, start, ds_cfg, self._scheduler, tokenizer, self.seq_len)
         self.device = self.engine.device
         self.teacher = build_teacher(cfg, base, ds_cfg) if needs_teacher(cfg) else None
+        distill_general = cfg.kd.weight > 0 and cfg.kd.rows == "general"
+        self.distilled = role_flags(self.mixture, "general") if distill_general else None  # None: every row
         self.head = getattr(self.engine.module, "head_loss", None)
         self.replay = ReplayFeed.from_config(
             cfg, self.prep, base, tokenizer.fingerprint, self.world, self.rank, self.device, self.head is not None
@@ -177,7 +179,7 @@ class Trainer:
         sums: dict[str, float] = {}
         weight = 0.0
         for j, (batch, chunk) in enumerate(zip(micro, replay_chunks)):
-            task, replay = self._forward(batch, self.order.rows(self.step, j), chunk)
+            task, replay = self._forward(batch, j, chunk)
             part = self.objective(task, replay, global_tokens, scale, accum)
             engine.backward(part.loss)
             engine.step()
@@ -260,15 +262,15 @@ class Trainer:
             group["lr"] = base_lr * factor(sched.last_epoch)  # LambdaLR's own rule, at the step it is at
 
     def _forward(
-        self, batch: dict[str, torch.Tensor], rows: list[int], replay_index: list[int] | None
+        self, batch: dict[str, torch.Tensor], micro_index: int, replay_index: list[int] | None
     ) -> tuple[TaskOutputs, ReplayOutputs | None]:
-        """A micro-batch's task rows and replay samples (``replay_index``; None: none) through the model: one
-        forward, or the task forward and then the replay forward (``replay.forward``)."""
+        """Micro-batch ``micro_index``'s task rows and replay samples (``replay_index``; None: none) through the
+        model: one forward, or the task forward and then the replay forward (``replay.forward``)."""
         if replay_index is None:
-            return self._task_forward(batch, rows), None
+            return self._task_forward(batch, micro_index), None
         layout = self.replay.layout
         if layout is None:
-            return self._task_forward(batch, rows), self._replay_forward(replay_index)
+            return self._task_forward(batch, micro_index), self._replay_forward(replay_index)
         inputs = self.replay.inputs(replay_index, self.device, self.teacher)
         task_hidden, replay_hidden = joint_hidden(
             self.engine,
@@ -278,12 +280,12 @@ class Trainer:
             layout,
             self.cfg.model.attn_implementation,
         )
-        return self._task_forward(batch, rows, task_hidden), ReplayOutputs(
+        return self._task_forward(batch, micro_index, task_hidden), ReplayOutputs(
             None, replay_hidden, inputs, self.replay.share
         )
 
     def _task_forward(
-        self, batch: dict[str, torch.Tensor], rows: list[int], hidden_states: torch.Tensor | None = None
+        self, batch: dict[str, torch.Tensor], micro_index: int, hidden_states: torch.Tensor | None = None
     ) -> TaskOutputs:
         """The task rows' outputs (and the teacher's, for KD); ``hidden_states``: the rows' final hidden states
         from a forward already run (the joint one)."""
@@ -294,17 +296,36 @@ class Trainer:
             out = forward_packed(self.engine, batch["input_ids"], batch["position_ids"], attn, hidden)
         task = TaskOutputs(None, batch["labels"], hidden=out) if hidden else TaskOutputs(out, batch["labels"])
         if self.cfg.kd.weight > 0:
-            with torch.no_grad():
-                teacher = forward_packed(self.teacher, batch["input_ids"], batch["position_ids"], attn, hidden)
+            teacher, task.distilled_rows = self._teacher_forward(batch, micro_index)
             if hidden:
                 task.teacher_hidden = teacher
             else:
                 task.teacher_logits = teacher
-            if self.cfg.kd.rows == "general":
-                task.distilled_rows = torch.tensor(
-                    [r == "general" for r in self.mixture[rows]["role"]], device=self.device
-                )
         return task
+
+    @torch.no_grad()
+    def _teacher_forward(
+        self, batch: dict[str, torch.Tensor], micro_index: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(The teacher's outputs on the micro-batch's rows, the rows KD applies to; None: all).
+
+        With ``kd.rows: general`` the teacher runs on the general rows only (:func:`teacher_rows`), and
+        not at all in a micro-batch where no rank has one (outputs None). Packed rows attend only within
+        themselves, so a row's outputs do not depend on the rows beside it. The other rows' outputs are
+        zeros, which the KD mask excludes (on GPU: made on the outputs' device, in their dtype).
+        """
+        ids, positions = batch["input_ids"], batch["position_ids"]
+        attn, hidden = self.cfg.model.attn_implementation, self.head is not None
+        if self.distilled is None:
+            return forward_packed(self.teacher, ids, positions, attn, hidden), None
+        mine = torch.as_tensor(self.distilled[self.order.rows(self.step, micro_index)]).to(self.device)
+        run = teacher_rows(self.distilled, self.order, self.step, micro_index)
+        if run is None:
+            return None, mine
+        out = forward_packed(self.teacher, ids[run], positions[run], attn, hidden)
+        full = out.new_zeros((ids.shape[0], *out.shape[1:]))
+        full[run] = out
+        return full, mine
 
     def _replay_forward(self, index: list[int]) -> ReplayOutputs:
         inputs = self.replay.inputs(index, self.device, self.teacher)

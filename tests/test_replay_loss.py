@@ -162,6 +162,11 @@ def test_kd_counts_only_loss_tokens_of_the_distilled_rows():
     task.distilled_rows = torch.tensor([True, False])
     first = kd(task, None, 8, 1, 1).parts["kd"]
     assert 0 < first < both and 0 < second < both and first + second == pytest.approx(both)
+    # No row distilled on any rank: the teacher did not run, and the loss is task CE alone, with KD logged as 0
+    task.teacher_logits, task.distilled_rows = None, torch.tensor([False, False])
+    none = kd(task, None, 8, 1, 1)
+    plain = Objective(ReplayConfig(), KDConfig())(task, None, 8, 1, 1)
+    assert none.parts["kd"] == 0.0 and none.loss.item() == plain.loss.item()
 
 
 @pytest.mark.parametrize(

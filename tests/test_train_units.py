@@ -13,7 +13,8 @@ import torch
 from data_prep.build import BuildOptions, SourceSpec, build_source, chunk_tables
 from data_prep.errors import ConfigError, UserError
 from pipeline.config import load_train_config
-from pipeline.data import GlobalOrder, packed_inputs
+from pipeline.data import GlobalOrder, PrepPaths, packed_inputs, role_flags, teacher_rows
+from pipeline.isolation import forward_packed
 from pipeline.model import ModelSource, load_causal_lm
 from pipeline.schedule import lr_at
 
@@ -97,6 +98,37 @@ def test_the_prefetching_reader_gives_each_step_its_own_rows_and_reads_nothing_e
         reader.close()
     ours = {i for step in (0, 1, 2, 3, 7, 8, 9) for j in range(2) for i in order.rows(step, j)}
     assert set(read) <= ours and len(read) <= 4 * 7  # this rank's rows only; at most one step read ahead
+
+
+def test_the_teacher_runs_on_the_distilled_rows_and_every_rank_chooses_alike(prep):
+    """kd.rows general: the teacher's forward is collective under ZeRO-3, so for each micro-batch every rank
+    runs it or none does; a rank runs its general rows (its first row when it has none), and those rows'
+    outputs are the ones a forward of the whole micro-batch gives them."""
+    mixture = datasets.load_from_disk(str(PrepPaths.read(prep).mixture))
+    flags = role_flags(mixture, "general")
+    assert flags.tolist() == [role == "general" for role in mixture["role"]] and 0 < flags.sum() < len(flags)
+    orders = [GlobalOrder(len(mixture), micro_batch=2, grad_accum=2, world=3, rank=r) for r in range(3)]
+    seen = set()
+    for step in range(len(mixture) // orders[0].global_batch + 1):
+        for j in range(2):
+            runs = [teacher_rows(flags, order, step, j) for order in orders]
+            anywhere = any(flags[order.rows(step, j)].any() for order in orders)
+            assert (runs == [None] * 3) == (not anywhere)
+            for order, run in zip(orders, runs):
+                if run is not None:
+                    mine = flags[order.rows(step, j)]
+                    assert run == ([i for i in range(2) if mine[i]] or [0])
+                    seen.add("idle rank" if not mine.any() else "subset" if not mine.all() else "every row")
+            seen.add("teacher runs" if anywhere else "no teacher")
+    assert {"idle rank", "subset", "teacher runs", "no teacher"} <= seen  # the mix spreads general rows apart
+
+    model = load_causal_lm(ModelSource(config=TINY_LLAMA, seed=0)).eval()
+    batch = packed_inputs(mixture[[0, 1, 2, 3]])
+    ids = batch["input_ids"] % TINY_LLAMA["vocab_size"]
+    with torch.no_grad():
+        whole = forward_packed(model, ids, batch["position_ids"], "sdpa", hidden=True)
+        part = forward_packed(model, ids[[1, 3]], batch["position_ids"][[1, 3]], "sdpa", hidden=True)
+    torch.testing.assert_close(part, whole[[1, 3]], rtol=1e-5, atol=1e-5)
 
 
 def test_schedule_warms_up_linearly_then_decays_to_the_floor():

@@ -119,9 +119,17 @@ class Objective:
 
     def _task_sums(self, task: TaskOutputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(CE + kd.weight · KD, CE, KD or None without KD): sums over the micro-batch's loss tokens."""
+        no_teacher = task.teacher_logits is None and task.teacher_hidden is None
+        if self.kd.weight > 0 and no_teacher and task.distilled_rows is not None:
+            # kd.rows: general, and no rank has a general row in this micro-batch: the teacher did not run
+            both, ce_sum, _ = self._sums(task, distill=False)
+            return both, ce_sum, torch.zeros((), device=ce_sum.device)
+        return self._sums(task, distill=self.kd.weight > 0)
+
+    def _sums(self, task: TaskOutputs, distill: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         targets = task.labels[:, 1:]
         kd_mask = None
-        if self.kd.weight > 0:
+        if distill:
             if task.teacher_logits is None and task.teacher_hidden is None:
                 raise ValueError("kd.weight > 0 needs the teacher's outputs on the task rows")
             kd_mask = targets != -100
