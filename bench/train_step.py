@@ -16,7 +16,8 @@ cost beyond the extra tokens themselves (goal <= 0.02); gere_overhead_separate
 the same for 3. The loop's variants run --repeats times, interleaved.
 
 On CPU the HF Trainer only runs DeepSpeed in a world of one (accelerate sees
-one process on CPU ranks), so run it with one rank:
+one process on CPU ranks), so it is compared with one rank (with more, it is
+left out and ratio_vs_hf_trainer is nan):
     deepspeed --num_gpus 1 --module bench.train_step
 On GPUs: deepspeed --num_gpus 8 --module bench.train_step --deepspeed ds_configs/zero3_bf16.json --dtype bfloat16
 Last line: ratio_vs_hf_trainer=<x> gere_overhead=<y> gere_overhead_separate=<z>
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import statistics
 import tempfile
@@ -136,6 +138,13 @@ def time_hf(cfg_overrides: list[str], args: argparse.Namespace) -> float:
     return sum(timed) / len(timed)
 
 
+def shared_work_dir() -> Path:
+    """A scratch directory every rank sees: rank 0 makes it and sends its path (ranks of one machine)."""
+    path = [tempfile.mkdtemp(prefix="bench-train-") if int(os.environ.get("RANK", "0")) == 0 else None]
+    torch.distributed.broadcast_object_list(path, src=0)
+    return Path(path[0])
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -157,10 +166,14 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     init_distributed()
     rank = int(os.environ.get("RANK", "0"))
-    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    prep = Path(args.prep) if args.prep else None
-    if prep is None:
-        prep = Path(build_demo_data(work / "demo", quiet=True)["mixture"]).parent
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    work = shared_work_dir()
+    if args.prep:
+        prep = Path(args.prep)
+    else:  # built once, by rank 0, in the shared directory
+        built = [str(Path(build_demo_data(work / "demo", quiet=True)["mixture"]).parent) if rank == 0 else None]
+        torch.distributed.broadcast_object_list(built, src=0)
+        prep = Path(built[0])
 
     vocab = load_tokenizer(PrepPaths.read(prep).tokenizer).vocab_size
     cache = work / "cache"
@@ -189,13 +202,14 @@ def main() -> None:
             if rank == 0:
                 print(f"repeat {repeat}: {name}: {s:.3f} s/step", flush=True)
             replay_tokens = max(replay_tokens, r)
-    hf_s = time_hf(overrides(prep, work / "hf", args, vocab), args)
+    # accelerate runs the HF Trainer in a world of one on CPU ranks, so with more it is not comparable.
+    hf_runs = torch.cuda.is_available() or world == 1
+    hf_s = time_hf(overrides(prep, work / "hf", args, vocab), args) if hf_runs else math.nan
     if rank != 0:
         return
     share = replay_tokens / tokens
     mean = {name: statistics.mean(v) for name, v in seconds.items()}
     spread = {name: statistics.stdev(v) if len(v) > 1 else 0.0 for name, v in seconds.items()}
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     print(
         f"\n{world} rank(s) on {'cuda' if torch.cuda.is_available() else 'cpu'}, model {MODEL} vocab {vocab}, "
         f"{tokens} task tokens/step; each of {args.repeats} repeats the mean of {args.steps} steps after "
@@ -204,9 +218,12 @@ def main() -> None:
     print(f"| {'variant':<56} | {'s/step':>15} | {'tokens/s':>9} | {'vs this loop':>12} |")
     print(f"|{'-' * 58}|{'-' * 17}|{'-' * 11}|{'-' * 14}|")
     rows = [(name, mean[name], f"± {spread[name]:5.3f}") for name in variants]
-    rows.insert(1, ("HF Trainer + same DeepSpeed config (one run)", hf_s, " " * 7))
+    if hf_runs:
+        rows.insert(1, ("HF Trainer + same DeepSpeed config (one run)", hf_s, " " * 7))
     for name, s, sd in rows:
         print(f"| {name:<56} | {s:>7.3f} {sd} | {tokens / s:>9,.0f} | {mean[plain] / s:>11.2f}x |")
+    if not hf_runs:
+        print("(HF Trainer not run: on CPU it needs a world of one rank)")
     overhead = {name: mean[name] / mean[plain] - 1 - share for name in (separate, joint)}
     print(
         f"replay rows add {share:.1%} tokens (padded to replay_len); measured slowdown: own forward "
