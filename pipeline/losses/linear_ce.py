@@ -129,11 +129,15 @@ class _LinearCEKL(torch.autograd.Function):
                 if want_h or want_w:
                     kl_grad = log_ps.exp_().sub_(p_t).mul_((mask * (kl_weight * temperature))[:, None])
                 del p_t, log_ps
-            lse = s.logsumexp(-1, keepdim=True)
-            sums[0] += ((lse.squeeze(1) - s.gather(1, safe_targets[rows, None]).squeeze(1)) * keep).sum()
+            # Softmax in place: one exp per logit and no second [chunk, V] tensor (logsumexp makes one, and
+            # the gradient's softmax would exponentiate again). lse = m + log Σ exp(s − m).
+            picked = s.gather(1, safe_targets[rows, None]).squeeze(1)
+            top = s.amax(-1, keepdim=True)
+            total = s.sub_(top).exp_().sum(-1, keepdim=True)
+            sums[0] += ((top + total.log()).squeeze(1).sub_(picked).mul_(keep)).sum()
             if not (want_h or want_w):
                 continue
-            grad_s = s.sub_(lse).exp_()
+            grad_s = s.div_(total)
             grad_s[torch.arange(grad_s.shape[0], device=s.device), safe_targets[rows]] -= 1.0
             grad_s.mul_(keep[:, None])
             if kl_grad is not None:
