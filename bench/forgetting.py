@@ -55,6 +55,7 @@ RANKS = 2  # every run is a real 2-rank ZeRO-3 run (run_deepspeed's default)
 INTEGRAL = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 0.4}
 BUDGET = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 1.0, "lookahead": 2.0, "cautious_start": True}
 KD = {"kd": {"weight": 1.0}}
+KD_GENERAL = {"kd": {"weight": 5.0, "rows": "general"}}
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ ROWS = [
     Row("+ mix + TM (dynamic w)", True, {"replay": {**TM["replay"], "weight": "dynamic"}}),
     Row("+ mix + KD", True, KD),
     Row("+ mix + KD (w 0.3)", True, {"kd": {"weight": 0.3}}),
+    Row("+ mix + KD on general rows", True, {"kd": {"weight": 1.0, "rows": "general"}}),
+    Row("+ mix + KD on general rows (w 5)", True, KD_GENERAL),
+    Row("+ mix + KD on general rows (w 10)", True, {"kd": {"weight": 10.0, "rows": "general"}}),
     Row("+ mix + L2-SP", True, {"penalty": {"kind": "l2sp", "weight": 50.0}}),
     Row("+ mix + EWC", True, {"penalty": {"kind": "ewc", "weight": 50.0}}),
     Row("+ mix + TM + KD", True, {**TM, **KD}),
@@ -87,13 +91,19 @@ ROWS = [
     Row("naive CPT, 3x lr", False, {}, 3.0),
     Row("+ mix + TM (w 1), 3x lr", True, TM, 3.0),
     Row("+ mix + KD, 3x lr", True, KD, 3.0),
+    Row("+ mix + KD on general rows (w 5), 3x lr", True, KD_GENERAL, 3.0),
+    Row("+ mix + KD on general rows (w 10), 3x lr", True, {"kd": {"weight": 10.0, "rows": "general"}}, 3.0),
     Row("naive CPT, 10x lr", False, {}, 10.0),
     Row("+ mix + TM (w 1), 10x lr", True, TM, 10.0),
     Row("+ mix + KD, 10x lr", True, KD, 10.0),
+    Row("+ mix + KD on general rows (w 5), 10x lr", True, KD_GENERAL, 10.0),
+    Row("+ mix + KD on general rows (w 10), 10x lr", True, {"kd": {"weight": 10.0, "rows": "general"}}, 10.0),
     Row("+ mix + TM, budget 5%, integral only", True, {**TM, "forgetting": INTEGRAL}),
     Row("+ mix + TM, budget 5%, integral only, 10x lr", True, {**TM, "forgetting": INTEGRAL}, 10.0),
     Row("+ mix + KD, budget 5%", True, {**KD, "forgetting": BUDGET}),
     Row("+ mix + KD, budget 5%, 10x lr", True, {**KD, "forgetting": BUDGET}, 10.0),
+    Row("+ mix + KD on general rows (w 5), budget 5%", True, {**KD_GENERAL, "forgetting": BUDGET}),
+    Row("+ mix + KD on general rows (w 5), budget 5%, 10x lr", True, {**KD_GENERAL, "forgetting": BUDGET}, 10.0),
 ]
 DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
 
