@@ -54,6 +54,8 @@ RANKS = 2  # every run is a real 2-rank ZeRO-3 run (run_deepspeed's default)
 # and cautious_start and ran with both off, as their defaults still are; a changed default must drop them.
 INTEGRAL = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 0.4}
 BUDGET = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 1.0, "lookahead": 2.0, "cautious_start": True}
+# The same law toward a target paced by the lr spent (near 0 early), in place of a cautious start.
+PACED = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 1.0, "lookahead": 2.0, "paced": True}
 KD = {"kd": {"weight": 1.0}}
 KD_GENERAL = {"kd": {"weight": 5.0, "rows": "general"}}
 
@@ -104,6 +106,8 @@ ROWS = [
     Row("+ mix + KD, budget 5%, 10x lr", True, {**KD, "forgetting": BUDGET}, 10.0),
     Row("+ mix + KD on general rows (w 5), budget 5%", True, {**KD_GENERAL, "forgetting": BUDGET}),
     Row("+ mix + KD on general rows (w 5), budget 5%, 10x lr", True, {**KD_GENERAL, "forgetting": BUDGET}, 10.0),
+    Row("+ mix + KD on general rows (w 5), paced budget 5%", True, {**KD_GENERAL, "forgetting": PACED}),
+    Row("+ mix + KD on general rows (w 5), paced budget 5%, 10x lr", True, {**KD_GENERAL, "forgetting": PACED}, 10.0),
 ]
 DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
 
