@@ -102,6 +102,15 @@ def teacher_rows(flags: np.ndarray, order: GlobalOrder, step: int, micro_index: 
     return np.flatnonzero(flags[order.rows(step, micro_index)]).tolist() or [0]
 
 
+def host_to_device(values: Any, device: torch.device) -> torch.Tensor:
+    """Small host values (row flags, row indices) as a tensor on ``device``. On CUDA through page-locked memory
+    and ``non_blocking``: a copy from pageable memory waits for the stream, i.e. for the step's queued work."""
+    tensor = torch.as_tensor(values)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def packed_inputs(rows: dict[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
     """Batch of packed rows (input_ids, loss_mask, doc_lens) → input_ids, position_ids, labels."""
     ids = torch.as_tensor(np.asarray(rows["input_ids"], dtype=np.int64))

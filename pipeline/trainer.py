@@ -32,7 +32,15 @@ from .budget import ForgettingBudget
 from .checkpoint import CheckpointManager
 from .checkpoint_files import checkpoint_root
 from .config import TrainConfig, to_dict
-from .data import GlobalOrder, PrepPaths, StepReader, global_loss_tokens, role_flags, teacher_rows
+from .data import (
+    GlobalOrder,
+    PrepPaths,
+    StepReader,
+    global_loss_tokens,
+    host_to_device,
+    role_flags,
+    teacher_rows,
+)
 from .distributed import local_device
 from .ds_config import filled_ds_config
 from .engine import build_engine, build_teacher
@@ -298,7 +306,7 @@ class Trainer:
             out = forward_packed(self.engine, batch["input_ids"], batch["position_ids"], attn, hidden)
         task = TaskOutputs(None, batch["labels"], hidden=out) if hidden else TaskOutputs(out, batch["labels"])
         if self.cfg.kd.weight > 0:
-            teacher, task.distilled_rows = self._teacher_forward(batch, micro_index)
+            teacher, task.teacher_rows, task.distilled_rows = self._teacher_forward(batch, micro_index)
             if hidden:
                 task.teacher_hidden = teacher
             else:
@@ -308,26 +316,24 @@ class Trainer:
     @torch.no_grad()
     def _teacher_forward(
         self, batch: dict[str, torch.Tensor], micro_index: int
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(The teacher's outputs on the micro-batch's rows, the rows KD applies to; None: all).
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(The teacher's outputs, the rows they are for, the rows KD applies to); the last two None: all rows.
 
         With ``kd.rows: general`` the teacher runs on the general rows only (:func:`teacher_rows`), and
         not at all in a micro-batch where no rank has one (outputs None). Packed rows attend only within
-        themselves, so a row's outputs do not depend on the rows beside it. The other rows' outputs are
-        zeros, which the KD mask excludes (on GPU: made on the outputs' device, in their dtype).
+        themselves, so a row's outputs do not depend on the rows beside it. The outputs stay compact (one per
+        row run): the objective distils those rows and computes no teacher logits for the others.
         """
         ids, positions = batch["input_ids"], batch["position_ids"]
         attn, hidden = self.cfg.model.attn_implementation, self.head is not None
         if self.distilled is None:
-            return forward_packed(self.teacher, ids, positions, attn, hidden), None
-        mine = torch.as_tensor(self.distilled[self.order.rows(self.step, micro_index)]).to(self.device)
+            return forward_packed(self.teacher, ids, positions, attn, hidden), None, None
+        mine = host_to_device(self.distilled[self.order.rows(self.step, micro_index)], self.device)
         run = teacher_rows(self.distilled, self.order, self.step, micro_index)
         if run is None:
-            return None, mine
-        out = forward_packed(self.teacher, ids[run], positions[run], attn, hidden)
-        full = out.new_zeros((ids.shape[0], *out.shape[1:]))
-        full[run] = out
-        return full, mine
+            return None, None, mine
+        index = host_to_device(run, self.device)
+        return forward_packed(self.teacher, ids[index], positions[index], attn, hidden), index, mine
 
     def _replay_forward(self, index: list[int]) -> ReplayOutputs:
         inputs = self.replay.inputs(index, self.device, self.teacher)

@@ -54,6 +54,22 @@ def test_chunked_equals_full_logits_in_value_and_gradient_fp32(chunk, distill):
     assert (ours[2] > 0) == distill
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+@pytest.mark.parametrize("m", [0, 10, N])
+def test_a_teacher_on_the_first_m_tokens_equals_one_on_every_token_masked_past_them(chunk, m):
+    """KD on some rows gives the head loss the teacher on a prefix of the tokens only (no teacher GEMM for the
+    rest): the same value and gradients as a teacher on every token whose mask ends at m."""
+    hidden, weight, targets, teacher = problem(torch.float32, seed=5)
+    prefix = TeacherHead(teacher.hidden[:m], teacher.weight, teacher.mask[:m], teacher.temperature)
+    masked = TeacherHead(teacher.hidden, teacher.weight, teacher.mask & (torch.arange(N) < m), teacher.temperature)
+    ours = value_and_grads(lambda: linear_ce_kl(hidden, weight, targets, prefix, 1.3, chunk), hidden, weight)
+    for reference in (prefix, masked):
+        ref = value_and_grads(lambda: linear_ce_kl_reference(hidden, weight, targets, reference, 1.3), hidden, weight)
+        for name, a, b in zip(("loss", "ce", "kl", "grad_hidden", "grad_weight"), ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda msg: f"{name}: {msg}")
+    assert (ours[2] > 0) == (m > 0)
+
+
 @pytest.mark.parametrize("kl_weight", [0.0, 2.5, -0.5])
 def test_the_kl_weight_is_the_ratio_of_the_two_gradients(kl_weight):
     hidden, weight, targets, teacher = problem(torch.float32, seed=1)
@@ -141,6 +157,48 @@ def test_objective_from_hidden_states_equals_the_objective_from_logits():
         # The KL sum (0.28 here) is a difference of near-equal terms: fp32 GEMM rounding shows at ~2e-5 of it.
         rtol = 1e-4 if name == "kd" else 1e-5
         torch.testing.assert_close(grads_h[name], grads_l[name], rtol=rtol, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("from_hidden", [True, False])
+@pytest.mark.parametrize("distilled, ran", [([False, True, True], [1, 2]), ([False, False, False], [0])])
+def test_a_teacher_run_on_the_distilled_rows_only_gives_the_step_of_one_run_on_every_row(from_hidden, distilled, ran):
+    """kd.rows general: the trainer hands the objective the teacher's outputs on the rows it ran on (a rank's
+    first row when it has no general row, run for ZeRO-3's collectives only); same loss, parts and gradients as
+    the teacher on every row with the others masked out."""
+    student, teacher = tiny_llama(0), tiny_llama(1).eval()
+    assert attach_head_loss(student, TrainConfig())
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (3, 16), generator=g)
+    labels = ids.clone()
+    labels[1, :6] = labels[2, 9:] = -100
+    kd = KDConfig(weight=0.7, temperature=2.0, rows="general")
+    with torch.no_grad():
+        t_out = teacher(input_ids=ids, output_hidden_states=True)
+    rows = torch.tensor(ran)
+
+    def step(compact: bool) -> dict[str, torch.Tensor]:
+        keep = {"logits_to_keep": 1} if from_hidden else {}
+        out = student(input_ids=ids, output_hidden_states=True, **keep)
+        t_hidden, t_logits = t_out.hidden_states[-1], t_out.logits
+        if compact:
+            t_hidden, t_logits = t_hidden[rows], t_logits[rows]
+        if from_hidden:
+            task = TaskOutputs(None, labels, hidden=out.hidden_states[-1], teacher_hidden=t_hidden)
+            objective = Objective(ReplayConfig(), kd, student.head_loss, teacher.lm_head.weight.detach())
+        else:
+            task = TaskOutputs(out.logits, labels, teacher_logits=t_logits)
+            objective = Objective(ReplayConfig(), kd)
+        task.distilled_rows, task.teacher_rows = torch.tensor(distilled), rows if compact else None
+        part = objective(task, None, global_tokens=30, scale=2, grad_accum=1)
+        part.loss.backward()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+        student.zero_grad()
+        return {"loss": part.loss.detach(), **grads, **{k: torch.tensor(v) for k, v in part.parts.items()}}
+
+    full, compact = step(False), step(True)
+    assert full.keys() == compact.keys() and (full["kd"] > 0) == any(distilled)
+    for name in full:
+        torch.testing.assert_close(compact[name], full[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
 def test_models_whose_logits_are_not_the_plain_head_keep_full_logits():

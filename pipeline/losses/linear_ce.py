@@ -49,11 +49,13 @@ CHUNK_BYTES = 128 << 20  # one fp32 chunk of logits: 256 tokens at a 128k vocabu
 
 @dataclass
 class TeacherHead:
-    """The frozen teacher's final hidden states on the same tokens, and its output weight (no gradients)."""
+    """The frozen teacher's final hidden states and output weight (no gradients), on the student's first ``M``
+    tokens: KL covers those only, so a caller that distils some rows puts them first and runs no teacher GEMM
+    for the rest (with ``kd.rows: general``, ~85% of the tokens at a 15% mix)."""
 
-    hidden: torch.Tensor  # [N, Ht]
+    hidden: torch.Tensor  # [M, Ht], M <= N
     weight: torch.Tensor  # [V, Ht]
-    mask: torch.Tensor  # [N] bool: tokens KL applies to
+    mask: torch.Tensor  # [M] bool: of those tokens, the ones KL applies to
     temperature: float = 1.0
 
 
@@ -72,7 +74,8 @@ def linear_ce_kl(
     """(CE + kl_weight · KL, CE, KL): sums, the first differentiable, the other two detached.
 
     CE over tokens whose target is not -100; KL(teacher ‖ student) at the teacher's temperature,
-    times T², over ``teacher.mask`` (0 without a teacher). hidden [N, H], weight [V, H], targets [N].
+    times T², over the teacher's tokens (the first M) where ``teacher.mask`` (0 without a teacher).
+    hidden [N, H], weight [V, H], targets [N].
     """
     chunk = chunk_tokens or chunk_tokens_for(weight.shape[0])
     sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)  # filled in by the forward: (CE, KL)
@@ -103,7 +106,7 @@ class _LinearCEKL(torch.autograd.Function):
         grads: bool,
     ) -> torch.Tensor:
         n = hidden.shape[0]
-        distill = teacher_hidden is not None
+        distilled = teacher_hidden.shape[0] if teacher_hidden is not None else 0  # KL on tokens [0, distilled)
         want_h, want_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         valid = targets != IGNORE
         safe_targets = targets.clamp_min(0)
@@ -116,11 +119,12 @@ class _LinearCEKL(torch.autograd.Function):
             s = (hidden[rows] @ weight.T).float()
             keep = valid[rows]
             kl_grad = None
-            if distill:
-                mask = kl_mask[rows].float()
-                log_pt = (teacher_hidden[rows] @ teacher_weight.T).float().div_(temperature)
+            d = min(rows.stop, distilled) - start  # this chunk's tokens with a teacher: a prefix of it
+            if d > 0:
+                mask = kl_mask[start : start + d].float()
+                log_pt = (teacher_hidden[start : start + d] @ teacher_weight.T).float().div_(temperature)
                 log_pt -= log_pt.logsumexp(-1, keepdim=True)
-                log_ps = s / temperature
+                log_ps = s[:d] / temperature
                 log_ps -= log_ps.logsumexp(-1, keepdim=True)
                 p_t = log_pt.exp()
                 per_token = torch.einsum("nv,nv->n", p_t, log_pt.sub_(log_ps))  # one difference: no cancellation
@@ -141,7 +145,7 @@ class _LinearCEKL(torch.autograd.Function):
             grad_s[torch.arange(grad_s.shape[0], device=s.device), safe_targets[rows]] -= 1.0
             grad_s.mul_(keep[:, None])
             if kl_grad is not None:
-                grad_s += kl_grad
+                grad_s[: kl_grad.shape[0]] += kl_grad
                 del kl_grad
             grad_s = grad_s.to(weight.dtype)
             if want_h:
@@ -175,5 +179,6 @@ def linear_ce_kl_reference(
     ce = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
     if teacher is None:
         return ce, ce.detach(), torch.zeros((), device=hidden.device)
-    kl = kl_sum(logits, teacher.hidden @ teacher.weight.T, teacher.mask, teacher.temperature)
+    m = teacher.hidden.shape[0]
+    kl = kl_sum(logits[:m], teacher.hidden @ teacher.weight.T, teacher.mask, teacher.temperature)
     return ce + kl_weight * kl, ce.detach(), kl.detach()

@@ -48,8 +48,9 @@ class TaskOutputs:
     logits: torch.Tensor | None  # [B, L, V]
     labels: torch.Tensor  # [B, L], -100 where no loss
     hidden: torch.Tensor | None = None  # [B, L, H]: instead of logits
-    teacher_logits: torch.Tensor | None = None  # frozen base model on the same rows (KD)
+    teacher_logits: torch.Tensor | None = None  # frozen base model on teacher_rows (KD)
     teacher_hidden: torch.Tensor | None = None  # instead of teacher_logits, with hidden
+    teacher_rows: torch.Tensor | None = None  # [R] ascending row indices the teacher ran on; None: every row
     distilled_rows: torch.Tensor | None = None  # [B] bool: rows KD applies to (kd.rows: general); None: all
 
 
@@ -68,6 +69,14 @@ class MicroBatchLoss:
     loss: torch.Tensor  # what backward sees
     parts: dict[str, float]  # unweighted parts, additive over micro-batches and ranks (see Objective.summarize)
     replay_weight: float  # w used for the replay term (0 without one)
+
+
+def teacher_rows_first(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """A permutation of ``batch`` rows: ``rows`` (ascending) first, in order, then the others. Sorting a 0/1 key
+    keeps it on the device: selecting the other rows with a mask would wait for the GPU to count them."""
+    key = torch.ones(batch, dtype=torch.int8, device=rows.device)
+    key[rows] = 0
+    return torch.argsort(key, stable=True)
 
 
 class Objective:
@@ -135,27 +144,31 @@ class Objective:
             kd_mask = targets != -100
             if task.distilled_rows is not None:
                 kd_mask = kd_mask & task.distilled_rows[:, None]
+        rows = task.teacher_rows
         if task.hidden is not None:
             if self.head is None:
                 raise ValueError("task outputs carry hidden states but the objective has no head loss")
-            teacher = None
+            hidden, teacher = task.hidden, None
             if kd_mask is not None:
+                if rows is not None:  # the teacher's rows first: the head loss distils a prefix of the tokens
+                    first = teacher_rows_first(rows, hidden.shape[0])
+                    hidden, targets, kd_mask = hidden[first], targets[first], kd_mask[first][: rows.shape[0]]
                 teacher = TeacherHead(
                     task.teacher_hidden[:, :-1].flatten(0, 1),
                     self.teacher_head_weight,
                     kd_mask.flatten(),
                     self.kd.temperature,
                 )
-            both, ce_sum, kd_sum = self.head(
-                task.hidden[:, :-1].flatten(0, 1), targets.flatten(), teacher, self.kd_weight
-            )
+            both, ce_sum, kd_sum = self.head(hidden[:, :-1].flatten(0, 1), targets.flatten(), teacher, self.kd_weight)
             return both, ce_sum, kd_sum if teacher is not None else None
         ce_sum = F.cross_entropy(
             task.logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
         )
         if kd_mask is None:
             return ce_sum, ce_sum, None
-        kd_sum = kl_sum(task.logits[:, :-1], task.teacher_logits[:, :-1], kd_mask, self.kd.temperature)
+        student = task.logits if rows is None else task.logits[rows]
+        kd_mask = kd_mask if rows is None else kd_mask[rows]
+        kd_sum = kl_sum(student[:, :-1], task.teacher_logits[:, :-1], kd_mask, self.kd.temperature)
         return ce_sum + self.kd_weight * kd_sum, ce_sum, kd_sum
 
     def _weight(self, ce: torch.Tensor, term: torch.Tensor) -> float:
