@@ -10,7 +10,12 @@ One micro-batch's loss, forward and backward, from final hidden states
                   trainer computed it before
     chunked       ``linear_ce_kl``, what the trainer runs now
 
-each as task CE alone and as CE + KD (a teacher with the same shapes). Each
+each as task CE alone and as CE + KD (a teacher with the same shapes). With
+``--distilled F`` < 1 (``kd.rows: general`` distils the mix's general rows
+only, F ≈ 0.15) the teacher covers the first F of the tokens, and a third way,
+``chunked, masked``, gives the chunked loss a teacher on every token with its
+mask ending there: what the trainer ran before it passed the teacher on the
+distilled rows only. Each
 way runs in its own process: peak = the process's peak memory during the loss
 minus what it held just before (inputs allocated), so the gradients it returns
 (``[N, H]`` and ``[V, H]``, needed by any path) are counted in both. CPU: peak
@@ -37,7 +42,7 @@ from pipeline.host_memory import return_freed_memory_to_os
 from pipeline.losses.linear_ce import TeacherHead, linear_ce_kl, linear_ce_kl_reference
 from pipeline.metrics import PeakMemory
 
-WAYS = {"full logits": linear_ce_kl_reference, "chunked": linear_ce_kl}
+WAYS = {"full logits": linear_ce_kl_reference, "chunked": linear_ce_kl, "chunked, masked": linear_ce_kl}
 
 
 def measure(way: str, kd: bool, args: argparse.Namespace) -> dict[str, float]:
@@ -51,10 +56,12 @@ def measure(way: str, kd: bool, args: argparse.Namespace) -> dict[str, float]:
     targets = torch.randint(0, args.vocab, (n,), generator=g).to(device)
     teacher = None
     if kd:
+        m = round(args.distilled * n)  # tokens distilled: the first m
+        covered = n if way == "chunked, masked" else m
         teacher = TeacherHead(
-            torch.randn(n, args.hidden, generator=g).to(device, dtype),
+            torch.randn(covered, args.hidden, generator=g).to(device, dtype),
             (torch.randn(args.vocab, args.hidden, generator=g) * 0.02).to(device, dtype),
-            torch.ones(n, dtype=torch.bool, device=device),
+            torch.arange(covered, device=device) < m,
             temperature=2.0,
         )
     fn = WAYS[way]
@@ -90,6 +97,9 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--distilled", type=float, default=1.0, help="share of the tokens KD covers (kd.rows general: ~0.15)"
+    )
     p.add_argument("--child", nargs=2, metavar=("WAY", "KD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -97,17 +107,19 @@ def main() -> None:
         print(json.dumps(measure(args.child[0], args.child[1] == "1", args)))
         return
     results: dict[tuple[str, bool], dict[str, float]] = {}
+    ways = {kd: [w for w in WAYS if w != "chunked, masked" or (kd and args.distilled < 1)] for kd in (False, True)}
     for kd in (False, True):
-        for way in WAYS:
+        for way in ways[kd]:
             child = [sys.executable, "-m", "bench.loss_memory", *sys.argv[1:], "--child", way, str(int(kd))]
             out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
             results[way, kd] = json.loads(out.strip().splitlines()[-1])
     print(
         f"\nloss forward + backward, {args.rows}×{args.seq_len} tokens, hidden {args.hidden}, vocab {args.vocab}, "
         f"{args.dtype} on {args.device}; peak above the inputs (gradients included), median of {args.repeats} runs"
+        + (f"; KD on the first {args.distilled:.0%} of the tokens" if args.distilled < 1 else "")
     )
     header = ("loss", "way", "peak GB", "vs full", "time s", "spread s", "vs full")
-    widths = (7, 11, 8, 7, 7, 8, 7)
+    widths = (7, 15, 8, 7, 7, 8, 7)
     print(
         "| " + " | ".join(f"{h:<{w}}" if i < 2 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(header, widths))) + " |"
     )
@@ -115,11 +127,11 @@ def main() -> None:
     worst_peak = worst_time = 0.0
     for kd in (False, True):
         full = results["full logits", kd]
-        for way in WAYS:
+        for way in ways[kd]:
             r = results[way, kd]
             peak_ratio, time_ratio = r["peak"] / full["peak"], r["time"] / full["time"]
             print(
-                f"| {'CE + KD' if kd else 'CE':<7} | {way:<11} | {r['peak'] / 1e9:>8.2f} | {peak_ratio:>7.3f} | "
+                f"| {'CE + KD' if kd else 'CE':<7} | {way:<15} | {r['peak'] / 1e9:>8.2f} | {peak_ratio:>7.3f} | "
                 f"{r['time']:>7.2f} | {r['spread']:>8.2f} | {time_ratio:>7.2f} |"
             )
             if way == "chunked":
