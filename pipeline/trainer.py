@@ -317,10 +317,12 @@ class Trainer:
     def _teacher_forward(
         self, batch: dict[str, torch.Tensor], micro_index: int
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(The teacher's outputs, the rows they are for, the rows KD applies to); the last two None: all rows.
+        """(The teacher's outputs, the rows they are for (ascending), the rows KD applies to).
+
+        Without ``kd.rows: general``: (outputs on every row, None, None).
 
         With ``kd.rows: general`` the teacher runs on the general rows only (:func:`teacher_rows`), and
-        not at all in a micro-batch where no rank has one (outputs None). Packed rows attend only within
+        not at all in a micro-batch where no rank has one (outputs and rows None). Packed rows attend only within
         themselves, so a row's outputs do not depend on the rows beside it. The outputs stay compact (one per
         row run): the objective distils those rows and computes no teacher logits for the others.
         """

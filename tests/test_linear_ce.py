@@ -70,6 +70,15 @@ def test_a_teacher_on_the_first_m_tokens_equals_one_on_every_token_masked_past_t
     assert (ours[2] > 0) == (m > 0)
 
 
+def test_a_teacher_longer_than_the_tokens_or_its_mask_is_refused():
+    hidden, weight, targets, teacher = problem(torch.float32, seed=6)
+    longer = TeacherHead(torch.cat([teacher.hidden, teacher.hidden[:1]]), teacher.weight, torch.ones(N + 1, dtype=bool))
+    short_mask = TeacherHead(teacher.hidden[:10], teacher.weight, teacher.mask[:9])
+    for bad in (longer, short_mask):
+        with pytest.raises(ValueError, match="a teacher on"):
+            linear_ce_kl(hidden, weight, targets, bad, 1.0, 8)
+
+
 @pytest.mark.parametrize("kl_weight", [0.0, 2.5, -0.5])
 def test_the_kl_weight_is_the_ratio_of_the_two_gradients(kl_weight):
     hidden, weight, targets, teacher = problem(torch.float32, seed=1)

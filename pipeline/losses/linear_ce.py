@@ -107,6 +107,8 @@ class _LinearCEKL(torch.autograd.Function):
     ) -> torch.Tensor:
         n = hidden.shape[0]
         distilled = teacher_hidden.shape[0] if teacher_hidden is not None else 0  # KL on tokens [0, distilled)
+        if distilled and not (distilled <= n and kl_mask.shape[0] == distilled):  # shapes: no device sync
+            raise ValueError(f"a teacher on {distilled} tokens with a mask of {kl_mask.shape[0]}, for {n} tokens")
         want_h, want_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         valid = targets != IGNORE
         safe_targets = targets.clamp_min(0)

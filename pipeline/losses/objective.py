@@ -50,7 +50,7 @@ class TaskOutputs:
     hidden: torch.Tensor | None = None  # [B, L, H]: instead of logits
     teacher_logits: torch.Tensor | None = None  # frozen base model on teacher_rows (KD)
     teacher_hidden: torch.Tensor | None = None  # instead of teacher_logits, with hidden
-    teacher_rows: torch.Tensor | None = None  # [R] ascending row indices the teacher ran on; None: every row
+    teacher_rows: torch.Tensor | None = None  # [R] row indices the teacher ran on, ascending; None: every row
     distilled_rows: torch.Tensor | None = None  # [B] bool: rows KD applies to (kd.rows: general); None: all
 
 
@@ -148,18 +148,18 @@ class Objective:
         if task.hidden is not None:
             if self.head is None:
                 raise ValueError("task outputs carry hidden states but the objective has no head loss")
-            hidden, teacher = task.hidden, None
+            hidden, teacher = task.hidden[:, :-1], None
             if kd_mask is not None:
                 if rows is not None:  # the teacher's rows first: the head loss distils a prefix of the tokens
                     first = teacher_rows_first(rows, hidden.shape[0])
-                    hidden, targets, kd_mask = hidden[first], targets[first], kd_mask[first][: rows.shape[0]]
+                    hidden, targets, kd_mask = task.hidden[first, :-1], targets[first], kd_mask[first][: rows.shape[0]]
                 teacher = TeacherHead(
                     task.teacher_hidden[:, :-1].flatten(0, 1),
                     self.teacher_head_weight,
                     kd_mask.flatten(),
                     self.kd.temperature,
                 )
-            both, ce_sum, kd_sum = self.head(hidden[:, :-1].flatten(0, 1), targets.flatten(), teacher, self.kd_weight)
+            both, ce_sum, kd_sum = self.head(hidden.flatten(0, 1), targets.flatten(), teacher, self.kd_weight)
             return both, ce_sum, kd_sum if teacher is not None else None
         ce_sum = F.cross_entropy(
             task.logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
