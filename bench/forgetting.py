@@ -54,8 +54,6 @@ RANKS = 2  # every run is a real 2-rank ZeRO-3 run (run_deepspeed's default)
 # and cautious_start and ran with both off, as their defaults still are; a changed default must drop them.
 INTEGRAL = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 0.4}
 BUDGET = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 1.0, "lookahead": 2.0, "cautious_start": True}
-# The same law toward a target paced by the lr spent (near 0 early), in place of a cautious start.
-PACED = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 1.0, "lookahead": 2.0, "paced": True}
 # BUDGET with the weights never below the configured ones: below the equilibrium weight the rise climbs back
 # over the budget, and stopping it then takes weights far above it (the 1x budget rows' traces).
 FLOORED = {**BUDGET, "min_scale": 1.0}
@@ -109,8 +107,6 @@ ROWS = [
     Row("+ mix + KD, budget 5%, 10x lr", True, {**KD, "forgetting": BUDGET}, 10.0),
     Row("+ mix + KD on general rows (w 5), budget 5%", True, {**KD_GENERAL, "forgetting": BUDGET}),
     Row("+ mix + KD on general rows (w 5), budget 5%, 10x lr", True, {**KD_GENERAL, "forgetting": BUDGET}, 10.0),
-    Row("+ mix + KD on general rows (w 5), paced budget 5%", True, {**KD_GENERAL, "forgetting": PACED}),
-    Row("+ mix + KD on general rows (w 5), paced budget 5%, 10x lr", True, {**KD_GENERAL, "forgetting": PACED}, 10.0),
     Row("+ mix + KD on general rows (w 5), budget 5% floored", True, {**KD_GENERAL, "forgetting": FLOORED}),
     Row(
         "+ mix + KD on general rows (w 5), budget 5% floored, 10x lr", True, {**KD_GENERAL, "forgetting": FLOORED}, 10.0

@@ -8,9 +8,7 @@ probe perplexity with its value before the first step. One state, the level
 intervals ahead at its last rate while it climbs:
 
     rise = ppl / ppl_0 − 1,   projected = rise + lookahead · max(rise − previous rise, 0)
-    u ← clamp(u + gain · (projected − target) / budget, log min_scale, log max_scale − log min_lr_scale)
-
-with ``target`` the budget (or, ``paced``, its share so far: below)
+    u ← clamp(u + gain · (projected − budget) / budget, log min_scale, log max_scale − log min_lr_scale)
 
 and drives two levers in turn. Up to ``log max_scale`` it is the log of the
 scale ``s`` on the anti-forgetting weights (replay CE, the replay term, KD: the
@@ -38,15 +36,6 @@ whole brake in one update, and the next step took the probe from +5% to +205%
 default ``every`` a cautious start holds full protection for hundreds of
 steps, so neither is the default.
 
-``paced`` replaces the budget in the law by a target that grows with the
-share of the run's scheduled lr spent so far (``schedule.lr_share``), from
-near 0 to the whole budget at the last step. A step's forgetting grows with
-its update, so a run that spends the budget at the pace of its lr needs about
-the same weight throughout; with the whole budget from the first step the
-controller lets the weights fall while the rise is under budget, then needs
-heavy weights to stop it once it is over (bench README). It also protects the
-first steps without a cautious start: their target is near 0.
-
 The probe loss is an all-reduced sum, so every rank computes the same ``u``;
 the state (``u``, ``ppl_0``, the last rise) is in the checkpoint, so a
 resumed run continues exactly.
@@ -69,21 +58,17 @@ from .perplexity import Forward, perplexity
 log = logging.getLogger(__name__)
 
 
-def next_level(level: float, rise: float, previous: float, cfg: ForgettingConfig, target: float | None = None) -> float:
+def next_level(level: float, rise: float, previous: float, cfg: ForgettingConfig) -> float:
     """One controller update of ``u`` from the rise just measured and the one before it (0 at the first update:
-    the baseline), toward ``target`` (the budget unless paced); see the module docstring. A rise that is not
-    finite (the probe loss diverged) sends it to its ceiling; the step is bounded, so a huge rise cannot
-    overflow."""
+    the baseline); see the module docstring. A rise that is not finite (the probe loss diverged) sends it to its
+    ceiling; the step is bounded, so a huge rise cannot overflow."""
     assert cfg.budget is not None
-    target = cfg.budget if target is None else target
     # One-sided (see the module docstring); a previous rise that was not finite has no slope to project.
     climb = rise - previous if cfg.lookahead > 0 and math.isfinite(previous) else 0.0
     projected = rise + cfg.lookahead * max(climb, 0.0)
     if not math.isfinite(projected):
         return level_bounds(cfg)[1]
-    # relative to the budget, not the target: a paced target near 0 early must not turn a small rise into a
-    # huge error
-    step = min(max(cfg.gain * (projected - target) / cfg.budget, -50.0), 50.0)
+    step = min(max(cfg.gain * (projected - cfg.budget) / cfg.budget, -50.0), 50.0)
     return clamp_level(level + step, cfg)
 
 
@@ -129,20 +114,12 @@ class ForgettingBudget:
         self.base_ppl = self.probe_ppl(forward)
         log.info("forgetting budget %.3g: probe ppl %.3f before training", self.cfg.budget, self.base_ppl)
 
-    def target(self, lr_spent: float) -> float:
-        """The rise allowed now: the budget, or with ``paced`` its share ``lr_spent`` (of the run's scheduled lr)."""
-        assert self.cfg.budget is not None
-        return self.cfg.budget * (lr_spent if self.cfg.paced else 1.0)
-
-    def update(self, forward: Forward, lr_spent: float) -> dict[str, float]:
-        """Measure, move the level; ``lr_spent``: the share of the run's scheduled lr the steps so far used
-        (``schedule.lr_share``). Returns what to log."""
+    def update(self, forward: Forward) -> dict[str, float]:
+        """Measure, move the level; returns what to log."""
         previous, self.rise = self.rise, self.probe_ppl(forward) / self.base_ppl - 1.0
-        target = self.target(lr_spent)
-        self.level = next_level(self.level, self.rise, previous, self.cfg, target)
+        self.level = next_level(self.level, self.rise, previous, self.cfg)
         return {
             "forgetting/probe_rise": self.rise,
-            "forgetting/target": target,
             "forgetting/scale": self.scale,
             "forgetting/lr_scale": self.lr_scale,
         }

@@ -149,12 +149,6 @@ class ForgettingConfig:
         "under budget, for an lr at which the steps before the first probe can spend the budget; false: start "
         "at scale 1 and full lr",
     )
-    paced: bool = setting(
-        False,
-        "true: the rise allowed after a step is the budget times the share of the run's scheduled lr spent so far "
-        "(near 0 early, the whole budget at the last step), so the run spends its budget evenly instead of "
-        "reaching it early and holding it with heavy weights; false: the whole budget from the first step",
-    )
     min_scale: float = setting(0.01, "floor of the scale on the anti-forgetting weights")
     max_scale: float = setting(100.0, "ceiling of the scale")
     min_lr_scale: float = setting(

@@ -7,7 +7,6 @@ lr of step 0 is the first warmup value (never 0, which would waste a step).
 
 from __future__ import annotations
 
-import itertools
 import math
 
 
@@ -28,12 +27,3 @@ def lr_at(
 
 def warmup_steps_for(total_steps: int, warmup_steps: int | None, warmup_ratio: float) -> int:
     return warmup_steps if warmup_steps is not None else int(round(total_steps * warmup_ratio))
-
-
-def lr_share(total_steps: int, warmup_steps: int, decay: str = "cosine", min_lr_ratio: float = 0.1) -> list[float]:
-    """``share[k]``: the fraction of the run's scheduled lr (summed over its steps) that steps ``0..k-1`` use;
-    0 before the first step, 1 after the last. The forgetting budget's paced target follows it, because a
-    step's forgetting grows with the size of its update, which Adam sets by the lr."""
-    lrs = [lr_at(s, 1.0, total_steps, warmup_steps, decay, min_lr_ratio) for s in range(total_steps)]
-    total = sum(lrs)
-    return [spent / total for spent in itertools.accumulate(lrs, initial=0.0)]

@@ -54,7 +54,7 @@ from .model import hidden_size, model_sources, needs_teacher
 from .penalty import build_anchor_pull
 from .perplexity import holdout_perplexities, logits_of
 from .precision import enable_tf32, resolve_precision
-from .schedule import lr_at, lr_share, warmup_steps_for
+from .schedule import lr_at, warmup_steps_for
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,6 @@ class Trainer:
         teacher_head = frozen_head_weight(self.teacher.module) if self.head is not None and cfg.kd.weight > 0 else None
         self.objective = Objective(cfg.replay, cfg.kd, self.head, teacher_head)
         self.budget = self._forgetting_budget()
-        optim = cfg.optim  # the share of the scheduled lr spent before each step: the paced budget's target
-        self.lr_spent = lr_share(self.total_steps, self.warmup, optim.decay, optim.min_lr_ratio) if self.budget else []
         self.step, self.tokens_seen = 0, 0
         self._resume()
         if self.budget is not None:
@@ -131,7 +129,7 @@ class Trainer:
                 last = self._timed_step()
                 if self.budget is not None and self._due(self.cfg.forgetting.every):
                     with self._eval_mode():
-                        last.update(self.budget.update(logits_of(self.engine), self.lr_spent[self.step]))
+                        last.update(self.budget.update(logits_of(self.engine)))
                     self._apply_levers()
                 self._log(last)
                 if self._due(self.cfg.eval.every) and self.step < self.total_steps:

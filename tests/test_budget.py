@@ -14,7 +14,7 @@ from pipeline.budget import ForgettingBudget, level_bounds, levers, next_level
 from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
 from pipeline.config import ForgettingConfig, KDConfig, ReplayConfig, load_train_config
 from pipeline.losses.objective import Objective
-from pipeline.schedule import lr_at, lr_share
+from pipeline.schedule import lr_at
 
 from .test_replay_loss import objective_inputs
 from .train_helpers import make_prep, metrics, run_training, write_config
@@ -45,21 +45,6 @@ def test_the_lookahead_acts_on_where_the_rise_is_heading():
     assert next_level(1.0, 0.01, 0.2, ahead) == pytest.approx(0.75)  # far under budget: one measured step
 
 
-def test_a_paced_target_follows_the_share_of_the_scheduled_lr_and_the_error_stays_relative_to_the_budget():
-    share = lr_share(40, 5, "cosine", 0.1)
-    lrs = [lr_at(s, 2e-5, 40, 5, "cosine", 0.1) for s in range(40)]
-    assert share[0] == 0.0 and share[-1] == pytest.approx(1.0) and len(share) == 41
-    assert share[12] == pytest.approx(sum(lrs[:12]) / sum(lrs), rel=1e-12)
-    assert all(a < b for a, b in zip(share, share[1:]))  # every step spends some lr
-    probe = datasets.Dataset.from_dict({"id": ["g:1"], "input_ids": [[1, 2, 3]], "loss_mask": [[1, 1, 1]]})
-    paced = ForgettingBudget(dataclasses.replace(CFG, paced=True), probe, 8, torch.device("cpu"))
-    whole = ForgettingBudget(CFG, probe, 8, torch.device("cpu"))
-    assert paced.target(0.25) == pytest.approx(0.005) and whole.target(0.25) == 0.02
-    # on the paced target: no change; a budget's worth over a target of 0: one gain step, as over the budget
-    assert next_level(0.0, 0.005, 0.005, CFG, target=0.005) == pytest.approx(0.0)
-    assert next_level(0.0, 0.02, 0.02, CFG, target=0.0) == next_level(0.0, 0.04, 0.04, CFG) == pytest.approx(0.5)
-
-
 def test_a_cautious_start_begins_at_full_protection_and_a_neutral_one_at_scale_1_and_full_lr():
     probe = datasets.Dataset.from_dict({"id": ["g:1"], "input_ids": [[1, 2, 3]], "loss_mask": [[1, 1, 1]]})
     cautious = ForgettingBudget(dataclasses.replace(CFG, cautious_start=True), probe, 8, torch.device("cpu"))
@@ -80,7 +65,7 @@ def test_each_update_projects_from_the_rise_the_last_update_measured():
     budget.start(uniform(100))
     level, previous = 0.0, 0.0
     for vocab in (101, 103, 102, 102):  # climbs, then falls back: projected, then taken as measured
-        budget.update(uniform(vocab), lr_spent=0.3)  # not paced: the share does not matter
+        budget.update(uniform(vocab))
         rise = budget.rise
         assert rise == pytest.approx(vocab / 100 - 1, abs=1e-6)  # fp32 perplexity
         level, previous = next_level(level, rise, previous, law), rise
@@ -145,7 +130,7 @@ def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample
     # brakes step 1 (the trainer must apply the level before the first step); max_scale 1.5 keeps the brake
     # within the few updates of a 6-step run.
     budget = {"budget": 0.001, "every": 2, "probe_docs": 6, "max_scale": 1.5, "min_lr_scale": 0.1}
-    budget |= {"lookahead": 2.0, "cautious_start": True, "paced": True}
+    budget |= {"lookahead": 2.0, "cautious_start": True}
     sections = {"steps": 6, "kd": {"weight": 1.0}, "forgetting": budget, "optim": {"lr": 0.1, "warmup_steps": 1}}
     config = write_config(tmp_path / "a.yaml", prep, tmp_path / "a", **sections)
     run_training(config)
@@ -153,11 +138,9 @@ def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample
     cfg, law = load_train_config(config), ForgettingConfig(**budget)
     level, previous = level_bounds(law)[1], 0.0  # a cautious start: full protection from the first step
     brake = {0: levers(level, law)[1]}  # brake[k]: the lr multiplier after the update at step k
-    spent = lr_share(6, cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr_ratio)
     for step in (2, 4, 6):
-        rise, target = first[step]["forgetting/probe_rise"], law.budget * spent[step]  # paced
-        assert first[step]["forgetting/target"] == pytest.approx(target, rel=1e-12), step
-        level, previous = next_level(level, rise, previous, law, target), rise
+        rise = first[step]["forgetting/probe_rise"]
+        level, previous = next_level(level, rise, previous, law), rise
         scale, brake[step] = levers(level, law)
         assert first[step]["forgetting/scale"] == pytest.approx(scale, rel=1e-12), step
         assert first[step]["forgetting/lr_scale"] == pytest.approx(brake[step], rel=1e-12), step
@@ -179,14 +162,6 @@ def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample
     run_training(resumed)
     second = metrics(tmp_path / "b")
     for step in (3, 4, 5, 6):
-        for key in (
-            "loss",
-            "loss/kd",
-            "lr",
-            "forgetting/probe_rise",
-            "forgetting/target",
-            "forgetting/scale",
-            "forgetting/lr_scale",
-        ):
+        for key in ("loss", "loss/kd", "lr", "forgetting/probe_rise", "forgetting/scale", "forgetting/lr_scale"):
             if key in first[step]:
                 assert second[step][key] == first[step][key], (step, key)  # bitwise
