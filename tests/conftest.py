@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-# Triton kernels run on the CPU through the interpreter; set before any test module imports triton.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton kernels run on the CPU through the interpreter, set before any test module imports triton; with
+# CPT_TEST_DEVICE=cuda the kernel tests run compiled on the GPU instead (bench/gpu_checks.sh).
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("CPT_TEST_DEVICE") == "cuda" else "1")
 
 from data_prep.sample import SampleSizes, train_sample_tokenizer, write_sample_corpora
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -16,18 +18,19 @@ from pipeline.model import ModelSource, load_causal_lm
 from .train_helpers import TINY_LLAMA
 
 N, H, V = 45, 24, 131
+DEVICE = torch.device(os.environ.get("CPT_TEST_DEVICE", "cpu"))  # the kernel tests; cuda: cuBLAS GEMMs
 
 
 def problem(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TeacherHead]:
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) * 0.4).to(dtype).requires_grad_()
-    targets = torch.randint(0, V, (N,), generator=g)
+    hidden = torch.randn(N, H, generator=g).to(DEVICE, dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * 0.4).to(DEVICE, dtype).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g).to(DEVICE)
     targets[::4] = -100
     teacher = TeacherHead(
-        torch.randn(N, 16, generator=g).to(dtype),
-        (torch.randn(V, 16, generator=g) * 0.4).to(dtype),
-        torch.rand(N, generator=g) > 0.3,
+        torch.randn(N, 16, generator=g).to(DEVICE, dtype),
+        (torch.randn(V, 16, generator=g) * 0.4).to(DEVICE, dtype),
+        (torch.rand(N, generator=g) > 0.3).to(DEVICE),
         temperature=2.0,
     )
     return hidden, weight, targets, teacher
@@ -61,7 +64,9 @@ def test_a_teacher_on_the_first_m_tokens_equals_one_on_every_token_masked_past_t
     rest): the same value and gradients as a teacher on every token whose mask ends at m."""
     hidden, weight, targets, teacher = problem(torch.float32, seed=5)
     prefix = TeacherHead(teacher.hidden[:m], teacher.weight, teacher.mask[:m], teacher.temperature)
-    masked = TeacherHead(teacher.hidden, teacher.weight, teacher.mask & (torch.arange(N) < m), teacher.temperature)
+    masked = TeacherHead(
+        teacher.hidden, teacher.weight, teacher.mask & (torch.arange(N, device=DEVICE) < m), teacher.temperature
+    )
     ours = value_and_grads(lambda: linear_ce_kl(hidden, weight, targets, prefix, 1.3, chunk), hidden, weight)
     for reference in (prefix, masked):
         ref = value_and_grads(lambda: linear_ce_kl_reference(hidden, weight, targets, reference, 1.3), hidden, weight)

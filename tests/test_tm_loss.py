@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+DEVICE = torch.device(os.environ.get("CPT_TEST_DEVICE", "cpu"))  # cuda: the compiled kernel (conftest.py)
 
 
 def make_case(batch: int, length: int, hidden: int, dtype: torch.dtype, seed: int, drift: float = 0.3):
@@ -36,7 +37,7 @@ def make_case(batch: int, length: int, hidden: int, dtype: torch.dtype, seed: in
     packed = pack_states(activation_states(ref, neg, pos))
     h = (ref + drift * torch.randn(ref.shape, generator=g)).to(dtype)
     mask = (torch.rand(batch, length, generator=g) > 0.2).to(torch.int64)
-    return h, packed, neg, pos, mask
+    return tuple(t.to(DEVICE) for t in (h, packed, neg, pos, mask))
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,10 +74,10 @@ def test_fully_masked_rows_get_no_loss_and_zero_gradient():
 
 def test_all_neutral_inside_thresholds_is_exactly_zero_with_zero_gradient():
     hidden = 50
-    neg, pos = -torch.ones(hidden), torch.ones(hidden)
-    h = (torch.rand(2, 4, hidden) * 1.8 - 0.9).requires_grad_(True)
-    packed = pack_states(torch.full((2, 4, hidden), NEUTRAL, dtype=torch.uint8))
-    loss, count = TMLossFunction.apply(h, packed, neg, pos, torch.ones(2, 4, dtype=torch.long))
+    neg, pos = -torch.ones(hidden, device=DEVICE), torch.ones(hidden, device=DEVICE)
+    h = (torch.rand(2, 4, hidden, device=DEVICE) * 1.8 - 0.9).requires_grad_(True)
+    packed = pack_states(torch.full((2, 4, hidden), NEUTRAL, dtype=torch.uint8, device=DEVICE))
+    loss, count = TMLossFunction.apply(h, packed, neg, pos, torch.ones(2, 4, dtype=torch.long, device=DEVICE))
     loss.backward()
     assert loss.item() == 0.0 and int(count) == 0 and torch.all(h.grad == 0)
 
