@@ -20,7 +20,9 @@ one process on CPU ranks), so it is compared with one rank (with more, it is
 left out and ratio_vs_hf_trainer is nan):
     deepspeed --num_gpus 1 --module bench.train_step
 On GPUs: deepspeed --num_gpus 8 --module bench.train_step --deepspeed ds_configs/zero3_bf16.json --dtype bfloat16
-Last line: ratio_vs_hf_trainer=<x> gere_overhead=<y> gere_overhead_separate=<z>
+(--model 1b for Llama-3.2-1B's shape; bench/gpu_checks.sh runs it on one GPU). On a known GPU each row also
+gets its MFU (6·N FLOPs a token over the dense bf16 peak, pipeline.metrics).
+Last line: ratio_vs_hf_trainer=<x> gere_overhead=<y> gere_overhead_separate=<z> mfu=<m> (nan on CPU)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import torch
@@ -48,21 +51,32 @@ from pipeline.data import PrepPaths, packed_inputs
 from pipeline.distributed import init_distributed
 from pipeline.ds_config import filled_ds_config
 from pipeline.gere.build import build_cache_for_training
+from pipeline.metrics import device_peak_flops, model_flops_utilization
 from pipeline.model import ModelSource, load_causal_lm
 from pipeline.trainer import Trainer
 
-MODEL = {
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 1024,
+MODELS = {
+    "tiny": {  # ~3M parameters beside the embeddings: what a CPU times in minutes
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 1024,
+    },
+    "1b": {  # Llama-3.2-1B's shape (its 128k vocabulary replaced by the prep's): the GPU MFU check
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+    },
 }
 
 
 def overrides(prep: Path, run: Path, args: argparse.Namespace, vocab: int, **extra: str) -> list[str]:
-    model = {**MODEL, "vocab_size": vocab}
+    model = {**MODELS[args.model], "vocab_size": vocab}
     base = {
         "data.prep": str(prep),
         "run_dir": str(run),
@@ -78,28 +92,39 @@ def overrides(prep: Path, run: Path, args: argparse.Namespace, vocab: int, **ext
     return [f"{k}={v}" for k, v in {**base, **extra}.items()]
 
 
-def time_ours(cfg_overrides: list[str], args: argparse.Namespace) -> tuple[float, int, float]:
-    """(seconds per step, task tokens per step, replay tokens per step)."""
+class Timing(NamedTuple):
+    seconds: float  # per step
+    tokens: int  # task tokens per step
+    replay_tokens: int  # per step, padded to replay_len
+    n_params: int
+    tm_step1: float  # the TM loss of the first step (nan without TM): 0 when the cache matches the run
+
+
+def time_ours(cfg_overrides: list[str], args: argparse.Namespace) -> Timing:
     trainer = Trainer(load_train_config(None, cfg_overrides))
-    times = []
+    times, tm_step1 = [], math.nan
     for step in range(args.warmup + args.steps):
         sync()
         start = time.perf_counter()
-        trainer.train_step()
+        parts = trainer.train_step()
         sync()
         trainer.step += 1
+        if step == 0:
+            tm_step1 = parts.get("loss/tm", math.nan)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     replay = trainer.cfg.replay.samples_per_step * trainer.replay.replay_len if trainer.replay else 0
-    tokens = trainer.order.global_batch * trainer.seq_len
+    timing = Timing(
+        sum(times) / len(times), trainer.order.global_batch * trainer.seq_len, replay, trainer.n_params, tm_step1
+    )
     del trainer
-    return sum(times) / len(times), tokens, replay
+    return timing
 
 
 def time_hf(cfg_overrides: list[str], args: argparse.Namespace) -> float:
     cfg = load_train_config(None, cfg_overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ds = filled_ds_config(cfg, world, MODEL["hidden_size"])
+    ds = filled_ds_config(cfg, world, MODELS[args.model]["hidden_size"])
     model = load_causal_lm(ModelSource(config=cfg.model.config, seed=cfg.model.seed, dtype=cfg.model.dtype))
     model.config.use_cache = False
     mixture = datasets.load_from_disk(str(PrepPaths.read(cfg.data.prep).mixture))
@@ -145,6 +170,10 @@ def shared_work_dir() -> Path:
     return Path(path[0])
 
 
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -155,6 +184,7 @@ def main() -> None:
     p.add_argument("--prep", help="data_prep output to train on (default: build the demo's)")
     p.add_argument("--deepspeed", default=str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json"))
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny", help="from-config Llama shape (1b: GPU)")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--replay-per-step", type=int, default=2)
     p.add_argument("--steps", type=int, default=15)
@@ -193,15 +223,16 @@ def main() -> None:
     # Built as the joint run replays (on CPU the separate forward gives the same states); every rank takes part.
     build_cache_for_training(load_train_config(None, overrides(prep, work / "c", args, vocab, **variants[joint])))
     seconds: dict[str, list[float]] = {name: [] for name in variants}
-    tokens = replay_tokens = 0
+    tm_step1: dict[str, float] = {}
     for repeat in range(args.repeats):  # interleaved, so drift in the machine's speed hits every variant alike
         for i, (name, extra) in enumerate(variants.items()):
-            run = work / f"run-{repeat}-{i}"
-            s, tokens, r = time_ours(overrides(prep, run, args, vocab, **extra), args)
-            seconds[name].append(s)
+            timing = time_ours(overrides(prep, work / f"run-{repeat}-{i}", args, vocab, **extra), args)
+            seconds[name].append(timing.seconds)
+            tm_step1[name] = max(tm_step1.get(name, -math.inf), timing.tm_step1)  # the largest over repeats
             if rank == 0:
-                print(f"repeat {repeat}: {name}: {s:.3f} s/step", flush=True)
-            replay_tokens = max(replay_tokens, r)
+                print(f"repeat {repeat}: {name}: {timing.seconds:.3f} s/step", flush=True)
+    tokens, n_params = timing.tokens, timing.n_params
+    replay_tokens = timing.replay_tokens  # the last variant replays
     # accelerate runs the HF Trainer in a world of one on CPU ranks, so with more it is not comparable.
     hf_runs = torch.cuda.is_available() or world == 1
     hf_s = time_hf(overrides(prep, work / "hf", args, vocab), args) if hf_runs else math.nan
@@ -211,17 +242,24 @@ def main() -> None:
     mean = {name: statistics.mean(v) for name, v in seconds.items()}
     spread = {name: statistics.stdev(v) if len(v) > 1 else 0.0 for name, v in seconds.items()}
     print(
-        f"\n{world} rank(s) on {'cuda' if torch.cuda.is_available() else 'cpu'}, model {MODEL} vocab {vocab}, "
+        f"\n{world} rank(s) on {device_name()}, model {args.model} {MODELS[args.model]} vocab {vocab} "
+        f"({n_params / 1e6:,.0f}M parameters), "
         f"{tokens} task tokens/step; each of {args.repeats} repeats the mean of {args.steps} steps after "
         f"{args.warmup}; ± is the std over repeats"
     )
-    print(f"| {'variant':<56} | {'s/step':>15} | {'tokens/s':>9} | {'vs this loop':>12} |")
-    print(f"|{'-' * 58}|{'-' * 17}|{'-' * 11}|{'-' * 14}|")
+    # MFU: 6·N FLOPs a token (attention ignored) against the GPU's dense bf16 peak; none on CPU
+    peak = device_peak_flops()
+
+    def mfu(seconds: float) -> float:
+        return model_flops_utilization(tokens / seconds / world, n_params, peak) if peak else math.nan
+
+    print(f"| {'variant':<56} | {'s/step':>15} | {'tokens/s':>9} | {'vs this loop':>12} | {'MFU':>5} |")
+    print(f"|{'-' * 58}|{'-' * 17}|{'-' * 11}|{'-' * 14}|{'-' * 7}|")
     rows = [(name, mean[name], f"± {spread[name]:5.3f}") for name in variants]
     if hf_runs:
         rows.insert(1, ("HF Trainer + same DeepSpeed config (one run)", hf_s, " " * 7))
     for name, s, sd in rows:
-        print(f"| {name:<56} | {s:>7.3f} {sd} | {tokens / s:>9,.0f} | {mean[plain] / s:>11.2f}x |")
+        print(f"| {name:<56} | {s:>7.3f} {sd} | {tokens / s:>9,.0f} | {mean[plain] / s:>11.2f}x | {mfu(s):>5.1%} |")
     if not hf_runs:
         print("(HF Trainer not run: on CPU it needs a world of one rank)")
     overhead = {name: mean[name] / mean[plain] - 1 - share for name in (separate, joint)}
@@ -230,8 +268,12 @@ def main() -> None:
         f"{mean[separate] / mean[plain] - 1:.1%}, in the task forward {mean[joint] / mean[plain] - 1:.1%}"
     )
     print(
+        f"TM at step 1, the cache built from the joint run's config ({args.dtype}): in the task forward "
+        f"{tm_step1[joint]:.3g}, own forward {tm_step1[separate]:.3g} (0: the cache matches what the run computes)"
+    )
+    print(
         f"ratio_vs_hf_trainer={hf_s / mean[plain]:.3f} gere_overhead={overhead[joint]:.3f} "
-        f"gere_overhead_separate={overhead[separate]:.3f}"
+        f"gere_overhead_separate={overhead[separate]:.3f} mfu={mfu(mean[plain]):.3f}"
     )
 
 
