@@ -62,6 +62,11 @@ KD = {"kd": {"weight": 1.0}}
 KD_GENERAL = {"kd": {"weight": 5.0, "rows": "general"}}
 
 
+def kd_general(weight: float, temperature: float = 1.0) -> dict[str, Any]:
+    """KD on the mix's general rows only, at a softmax temperature (the KL is scaled by T²)."""
+    return {"kd": {"weight": weight, "rows": "general", "temperature": temperature}}
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
@@ -87,6 +92,9 @@ ROWS = [
     Row("+ mix + KD on general rows", True, {"kd": {"weight": 1.0, "rows": "general"}}),
     Row("+ mix + KD on general rows (w 5)", True, KD_GENERAL),
     Row("+ mix + KD on general rows (w 10)", True, {"kd": {"weight": 10.0, "rows": "general"}}),
+    Row("+ mix + KD on general rows (w 5, T 2)", True, kd_general(5.0, temperature=2.0)),
+    Row("+ mix + KD on general rows (w 8, T 2)", True, kd_general(8.0, temperature=2.0)),
+    Row("+ mix + KD on general rows (w 5, T 4)", True, kd_general(5.0, temperature=4.0)),
     Row("+ mix + L2-SP", True, {"penalty": {"kind": "l2sp", "weight": 50.0}}),
     Row("+ mix + EWC", True, {"penalty": {"kind": "ewc", "weight": 50.0}}),
     Row("+ mix + TM + KD", True, {**TM, **KD}),
