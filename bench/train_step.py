@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -236,6 +237,9 @@ def main() -> None:
     # accelerate runs the HF Trainer in a world of one on CPU ranks, so with more it is not comparable.
     hf_runs = torch.cuda.is_available() or world == 1
     hf_s = time_hf(overrides(prep, work / "hf", args, vocab), args) if hf_runs else math.nan
+    torch.distributed.barrier()  # every rank is done with the scratch directory (checkpoints, the demo's data)
+    if rank == 0:
+        shutil.rmtree(work, ignore_errors=True)
     if rank != 0:
         return
     share = replay_tokens / tokens
