@@ -59,12 +59,18 @@ BUDGET = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 1.0, "lookahead"
 # 10x BUDGET's scale never fell below x39, so the floor would not bind.
 FLOORED = {**BUDGET, "min_scale": 1.0}
 KD = {"kd": {"weight": 1.0}}
-KD_GENERAL = {"kd": {"weight": 5.0, "rows": "general"}}
 
 
 def kd_general(weight: float, temperature: float = 1.0) -> dict[str, Any]:
-    """KD on the mix's general rows only, at a softmax temperature (the KL is scaled by T²)."""
-    return {"kd": {"weight": weight, "rows": "general", "temperature": temperature}}
+    """KD on the mix's general rows only, at a softmax temperature (the KL is scaled by T²). The default
+    temperature is left out of the dict: a row's definition is its dict, and rows stored without it stay valid."""
+    kd: dict[str, Any] = {"weight": weight, "rows": "general"}
+    if temperature != 1.0:
+        kd["temperature"] = temperature
+    return {"kd": kd}
+
+
+KD_GENERAL = kd_general(5.0)
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,9 @@ ROWS = [
     Row("+ mix + TM (dynamic w)", True, {"replay": {**TM["replay"], "weight": "dynamic"}}),
     Row("+ mix + KD", True, KD),
     Row("+ mix + KD (w 0.3)", True, {"kd": {"weight": 0.3}}),
-    Row("+ mix + KD on general rows", True, {"kd": {"weight": 1.0, "rows": "general"}}),
+    Row("+ mix + KD on general rows", True, kd_general(1.0)),
     Row("+ mix + KD on general rows (w 5)", True, KD_GENERAL),
-    Row("+ mix + KD on general rows (w 10)", True, {"kd": {"weight": 10.0, "rows": "general"}}),
+    Row("+ mix + KD on general rows (w 10)", True, kd_general(10.0)),
     Row("+ mix + KD on general rows (w 5, T 2)", True, kd_general(5.0, temperature=2.0)),
     Row("+ mix + KD on general rows (w 8, T 2)", True, kd_general(8.0, temperature=2.0)),
     Row("+ mix + KD on general rows (w 5, T 4)", True, kd_general(5.0, temperature=4.0)),
@@ -104,12 +110,12 @@ ROWS = [
     Row("+ mix + TM (w 1), 3x lr", True, TM, 3.0),
     Row("+ mix + KD, 3x lr", True, KD, 3.0),
     Row("+ mix + KD on general rows (w 5), 3x lr", True, KD_GENERAL, 3.0),
-    Row("+ mix + KD on general rows (w 10), 3x lr", True, {"kd": {"weight": 10.0, "rows": "general"}}, 3.0),
+    Row("+ mix + KD on general rows (w 10), 3x lr", True, kd_general(10.0), 3.0),
     Row("naive CPT, 10x lr", False, {}, 10.0),
     Row("+ mix + TM (w 1), 10x lr", True, TM, 10.0),
     Row("+ mix + KD, 10x lr", True, KD, 10.0),
     Row("+ mix + KD on general rows (w 5), 10x lr", True, KD_GENERAL, 10.0),
-    Row("+ mix + KD on general rows (w 10), 10x lr", True, {"kd": {"weight": 10.0, "rows": "general"}}, 10.0),
+    Row("+ mix + KD on general rows (w 10), 10x lr", True, kd_general(10.0), 10.0),
     Row("+ mix + TM, budget 5%, integral only", True, {**TM, "forgetting": INTEGRAL}),
     Row("+ mix + TM, budget 5%, integral only, 10x lr", True, {**TM, "forgetting": INTEGRAL}, 10.0),
     Row("+ mix + KD, budget 5%", True, {**KD, "forgetting": BUDGET}),
