@@ -223,25 +223,24 @@ def main() -> None:
     # HfDeepSpeedConfig behind, under which transformers builds any later model partitioned.
     # Built as the joint run replays (on CPU the separate forward gives the same states); every rank takes part.
     build_cache_for_training(load_train_config(None, overrides(prep, work / "c", args, vocab, **variants[joint])))
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
-    tm_step1: dict[str, float] = {}
+    timings: dict[str, list[Timing]] = {name: [] for name in variants}
     for repeat in range(args.repeats):  # interleaved, so drift in the machine's speed hits every variant alike
         for i, (name, extra) in enumerate(variants.items()):
             timing = time_ours(overrides(prep, work / f"run-{repeat}-{i}", args, vocab, **extra), args)
-            seconds[name].append(timing.seconds)
-            tm_step1[name] = max(tm_step1.get(name, -math.inf), timing.tm_step1)  # the largest over repeats
+            timings[name].append(timing)
             if rank == 0:
                 print(f"repeat {repeat}: {name}: {timing.seconds:.3f} s/step", flush=True)
-    tokens, n_params = timing.tokens, timing.n_params
-    replay_tokens = timing.replay_tokens  # the last variant replays
+    seconds = {name: [t.seconds for t in runs] for name, runs in timings.items()}
+    tm_step1 = {name: max(t.tm_step1 for t in runs) for name, runs in timings.items()}  # the largest over repeats
+    tokens, n_params = timing.tokens, timing.n_params  # the same in every run
+    replay_tokens = max(t.replay_tokens for runs in timings.values() for t in runs)
     # accelerate runs the HF Trainer in a world of one on CPU ranks, so with more it is not comparable.
     hf_runs = torch.cuda.is_available() or world == 1
     hf_s = time_hf(overrides(prep, work / "hf", args, vocab), args) if hf_runs else math.nan
     torch.distributed.barrier()  # every rank is done with the scratch directory (checkpoints, the demo's data)
-    if rank == 0:
-        shutil.rmtree(work, ignore_errors=True)
     if rank != 0:
         return
+    shutil.rmtree(work, ignore_errors=True)
     share = replay_tokens / tokens
     mean = {name: statistics.mean(v) for name, v in seconds.items()}
     spread = {name: statistics.stdev(v) if len(v) > 1 else 0.0 for name, v in seconds.items()}
