@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -15,10 +13,10 @@ from pipeline.losses.objective import Objective, ReplayOutputs, TaskOutputs
 from pipeline.losses.replay import ReplayInputs
 from pipeline.model import ModelSource, load_causal_lm
 
+from .train_helpers import KERNEL_TEST_DEVICE as DEVICE
 from .train_helpers import TINY_LLAMA
 
 N, H, V = 45, 24, 131
-DEVICE = torch.device(os.environ.get("CPT_TEST_DEVICE", "cpu"))  # the kernel tests; cuda: cuBLAS GEMMs
 
 
 def problem(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TeacherHead]:

@@ -19,13 +19,14 @@ import torch
 from pipeline.gere.states import NEUTRAL, activation_states, pack_states, unpack_states
 from pipeline.losses.tm_loss import BLOCK_T, TMLossFunction, tm_loss_reference
 
+from .train_helpers import KERNEL_TEST_DEVICE as DEVICE
+
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
     reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or CUDA",
 )
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-DEVICE = torch.device(os.environ.get("CPT_TEST_DEVICE", "cpu"))  # cuda: the compiled kernel (conftest.py)
 
 
 def make_case(batch: int, length: int, hidden: int, dtype: torch.dtype, seed: int, drift: float = 0.3):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from pipeline.checkpoint_files import CheckpointDir
@@ -23,6 +25,10 @@ TINY_LLAMA = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 128,
 }
+
+# Where the kernel tests (tests/test_tm_loss.py, test_linear_ce.py) put their tensors: the CPU, with Triton's
+# interpreter; CPT_TEST_DEVICE=cuda runs them on a GPU, the Triton kernel compiled (conftest.py, gpu_checks.sh)
+KERNEL_TEST_DEVICE = torch.device(os.environ.get("CPT_TEST_DEVICE", "cpu"))
 
 
 def make_prep(
