@@ -44,6 +44,7 @@ from data_prep.prepare import prepare
 from pipeline.checkpoint_files import CheckpointDir
 from pipeline.eval import evaluate_model, holdout_contamination, load_hf
 from pipeline.launch import ROOT, run_deepspeed
+from pipeline.model import ModelSource, model_fingerprint
 
 log = logging.getLogger("bench.forgetting")
 
@@ -58,6 +59,9 @@ BUDGET = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 1.0, "lookahead"
 # over the budget, and stopping it then takes weights far above it (the 1x budget rows' traces). 1x only: at
 # 10x BUDGET's scale never fell below x39, so the floor would not bind.
 FLOORED = {**BUDGET, "min_scale": 1.0}
+# BUDGET starting at the configured weights and full lr: the cautious start is for an lr at which the steps
+# before the first probe can spend the budget (10x); at 1x its release held x68-x3.5 through the peak-lr steps.
+UNCAUTIOUS = {**BUDGET, "cautious_start": False}
 KD = {"kd": {"weight": 1.0}}
 
 
@@ -71,6 +75,12 @@ def kd_general(weight: float, temperature: float = 1.0) -> dict[str, Any]:
 
 
 KD_GENERAL = kd_general(5.0)
+
+
+def replay_kl(weight: float) -> dict[str, Any]:
+    """KL to the frozen base model on the replay rows, with no CE on them: the rows ride beside the task rows
+    (every task row stays a domain row without the mix), and the pull is 0 until the model drifts from the base."""
+    return {"replay": {"strategy": "kl", "weight": weight, "ce_weight": 0.0}}
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,11 @@ ROWS = [
     Row("+ mix + KD on general rows (w 5, T 2)", True, kd_general(5.0, temperature=2.0)),
     Row("+ mix + KD on general rows (w 8, T 2)", True, kd_general(8.0, temperature=2.0)),
     Row("+ mix + KD on general rows (w 5, T 4)", True, kd_general(5.0, temperature=4.0)),
+    Row("+ replay KL (w 1)", False, replay_kl(1.0)),
+    Row("+ replay KL (w 1.5)", False, replay_kl(1.5)),
+    Row("+ replay KL (w 2)", False, replay_kl(2.0)),
+    Row("+ replay KL (w 3)", False, replay_kl(3.0)),
+    Row("+ mix + replay KL (w 1)", True, replay_kl(1.0)),
     Row("+ mix + L2-SP", True, {"penalty": {"kind": "l2sp", "weight": 50.0}}),
     Row("+ mix + EWC", True, {"penalty": {"kind": "ewc", "weight": 50.0}}),
     Row("+ mix + TM + KD", True, {**TM, **KD}),
@@ -111,18 +126,27 @@ ROWS = [
     Row("+ mix + KD, 3x lr", True, KD, 3.0),
     Row("+ mix + KD on general rows (w 5), 3x lr", True, KD_GENERAL, 3.0),
     Row("+ mix + KD on general rows (w 10), 3x lr", True, kd_general(10.0), 3.0),
+    Row("+ replay KL (w 1.5), 3x lr", False, replay_kl(1.5), 3.0),
+    Row("+ replay KL (w 2), 3x lr", False, replay_kl(2.0), 3.0),
     Row("naive CPT, 10x lr", False, {}, 10.0),
     Row("+ mix + TM (w 1), 10x lr", True, TM, 10.0),
     Row("+ mix + KD, 10x lr", True, KD, 10.0),
     Row("+ mix + KD on general rows (w 5), 10x lr", True, KD_GENERAL, 10.0),
     Row("+ mix + KD on general rows (w 10), 10x lr", True, kd_general(10.0), 10.0),
+    Row("+ replay KL (w 1.5), 10x lr", False, replay_kl(1.5), 10.0),
+    Row("+ replay KL (w 2), 10x lr", False, replay_kl(2.0), 10.0),
     Row("+ mix + TM, budget 5%, integral only", True, {**TM, "forgetting": INTEGRAL}),
     Row("+ mix + TM, budget 5%, integral only, 10x lr", True, {**TM, "forgetting": INTEGRAL}, 10.0),
     Row("+ mix + KD, budget 5%", True, {**KD, "forgetting": BUDGET}),
     Row("+ mix + KD, budget 5%, 10x lr", True, {**KD, "forgetting": BUDGET}, 10.0),
     Row("+ mix + KD on general rows (w 5), budget 5%", True, {**KD_GENERAL, "forgetting": BUDGET}),
     Row("+ mix + KD on general rows (w 5), budget 5%, 10x lr", True, {**KD_GENERAL, "forgetting": BUDGET}, 10.0),
+    Row("+ replay KL (w 1), budget 5%", False, {**replay_kl(1.0), "forgetting": BUDGET}),
+    Row("+ replay KL (w 1), budget 5%, 10x lr", False, {**replay_kl(1.0), "forgetting": BUDGET}, 10.0),
     Row("+ mix + KD on general rows (w 5), budget 5% floored", True, {**KD_GENERAL, "forgetting": FLOORED}),
+    Row(
+        "+ mix + KD on general rows (w 5), budget 5%, no cautious start", True, {**KD_GENERAL, "forgetting": UNCAUTIOUS}
+    ),
 ]
 DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
 
@@ -387,7 +411,16 @@ def main() -> None:
     prep = prepare_data(work, tokenizer, general, domain, args)
     cache = gere_cache(work, prep, base, args)
     store = work / "results.json"
-    protocol = {"base": str(base), "steps": args.steps, "lr": args.lr, "seq_len": args.seq_len, "docs": args.eval_docs}
+    # The base's weights, not only its path: a re-pretrained demo base (same path) scores differently, and
+    # rows run on it are not comparable with naive CPT run on the old one.
+    protocol = {
+        "base": str(base),
+        "base_weights": model_fingerprint(ModelSource(path=str(base))),
+        "steps": args.steps,
+        "lr": args.lr,
+        "seq_len": args.seq_len,
+        "docs": args.eval_docs,
+    }
     if args.first_window:
         protocol["first_window"] = True
     if (global_rows(args), args.replay_per_step) != (8, 4):  # older results.json files lack the keys
