@@ -376,6 +376,13 @@ def summary_line(results: dict[str, Any], args: argparse.Namespace) -> str:
     )
 
 
+def wanted(name: str, args: argparse.Namespace) -> bool:
+    """Whether --only selects the row: a name that contains one of its strings, or with --exact is one."""
+    if not args.only:
+        return True
+    return name in args.only if args.exact else any(o in name for o in args.only)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
@@ -402,6 +409,7 @@ def main() -> None:
         "model on CPU: a State of the Union address is ~8k tokens)",
     )
     p.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
+    p.add_argument("--exact", action="store_true", help="--only names whole rows: a row runs if its name is one")
     p.add_argument("--skip", nargs="*", default=[], help="skip rows whose name contains one of these")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -446,7 +454,7 @@ def main() -> None:
         definitions[row.name] = row.definition
     for seed in args.seeds:
         for row in ROWS:
-            if args.only and not any(o in row.name for o in args.only) or any(o in row.name for o in args.skip):
+            if not wanted(row.name, args) or any(o in row.name for o in args.skip):
                 continue
             if str(seed) in results["rows"].get(row.name, {}):
                 continue
