@@ -206,6 +206,27 @@ def test_chunked_head_loss_gives_the_full_logits_losses_on_two_zero3_ranks(prep,
     assert max(runs[True][step]["loss/kd"] for step in range(1, 5)) > 0  # some steps carry general rows
 
 
+def test_replay_kl_is_zero_at_step_one_and_is_the_only_replay_term_in_the_loss(prep, tmp_path):
+    """The example config's replay (launch/cpt_example.yaml: kl, weight 1.5, no replay CE) on 2 ZeRO-3 ranks: the
+    frozen teacher is a second partitioned copy of the base, so at step 1 student and teacher are the same
+    model and KL is 0; it grows as the model drifts, and the step's loss is task CE + 1.5 · KL, replay CE
+    logged but not trained on."""
+    config = write_config(
+        tmp_path / "kl.yaml",
+        prep,
+        tmp_path / "run",
+        steps=4,
+        replay={"strategy": "kl", "weight": 1.5, "ce_weight": 0.0, "samples_per_step": 2},
+        checkpoint={"every": 0},
+    )
+    run_training(config)
+    m = metrics(tmp_path / "run")
+    assert m[1]["loss/kl"] == pytest.approx(0.0, abs=1e-7) and m[4]["loss/kl"] > 1e-5
+    for step in range(1, 5):
+        assert m[step]["loss/replay_ce"] > 1.0  # measured on the replay rows, weight 0
+        assert m[step]["loss"] == pytest.approx(m[step]["loss/task_ce"] + 1.5 * m[step]["loss/kl"], rel=1e-9)
+
+
 @pytest.mark.reliability("faults: SIGTERM")
 def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(prep, tmp_path, lost):
     run = tmp_path / "run"

@@ -189,7 +189,8 @@ def test_the_example_config_in_launch_is_valid():
     from pathlib import Path
 
     cfg = load_train_config(Path(__file__).resolve().parents[1] / "launch" / "cpt_example.yaml")
-    assert cfg.peak_lr == 2e-5 and cfg.replay.weight == 1.0 and cfg.model.dtype == "auto"
+    assert cfg.peak_lr == 2e-5 and cfg.model.dtype == "auto"
+    assert (cfg.replay.strategy, cfg.replay.weight, cfg.replay.ce_weight) == ("kl", 1.5, 0.0)  # bench.forgetting's
     from pipeline.precision import resolve_dtype
 
     assert resolve_dtype(cfg.model.dtype, cfg.deepspeed, cuda=True) == "bfloat16"
