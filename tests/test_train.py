@@ -66,8 +66,12 @@ def test_reference_run_reproduces_the_golden_losses(reference):
     golden = json.loads(GOLDEN.read_text())["losses"]
     assert got.keys() == golden.keys()
     for step, row in golden.items():
-        for key, value in row.items():  # fp32 on CPU; 1e-5 leaves room for another CPU's summation order
-            assert got[step][key] == pytest.approx(value, rel=1e-5), (step, key)
+        for key, value in row.items():
+            # fp32 on CPU: 1e-5 leaves room for another CPU's summation order (an AVX-512/AMX Xeon's GEMMs moved
+            # the losses by <= 1.2e-6). The gradient norm moves more (2.9e-5 at step 9 there): it is a norm of
+            # per-parameter sums that the kernels order differently, so it gets 1e-4.
+            rel = 1e-4 if key == "grad_norm" else 1e-5
+            assert got[step][key] == pytest.approx(value, rel=rel), (step, key)
 
 
 def test_lr_follows_the_schedule_exactly(reference):
