@@ -43,6 +43,7 @@ from data_prep.mix import mix
 from data_prep.prepare import prepare
 from pipeline.checkpoint_files import CheckpointDir
 from pipeline.eval import evaluate_model, holdout_contamination, load_hf
+from pipeline.gere.build import cache_is_current
 from pipeline.launch import ROOT, run_deepspeed
 from pipeline.model import ModelSource, model_fingerprint
 
@@ -235,11 +236,12 @@ def train_config(row: Row, seed: int, prep: Path, base: Path, cache: Path, out: 
 
 
 def gere_cache(out: Path, prep: Path, base: Path, args: argparse.Namespace) -> Path:
-    """The base model's GeRe cache, built as the TM rows replay (2 ranks, their replay rows per forward)."""
+    """The base model's GeRe cache, built as the TM rows replay (2 ranks, their replay rows per forward), and built
+    again when it is not the current base's (a re-pretrained demo base at the same path) or not that layout."""
     cache = out / "gere_cache"
-    if not (cache / "meta.json").is_file():
-        config = out / "gere.yaml"
-        config.write_text(yaml.safe_dump(train_config(ROWS[3], 0, prep, base, cache, out / "unused", args)))
+    config = out / "gere.yaml"
+    config.write_text(yaml.safe_dump(train_config(ROWS[3], 0, prep, base, cache, out / "unused", args)))
+    if not cache_is_current(config, RANKS):
         if run_deepspeed("pipeline.gere", ["--config", str(config)]).returncode != 0:
             raise SystemExit("building the GeRe cache failed")
     return cache

@@ -30,15 +30,9 @@ from data_prep.errors import UserError, run_cli
 from data_prep.prepare import prepare
 from data_prep.tokenizer import load_tokenizer
 
-from .config import load_train_config
-from .data import PrepPaths
-from .distributed import local_device
 from .eval import markdown_table, run_eval
-from .gere.build import differs_from_training, training_layout
-from .gere.cache import CacheMismatch, GeReCache
+from .gere.build import cache_is_current
 from .launch import ROOT, deepspeed_command
-from .model import ModelSource, model_fingerprint
-from .precision import resolve_precision
 from .report import write_report
 
 log = logging.getLogger("pipeline.demo")
@@ -112,7 +106,7 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
         },
     )
     step("3/5 GeRe cache of the base model over the replay shard, as the run will replay it")
-    if not _cache_is_current(config, ranks):
+    if not cache_is_current(config, ranks):
         _run(deepspeed_command("pipeline.gere", ["--config", str(config)], ranks))
     step(f"4/5 continued pretraining: {plan['cpt_steps']} steps, 15% general mix + GeRe TM replay")
     _launch(config, ranks)
@@ -122,22 +116,6 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
     report = write_report(cpt, result, title="Demo: continued pretraining on stdlib code with GeRe")
     print("\n" + markdown_table(result) + f"\n\nreport: {report} ({time.perf_counter() - started:.0f} s in all)")
     return result
-
-
-def _cache_is_current(config: Path, ranks: int) -> bool:
-    """Whether the cache ``config`` names was built for its base model, tokenizer and replay forward."""
-    cfg = load_train_config(config)
-    resolve_precision(cfg)
-    prep = PrepPaths.read(cfg.data.prep)
-    try:
-        cache = GeReCache.open(
-            cfg.replay.cache,
-            model_fingerprint(ModelSource(path=cfg.model.path)),
-            load_tokenizer(prep.tokenizer).fingerprint,
-        )
-    except (CacheMismatch, FileNotFoundError):
-        return False
-    return not differs_from_training(cache.meta, cfg, ranks, training_layout(cfg, ranks, local_device().type))
 
 
 def step(text: str) -> None:

@@ -22,8 +22,9 @@ import torch.distributed as dist
 
 from data_prep.errors import ConfigError, UserError
 from data_prep.replay import ReplayShard
+from data_prep.tokenizer import load_tokenizer
 
-from ..config import CACHED_STRATEGIES, TrainConfig
+from ..config import CACHED_STRATEGIES, TrainConfig, load_train_config
 from ..data import PrepPaths
 from ..distributed import init_distributed, local_device
 from ..ds_config import filled_ds_config, inference_ds_config
@@ -37,7 +38,7 @@ from ..model import (
     model_sources,
 )
 from ..precision import resolve_precision
-from .cache import build_cache
+from .cache import CacheMismatch, GeReCache, build_cache
 from .joint import ReplayLayout, filler_task_rows, joint_hidden, replay_layout
 from .sampler import replay_plan
 
@@ -178,6 +179,24 @@ def built_in_own_forward(meta: dict[str, Any]) -> bool:
     """Whether a cache was built with each replay batch in a forward of its own (caches from before the joint
     layout recorded no layout, and were)."""
     return meta.get("built_with", {}).get("layout", "separate") == "separate"
+
+
+def cache_is_current(config: Path, ranks: int) -> bool:
+    """Whether the cache the training config ``config`` names exists and was built for its base model, tokenizer
+    and replay forward on ``ranks`` ranks: a caller that builds caches on demand (the demo, bench.forgetting) builds
+    again when not, instead of training into :class:`CacheMismatch` or a cache of another layout."""
+    cfg = load_train_config(config)
+    resolve_precision(cfg)
+    prep = PrepPaths.read(cfg.data.prep)
+    try:
+        cache = GeReCache.open(
+            cfg.replay.cache,
+            model_fingerprint(ModelSource(path=cfg.model.path)),
+            load_tokenizer(prep.tokenizer).fingerprint,
+        )
+    except (CacheMismatch, FileNotFoundError):
+        return False
+    return not differs_from_training(cache.meta, cfg, ranks, training_layout(cfg, ranks, local_device().type))
 
 
 def differs_from_training(meta: dict[str, Any], cfg: TrainConfig, world: int, layout: ReplayLayout | None) -> list[str]:
