@@ -63,6 +63,13 @@ FLOORED = {**BUDGET, "min_scale": 1.0}
 # BUDGET starting at the configured weights and full lr: the cautious start is for an lr at which the steps
 # before the first probe can spend the budget (10x); at 1x its release held x68-x3.5 through the peak-lr steps.
 UNCAUTIOUS = {**BUDGET, "cautious_start": False}
+# A proportional term on the rise's error with a small integral, from the configured weights at full lr: the
+# rise accumulates past steps, so an integral alone on it (UNCAUTIOUS: gain 1) wound up and braked the lr.
+PI = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 0.1, "proportional": 2.0}
+# PI never below the configured weights: PI's seed 0 started at x0.12 (the rise 0, the error -1), let the rise
+# reach +7.9% by step 5, and spent steps 14-26 at x3-x5 to take it back.
+PI_FLOORED = {**PI, "min_scale": 1.0}
+PI_SOFT = {**PI_FLOORED, "gain": 0.3, "proportional": 1.0}
 KD = {"kd": {"weight": 1.0}}
 
 
@@ -148,6 +155,9 @@ ROWS = [
     Row(
         "+ mix + KD on general rows (w 5), budget 5%, no cautious start", True, {**KD_GENERAL, "forgetting": UNCAUTIOUS}
     ),
+    Row("+ replay KL (w 1.5), budget 5%, PI", False, {**replay_kl(1.5), "forgetting": PI}),
+    Row("+ replay KL (w 1.5), budget 5%, PI floored", False, {**replay_kl(1.5), "forgetting": PI_FLOORED}),
+    Row("+ replay KL (w 1.5), budget 5%, PI floored, gain 0.3, P 1", False, {**replay_kl(1.5), "forgetting": PI_SOFT}),
 ]
 DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
 

@@ -140,8 +140,14 @@ class ForgettingConfig:
     lookahead: float = setting(
         0.0,
         "probe intervals a climbing rise is projected ahead at its last rate before it is compared with the "
-        "budget (projected = rise + lookahead · max(rise − previous rise, 0): a proportional term beside the "
-        "integral; a falling rise is taken as measured); 0: act on the rise as measured",
+        "budget (projected = rise + lookahead · max(rise − previous rise, 0); a falling rise is taken as "
+        "measured); 0: act on the rise as measured",
+    )
+    proportional: float = setting(
+        0.0,
+        "the levers read the level plus proportional · (projected rise − budget) / budget, the error of the last "
+        "probe, beside the integral: the rise accumulates past steps, and an integral alone on it overshoots "
+        "and winds up; 0: integral only",
     )
     cautious_start: bool = setting(
         False,
@@ -313,6 +319,7 @@ def validate(cfg: TrainConfig) -> None:
         need(budget.probe_docs >= 1, "forgetting.probe_docs", budget.probe_docs, ">= 1")
         need(budget.gain > 0, "forgetting.gain", budget.gain, "> 0")
         need(budget.lookahead >= 0, "forgetting.lookahead", budget.lookahead, ">= 0")
+        need(budget.proportional >= 0, "forgetting.proportional", budget.proportional, ">= 0")
         need(0 < budget.min_scale <= 1 <= budget.max_scale, "forgetting scales", budget, "min <= 1 <= max, min > 0")
         need(0 < budget.min_lr_scale <= 1, "forgetting.min_lr_scale", budget.min_lr_scale, "in (0, 1]")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_prep.errors import ConfigError
-from pipeline.budget import ForgettingBudget, level_bounds, levers, next_level
+from pipeline.budget import ForgettingBudget, clamp_level, level_bounds, levers, next_level, proportional_step
 from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
 from pipeline.config import ForgettingConfig, KDConfig, ReplayConfig, load_train_config
 from pipeline.losses.objective import Objective
@@ -74,6 +74,25 @@ def test_each_update_projects_from_the_rise_the_last_update_measured():
     assert budget.level == pytest.approx(0.25 + 1.25, abs=1e-3)
 
 
+def test_the_proportional_term_moves_the_levers_with_the_last_error_and_the_integral_by_gain():
+    probe = datasets.Dataset.from_dict({"id": ["g:1"], "input_ids": [[1, 2, 3]], "loss_mask": [[1, 1, 1]]})
+    law = dataclasses.replace(CFG, gain=0.1, proportional=2.0)
+    budget = ForgettingBudget(law, probe, 8, torch.device("cpu"))
+    budget.start(lambda ids: torch.zeros(*ids.shape, 100))  # uniform logits: ppl = vocab, a scripted rise
+    expected = {104: (0.1, 2.1), 102: (0.1, 0.1), 100: (0.0, -2.0)}  # vocab: (integral, level the levers read)
+    for vocab, (integral, level) in expected.items():  # twice the budget (e = 1), on it (0), nothing lost (-1)
+        budget.update(lambda ids, v=vocab: torch.zeros(*ids.shape, v))
+        assert budget.level == pytest.approx(integral, abs=1e-5), vocab
+        assert budget.scale == pytest.approx(math.exp(level), rel=1e-4), vocab
+    restored = ForgettingBudget(law, probe, 8, torch.device("cpu"))
+    restored.load_state_dict(budget.state_dict())
+    assert (restored.scale, restored.lr_scale) == (budget.scale, budget.lr_scale)
+    # a cautious start is full protection until the first probe: no error measured, no proportional term
+    cautious = ForgettingBudget(dataclasses.replace(law, cautious_start=True), probe, 8, torch.device("cpu"))
+    assert (cautious.scale, cautious.lr_scale) == pytest.approx((CFG.max_scale, CFG.min_lr_scale))
+    assert proportional_step(float("nan"), 0.0, law) == 50.0  # a diverged probe: the level's ceiling
+
+
 def test_a_diverged_or_huge_rise_sends_the_level_to_its_ceiling_without_overflow():
     ceiling = math.log(100.0) - math.log(CFG.min_lr_scale)
     assert next_level(0.0, float("nan"), 0.0, CFG) == ceiling and next_level(0.0, float("inf"), 0.0, CFG) == ceiling
@@ -130,7 +149,7 @@ def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample
     # brakes step 1 (the trainer must apply the level before the first step); max_scale 1.5 keeps the brake
     # within the few updates of a 6-step run.
     budget = {"budget": 0.001, "every": 2, "probe_docs": 6, "max_scale": 1.5, "min_lr_scale": 0.1}
-    budget |= {"lookahead": 2.0, "cautious_start": True}
+    budget |= {"lookahead": 2.0, "cautious_start": True, "proportional": 0.5}
     sections = {"steps": 6, "kd": {"weight": 1.0}, "forgetting": budget, "optim": {"lr": 0.1, "warmup_steps": 1}}
     config = write_config(tmp_path / "a.yaml", prep, tmp_path / "a", **sections)
     run_training(config)
@@ -140,8 +159,9 @@ def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample
     brake = {0: levers(level, law)[1]}  # brake[k]: the lr multiplier after the update at step k
     for step in (2, 4, 6):
         rise = first[step]["forgetting/probe_rise"]
+        push = proportional_step(rise, previous, law)
         level, previous = next_level(level, rise, previous, law), rise
-        scale, brake[step] = levers(level, law)
+        scale, brake[step] = levers(clamp_level(level + push, law), law)
         assert first[step]["forgetting/scale"] == pytest.approx(scale, rel=1e-12), step
         assert first[step]["forgetting/lr_scale"] == pytest.approx(brake[step], rel=1e-12), step
     assert {s for s, r in first.items() if "forgetting/scale" in r} == {2, 4, 6}
