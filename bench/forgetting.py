@@ -429,7 +429,9 @@ def main() -> None:
     work = Path(args.out or ROOT / "runs" / f"forgetting-{'tiny' if args.tiny else 'model'}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     prep = prepare_data(work, tokenizer, general, domain, args)
-    cache = gere_cache(work, prep, base, args)
+    # Only TM rows read the GeRe cache; building it is minutes on a real model (4.5 on SmolLM2 here).
+    tm_rows = [r for r in ROWS if wanted(r.name, args) and r.extra.get("replay", {}).get("strategy") == "tm"]
+    cache = gere_cache(work, prep, base, args) if tm_rows else work / "gere_cache"
     store = work / "results.json"
     # The base's weights, not only its path: a re-pretrained demo base (same path) scores differently, and
     # rows run on it are not comparable with naive CPT run on the old one.
