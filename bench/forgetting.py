@@ -42,6 +42,7 @@ from data_prep.config import parse_config
 from data_prep.mix import mix
 from data_prep.prepare import prepare
 from pipeline.checkpoint_files import CheckpointDir
+from pipeline.config import CACHED_STRATEGIES
 from pipeline.eval import evaluate_model, holdout_contamination, load_hf
 from pipeline.gere.build import cache_is_current
 from pipeline.launch import ROOT, run_deepspeed
@@ -102,6 +103,11 @@ class Row:
     def definition(self) -> dict[str, Any]:
         """What a stored result was run with: a row whose definition changed is run again."""
         return {"mixed": self.mixed, "extra": self.extra, "lr_mult": self.lr_mult}
+
+    @property
+    def reads_cache(self) -> bool:
+        """Whether the row's replay strategy reads the base model's GeRe cache."""
+        return self.extra.get("replay", {}).get("strategy") in CACHED_STRATEGIES
 
 
 ROWS = [
@@ -240,7 +246,7 @@ def train_config(row: Row, seed: int, prep: Path, base: Path, cache: Path, out: 
         cfg[key] = value
         if key == "replay":
             cfg[key] = {"samples_per_step": args.replay_per_step, **value}
-            if value["strategy"] == "tm":
+            if row.reads_cache:
                 cfg[key]["cache"] = str(cache)
     return cfg
 
@@ -429,9 +435,9 @@ def main() -> None:
     work = Path(args.out or ROOT / "runs" / f"forgetting-{'tiny' if args.tiny else 'model'}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     prep = prepare_data(work, tokenizer, general, domain, args)
-    # Only TM rows read the GeRe cache; building it is minutes on a real model (4.5 on SmolLM2 here).
-    tm_rows = [r for r in ROWS if wanted(r.name, args) and r.extra.get("replay", {}).get("strategy") == "tm"]
-    cache = gere_cache(work, prep, base, args) if tm_rows else work / "gere_cache"
+    # Building the cache is minutes on a real model (4.5 on SmolLM2 here): only for rows that read it.
+    needs_cache = any(r.reads_cache and wanted(r.name, args) for r in ROWS)
+    cache = gere_cache(work, prep, base, args) if needs_cache else work / "gere_cache"
     store = work / "results.json"
     # The base's weights, not only its path: a re-pretrained demo base (same path) scores differently, and
     # rows run on it are not comparable with naive CPT run on the old one.
