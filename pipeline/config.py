@@ -131,8 +131,12 @@ class ForgettingConfig:
     budget: float | None = setting(
         None, "allowed rise of general perplexity on the prep's probe documents, e.g. 0.02; null: off"
     )
-    every: int = setting(50, "steps between probe measurements (all ranks, one forward per probe document)")
-    probe_docs: int = setting(64, "probe documents scored (the first ones of PREP/probe; replay.probe_docs in prep)")
+    every: int = setting(50, "steps between probe measurements (all ranks, one forward per seq_len window)")
+    probe_docs: int = setting(
+        64,
+        "probe documents scored whole (the first ones of PREP/probe; replay.probe_docs in prep); the logged "
+        "probe_rise_se says how much the rise depends on which documents these are",
+    )
     gain: float = setting(
         0.5,
         "step of the controller's level per unit of relative error: u += gain · (projected rise − budget) / budget",

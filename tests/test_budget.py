@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from data_prep.errors import ConfigError
-from pipeline.budget import ForgettingBudget, clamp_level, level_bounds, levers, next_level, proportional_step
+from pipeline.budget import (
+    ForgettingBudget,
+    clamp_level,
+    level_bounds,
+    levers,
+    next_level,
+    probe_rise,
+    proportional_step,
+)
 from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
 from pipeline.config import ForgettingConfig, KDConfig, ReplayConfig, load_train_config
 from pipeline.losses.objective import Objective
@@ -93,6 +101,47 @@ def test_the_proportional_term_moves_the_levers_with_the_last_error_and_the_inte
     assert proportional_step(float("nan"), 0.0, law) == 50.0  # a diverged probe: the level's ceiling
 
 
+def test_the_probe_rise_is_the_perplexity_ratio_and_its_error_matches_resampling_the_documents():
+    """The standard error against a bootstrap over documents (the reference), on heterogeneous documents: a few
+    long ones that forget a lot beside many short ones that forget little, as the tiny base's probe did."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.cat([torch.full((20,), 1500.0), torch.randint(50, 300, (180,), generator=g).double()])
+    base_nll = tokens * (4.0 + torch.rand(200, generator=g, dtype=torch.float64))
+    per_token = torch.cat([torch.full((20,), 0.12), torch.full((180,), 0.01)]) + 0.02 * torch.randn(
+        200, generator=g, dtype=torch.float64
+    )
+    base, now = torch.stack([base_nll, tokens], 1), torch.stack([base_nll + per_token * tokens, tokens], 1)
+    rise, error = probe_rise(base, now)
+    assert rise == pytest.approx(math.exp(now[:, 0].sum() / tokens.sum()) / math.exp(base_nll.sum() / tokens.sum()) - 1)
+    draws = torch.randint(0, 200, (4000, 200), generator=g)
+    resampled = [probe_rise(base[i], now[i])[0] for i in draws]
+    assert error == pytest.approx(float(torch.tensor(resampled).std()), rel=0.1)
+    assert probe_rise(base, base) == (0.0, 0.0)
+    assert math.isnan(probe_rise(base[:1], now[:1])[1])  # one document: no spread to measure
+
+
+def test_the_probe_scores_whole_documents_and_a_checkpoint_from_before_keeps_first_windows():
+    """A 20-token document at seq_len 8 is three windows, 19 predicted tokens; its first window alone is 7."""
+    probe = datasets.Dataset.from_dict(
+        {"id": ["g:1", "g:2"], "input_ids": [list(range(1, 21)), [1, 2, 3]], "loss_mask": [[1] * 20, [1] * 3]}
+    )
+    budget = ForgettingBudget(CFG, probe, 8, torch.device("cpu"))
+    budget.start(lambda ids: torch.zeros(*ids.shape, 100))
+    assert budget.base_docs[:, 1].tolist() == [19.0, 2.0] and budget.base_ppl == pytest.approx(100.0)
+    logged = budget.update(lambda ids: torch.zeros(*ids.shape, 102))
+    assert logged["forgetting/probe_rise"] == pytest.approx(0.02, abs=1e-6)
+    assert logged["forgetting/probe_rise_se"] == pytest.approx(0.0, abs=1e-6)  # every document rose alike
+    resumed = ForgettingBudget(CFG, probe, 8, torch.device("cpu"))
+    resumed.load_state_dict(budget.state_dict())
+    assert torch.equal(resumed.base_docs, budget.base_docs) and resumed.whole_documents
+    old = {k: v for k, v in budget.state_dict().items() if k not in ("base_docs", "whole_documents")}
+    resumed.load_state_dict(old)
+    assert resumed.probe_losses(lambda ids: torch.zeros(*ids.shape, 100))[:, 1].tolist() == [7.0, 2.0]
+    logged = resumed.update(lambda ids: torch.zeros(*ids.shape, 102))
+    assert logged["forgetting/probe_rise"] == pytest.approx(0.02, abs=1e-6)
+    assert math.isnan(logged["forgetting/probe_rise_se"])
+
+
 def test_a_diverged_or_huge_rise_sends_the_level_to_its_ceiling_without_overflow():
     ceiling = math.log(100.0) - math.log(CFG.min_lr_scale)
     assert next_level(0.0, float("nan"), 0.0, CFG) == ceiling and next_level(0.0, float("inf"), 0.0, CFG) == ceiling
@@ -165,6 +214,8 @@ def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample
         assert first[step]["forgetting/scale"] == pytest.approx(scale, rel=1e-12), step
         assert first[step]["forgetting/lr_scale"] == pytest.approx(brake[step], rel=1e-12), step
     assert {s for s, r in first.items() if "forgetting/scale" in r} == {2, 4, 6}
+    # six documents scored by two ranks: the per-document sums reach every rank, so the spread is measured
+    assert all(first[s]["forgetting/probe_rise_se"] > 0 for s in (2, 4, 6))
     # Steps 1-2 run at the cautious start's scale (the first update follows step 2); the logged loss is the
     # optimized one. Step 2's, since at step 1 the student is its teacher and KD is 0.
     assert first[2]["loss/kd"] > 1e-6, first[2]
@@ -181,7 +232,8 @@ def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample
     resumed = write_config(tmp_path / "b.yaml", prep, tmp_path / "b", **sections, checkpoint={"resume": str(step2)})
     run_training(resumed)
     second = metrics(tmp_path / "b")
+    controller = ("forgetting/probe_rise", "forgetting/probe_rise_se", "forgetting/scale", "forgetting/lr_scale")
     for step in (3, 4, 5, 6):
-        for key in ("loss", "loss/kd", "lr", "forgetting/probe_rise", "forgetting/scale", "forgetting/lr_scale"):
+        for key in ("loss", "loss/kd", "lr", *controller):
             if key in first[step]:
                 assert second[step][key] == first[step][key], (step, key)  # bitwise
