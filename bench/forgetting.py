@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from datasets import load_from_disk
 
 from data_prep.atomic import write_json
 from data_prep.config import parse_config
@@ -55,8 +56,9 @@ RANKS = 2  # every run is a real 2-rank ZeRO-3 run (run_deepspeed's default)
 # Probed every step: at 10x lr the tiny base's probe rose 110% in the first 5 steps, before a probe every 5
 # could act. A row's definition is its config, not the defaults under it: INTEGRAL's rows predate lookahead
 # and cautious_start and ran with both off, as their defaults still are; a changed default must drop them.
-INTEGRAL = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 0.4}
-BUDGET = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 1.0, "lookahead": 2.0, "cautious_start": True}
+# Every budget row probes all of the prep's probe documents (--probe-docs; see train_config).
+INTEGRAL = {"budget": 0.05, "every": 1, "gain": 0.4}
+BUDGET = {"budget": 0.05, "every": 1, "gain": 1.0, "lookahead": 2.0, "cautious_start": True}
 # BUDGET with the weights never below the configured ones: below the equilibrium weight the rise climbs back
 # over the budget, and stopping it then takes weights far above it (the 1x budget rows' traces). 1x only: at
 # 10x BUDGET's scale never fell below x39, so the floor would not bind.
@@ -66,7 +68,7 @@ FLOORED = {**BUDGET, "min_scale": 1.0}
 UNCAUTIOUS = {**BUDGET, "cautious_start": False}
 # A proportional term on the rise's error with a small integral, from the configured weights at full lr: the
 # rise accumulates past steps, so an integral alone on it (UNCAUTIOUS: gain 1) wound up and braked the lr.
-PI = {"budget": 0.05, "every": 1, "probe_docs": 32, "gain": 0.1, "proportional": 2.0}
+PI = {"budget": 0.05, "every": 1, "gain": 0.1, "proportional": 2.0}
 # PI never below the configured weights: PI's seed 0 started at x0.12 (the rise 0, the error -1), let the rise
 # reach +7.9% by step 5, and spent steps 14-26 at x3-x5 to take it back.
 PI_FLOORED = {**PI, "min_scale": 1.0}
@@ -206,10 +208,14 @@ def prepare_data(out: Path, tokenizer: str, general: list[str], domain: list[str
                 {"name": "domain", "role": "domain", "paths": [str(Path(p).resolve()) for p in domain]},
             ],
             "mix": {"general_ratio": 0.15, "batch_rows": global_rows(args)},
-            "replay": {"num_samples": args.replay_samples, "replay_len": args.seq_len, "probe_docs": 32},
+            "replay": {"num_samples": args.replay_samples, "replay_len": args.seq_len, "probe_docs": args.probe_docs},
             "holdout": {"fraction": args.holdout_fraction, "max_docs": args.eval_docs},
         }
         prepare(parse_config(cfg, base=out, origin="bench.forgetting"), quiet=True)
+    probe = json.loads((prep / "prep.json").read_text()).get("probe")
+    held = len(load_from_disk(probe)) if probe else 0
+    if held != args.probe_docs:
+        raise SystemExit(f"{prep} sets apart {held} probe documents, not --probe-docs {args.probe_docs}: another --out")
     found = holdout_contamination(prep, args.eval_docs)
     if any(c["in_replay"] or c["in_training"] for c in found.values()):
         raise SystemExit(f"{prep}: scored holdout documents are replayed or trained on: {found}")
@@ -248,6 +254,8 @@ def train_config(row: Row, seed: int, prep: Path, base: Path, cache: Path, out: 
             cfg[key] = {"samples_per_step": args.replay_per_step, **value}
             if row.reads_cache:
                 cfg[key]["cache"] = str(cache)
+        if key == "forgetting":
+            cfg[key] = {**value, "probe_docs": args.probe_docs}
     return cfg
 
 
@@ -418,6 +426,12 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=2, help="forwards per optimizer step")
     p.add_argument("--replay-samples", type=int, default=500, help="documents in the replay shard")
     p.add_argument("--replay-per-step", type=int, default=4, help="replay samples per step, in the rows that replay")
+    p.add_argument(
+        "--probe-docs",
+        type=int,
+        default=32,
+        help="general documents set apart for the forgetting budget's probe; the budget rows score all of them",
+    )
     p.add_argument("--holdout-fraction", type=float, default=0.05)
     p.add_argument("--eval-docs", type=int, default=100, help="holdout documents scored per split")
     p.add_argument(
@@ -454,6 +468,8 @@ def main() -> None:
     if (global_rows(args), args.replay_per_step) != (8, 4):  # older results.json files lack the keys
         protocol["rows_per_step"] = global_rows(args)
         protocol["replay_per_step"] = args.replay_per_step
+    if args.probe_docs != 32:  # the probe is set apart with the replay shard: another count, another shard
+        protocol["probe_docs"] = args.probe_docs
     results = json.loads(store.read_text()) if store.is_file() else {}
     if results.get("protocol") != protocol:  # results of another protocol are not comparable: start over
         results = {"protocol": protocol, "rows": {}}
