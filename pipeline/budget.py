@@ -71,7 +71,7 @@ import torch
 from data_prep.errors import ConfigError
 
 from .config import ForgettingConfig
-from .perplexity import Forward, document_losses
+from .perplexity import Forward, document_losses, perplexity_change
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +84,6 @@ def relative_error(rise: float, previous: float, cfg: ForgettingConfig) -> float
     climb = rise - previous if cfg.lookahead > 0 and math.isfinite(previous) else 0.0
     projected = rise + cfg.lookahead * max(climb, 0.0)
     return (projected - cfg.budget) / cfg.budget if math.isfinite(projected) else math.inf
-
-
-def probe_rise(base: torch.Tensor, now: torch.Tensor) -> tuple[float, float]:
-    """(relative rise of the probe's token-level perplexity, its standard error over documents) from each
-    document's (NLL, tokens) before training and now.
-
-    The rise is exp(Σ Δnll / Σ tokens) − 1 with Δnll a document's NLL change: a ratio estimator, whose standard
-    error over a sample of n documents is √(n/(n−1) · Σ (Δnll_i − r · tokens_i)²) / Σ tokens at r = Σ Δnll /
-    Σ tokens, times exp(r) for the rise (the delta method); nan for one document."""
-    delta, tokens = now[:, 0] - base[:, 0], base[:, 1]
-    total = float(tokens.sum())
-    rate = float(delta.sum()) / total
-    n = len(tokens)
-    if n < 2:
-        return math.expm1(rate), math.nan
-    spread = float(((delta - rate * tokens) ** 2).sum()) * n / (n - 1)
-    return math.expm1(rate), math.exp(rate) * math.sqrt(spread) / total
 
 
 def bounded(step: float) -> float:
@@ -186,7 +169,7 @@ class ForgettingBudget:
         now = self.probe_losses(forward)
         previous, error = self.rise, math.nan
         if self.base_docs is not None:
-            self.rise, error = probe_rise(self.base_docs, now)
+            self.rise, error = perplexity_change(self.base_docs, now)
         else:  # a checkpoint from before per-document baselines kept the probe's perplexity only
             nll, tokens = now.sum(0).tolist()
             self.rise = math.exp(nll / tokens) / self.base_ppl - 1.0

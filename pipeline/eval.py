@@ -51,7 +51,7 @@ from .gere.states import activation_states, unpack_states
 from .losses.tm_loss import tm_loss_reference
 from .mcq import mcq_accuracy, read_questions
 from .model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
-from .perplexity import holdout_perplexities, logits_of
+from .perplexity import holdout_losses, logits_of, perplexity_change, perplexity_of
 
 log = logging.getLogger("pipeline.eval")
 
@@ -137,6 +137,20 @@ def load_partitioned(path: str | Path, device: torch.device) -> Any:
     return engine
 
 
+def holdout_document_losses(
+    model: torch.nn.Module,
+    prep: str | Path,
+    max_docs: int,
+    whole_documents: bool = True,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """{role: each holdout document's (NLL, tokens)} of ``model`` (already on ``device``), each document alone."""
+    paths = PrepPaths.read(prep)
+    holdout = {r: datasets.load_from_disk(str(p)) for r, p in paths.holdout.items() if r in ("general", "domain")}
+    with torch.no_grad():
+        return holdout_losses(logits_of(model), holdout, paths.seq_len, max_docs, device, whole_documents)
+
+
 def evaluate_model(
     model: torch.nn.Module,
     prep: str | Path,
@@ -145,17 +159,8 @@ def evaluate_model(
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Holdout perplexities of ``model`` (already on ``device``), each document alone."""
-    paths = PrepPaths.read(prep)
-    holdout = {r: datasets.load_from_disk(str(p)) for r, p in paths.holdout.items() if r in ("general", "domain")}
-    with torch.no_grad():
-        return holdout_perplexities(
-            logits_of(model),
-            holdout,
-            paths.seq_len,
-            max_docs,
-            device,
-            whole_documents=whole_documents,
-        )
+    losses = holdout_document_losses(model, prep, max_docs, whole_documents, device)
+    return {f"ppl/{role}": perplexity_of(docs) for role, docs in losses.items()}
 
 
 def multiple_choice(
@@ -223,10 +228,16 @@ def holdout_contamination(prep: str | Path, max_docs: int) -> dict[str, dict[str
 
 
 def compare(
-    tuned: dict[str, float], base: dict[str, float] | None, contaminated: dict[str, dict[str, int]] | None = None
+    tuned: dict[str, float],
+    base: dict[str, float] | None,
+    contaminated: dict[str, dict[str, int]] | None = None,
+    documents: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Both models' figures, and the ppl changes when every scored document is clean (see
-    :func:`holdout_contamination`): on documents the run trained on, a change measures memorisation."""
+    :func:`holdout_contamination`): on documents the run trained on, a change measures memorisation.
+    ``documents``: {model: {role: each document's (NLL, tokens)}}; with it each change gets its standard error
+    over documents (``<role>_ppl_change_se``): a 100-document holdout of mixed genres can read points away from
+    another of the same source."""
     out: dict[str, Any] = {"tuned": tuned}
     dirty = {role: c for role, c in (contaminated or {}).items() if c["in_replay"] or c["in_training"]}
     if contaminated is not None:
@@ -250,6 +261,9 @@ def compare(
             key = f"ppl/{role}"
             if key in tuned and key in base:
                 out[f"{role}_ppl_change"] = tuned[key] / base[key] - 1.0
+                if documents is not None:
+                    error = perplexity_change(documents["base"][role], documents["tuned"][role])[1]
+                    out[f"{role}_ppl_change_se"] = error
         for key in tuned:
             if key.startswith("mcq/") and key.endswith("/acc") and key in base:
                 out[f"{key}_change"] = tuned[key] - base[key]  # accuracy points, not a ratio
@@ -275,11 +289,15 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines += ["", f"ppl changes not reported: {result['not_reported']}"]
     changes = [
         f"{role} ppl change ({meaning}): {result[f'{role}_ppl_change']:+.1%}"
+        + (f" ± {result[f'{role}_ppl_change_se']:.1%}" if f"{role}_ppl_change_se" in result else "")
         for role, meaning in (("general", "forgetting"), ("domain", "learning"))
         if f"{role}_ppl_change" in result
     ]
     if changes:
         lines += ["", "; ".join(changes)]
+        if any(k.endswith("_ppl_change_se") for k in result):
+            lines.append("±: standard error over the scored documents (other documents of these sources would read")
+            lines.append("within it two times in three); it is not the spread between training runs")
     return "\n".join(lines)
 
 
@@ -341,13 +359,14 @@ def run_eval(
     """
     if cache and not base_dir:
         raise UserError("--cache needs --base: the cache is checked against the base model it was built from")
-    results = {}
+    results, documents = {}, {}
     partitioned = dist.is_initialized() and dist.get_world_size() > 1
     for name, path in (("tuned", model_dir), ("base", base_dir)):
         if path is None:
             continue
         model = load_partitioned(path, torch.device(device)) if partitioned else load_hf(path).to(device)
-        r = evaluate_model(model, prep, max_docs, device=device)
+        documents[name] = holdout_document_losses(model, prep, max_docs, device=device)
+        r = {f"ppl/{role}": perplexity_of(docs) for role, docs in documents[name].items()}
         if mcq:
             r.update(multiple_choice(model, prep, mcq, device))
         if cache and name == "tuned":
@@ -359,7 +378,7 @@ def run_eval(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return compare(results["tuned"], results.get("base"), holdout_contamination(prep, max_docs))
+    return compare(results["tuned"], results.get("base"), holdout_contamination(prep, max_docs), documents)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,47 @@ def document_losses(
     return sums.cpu()
 
 
+def perplexity_of(losses: torch.Tensor) -> float:
+    """Token-level perplexity of :func:`document_losses`' rows together."""
+    nll, tokens = losses.sum(0).tolist()
+    return math.exp(nll / tokens) if tokens else float("nan")
+
+
+def perplexity_change(base: torch.Tensor, now: torch.Tensor) -> tuple[float, float]:
+    """(relative change of the token-level perplexity, its standard error over documents) from each document's
+    (NLL, tokens) before and now (:func:`document_losses` of the same documents).
+
+    The change is exp(Σ Δnll / Σ tokens) − 1 with Δnll a document's NLL change: a ratio estimator, whose
+    standard error over a sample of n documents is √(n/(n−1) · Σ (Δnll_i − r · tokens_i)²) / Σ tokens at
+    r = Σ Δnll / Σ tokens, times exp(r) for the change (the delta method); nan for one document. It says how
+    far the figure would move on other documents like these, not how it varies between training runs."""
+    delta, tokens = now[:, 0] - base[:, 0], base[:, 1]
+    total = float(tokens.sum())
+    rate = float(delta.sum()) / total
+    n = len(tokens)
+    if n < 2:
+        return math.expm1(rate), math.nan
+    spread = float(((delta - rate * tokens) ** 2).sum()) * n / (n - 1)
+    return math.expm1(rate), math.exp(rate) * math.sqrt(spread) / total
+
+
+def holdout_losses(
+    forward: Forward,
+    holdout: dict[str, Any],
+    seq_len: int,
+    max_docs: int,
+    device: torch.device | str = "cpu",
+    whole_documents: bool = True,
+) -> dict[str, torch.Tensor]:
+    """{role: :func:`document_losses` of its first ``max_docs`` documents} for the holdout splits given as
+    datasets."""
+    out = {}
+    for role, ds in holdout.items():
+        rows = ds.select(range(min(max_docs, len(ds))))
+        out[role] = document_losses(forward, rows["input_ids"], rows["loss_mask"], seq_len, device, whole_documents)
+    return out
+
+
 def holdout_perplexities(
     forward: Forward,
     holdout: dict[str, Any],
@@ -88,11 +129,5 @@ def holdout_perplexities(
     whole_documents: bool = True,
 ) -> dict[str, float]:
     """{'ppl/general': ..., 'ppl/domain': ...} for the holdout splits given as datasets."""
-    out = {}
-    for role, ds in holdout.items():
-        n = min(max_docs, len(ds))
-        rows = ds.select(range(n))
-        losses = document_losses(forward, rows["input_ids"], rows["loss_mask"], seq_len, device, whole_documents)
-        nll, tokens = losses.sum(0).tolist()
-        out[f"ppl/{role}"] = math.exp(nll / tokens) if tokens else float("nan")
-    return out
+    losses = holdout_losses(forward, holdout, seq_len, max_docs, device, whole_documents)
+    return {f"ppl/{role}": perplexity_of(docs) for role, docs in losses.items()}

@@ -16,12 +16,12 @@ from pipeline.budget import (
     level_bounds,
     levers,
     next_level,
-    probe_rise,
     proportional_step,
 )
 from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
 from pipeline.config import ForgettingConfig, KDConfig, ReplayConfig, load_train_config
 from pipeline.losses.objective import Objective
+from pipeline.perplexity import perplexity_change
 from pipeline.schedule import lr_at
 
 from .test_replay_loss import objective_inputs
@@ -111,13 +111,13 @@ def test_the_probe_rise_is_the_perplexity_ratio_and_its_error_matches_resampling
         200, generator=g, dtype=torch.float64
     )
     base, now = torch.stack([base_nll, tokens], 1), torch.stack([base_nll + per_token * tokens, tokens], 1)
-    rise, error = probe_rise(base, now)
+    rise, error = perplexity_change(base, now)
     assert rise == pytest.approx(math.exp(now[:, 0].sum() / tokens.sum()) / math.exp(base_nll.sum() / tokens.sum()) - 1)
     draws = torch.randint(0, 200, (4000, 200), generator=g)
-    resampled = [probe_rise(base[i], now[i])[0] for i in draws]
+    resampled = [perplexity_change(base[i], now[i])[0] for i in draws]
     assert error == pytest.approx(float(torch.tensor(resampled).std()), rel=0.1)
-    assert probe_rise(base, base) == (0.0, 0.0)
-    assert math.isnan(probe_rise(base[:1], now[:1])[1])  # one document: no spread to measure
+    assert perplexity_change(base, base) == (0.0, 0.0)
+    assert math.isnan(perplexity_change(base[:1], now[:1])[1])  # one document: no spread to measure
 
 
 def test_the_probe_scores_whole_documents_and_a_checkpoint_from_before_keeps_first_windows():

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
+
+import pytest
+import torch
 
 from data_prep.build import SourceSpec
 from data_prep.replay import build_replay
 from pipeline.eval import compare, holdout_contamination, markdown_table
+from pipeline.perplexity import perplexity_change, perplexity_of
 
 TUNED = {"ppl/general": 12.0, "ppl/domain": 8.0}
 BASE = {"ppl/general": 10.0, "ppl/domain": 10.0}
@@ -37,3 +42,22 @@ def test_holdout_documents_in_the_replay_shard_are_counted_and_forgetting_is_not
     assert "general_ppl_change" not in result and abs(result["domain_ppl_change"] + 0.2) < 1e-12
     assert "general holdout documents are replay samples" in result["not_reported"]
     assert "ppl changes not reported" in markdown_table(result)
+
+
+def test_each_ppl_change_has_its_standard_error_over_the_scored_documents(prep):
+    """Per-document losses give the same change as the perplexities and the error of the ratio estimator."""
+    tokens = torch.tensor([40.0, 200.0, 90.0], dtype=torch.float64)
+    base = {role: torch.stack([tokens * 2.3, tokens], 1) for role in ("general", "domain")}
+    tuned = {
+        "general": torch.stack([tokens * 2.3 + torch.tensor([1.0, 30.0, 4.0], dtype=torch.float64), tokens], 1),
+        "domain": torch.stack([tokens * 2.1, tokens], 1),  # every document fell alike: no spread
+    }
+    documents = {"base": base, "tuned": tuned}
+    figures = {name: {f"ppl/{r}": perplexity_of(d) for r, d in docs.items()} for name, docs in documents.items()}
+    result = compare(figures["tuned"], figures["base"], holdout_contamination(prep, 1000), documents)
+    change, error = perplexity_change(base["general"], tuned["general"])
+    assert result["general_ppl_change"] == pytest.approx(change, rel=1e-12) and result["general_ppl_change_se"] == error
+    assert error > 0 and result["domain_ppl_change_se"] == pytest.approx(0.0, abs=1e-15)
+    assert result["domain_ppl_change"] == pytest.approx(math.exp(-0.2) - 1, rel=1e-12)
+    table = markdown_table(result)
+    assert f"general ppl change (forgetting): {change:+.1%} ± {error:.1%}" in table and "standard error" in table

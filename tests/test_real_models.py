@@ -151,6 +151,8 @@ def test_eval_compares_base_and_tuned_on_both_holdouts(real_run):
     for name in ("base", "tuned"):
         assert 1 < result[name]["ppl/general"] < 1e4 and 1 < result[name]["ppl/domain"] < 1e4
     assert result["base"]["ppl/general"] != result["tuned"]["ppl/general"]
+    for role in ("general", "domain"):  # 4 documents each, and none moved exactly as the others did
+        assert 0 < result[f"{role}_ppl_change_se"] < 1, result
 
 
 def test_the_memory_planner_is_within_20_percent_of_the_measured_peak(real_run):
