@@ -44,10 +44,11 @@ from data_prep.mix import mix
 from data_prep.prepare import prepare
 from pipeline.checkpoint_files import CheckpointDir
 from pipeline.config import CACHED_STRATEGIES
-from pipeline.eval import evaluate_model, holdout_contamination, load_hf
+from pipeline.eval import holdout_contamination, holdout_document_losses, load_hf
 from pipeline.gere.build import cache_is_current
 from pipeline.launch import ROOT, run_deepspeed
 from pipeline.model import ModelSource, model_fingerprint
+from pipeline.perplexity import perplexities
 
 log = logging.getLogger("bench.forgetting")
 
@@ -276,7 +277,7 @@ def gere_cache(out: Path, prep: Path, base: Path, args: argparse.Namespace) -> P
 
 def score(model: Any, prep: Path, args: argparse.Namespace) -> dict[str, float]:
     """Holdout perplexities: whole documents, or with --first-window each document's first seq_len tokens."""
-    return evaluate_model(model, prep, args.eval_docs, whole_documents=not args.first_window)
+    return perplexities(holdout_document_losses(model, prep, args.eval_docs, whole_documents=not args.first_window))
 
 
 def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path, args) -> dict[str, float]:

@@ -51,7 +51,7 @@ from .gere.states import activation_states, unpack_states
 from .losses.tm_loss import tm_loss_reference
 from .mcq import mcq_accuracy, read_questions
 from .model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
-from .perplexity import holdout_losses, logits_of, perplexity_change, perplexity_of
+from .perplexity import holdout_losses, logits_of, perplexities, perplexity_change
 
 log = logging.getLogger("pipeline.eval")
 
@@ -149,18 +149,6 @@ def holdout_document_losses(
     holdout = {r: datasets.load_from_disk(str(p)) for r, p in paths.holdout.items() if r in ("general", "domain")}
     with torch.no_grad():
         return holdout_losses(logits_of(model), holdout, paths.seq_len, max_docs, device, whole_documents)
-
-
-def evaluate_model(
-    model: torch.nn.Module,
-    prep: str | Path,
-    max_docs: int,
-    whole_documents: bool = True,
-    device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """Holdout perplexities of ``model`` (already on ``device``), each document alone."""
-    losses = holdout_document_losses(model, prep, max_docs, whole_documents, device)
-    return {f"ppl/{role}": perplexity_of(docs) for role, docs in losses.items()}
 
 
 def multiple_choice(
@@ -366,7 +354,7 @@ def run_eval(
             continue
         model = load_partitioned(path, torch.device(device)) if partitioned else load_hf(path).to(device)
         documents[name] = holdout_document_losses(model, prep, max_docs, device=device)
-        r = {f"ppl/{role}": perplexity_of(docs) for role, docs in documents[name].items()}
+        r = perplexities(documents[name])
         if mcq:
             r.update(multiple_choice(model, prep, mcq, device))
         if cache and name == "tuned":

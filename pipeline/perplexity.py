@@ -120,14 +120,6 @@ def holdout_losses(
     return out
 
 
-def holdout_perplexities(
-    forward: Forward,
-    holdout: dict[str, Any],
-    seq_len: int,
-    max_docs: int,
-    device: torch.device | str = "cpu",
-    whole_documents: bool = True,
-) -> dict[str, float]:
-    """{'ppl/general': ..., 'ppl/domain': ...} for the holdout splits given as datasets."""
-    losses = holdout_losses(forward, holdout, seq_len, max_docs, device, whole_documents)
+def perplexities(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{'ppl/general': ..., 'ppl/domain': ...} from :func:`holdout_losses`."""
     return {f"ppl/{role}": perplexity_of(docs) for role, docs in losses.items()}

@@ -52,7 +52,7 @@ from .losses.objective import Objective, ReplayOutputs, TaskOutputs
 from .metrics import MetricsLogger, PeakMemory, device_peak_flops, model_flops_utilization
 from .model import hidden_size, model_sources, needs_teacher
 from .penalty import build_anchor_pull
-from .perplexity import holdout_perplexities, logits_of
+from .perplexity import holdout_losses, logits_of, perplexities
 from .precision import enable_tf32, resolve_precision
 from .schedule import lr_at, warmup_steps_for
 
@@ -202,13 +202,15 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         with self._eval_mode():
-            return holdout_perplexities(
-                logits_of(self.engine),
-                self.holdout,
-                self.seq_len,
-                self.cfg.eval.max_docs,
-                self.device,
-                whole_documents=False,
+            return perplexities(
+                holdout_losses(
+                    logits_of(self.engine),
+                    self.holdout,
+                    self.seq_len,
+                    self.cfg.eval.max_docs,
+                    self.device,
+                    whole_documents=False,
+                )
             )
 
     def save(self) -> Path:

@@ -307,16 +307,18 @@ def test_resume_on_another_number_of_ranks_with_the_same_global_batch(reference,
 
 
 def test_eval_reads_a_checkpoint_or_its_export_alike(reference, prep, tmp_path):
-    from pipeline.eval import evaluate_model, load_hf, multiple_choice
+    from pipeline.eval import holdout_document_losses, load_hf, multiple_choice
+    from pipeline.perplexity import perplexities
 
     _, run = reference
     checkpoint = latest_checkpoint(run)
     model = load_hf(checkpoint)
-    from_checkpoint = evaluate_model(model, prep, max_docs=4, whole_documents=False)  # as the trainer scores
+    # first windows, as the trainer scores
+    from_checkpoint = perplexities(holdout_document_losses(model, prep, max_docs=4, whole_documents=False))
     logged = metrics(run)[12]
     assert from_checkpoint["ppl/general"] == pytest.approx(logged["ppl/general"], rel=1e-5)
     assert from_checkpoint["ppl/domain"] == pytest.approx(logged["ppl/domain"], rel=1e-5)
-    whole = evaluate_model(model, prep, max_docs=4)  # every window of the same documents: another figure
+    whole = perplexities(holdout_document_losses(model, prep, max_docs=4))  # every window: another figure
     assert whole["ppl/domain"] != from_checkpoint["ppl/domain"]
     # Two ranks: the checkpoint exported once, the model partitioned with ZeRO-3, documents and multiple-choice
     # pairs (an odd number: one rank pads) split: same figures.
