@@ -14,7 +14,7 @@ with the relative error ``e`` of the rise, projected ``lookahead`` probe
 intervals ahead at its last rate while it climbs; the levers read it plus a
 proportional term on the same error:
 
-    rise = ppl / ppl_0 − 1,   projected = rise + lookahead · max(rise − previous rise, 0)
+    rise = ppl / ppl_0 − 1,   projected = rise + lookahead · max(rise − previous rise, 0) + margin · se(rise)
     e = (projected − budget) / budget
     u ← clamp(u + gain · e, log min_scale, log max_scale − log min_lr_scale)      (the integral)
     level = clamp(u + proportional · e, same bounds)                              (until the next probe)
@@ -76,13 +76,17 @@ from .perplexity import Forward, document_losses, perplexity_change
 log = logging.getLogger(__name__)
 
 
-def relative_error(rise: float, previous: float, cfg: ForgettingConfig) -> float:
-    """(projected rise − budget) / budget from the rise just measured and the one before it (0 at the first
-    update: the baseline); see the module docstring. +inf when the rise is not finite (the probe loss diverged)."""
+def relative_error(rise: float, previous: float, cfg: ForgettingConfig, rise_se: float = 0.0) -> float:
+    """(projected rise − budget) / budget from the rise just measured, its standard error over the probe's
+    documents and the rise before it (0 at the first update: the baseline); see the module docstring. +inf when
+    the rise is not finite (the probe loss diverged)."""
     assert cfg.budget is not None
     # One-sided (see the module docstring); a previous rise that was not finite has no slope to project.
     climb = rise - previous if cfg.lookahead > 0 and math.isfinite(previous) else 0.0
-    projected = rise + cfg.lookahead * max(climb, 0.0)
+    # margin: hold the rise's upper estimate, so that other documents than the probe's stay under the budget too
+    # (a checkpoint from before per-document baselines has no error: nan, taken as 0)
+    upper = cfg.margin * rise_se if cfg.margin and math.isfinite(rise_se) else 0.0
+    projected = rise + cfg.lookahead * max(climb, 0.0) + upper
     return (projected - cfg.budget) / cfg.budget if math.isfinite(projected) else math.inf
 
 
@@ -91,18 +95,18 @@ def bounded(step: float) -> float:
     return min(max(step, -50.0), 50.0)
 
 
-def next_level(level: float, rise: float, previous: float, cfg: ForgettingConfig) -> float:
+def next_level(level: float, rise: float, previous: float, cfg: ForgettingConfig, rise_se: float = 0.0) -> float:
     """One update of the integral ``u`` (see the module docstring). A rise that is not finite sends it to its
     ceiling."""
-    error = relative_error(rise, previous, cfg)
+    error = relative_error(rise, previous, cfg, rise_se)
     if not math.isfinite(error):
         return level_bounds(cfg)[1]
     return clamp_level(level + bounded(cfg.gain * error), cfg)
 
 
-def proportional_step(rise: float, previous: float, cfg: ForgettingConfig) -> float:
+def proportional_step(rise: float, previous: float, cfg: ForgettingConfig, rise_se: float = 0.0) -> float:
     """The proportional term, ``proportional · error``, added to the integral until the next update."""
-    return bounded(cfg.proportional * relative_error(rise, previous, cfg)) if cfg.proportional else 0.0
+    return bounded(cfg.proportional * relative_error(rise, previous, cfg, rise_se)) if cfg.proportional else 0.0
 
 
 def level_bounds(cfg: ForgettingConfig) -> tuple[float, float]:
@@ -173,8 +177,8 @@ class ForgettingBudget:
         else:  # a checkpoint from before per-document baselines kept the probe's perplexity only
             nll, tokens = now.sum(0).tolist()
             self.rise = math.exp(nll / tokens) / self.base_ppl - 1.0
-        self.level = next_level(self.level, self.rise, previous, self.cfg)
-        self.push = proportional_step(self.rise, previous, self.cfg)
+        self.level = next_level(self.level, self.rise, previous, self.cfg, error)
+        self.push = proportional_step(self.rise, previous, self.cfg, error)
         return {
             "forgetting/probe_rise": self.rise,
             "forgetting/probe_rise_se": error,

@@ -153,6 +153,12 @@ class ForgettingConfig:
         "probe, beside the integral: the rise accumulates past steps, and an integral alone on it overshoots "
         "and winds up; 0: integral only",
     )
+    margin: float = setting(
+        0.0,
+        "standard errors of the probe's rise (over its documents, logged as probe_rise_se) added to it before "
+        "it is compared with the budget: 1 holds a one-sided 84% upper bound, so that the rise of the source "
+        "the probe was drawn from, not only of these documents, stays under the budget; 0: hold the probe's rise",
+    )
     cautious_start: bool = setting(
         False,
         "start at full protection (weights at max_scale, lr at min_lr_scale) and release while the probe stays "
@@ -324,6 +330,7 @@ def validate(cfg: TrainConfig) -> None:
         need(budget.gain > 0, "forgetting.gain", budget.gain, "> 0")
         need(budget.lookahead >= 0, "forgetting.lookahead", budget.lookahead, ">= 0")
         need(budget.proportional >= 0, "forgetting.proportional", budget.proportional, ">= 0")
+        need(budget.margin >= 0, "forgetting.margin", budget.margin, ">= 0")
         need(0 < budget.min_scale <= 1 <= budget.max_scale, "forgetting scales", budget, "min <= 1 <= max, min > 0")
         need(0 < budget.min_lr_scale <= 1, "forgetting.min_lr_scale", budget.min_lr_scale, "in (0, 1]")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")

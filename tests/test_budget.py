@@ -142,6 +142,24 @@ def test_the_probe_scores_whole_documents_and_a_checkpoint_from_before_keeps_fir
     assert math.isnan(logged["forgetting/probe_rise_se"])
 
 
+def test_a_margin_holds_the_rise_plus_its_standard_error_under_the_budget():
+    law = dataclasses.replace(CFG, margin=1.5)
+    # 0.01 measured ± 0.004: held as 0.016, under the 0.02 budget by a fifth; without a margin by half
+    assert next_level(0.0, 0.01, 0.01, law, rise_se=0.004) == pytest.approx(0.5 * -0.2)
+    assert next_level(0.0, 0.01, 0.01, CFG, rise_se=0.004) == pytest.approx(0.5 * -0.5)
+    assert next_level(0.0, 0.01, 0.01, law, rise_se=float("nan")) == next_level(0.0, 0.01, 0.01, CFG)  # no error
+    # through the probe: two documents of 2 tokens, one forgets and one does not, so the error is known
+    two = {"id": ["g:1", "g:2"], "input_ids": [[1, 2, 3], [4, 5, 6]], "loss_mask": [[1] * 3] * 2}
+    probe = datasets.Dataset.from_dict(two)
+    budget = ForgettingBudget(law, probe, 8, torch.device("cpu"))
+    budget.start(lambda ids: torch.zeros(*ids.shape, 100))
+    first_doc_worse = lambda ids: torch.zeros(*ids.shape, 104 if int(ids[0, 0]) == 1 else 100)  # noqa: E731
+    logged = budget.update(first_doc_worse)
+    rise, error = logged["forgetting/probe_rise"], logged["forgetting/probe_rise_se"]
+    assert rise == pytest.approx(math.sqrt(1.04) - 1, rel=1e-4) and error > 0.01
+    assert budget.level == pytest.approx(next_level(0.0, rise, 0.0, CFG, rise_se=0.0) + 0.5 * 1.5 * error / 0.02)
+
+
 def test_a_diverged_or_huge_rise_sends_the_level_to_its_ceiling_without_overflow():
     ceiling = math.log(100.0) - math.log(CFG.min_lr_scale)
     assert next_level(0.0, float("nan"), 0.0, CFG) == ceiling and next_level(0.0, float("inf"), 0.0, CFG) == ceiling
