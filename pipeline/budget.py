@@ -7,9 +7,9 @@ compare the probe perplexity with its value before the first step. The rise
 is logged with its standard error over documents (``probe_rise_se``): how far
 a probe of other documents would read, which bounds how closely any
 controller can hold a budget measured on the report's documents. On the
-bench's tiny base it was 1.8 points for 32 documents and 0.9 for 128 (per-
-document losses of a trained model, resampled), because forgetting differs
-by genre: the long documents rose 10-15% where most short ones rose 0-1%. The level ``u`` moves
+bench's tiny base a 256-document probe logged ±1.0-1.1 points at a 5-6%
+rise, because forgetting differs between documents (bench README). ``margin`` holds the rise
+plus that many standard errors under the budget. The level ``u`` moves
 with the relative error ``e`` of the rise, projected ``lookahead`` probe
 intervals ahead at its last rate while it climbs; the levers read it plus a
 proportional term on the same error:
