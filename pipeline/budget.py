@@ -7,7 +7,7 @@ compare the probe perplexity with its value before the first step. The rise
 is logged with its standard error over documents (``probe_rise_se``): how far
 a probe of other documents would read, which bounds how closely any
 controller can hold a budget measured on the report's documents. On the
-bench's tiny base a 256-document probe logged ±1.0-1.1 points at a 5-6%
+bench's tiny base a 256-document probe logged ±1.0-1.2 points at a 4-5%
 rise, because forgetting differs between documents (bench README). ``margin`` holds the rise
 plus that many standard errors under the budget. The level ``u`` moves
 with the relative error ``e`` of the rise, projected ``lookahead`` probe
