@@ -159,6 +159,8 @@ class ForgettingBudget:
         """Measure the probe before the first step (a resumed run restores it instead)."""
         self.base_docs = self.probe_losses(forward)
         nll, tokens = self.base_docs.sum(0).tolist()
+        if not tokens:
+            raise ConfigError("forgetting.budget: the prep's probe documents predict no token (each is one token)")
         self.base_ppl = math.exp(nll / tokens)
         log.info(
             "forgetting budget %.3g: probe ppl %.3f before training (%d documents, %d tokens)",
@@ -179,12 +181,11 @@ class ForgettingBudget:
             self.rise = math.exp(nll / tokens) / self.base_ppl - 1.0
         self.level = next_level(self.level, self.rise, previous, self.cfg, error)
         self.push = proportional_step(self.rise, previous, self.cfg, error)
-        return {
-            "forgetting/probe_rise": self.rise,
-            "forgetting/probe_rise_se": error,
-            "forgetting/scale": self.scale,
-            "forgetting/lr_scale": self.lr_scale,
-        }
+        logged = {"forgetting/probe_rise": self.rise, "forgetting/scale": self.scale}
+        logged["forgetting/lr_scale"] = self.lr_scale
+        if math.isfinite(error):  # nan (a checkpoint from before, one document) is not JSON
+            logged["forgetting/probe_rise_se"] = error
+        return logged
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -95,6 +95,8 @@ def perplexity_change(base: torch.Tensor, now: torch.Tensor) -> tuple[float, flo
     far the figure would move on other documents like these, not how it varies between training runs."""
     delta, tokens = now[:, 0] - base[:, 0], base[:, 1]
     total = float(tokens.sum())
+    if not total:  # no document predicts a token (an empty holdout): no figure, as perplexity_of
+        return math.nan, math.nan
     rate = float(delta.sum()) / total
     n = len(tokens)
     if n < 2:

@@ -118,6 +118,7 @@ def test_the_probe_rise_is_the_perplexity_ratio_and_its_error_matches_resampling
     assert error == pytest.approx(float(torch.tensor(resampled).std()), rel=0.1)
     assert perplexity_change(base, base) == (0.0, 0.0)
     assert math.isnan(perplexity_change(base[:1], now[:1])[1])  # one document: no spread to measure
+    assert all(math.isnan(x) for x in perplexity_change(base[:0], now[:0]))  # no token: no figure
 
 
 def test_the_probe_scores_whole_documents_and_a_checkpoint_from_before_keeps_first_windows():
@@ -139,7 +140,10 @@ def test_the_probe_scores_whole_documents_and_a_checkpoint_from_before_keeps_fir
     assert resumed.probe_losses(lambda ids: torch.zeros(*ids.shape, 100))[:, 1].tolist() == [7.0, 2.0]
     logged = resumed.update(lambda ids: torch.zeros(*ids.shape, 102))
     assert logged["forgetting/probe_rise"] == pytest.approx(0.02, abs=1e-6)
-    assert math.isnan(logged["forgetting/probe_rise_se"])
+    assert "forgetting/probe_rise_se" not in logged  # no per-document baseline: no error, and no NaN in the log
+    tokenless = datasets.Dataset.from_dict({"id": ["g:1"], "input_ids": [[7]], "loss_mask": [[1]]})
+    with pytest.raises(ConfigError, match="predict no token"):
+        ForgettingBudget(CFG, tokenless, 8, torch.device("cpu")).start(lambda ids: torch.zeros(*ids.shape, 100))
 
 
 def test_a_margin_holds_the_rise_plus_its_standard_error_under_the_budget():
