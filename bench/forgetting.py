@@ -44,6 +44,7 @@ from data_prep.mix import mix
 from data_prep.prepare import prepare
 from pipeline.checkpoint_files import CheckpointDir
 from pipeline.config import CACHED_STRATEGIES
+from pipeline.data import PrepPaths
 from pipeline.eval import holdout_contamination, holdout_document_losses, load_hf
 from pipeline.gere.build import cache_is_current
 from pipeline.launch import ROOT, run_deepspeed
@@ -217,8 +218,8 @@ def prepare_data(out: Path, tokenizer: str, general: list[str], domain: list[str
             "holdout": {"fraction": args.holdout_fraction, "max_docs": args.eval_docs},
         }
         prepare(parse_config(cfg, base=out, origin="bench.forgetting"), quiet=True)
-    probe = json.loads((prep / "prep.json").read_text()).get("probe")
-    held = len(load_from_disk(probe)) if probe else 0
+    probe = PrepPaths.read(prep).probe
+    held = len(load_from_disk(str(probe))) if probe else 0
     if held != args.probe_docs:
         raise SystemExit(f"{prep} sets apart {held} probe documents, not --probe-docs {args.probe_docs}: another --out")
     found = holdout_contamination(prep, args.eval_docs)

@@ -71,7 +71,7 @@ import torch
 from data_prep.errors import ConfigError
 
 from .config import ForgettingConfig
-from .perplexity import Forward, document_losses, perplexity_change
+from .perplexity import Forward, document_losses, perplexity_change, perplexity_of
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,10 @@ class ForgettingBudget:
     def start(self, forward: Forward) -> None:
         """Measure the probe before the first step (a resumed run restores it instead)."""
         self.base_docs = self.probe_losses(forward)
-        nll, tokens = self.base_docs.sum(0).tolist()
+        tokens = int(self.base_docs[:, 1].sum())
         if not tokens:
             raise ConfigError("forgetting.budget: the prep's probe documents predict no token (each is one token)")
-        self.base_ppl = math.exp(nll / tokens)
+        self.base_ppl = perplexity_of(self.base_docs)
         log.info(
             "forgetting budget %.3g: probe ppl %.3f before training (%d documents, %d tokens)",
             self.cfg.budget,
@@ -177,12 +177,14 @@ class ForgettingBudget:
         if self.base_docs is not None:
             self.rise, error = perplexity_change(self.base_docs, now)
         else:  # a checkpoint from before per-document baselines kept the probe's perplexity only
-            nll, tokens = now.sum(0).tolist()
-            self.rise = math.exp(nll / tokens) / self.base_ppl - 1.0
+            self.rise = perplexity_of(now) / self.base_ppl - 1.0
         self.level = next_level(self.level, self.rise, previous, self.cfg, error)
         self.push = proportional_step(self.rise, previous, self.cfg, error)
-        logged = {"forgetting/probe_rise": self.rise, "forgetting/scale": self.scale}
-        logged["forgetting/lr_scale"] = self.lr_scale
+        logged = {
+            "forgetting/probe_rise": self.rise,
+            "forgetting/scale": self.scale,
+            "forgetting/lr_scale": self.lr_scale,
+        }
         if math.isfinite(error):  # nan (a checkpoint from before, one document) is not JSON
             logged["forgetting/probe_rise_se"] = error
         return logged
