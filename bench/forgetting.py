@@ -78,6 +78,9 @@ PI_SOFT = {**PI_FLOORED, "gain": 0.3, "proportional": 1.0}
 # PI holding the probe's rise plus one standard error: PI held a 256-document probe at +4.7% ± 1.1% and its
 # holdout read +6.1% (seed 0), since which documents are scored moves the rise by about that much.
 PI_MARGIN = {**PI, "margin": 1.0}
+# PI whose proportional term only brakes (release 0): PI's first probe reads the rise 0, before anything is
+# trained, and its proportional term took the weights to x0.12-0.13; the probe then peaked at +8-9% by step 5-7.
+PI_BRAKE = {**PI, "release": 0.0}
 KD = {"kd": {"weight": 1.0}}
 
 
@@ -135,6 +138,7 @@ ROWS = [
     Row("+ replay KL (w 1)", False, replay_kl(1.0)),
     Row("+ replay KL (w 1.5)", False, replay_kl(1.5)),
     Row("+ replay KL (w 2)", False, replay_kl(2.0)),
+    Row("+ replay KL (w 2.5)", False, replay_kl(2.5)),
     Row("+ replay KL (w 3)", False, replay_kl(3.0)),
     Row("+ mix + replay KL (w 1)", True, replay_kl(1.0)),
     Row("+ mix + L2-SP", True, {"penalty": {"kind": "l2sp", "weight": 50.0}}),
@@ -172,6 +176,7 @@ ROWS = [
     Row("+ replay KL (w 1.5), budget 5%, PI floored", False, {**replay_kl(1.5), "forgetting": PI_FLOORED}),
     Row("+ replay KL (w 1.5), budget 5%, PI floored, gain 0.3, P 1", False, {**replay_kl(1.5), "forgetting": PI_SOFT}),
     Row("+ replay KL (w 1.5), budget 5%, PI, margin 1 se", False, {**replay_kl(1.5), "forgetting": PI_MARGIN}),
+    Row("+ replay KL (w 1.5), budget 5%, PI, brake-only P", False, {**replay_kl(1.5), "forgetting": PI_BRAKE}),
 ]
 DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
 

@@ -105,8 +105,12 @@ def next_level(level: float, rise: float, previous: float, cfg: ForgettingConfig
 
 
 def proportional_step(rise: float, previous: float, cfg: ForgettingConfig, rise_se: float = 0.0) -> float:
-    """The proportional term, ``proportional · error``, added to the integral until the next update."""
-    return bounded(cfg.proportional * relative_error(rise, previous, cfg, rise_se)) if cfg.proportional else 0.0
+    """The proportional term, ``proportional · error`` (times ``release`` under the budget), added to the integral
+    until the next update."""
+    if not cfg.proportional:
+        return 0.0
+    error = relative_error(rise, previous, cfg, rise_se)
+    return bounded(cfg.proportional * error * (cfg.release if error < 0 else 1.0))
 
 
 def level_bounds(cfg: ForgettingConfig) -> tuple[float, float]:

@@ -153,6 +153,13 @@ class ForgettingConfig:
         "probe, beside the integral: the rise accumulates past steps, and an integral alone on it overshoots "
         "and winds up; 0: integral only",
     )
+    release: float = setting(
+        1.0,
+        "share of the proportional term applied while the projected rise is under the budget: 1 releases as "
+        "fast as it brakes; 0 brakes only and leaves the release to the integral (the first probe's rise is 0 "
+        "because nothing has been trained yet, not because the weights are too high, and forgetting let in by "
+        "a release falls back slowly)",
+    )
     margin: float = setting(
         0.0,
         "standard errors of the probe's rise (over its documents, logged as probe_rise_se) added to it before "
@@ -330,6 +337,7 @@ def validate(cfg: TrainConfig) -> None:
         need(budget.gain > 0, "forgetting.gain", budget.gain, "> 0")
         need(budget.lookahead >= 0, "forgetting.lookahead", budget.lookahead, ">= 0")
         need(budget.proportional >= 0, "forgetting.proportional", budget.proportional, ">= 0")
+        need(0 <= budget.release <= 1, "forgetting.release", budget.release, "in [0, 1]")
         need(budget.margin >= 0, "forgetting.margin", budget.margin, ">= 0")
         need(0 < budget.min_scale <= 1 <= budget.max_scale, "forgetting scales", budget, "min <= 1 <= max, min > 0")
         need(0 < budget.min_lr_scale <= 1, "forgetting.min_lr_scale", budget.min_lr_scale, "in (0, 1]")

@@ -101,6 +101,25 @@ def test_the_proportional_term_moves_the_levers_with_the_last_error_and_the_inte
     assert proportional_step(float("nan"), 0.0, law) == 50.0  # a diverged probe: the level's ceiling
 
 
+def test_release_0_brakes_at_the_proportional_gain_and_leaves_the_release_to_the_integral():
+    law = dataclasses.replace(CFG, gain=0.1, proportional=2.0)
+    brake_only = dataclasses.replace(law, release=0.0)
+    # nothing forgotten yet (the first probe): e = -1, so PI's levers drop to exp(-2.1); brake-only's only by gain
+    assert proportional_step(0.0, 0.0, law) == pytest.approx(-2.0) and proportional_step(0.0, 0.0, brake_only) == 0
+    assert next_level(0.0, 0.0, 0.0, brake_only) == next_level(0.0, 0.0, 0.0, law) == pytest.approx(-0.1)
+    # over the budget both brake alike; a half release halves the step under it
+    assert proportional_step(0.03, 0.02, brake_only) == proportional_step(0.03, 0.02, law) == pytest.approx(1.0)
+    half = dataclasses.replace(law, release=0.5)
+    assert proportional_step(0.01, 0.02, half) == pytest.approx(0.5 * proportional_step(0.01, 0.02, law))
+    probe = datasets.Dataset.from_dict({"id": ["g:1"], "input_ids": [[1, 2, 3]], "loss_mask": [[1, 1, 1]]})
+    budget = ForgettingBudget(brake_only, probe, 8, torch.device("cpu"))
+    budget.start(lambda ids: torch.zeros(*ids.shape, 100))  # uniform logits: ppl = vocab
+    budget.update(lambda ids: torch.zeros(*ids.shape, 100))  # the rise 0: the levers read the integral alone
+    assert budget.scale == pytest.approx(math.exp(-0.1), rel=1e-6)
+    budget.update(lambda ids: torch.zeros(*ids.shape, 104))  # twice the budget: integral and brake both act
+    assert budget.scale == pytest.approx(math.exp(-0.1 + 0.1 + 2.0), rel=1e-4)
+
+
 def test_the_probe_rise_is_the_perplexity_ratio_and_its_error_matches_resampling_the_documents():
     """The standard error against a bootstrap over documents (the reference), on heterogeneous documents: a few
     long ones that forget a lot beside many short ones that forget little, as the tiny base's probe did."""
