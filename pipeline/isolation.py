@@ -25,6 +25,8 @@ import transformers
 
 from data_prep.errors import UserError
 
+from .losses.head import final_hidden
+
 VARLEN_FROM_ONE_ROW = ("flash_attention_2", "flash_attention_3")
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}  # relative to the largest logit
 
@@ -43,10 +45,7 @@ def forward_packed(
     """Logits ``[B, L, V]`` of packed rows, with attention kept inside each document.
 
     With ``hidden``: the final hidden states ``[B, L, H]`` instead (the decoder's output, what ``lm_head``
-    reads), the head run on one position only (``logits_to_keep=1``), for a loss that applies the head itself
-    (``pipeline/losses/head.py``). They are taken with a forward hook on the decoder, not with
-    ``output_hidden_states``, which would keep every layer's output: under no_grad (the KD teacher) that is
-    (layers + 1) × tokens × H, ~11 GB at 70B and 8k tokens.
+    reads; :func:`pipeline.losses.head.final_hidden`), for a loss that applies the head itself.
     """
     rows, length = input_ids.shape
     if attn_implementation in VARLEN_FROM_ONE_ROW and rows > 1:
@@ -54,14 +53,7 @@ def forward_packed(
     if not hidden:
         out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         return out.logits.view(rows, length, -1)
-    captured: list[torch.Tensor] = []
-    decoder = getattr(model, "module", model).base_model
-    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
-    try:
-        model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return captured[-1].view(rows, length, -1)
+    return final_hidden(model, input_ids=input_ids, position_ids=position_ids).view(rows, length, -1)
 
 
 def isolation_error(

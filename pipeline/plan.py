@@ -26,8 +26,9 @@ counts, no weights read), per rank, in bytes:
     logits/loss    chunked head loss: 4 fp32 chunks + the head weight's gradient
                    per head-loss call (task, replay); full logits: b + 3 fp32
                    copies of [tokens, V] for task and replay rows
-    KD teacher     its parameter partition, hidden states (chunked) or logits, and
-                   its head weight gathered once
+    KD teacher     its parameter partition, hidden states (chunked) or logits on
+                   the rows it teaches (task rows for KD, replay rows for the kl
+                   strategy), and its head weight gathered once
 
 ``b`` is 2 (bf16) or 4 (fp32). The terms are summed although not all are alive
 at once (step buffers and activations are not), so the plan errs high. The CUDA context (~0.5-1 GB) and the caching
@@ -187,14 +188,15 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: st
     head_calls = 2 if replay_tokens else 1  # task and replay each keep a [V, H] head gradient until backward
     if chunked:
         chunk_tokens = min(max(tokens, replay_tokens), max(1, CHUNK_BYTES // (shape.vocab * 4)))
+        # (the kl replay strategy too: its KL runs through the head loss from both models' hidden states)
         t["logits / loss"] = 4 * 4 * chunk_tokens * shape.vocab + head_calls * b * shape.vocab * shape.hidden
-        if cfg.replay.strategy == "kl":  # student and teacher logits of the replay rows, and KL's fp32 copies
-            t["logits / loss"] += (2 * b + 12) * replay_tokens * shape.vocab
     else:  # both forwards' logits are alive at the backward
         t["logits / loss"] = (b + 12) * (tokens + replay_tokens) * shape.vocab
-    if cfg.kd.weight > 0 or cfg.replay.strategy == "kl":
+    replay_kl = cfg.replay.strategy == "kl"
+    if cfg.kd.weight > 0 or replay_kl:
+        taught = (tokens if cfg.kd.weight > 0 else 0) + (replay_tokens if replay_kl else 0)  # the teacher's outputs
         teacher = b * psi / ranks + b * (shape.largest_module + prefetch)
-        teacher += b * tokens * shape.hidden + b * shape.vocab * shape.hidden if chunked else b * tokens * shape.vocab
+        teacher += b * taught * shape.hidden + b * shape.vocab * shape.hidden if chunked else b * taught * shape.vocab
         t["KD teacher"] = teacher
     plan.checkpoint_bytes = (b + 12) * psi
     return plan

@@ -93,7 +93,8 @@ class Trainer:
             cfg, self.prep, base, tokenizer.fingerprint, self.world, self.rank, self.device, self.head is not None
         )
         self.pull = build_anchor_pull(cfg, self.engine, self.prep.replay, self.world, self.rank)  # at the start weights
-        teacher_head = frozen_head_weight(self.teacher.module) if self.head is not None and cfg.kd.weight > 0 else None
+        distils = cfg.kd.weight > 0 or cfg.replay.strategy == "kl"
+        teacher_head = frozen_head_weight(self.teacher.module) if self.head is not None and distils else None
         self.objective = Objective(cfg.replay, cfg.kd, self.head, teacher_head)
         self.budget = self._forgetting_budget()
         self.step, self.tokens_seen = 0, 0
@@ -339,8 +340,9 @@ class Trainer:
 
     def _replay_forward(self, index: list[int]) -> ReplayOutputs:
         inputs = self.replay.inputs(index, self.device, self.teacher)
-        # The kl strategy compares full distributions with the teacher's logits; the others need only CE.
-        head_only = self.head is not None and self.cfg.replay.strategy != "kl"
+        # With the head loss every strategy needs only the final hidden states (kl compares them through the
+        # head with the teacher's), so the head runs on one position: no [R, L, V] logits.
+        head_only = self.head is not None
         out = self.engine(
             input_ids=inputs.input_ids,
             attention_mask=inputs.attention_mask,

@@ -82,12 +82,15 @@ def test_a_teacher_longer_than_the_tokens_or_its_mask_is_refused():
             linear_ce_kl(hidden, weight, targets, bad, 1.0, 8)
 
 
-@pytest.mark.parametrize("kl_weight", [0.0, 2.5, -0.5])
-def test_the_kl_weight_is_the_ratio_of_the_two_gradients(kl_weight):
+@pytest.mark.parametrize("kl_weight, ce_weight", [(0.0, 1.0), (2.5, 1.0), (-0.5, 1.0), (1.5, 0.0), (0.7, 0.3)])
+def test_the_weights_are_the_ratio_of_the_two_gradients(kl_weight, ce_weight):
+    """ce_weight 0: KL alone, as the kl replay strategy trains with replay.ce_weight 0."""
     hidden, weight, targets, teacher = problem(torch.float32, seed=1)
-    ours = value_and_grads(lambda: linear_ce_kl(hidden, weight, targets, teacher, kl_weight, 8), hidden, weight, 2.0)
+    ours = value_and_grads(
+        lambda: linear_ce_kl(hidden, weight, targets, teacher, kl_weight, 8, ce_weight), hidden, weight, 2.0
+    )
     ref = value_and_grads(
-        lambda: linear_ce_kl_reference(hidden, weight, targets, teacher, kl_weight), hidden, weight, 2.0
+        lambda: linear_ce_kl_reference(hidden, weight, targets, teacher, kl_weight, ce_weight), hidden, weight, 2.0
     )
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -69,6 +69,19 @@ def test_full_logits_cost_vocabulary_times_tokens_and_the_chunked_loss_does_not(
     assert chunked.terms["logits / loss"] < full.terms["logits / loss"] / 8
 
 
+def test_replay_kl_keeps_no_replay_logits_and_its_teacher_holds_the_replay_rows_hidden_states(tmp_path):
+    """The example config's replay (kl, 64 samples of 512 a step: 2 a micro-batch here) through the head loss."""
+    kl = {"strategy": "kl", "weight": 1.5, "ce_weight": 0.0, "samples_per_step": 64}
+    _, shape, with_kl = planned(tmp_path, replay=kl)
+    _, _, with_ce = planned(tmp_path, replay={"strategy": "ce", "samples_per_step": 64})
+    _, _, with_kd = planned(tmp_path, kd={"weight": 1.0})
+    assert with_kl.terms["logits / loss"] == with_ce.terms["logits / loss"]  # no [R, L, V] logits on top
+    assert "KD teacher" not in with_ce.terms
+    task_tokens, replay_tokens = 2 * 4096, 2 * 512
+    # the same teacher (partition, gathered module, head weight), on the replay rows instead of the task rows
+    assert with_kl.terms["KD teacher"] - with_kd.terms["KD teacher"] == 2 * shape.hidden * (replay_tokens - task_tokens)
+
+
 def test_an_8b_run_without_checkpointing_does_not_fit_and_the_advice_makes_it_fit(tmp_path):
     cfg, shape, plan = planned(tmp_path, kd={"weight": 0.5}, batch={"micro_batch": 4})
     advice = advise(plan, cfg, 80 * GB, shape)

@@ -9,6 +9,7 @@ from data_prep.errors import ConfigError, UserError
 from pipeline.config import KDConfig, ReplayConfig, load_train_config
 from pipeline.gere.cache import pad_replay_rows
 from pipeline.gere.sampler import ReplaySampler
+from pipeline.losses.head import HeadLoss, final_hidden, frozen_head_weight
 from pipeline.losses.objective import Objective, ReplayOutputs, TaskOutputs
 from pipeline.losses.replay import ReplayInputs, causal_ce, replay_terms
 from pipeline.model import load_causal_lm
@@ -150,6 +151,50 @@ def test_dynamic_weight_scales_the_term_to_ce_and_passes_no_gradient_through_the
     assert fixed.replay_weight == 100.0
     none = Objective(ReplayConfig(strategy="none"), KDConfig())(task, None, 8, 1, 1)
     assert none.loss.item() == pytest.approx(part.parts["task_ce"] / 8) and none.replay_weight == 0.0
+
+
+@pytest.mark.parametrize("weight, ce_weight", [(1.5, 0.0), ("dynamic", 1.0)])
+def test_replay_kl_through_the_head_loss_matches_the_full_logits_path_in_value_and_gradient(built, weight, ce_weight):
+    """The kl strategy from hidden states (no [R, L, V] logits, student's or teacher's) against the same
+    objective on full logits, on padded replay rows of a tiny Llama, with the budget's scale and a share."""
+    source = built[0]
+    base = load_causal_lm(source).eval()
+    model = load_causal_lm(source)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    cfg = ReplayConfig(strategy="kl", weight=weight, ce_weight=ce_weight, kl_temperature=2.0)
+    task, _ = objective_inputs()
+    rows = built[2]["input_ids"]
+    ids, mask = pad_replay_rows([rows[0][:23], rows[3], rows[5][:31]], REPLAY_LEN)  # two rows padded
+    results = []
+    for from_hidden in (False, True):
+        inputs = ReplayInputs(ids, mask)
+        if from_hidden:
+            with torch.no_grad():
+                inputs.teacher_hidden = final_hidden(base, input_ids=ids, attention_mask=mask)
+            out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, output_hidden_states=True)
+            assert out.logits.shape[1] == 1  # the student's head ran on one position
+            rep = ReplayOutputs(None, out.hidden_states[-1], inputs, share=0.5)
+            objective = Objective(cfg, KDConfig(), HeadLoss(model), frozen_head_weight(base))
+        else:
+            with torch.no_grad():
+                inputs.teacher_logits = base(input_ids=ids, attention_mask=mask).logits
+            rep = ReplayOutputs(*forward(model, inputs), inputs, share=0.5)
+            objective = Objective(cfg, KDConfig())
+        objective.anti_forgetting_scale = 2.0
+        model.zero_grad()
+        part = objective(task, rep, 20, 4, 2)
+        part.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((part, grads))
+    (full, full_grads), (chunked, chunked_grads) = results
+    assert chunked.parts["kl"] > 1e-4  # the student moved: a term to compare
+    assert chunked.parts == pytest.approx(full.parts, rel=1e-5)
+    assert chunked.replay_weight == pytest.approx(full.replay_weight, rel=1e-5)
+    torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(chunked_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_kd_counts_only_loss_tokens_of_the_distilled_rows():

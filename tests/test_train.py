@@ -210,25 +210,46 @@ def test_chunked_head_loss_gives_the_full_logits_losses_on_two_zero3_ranks(prep,
     assert max(runs[True][step]["loss/kd"] for step in range(1, 5)) > 0  # some steps carry general rows
 
 
-def test_replay_kl_is_zero_at_step_one_and_is_the_only_replay_term_in_the_loss(prep, tmp_path):
+def test_replay_kl_is_zero_at_step_one_is_the_only_replay_term_and_matches_full_logits(prep, tmp_path):
     """The example config's replay (launch/cpt_example.yaml: kl, weight 1.5, no replay CE) on 2 ZeRO-3 ranks: the
     frozen teacher is a second partitioned copy of the base, so at step 1 student and teacher are the same
     model and KL is 0; it grows as the model drifts, and the step's loss is task CE + 1.5 · KL, replay CE
-    logged but not trained on."""
-    config = write_config(
-        tmp_path / "kl.yaml",
-        prep,
-        tmp_path / "run",
-        steps=4,
-        replay={"strategy": "kl", "weight": 1.5, "ce_weight": 0.0, "samples_per_step": 2},
-        checkpoint={"every": 0},
-    )
-    run_training(config)
-    m = metrics(tmp_path / "run")
+    logged but not trained on.
+
+    The run goes through the head loss (the teacher's final hidden states, its head weight gathered once).
+    From its step-2 checkpoint, where student and teacher differ, a full-logits run takes step 3 from the same
+    weights: every logged loss and the gradient norm agree. (Not compared from step 1: there KL and its
+    gradient are 0, and Adam's first steps, ~lr·sign(g), turn float rounding in near-0 gradients into weight
+    differences of ~lr that a 1e-4-nat KL shows.)"""
+    kl = {"strategy": "kl", "weight": 1.5, "ce_weight": 0.0, "samples_per_step": 2}
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "kl.yaml", prep, run, steps=4, replay=kl, checkpoint={"every": 2})
+    logged = run_training(config)
+    assert "loss from hidden states" in logged.stdout + logged.stderr
+    m = metrics(run)
     assert m[1]["loss/kl"] == pytest.approx(0.0, abs=1e-7) and m[4]["loss/kl"] > 1e-5
     for step in range(1, 5):
         assert m[step]["loss/replay_ce"] > 1.0  # measured on the replay rows, weight 0
         assert m[step]["loss"] == pytest.approx(m[step]["loss/task_ce"] + 1.5 * m[step]["loss/kl"], rel=1e-9)
+    step2 = CheckpointDir.for_step(checkpoint_root(run), 2).path
+    full = write_config(
+        tmp_path / "full.yaml",
+        prep,
+        tmp_path / "full",
+        steps=3,
+        model={"chunked_loss": False},
+        replay=kl,
+        checkpoint={"every": 0, "resume": str(step2)},
+    )
+    run_training(full)
+    f = metrics(tmp_path / "full")
+    assert m[3]["loss/kl"] > 1e-5 and min(f) == 3
+    for key in ("loss", "loss/task_ce", "loss/replay_ce", "grad_norm"):
+        assert m[3][key] == pytest.approx(f[3][key], rel=1e-5), key
+    # KL is a difference of near-equal log-probabilities: fp32 logits that round differently (one GEMM on
+    # all positions or a chunk at a time) move it ~1e-5 relative; the last position or a padded one
+    # counted or not would move it by percents
+    assert m[3]["loss/kl"] == pytest.approx(f[3]["loss/kl"], rel=1e-4)
 
 
 @pytest.mark.reliability("faults: SIGTERM")

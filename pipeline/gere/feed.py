@@ -24,6 +24,7 @@ from data_prep.replay import ReplayShard
 
 from ..config import CACHED_STRATEGIES, TrainConfig
 from ..data import PrepPaths
+from ..losses.head import final_hidden
 from ..losses.replay import ReplayInputs
 from ..model import ModelSource, model_fingerprint
 from .build import built_in_own_forward, differs_from_training
@@ -43,7 +44,11 @@ class ReplayFeed:
         world: int,
         rank: int,
         layout: ReplayLayout | None = None,
+        head_loss: bool = False,
     ) -> None:
+        """``head_loss``: the trained model's loss runs from hidden states, so the ``kl`` strategy's teacher gives
+        its final hidden states, not logits."""
+        self.head_loss = head_loss
         self.strategy, self.grad_accum, self.world, self.rank = cfg.replay.strategy, cfg.batch.grad_accum, world, rank
         self.shard, self.cache, self.replay_len = shard, cache, shard.replay_len
         self.layout = layout  # None: the replay rows get their own forward
@@ -95,14 +100,15 @@ class ReplayFeed:
             log.info(
                 "replay: samples in the task rows' forward, %d a packed row of %d tokens", layout.slots, prep.seq_len
             )
-        return cls(cfg, shard, cache, world, rank, layout)
+        return cls(cfg, shard, cache, world, rank, layout, head_loss)
 
     def step_chunks(self) -> list[list[int] | None]:
         """Draw the next step's samples; returns this rank's rows for each micro-batch (None: no replay)."""
         return replay_slots(self.sampler.next_indices(), self.world, self.grad_accum, self.rank)
 
     def inputs(self, index: list[int], device: torch.device, teacher: Any = None) -> ReplayInputs:
-        """Padded rows and what the strategy compares against: cached states/features, or the teacher's logits."""
+        """Padded rows and what the strategy compares against: cached states/features, or the teacher's outputs
+        (its final hidden states where the loss runs from hidden states: no ``[R, L, V]`` logits)."""
         ids, mask = pad_replay_rows(self.rows[index]["input_ids"], self.replay_len)
         ids, mask = ids.to(device), mask.to(device)
         inputs = ReplayInputs(ids, mask)
@@ -113,7 +119,10 @@ class ReplayFeed:
                 inputs.features = self.cache.features(index, device)
         if self.strategy == "kl":
             with torch.no_grad():
-                inputs.teacher_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                if self.head_loss:
+                    inputs.teacher_hidden = final_hidden(teacher, input_ids=ids, attention_mask=mask)
+                else:
+                    inputs.teacher_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return inputs
 
     def state_dict(self) -> dict[str, int]:

@@ -61,7 +61,7 @@ def replay_layout(
         return None
     why_not = None
     if strategy == "kl":
-        why_not = "replay.strategy kl scores the replay rows against the teacher's logits"
+        why_not = "replay.strategy kl compares the replay rows with the teacher's outputs on them in their own forward"
     elif replay_len > seq_len:
         why_not = f"replay samples are longer than the task rows (replay_len {replay_len} > seq_len {seq_len})"
     elif not head_loss:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import deepspeed
 import torch
@@ -43,7 +45,7 @@ SCALED_LOGIT_SETTINGS = ("final_logit_softcapping", "logit_scale", "logits_scali
 
 
 class HeadLoss(nn.Module):
-    """(CE + kl_weight · KL, CE, KL) sums of the owning model's output head on hidden states; see
+    """(ce_weight · CE + kl_weight · KL, CE, KL) sums of the owning model's output head on hidden states; see
     :func:`linear_ce_kl`."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -53,9 +55,14 @@ class HeadLoss(nn.Module):
         self._head_weight = lambda: model.get_output_embeddings().weight
 
     def forward(
-        self, hidden: torch.Tensor, targets: torch.Tensor, teacher: TeacherHead | None = None, kl_weight: float = 1.0
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        teacher: TeacherHead | None = None,
+        kl_weight: float = 1.0,
+        ce_weight: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return linear_ce_kl(hidden, self._head_weight(), targets, teacher, kl_weight)
+        return linear_ce_kl(hidden, self._head_weight(), targets, teacher, kl_weight, ce_weight=ce_weight)
 
 
 def chunkable_head(model: nn.Module) -> str | None:
@@ -93,6 +100,21 @@ def attach_head_loss(model: nn.Module, cfg: TrainConfig) -> bool:
     deepspeed.zero.register_external_parameter(model.head_loss, model.get_output_embeddings().weight)
     log.info("loss from hidden states: the output head runs a chunk of tokens at a time, no full logits")
     return True
+
+
+def final_hidden(model: Callable[..., Any], **inputs: torch.Tensor) -> torch.Tensor:
+    """The decoder's output ``[B, L, H]`` on ``inputs`` (after the final norm: what ``lm_head`` reads), with the
+    head run on one position only (``logits_to_keep=1``): the input of the head loss, without ``[B, L, V]``
+    logits. Taken with a forward hook on the decoder, not with ``output_hidden_states``, which would keep every
+    layer's output: under no_grad (a teacher) that is (layers + 1) × tokens × H, ~11 GB at 70B and 8k tokens."""
+    captured: list[torch.Tensor] = []
+    decoder = getattr(model, "module", model).base_model
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def frozen_head_weight(model: nn.Module) -> torch.Tensor:

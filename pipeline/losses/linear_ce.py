@@ -70,8 +70,9 @@ def linear_ce_kl(
     teacher: TeacherHead | None = None,
     kl_weight: float = 1.0,
     chunk_tokens: int | None = None,
+    ce_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(CE + kl_weight · KL, CE, KL): sums, the first differentiable, the other two detached.
+    """(ce_weight · CE + kl_weight · KL, CE, KL): sums, the first differentiable, the other two detached.
 
     CE over tokens whose target is not -100; KL(teacher ‖ student) at the teacher's temperature,
     times T², over the teacher's tokens (the first M) where ``teacher.mask`` (0 without a teacher).
@@ -85,7 +86,7 @@ def linear_ce_kl(
         if teacher is not None
         else (None, None, None, 1.0, 0.0)
     )
-    loss = _LinearCEKL.apply(hidden, weight, targets, *distill, chunk, sums, grads)
+    loss = _LinearCEKL.apply(hidden, weight, targets, *distill, ce_weight, chunk, sums, grads)
     return loss, sums[0], sums[1]
 
 
@@ -101,6 +102,7 @@ class _LinearCEKL(torch.autograd.Function):
         kl_mask: torch.Tensor | None,
         temperature: float,
         kl_weight: float,
+        ce_weight: float,
         chunk: int,
         sums: torch.Tensor,
         grads: bool,
@@ -145,7 +147,7 @@ class _LinearCEKL(torch.autograd.Function):
                 continue
             grad_s = s.div_(total)
             grad_s[torch.arange(grad_s.shape[0], device=s.device), safe_targets[rows]] -= 1.0
-            grad_s.mul_(keep[:, None])
+            grad_s.mul_((keep * ce_weight)[:, None])
             if kl_grad is not None:
                 grad_s[: kl_grad.shape[0]] += kl_grad
                 del kl_grad
@@ -157,7 +159,7 @@ class _LinearCEKL(torch.autograd.Function):
         # Kept on ctx, not saved: they are neither inputs nor outputs, and backward scales them in place
         # (a second [V, H] copy per call would double the head's gradient memory).
         ctx.grad_h, ctx.grad_w = grad_h, grad_w
-        return sums[0] + kl_weight * sums[1]
+        return ce_weight * sums[0] + kl_weight * sums[1]
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
@@ -166,7 +168,7 @@ class _LinearCEKL(torch.autograd.Function):
         for grad in (grad_h, grad_w):
             if grad is not None:
                 grad.mul_(grad_loss.to(grad.dtype))
-        return (grad_h, grad_w, *([None] * 9))
+        return (grad_h, grad_w, *([None] * 10))
 
 
 def linear_ce_kl_reference(
@@ -175,12 +177,13 @@ def linear_ce_kl_reference(
     targets: torch.Tensor,
     teacher: TeacherHead | None = None,
     kl_weight: float = 1.0,
+    ce_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The plain computation with full logits, as the training loss was formed before chunking."""
     logits = hidden @ weight.T
     ce = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
     if teacher is None:
-        return ce, ce.detach(), torch.zeros((), device=hidden.device)
+        return ce_weight * ce, ce.detach(), torch.zeros((), device=hidden.device)
     m = teacher.hidden.shape[0]
     kl = kl_sum(logits[:m], teacher.hidden @ teacher.weight.T, teacher.mask, teacher.temperature)
-    return ce + kl_weight * kl, ce.detach(), kl.detach()
+    return ce_weight * ce + kl_weight * kl, ce.detach(), kl.detach()

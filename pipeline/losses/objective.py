@@ -24,11 +24,13 @@ and general perplexity kept rising (bench/forgetting.py, the budget rows).
 The trainer runs the forwards and hands their outputs here; what this module
 returns is exactly what backward sees, and its named parts are what is logged.
 Where the model allows it the outputs are final hidden states, not logits, and
-CE and KD go through the model's head loss (``head.py``), chunked over tokens.
+CE, KD and the ``kl`` replay strategy go through the model's head loss
+(``head.py``), chunked over tokens.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from ..config import KDConfig, ReplayConfig
 from .kl import kl_sum
 from .linear_ce import TeacherHead
-from .replay import HeadLossFn, ReplayInputs, replay_terms
+from .replay import HeadLossFn, ReplayInputs, kl_from_hidden, replay_terms
 
 
 @dataclass
@@ -111,7 +113,12 @@ class Objective:
         if kd_sum is not None:
             parts["kd"] = kd_sum.item()
         weight = 0.0
-        if replay is not None:
+        if replay is not None and replay.logits is None and self.replay.strategy == "kl":
+            replay_loss, replay_ce, kl, weight = self._kl_from_hidden(replay, (ce_sum / global_tokens * scale).detach())
+            loss = loss + replay.share * replay_loss
+            parts["replay_ce"] = replay.share * replay_ce.item() / grad_accum
+            parts["kl"] = replay.share * kl.item() / grad_accum
+        elif replay is not None:
             terms = replay_terms(self.replay, replay.logits, replay.hidden, replay.inputs, self.head)
             share = replay.share
             # share, ce_weight and scale 1.0 (replay in every micro-batch, the defaults) change no bit
@@ -170,6 +177,29 @@ class Objective:
         kd_mask = kd_mask if rows is None else kd_mask[rows]
         kd_sum = kl_sum(student[:, :-1], task.teacher_logits[:, :-1], kd_mask, self.kd.temperature)
         return ce_sum + self.kd_weight * kd_sum, ce_sum, kd_sum
+
+    def _kl_from_hidden(
+        self, replay: ReplayOutputs, task_ce: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """(replay_ce_weight · replay CE + w · KL, replay CE, KL, w) of the ``kl`` strategy through the head loss.
+
+        The head loss needs ``w`` before its forward. A fixed weight is known; ``dynamic`` divides by the KL, so a
+        no-grad pass measures it first: one more pass of the head's GEMMs over the replay tokens (a small share
+        of the step) and, under ZeRO-3, one more gather of the head weight.
+        """
+        if self.head is None or self.teacher_head_weight is None:
+            raise ValueError("replay kl from hidden states needs the model's head loss and the teacher's head weight")
+        teacher, temperature = self.teacher_head_weight, self.replay.kl_temperature
+        # (ce_weight, kl_weight) → (weighted sum, replay CE, KL)
+        run = functools.partial(kl_from_hidden, self.head, replay.hidden, replay.inputs, teacher, temperature)
+        if self.replay.weight == "dynamic":
+            with torch.no_grad():
+                _, replay_ce, kl = run(0.0, 0.0)
+            weight = self.anti_forgetting_scale * self._weight(task_ce + replay_ce, kl)
+        else:
+            weight = self.anti_forgetting_scale * float(self.replay.weight)
+        both, replay_ce, kl = run(self.replay_ce_weight, weight)
+        return both, replay_ce, kl, weight
 
     def _weight(self, ce: torch.Tensor, term: torch.Tensor) -> float:
         if self.replay.weight != "dynamic":

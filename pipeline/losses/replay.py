@@ -14,8 +14,8 @@ replay text as well). How the terms are weighted into the step's loss is
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +25,19 @@ from .kl import kl_sum
 from .linear_ce import TeacherHead
 from .tm_loss import tm_loss
 
-# hidden [N, H], targets [N], teacher, kl_weight → (CE + kl_weight · KL, CE, KL) sums: the model's head loss
-# (pipeline/losses/head.py)
-HeadLossFn = Callable[
-    [torch.Tensor, torch.Tensor, TeacherHead | None, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-]
+
+class HeadLossFn(Protocol):
+    """The model's head loss (pipeline/losses/head.py): hidden [N, H], targets [N] → (ce_weight · CE +
+    kl_weight · KL, CE, KL) sums, the first differentiable."""
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        teacher: TeacherHead | None = None,
+        kl_weight: float = 1.0,
+        ce_weight: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -43,6 +51,7 @@ class ReplayInputs:
     pos: torch.Tensor | None = None
     features: torch.Tensor | None = None  # cached reference hidden states, bf16 (l1, l2)
     teacher_logits: torch.Tensor | None = None  # frozen base model on the same rows (kl)
+    teacher_hidden: torch.Tensor | None = None  # instead of teacher_logits: its final hidden states, for the head
 
 
 def causal_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -107,3 +116,31 @@ def replay_terms(
             raise ValueError("replay.strategy 'kl' needs the frozen base model's logits on the replay rows")
         terms["kl"] = kl_sum(logits, batch.teacher_logits, mask, cfg.kl_temperature) / mask.sum().clamp_min(1)
     return terms
+
+
+def kl_from_hidden(
+    head: HeadLossFn,
+    hidden: torch.Tensor,
+    batch: ReplayInputs,
+    teacher_weight: torch.Tensor,
+    temperature: float,
+    ce_weight: float,
+    kl_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce_weight · replay CE + kl_weight · KL, replay CE, KL) of the ``kl`` strategy through the head loss, from
+    the student's and the teacher's final hidden states: the values :func:`replay_terms` makes from logits (each a
+    mean over the replay tokens; the first differentiable), without either model's ``[R, L, V]`` logits.
+
+    The head loss forms its gradient in its forward, so the weights come first. Every position of the rows
+    goes through the head once: CE where a next token follows (the last position's target is -100), KL wherever
+    the attention mask is set, as in :func:`replay_terms`.
+    """
+    if batch.teacher_hidden is None:
+        raise ValueError("replay.strategy 'kl' from hidden states needs the frozen base model's hidden states")
+    mask = batch.attention_mask
+    targets = F.pad(_causal_targets(batch.input_ids, mask), (0, 1), value=-100).flatten()
+    # two small device-to-host reads; the objective reads its parts with .item() in the same step anyway
+    ce_tokens, kl_tokens = max(int((targets != -100).sum()), 1), max(int(mask.sum()), 1)
+    teacher = TeacherHead(batch.teacher_hidden.flatten(0, 1), teacher_weight, mask.flatten().bool(), temperature)
+    both, ce_sum, kl = head(hidden.flatten(0, 1), targets, teacher, kl_weight / kl_tokens, ce_weight / ce_tokens)
+    return both, ce_sum / ce_tokens, kl / kl_tokens
