@@ -359,6 +359,47 @@ def naive_of(name: str) -> str:
     return "naive CPT" + (f", {lr}" if lr else "")
 
 
+def without_weights(extra: dict[str, Any]) -> dict[str, Any]:
+    """A row's options with the replay and KD weights (and a budget) left out: what its fixed-weight siblings share."""
+    out = {k: v for k, v in extra.items() if k != "forgetting"}
+    for key in ("replay", "kd"):
+        if key in out:
+            out[key] = {k: v for k, v in out[key].items() if k != "weight"}
+    return out
+
+
+def fixed_line(results: dict[str, Any], row: Row) -> str | None:
+    """For a budget row: the learning that the fixed weights of its lever give at its forgetting, interpolated
+    between the two fixed rows around its Δ general (mean over seeds): a comparison at equal forgetting, which
+    the 5% line cannot give when the probe's documents read a point or two off the holdout's."""
+    nd = changes(results, naive_of(row.name), "domain")
+    points = []
+    for other in ROWS:
+        sibling = (other.mixed, other.lr_mult, without_weights(other.extra)) == (
+            row.mixed,
+            row.lr_mult,
+            without_weights(row.extra),
+        )
+        if sibling and "forgetting" not in other.extra and other.name in results["rows"]:
+            g, d = changes(results, other.name, "general"), changes(results, other.name, "domain")
+            learned = ratio(d, nd, -1)
+            if math.isfinite(learned):
+                points.append((mean_std(g)[0], learned, other.name))
+    g, d = changes(results, row.name, "general"), changes(results, row.name, "domain")
+    at, learned = mean_std(g)[0], ratio(d, nd, -1)
+    points.sort()
+    for (g0, l0, name0), (g1, l1, name1) in zip(points, points[1:]):
+        if g0 <= at <= g1 and g1 > g0:
+            line = l0 + (l1 - l0) * (at - g0) / (g1 - g0)
+            return (
+                f"{row.name}: learns {learned:.3f} at {at:+.1%}; the fixed weights' line there ({name0} to {name1}) "
+                f"learns {line:.3f}: {learned - line:+.3f} at equal forgetting"
+            )
+    if len(points) >= 2 and math.isfinite(at):
+        return f"{row.name}: at {at:+.1%}, outside its fixed rows' range ({points[0][0]:+.1%} to {points[-1][0]:+.1%})"
+    return None
+
+
 def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         f"\n{args.steps} steps of {global_rows(args)} x {args.seq_len} tokens from {results['base_name']}, "
@@ -401,6 +442,10 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
         if g:
             held = sum(x <= BUDGET["budget"] for x in g)
             print(f"{name}: general ppl rise {mean_std(g)[0]:+.1%}, within the budget in {held} of {len(g)} seeds")
+    for row in ROWS:
+        compared = fixed_line(results, row) if "forgetting" in row.extra and row.name in results["rows"] else None
+        if compared:
+            print(compared)
 
 
 def summary_line(results: dict[str, Any], args: argparse.Namespace) -> str:
