@@ -10,7 +10,7 @@ from pipeline.config import KDConfig, ReplayConfig, TrainConfig
 from pipeline.losses.head import attach_head_loss, chunkable_head, loss_from_hidden
 from pipeline.losses.linear_ce import TeacherHead, linear_ce_kl, linear_ce_kl_reference
 from pipeline.losses.objective import Objective, ReplayOutputs, TaskOutputs
-from pipeline.losses.replay import ReplayInputs
+from pipeline.losses.replay import ReplayInputs, kl_from_hidden
 from pipeline.model import ModelSource, load_causal_lm
 
 from .train_helpers import KERNEL_TEST_DEVICE as DEVICE
@@ -94,6 +94,34 @@ def test_the_weights_are_the_ratio_of_the_two_gradients(kl_weight, ce_weight):
     )
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float16, 0.03), (torch.bfloat16, 0.15)])
+def test_replay_kl_from_hidden_keeps_its_gradient_in_half_precision(dtype, bound):
+    """Replay KL's per-token weights are ~1/tokens. Formed in the head's forward in fp16 they would underflow
+    (fp16's loss scale comes in backward), so they reach the gradient through backward: fp16 and bf16
+    gradients against fp32, 1024 replay tokens, an fp16-style loss scale."""
+    g = torch.Generator().manual_seed(0)
+    rows, length, h, v = 8, 128, 64, 4096
+    ids = torch.randint(0, v, (rows, length), generator=g)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[0, 100:] = 0
+    hidden, weight = torch.randn(rows, length, h, generator=g), torch.randn(v, h, generator=g) * 0.1
+    teacher_hidden = hidden + 0.1 * torch.randn(hidden.shape, generator=g)
+
+    def grads(dt: torch.dtype) -> list[torch.Tensor]:
+        student, head_weight = hidden.to(dt).requires_grad_(), weight.to(dt).requires_grad_()
+
+        def head(x, targets, teacher=None, kl_weight=1.0, ce_weight=1.0):
+            return linear_ce_kl(x, head_weight, targets, teacher, kl_weight, ce_weight=ce_weight)
+
+        inputs = ReplayInputs(ids, mask, teacher_hidden=teacher_hidden.to(dt))
+        both, _, _ = kl_from_hidden(head, student, inputs, weight.to(dt), 1.0, 0.0, 1.5)
+        (both * 1024.0).backward()
+        return [student.grad.float() / 1024.0, head_weight.grad.float() / 1024.0]
+
+    for got, want in zip(grads(dtype), grads(torch.float32)):
+        assert ((got - want).norm() / want.norm()).item() < bound
 
 
 def test_without_autograd_only_the_sums_are_computed():

@@ -1,4 +1,4 @@
-"""The model's output head as a loss: CE and KD from final hidden states, never the full logits.
+"""The model's output head as a loss: CE, KD and replay KL from final hidden states, never the full logits.
 
 The trained model gets a parameterless child module, ``head_loss``, added before
 ``deepspeed.initialize``. Under ZeRO-3 the head weight is partitioned and only
@@ -13,8 +13,8 @@ per call that is not needed (not measured yet; avoiding it would mean a loss
 outside DeepSpeed's hooks, with its gradient reduced by hand). The child adds nothing to the state
 dict, so checkpoints and exports are unchanged. The forward that feeds it asks
 for ``logits_to_keep=1`` and takes the decoder's output with a hook
-(``pipeline.isolation.forward_packed``), so ``lm_head`` produces a ``[B, 1, V]``
-tensor instead of ``[B, L, V]``.
+(:func:`final_hidden`), so ``lm_head`` produces a ``[B, 1, V]`` tensor instead
+of ``[B, L, V]``.
 
 Only models whose logits are exactly ``lm_head(final hidden)`` take this path
 (a bias-free ``nn.Linear`` head, no logit soft-capping or scaling, a forward

@@ -11,9 +11,9 @@ gradients are formed in the same pass, so nothing is recomputed:
 
 That is three GEMMs, as the plain path's forward and backward. It needs the
 ratio of the two terms before the forward, so the differentiable output is one
-sum ``CE + kl_weight · KL``; the two sums come back detached for logging. (In
-the objective every head-loss weight is known up front; only replay terms
-outside the head take the dynamic weight.) Liger-Kernel's fused linear CE does
+sum ``ce_weight · CE + kl_weight · KL``; the two sums come back detached for
+logging. (The objective knows every head-loss weight up front, except the kl
+replay strategy's dynamic weight, which it measures in a no-grad pass first.) Liger-Kernel's fused linear CE does
 the same in Triton; it has no CPU path, so CI could not run the code users
 train with, and its distillation loss is JSD, not this KL.
 

@@ -90,7 +90,7 @@ class Objective:
         teacher_head_weight: torch.Tensor | None = None,
     ) -> None:
         """``head``: the trained model's head loss, for outputs that carry hidden states; ``teacher_head_weight``
-        the teacher's output weight, for KD from hidden states."""
+        the teacher's output weight, for KD and the kl replay strategy from hidden states."""
         self.replay, self.kd = replay, kd
         self.head, self.teacher_head_weight = head, teacher_head_weight
         self.strategy_term = replay.strategy not in ("none", "ce")  # a term beyond replay CE

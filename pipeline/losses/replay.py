@@ -84,7 +84,8 @@ def replay_terms(
 ) -> dict[str, torch.Tensor]:
     """{'replay_ce': ..., '<strategy>': ...}: the unweighted terms, each a mean over the replay tokens.
 
-    Without ``logits``, replay CE goes through ``head`` from ``hidden`` (the ``kl`` strategy needs logits).
+    Without ``logits``, replay CE goes through ``head`` from ``hidden``; the ``kl`` strategy then goes through
+    :func:`kl_from_hidden` instead, which needs the weights up front.
 
     Missing inputs are a wiring bug (the config was validated and ``pipeline.gere.feed``
     loads what the strategy needs), so they raise ``ValueError``, not a user error.
@@ -94,7 +95,7 @@ def replay_terms(
     mask = batch.attention_mask
     if logits is None:
         if head is None or cfg.strategy == "kl":
-            raise ValueError("replay outputs without logits need a head loss, and the kl strategy needs logits")
+            raise ValueError("replay outputs without logits need a head loss (and kl_from_hidden for kl)")
         terms = {"replay_ce": causal_ce_from_hidden(head, hidden, batch.input_ids, mask)}
     else:
         terms = {"replay_ce": causal_ce(logits, batch.input_ids, mask)}
@@ -142,5 +143,11 @@ def kl_from_hidden(
     # two small device-to-host reads; the objective reads its parts with .item() in the same step anyway
     ce_tokens, kl_tokens = max(int((targets != -100).sum()), 1), max(int(mask.sum()), 1)
     teacher = TeacherHead(batch.teacher_hidden.flatten(0, 1), teacher_weight, mask.flatten().bool(), temperature)
-    both, ce_sum, kl = head(hidden.flatten(0, 1), targets, teacher, kl_weight / kl_tokens, ce_weight / ce_tokens)
-    return both, ce_sum / ce_tokens, kl / kl_tokens
+    # The head forms each token's gradient in its forward, in the weight's dtype: weights of ~1/tokens there
+    # would underflow in fp16, whose loss scale is only applied in backward. So it gets weights of order 1, and
+    # their common factor multiplies its output, reaching the gradients through backward (as 1/tokens does for
+    # task CE and KD).
+    ce_part, kl_part = ce_weight / ce_tokens, kl_weight / kl_tokens
+    common = max(abs(ce_part), abs(kl_part)) or 1.0
+    both, ce_sum, kl = head(hidden.flatten(0, 1), targets, teacher, kl_part / common, ce_part / common)
+    return common * both, ce_sum / ce_tokens, kl / kl_tokens
