@@ -210,7 +210,7 @@ def test_chunked_head_loss_gives_the_full_logits_losses_on_two_zero3_ranks(prep,
     assert max(runs[True][step]["loss/kd"] for step in range(1, 5)) > 0  # some steps carry general rows
 
 
-def test_replay_kl_is_zero_at_step_one_is_the_only_replay_term_and_matches_full_logits(prep, tmp_path):
+def test_replay_kl_is_zero_at_step_one_is_the_only_replay_term_and_matches_full_logits_fixed_or_dynamic(prep, tmp_path):
     """The example config's replay (launch/cpt_example.yaml: kl, weight 1.5, no replay CE) on 2 ZeRO-3 ranks: the
     frozen teacher is a second partitioned copy of the base, so at step 1 student and teacher are the same
     model and KL is 0; it grows as the model drifts, and the step's loss is task CE + 1.5 · KL, replay CE
@@ -250,6 +250,32 @@ def test_replay_kl_is_zero_at_step_one_is_the_only_replay_term_and_matches_full_
     # all positions or a chunk at a time) move it ~1e-5 relative; the last position or a padded one
     # counted or not would move it by percents
     assert m[3]["loss/kl"] == pytest.approx(f[3]["loss/kl"], rel=1e-4)
+
+    # The dynamic weight, (task CE + replay CE) / KL per rank, from the same checkpoint on both paths: through the
+    # head loss it needs the KL before the head's forward, so a no-grad head pass (a second gather of the head
+    # weight on each ZeRO-3 rank) measures it first. The cap is lifted so that the ratio, not the cap, is the
+    # weight: the two paths must give the same weight, losses and gradient norm.
+    dynamic = {**kl, "weight": "dynamic", "max_weight": 1e9}
+    d = {}
+    for chunked in (True, False):
+        resumed = write_config(
+            tmp_path / f"dynamic-{chunked}.yaml",
+            prep,
+            tmp_path / f"dynamic-{chunked}",
+            steps=3,
+            model={"chunked_loss": chunked},
+            replay=dynamic,
+            checkpoint={"every": 0, "resume": str(step2)},
+        )
+        run_training(resumed)
+        d[chunked] = metrics(tmp_path / f"dynamic-{chunked}")[3]
+    assert 1e3 < d[True]["replay_weight"] < 1e9  # CE over a KL of ~1e-4: the ratio, far from 1.5 and the cap
+    assert d[True]["loss"] == pytest.approx(
+        d[True]["loss/task_ce"] + d[True]["replay_weight"] * d[True]["loss/kl"], rel=1e-9
+    )
+    for key in ("replay_weight", "loss/kl", "loss", "grad_norm"):  # a ratio over the KL: the KL's 1e-4 carries over
+        assert d[True][key] == pytest.approx(d[False][key], rel=1e-4), key
+    assert d[True]["loss/task_ce"] == pytest.approx(d[False]["loss/task_ce"], rel=1e-5)
 
 
 @pytest.mark.reliability("faults: SIGTERM")
