@@ -81,6 +81,10 @@ PI_MARGIN = {**PI, "margin": 1.0}
 # PI whose proportional term only brakes (release 0): PI's first probe reads the rise 0, before anything is
 # trained, and its proportional term took the weights to x0.12-0.13; the probe then peaked at +8-9% by step 5-7.
 PI_BRAKE = {**PI, "release": 0.0}
+# PI_BRAKE acting on where a climbing rise is heading: its probe still passed 5% by step 6 and peaked at +6.7% by
+# step 9, at the peak-lr steps, with the weights near the configured ones until the rise had crossed the budget.
+PI_AHEAD = {**PI_BRAKE, "lookahead": 1.0}
+PI_AHEAD_2 = {**PI_BRAKE, "lookahead": 2.0}
 KD = {"kd": {"weight": 1.0}}
 
 
@@ -177,6 +181,16 @@ ROWS = [
     Row("+ replay KL (w 1.5), budget 5%, PI floored, gain 0.3, P 1", False, {**replay_kl(1.5), "forgetting": PI_SOFT}),
     Row("+ replay KL (w 1.5), budget 5%, PI, margin 1 se", False, {**replay_kl(1.5), "forgetting": PI_MARGIN}),
     Row("+ replay KL (w 1.5), budget 5%, PI, brake-only P", False, {**replay_kl(1.5), "forgetting": PI_BRAKE}),
+    Row(
+        "+ replay KL (w 1.5), budget 5%, PI, brake-only P, lookahead 1",
+        False,
+        {**replay_kl(1.5), "forgetting": PI_AHEAD},
+    ),
+    Row(
+        "+ replay KL (w 1.5), budget 5%, PI, brake-only P, lookahead 2",
+        False,
+        {**replay_kl(1.5), "forgetting": PI_AHEAD_2},
+    ),
 ]
 DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
 
