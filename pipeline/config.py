@@ -100,9 +100,9 @@ class ReplayConfig:
     forward: Literal["auto", "joint", "separate"] = setting(
         "auto",
         "joint: replay samples ride in the task rows' forward, each in its own packed slot (one ZeRO-3 gather, "
-        "not two); separate: their own padded forward; auto: joint where it is exact and cheap (needs a strategy "
-        "other than kl, the chunked head loss, replay_len <= seq_len, <= 10% empty slots, and CPU or flash "
-        "attention), else separate",
+        "not two); separate: their own padded forward; auto: joint where it is exact and cheap (needs the chunked "
+        "head loss, replay_len <= seq_len, <= 10% empty slots, and CPU or flash attention; kl: CPU), else "
+        "separate",
     )
 
 
@@ -310,12 +310,6 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.replay.max_weight > 0, "replay.max_weight", cfg.replay.max_weight, "> 0")
     need(cfg.replay.ce_weight >= 0, "replay.ce_weight", cfg.replay.ce_weight, ">= 0")
     need(cfg.replay.kl_temperature > 0, "replay.kl_temperature", cfg.replay.kl_temperature, "> 0")
-    need(
-        not (cfg.replay.forward == "joint" and cfg.replay.strategy == "kl"),
-        "replay.forward",
-        cfg.replay.forward,
-        "auto or separate with replay.strategy kl (its teacher scores the replay rows in their own forward)",
-    )
     need(cfg.kd.weight >= 0, "kd.weight", cfg.kd.weight, ">= 0")
     need(cfg.kd.temperature > 0, "kd.temperature", cfg.kd.temperature, "> 0")
     need(cfg.penalty.ewc_batches >= 1, "penalty.ewc_batches", cfg.penalty.ewc_batches, ">= 1")

@@ -194,7 +194,8 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: st
         t["logits / loss"] = (b + 12) * (tokens + replay_tokens) * shape.vocab
     replay_kl = cfg.replay.strategy == "kl"
     if cfg.kd.weight > 0 or replay_kl:
-        taught = (tokens if cfg.kd.weight > 0 else 0) + (replay_tokens if replay_kl else 0)  # the teacher's outputs
+        # the teacher's outputs; on the replay samples it runs their own padded forward in either layout
+        taught = (tokens if cfg.kd.weight > 0 else 0) + (samples * replay_len if replay_kl else 0)
         teacher = b * psi / ranks + b * (shape.largest_module + prefetch)
         teacher += b * taught * shape.hidden + b * shape.vocab * shape.hidden if chunked else b * taught * shape.vocab
         t["KD teacher"] = teacher

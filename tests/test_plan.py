@@ -80,6 +80,11 @@ def test_replay_kl_keeps_no_replay_logits_and_its_teacher_holds_the_replay_rows_
     task_tokens, replay_tokens = 2 * 4096, 2 * 512
     # the same teacher (partition, gathered module, head weight), on the replay rows instead of the task rows
     assert with_kl.terms["KD teacher"] - with_kd.terms["KD teacher"] == 2 * shape.hidden * (replay_tokens - task_tokens)
+    # packed behind the task rows (a row of 4096 holding the 2 samples), the model's replay activations are the
+    # packed row's; the teacher still scores the 2 samples in their own padded forward
+    _, _, joint = planned(tmp_path, replay={**kl, "forward": "joint"})
+    assert joint.terms["activations"] > with_kl.terms["activations"]
+    assert joint.terms["KD teacher"] == with_kl.terms["KD teacher"]
 
 
 def test_an_8b_run_without_checkpointing_does_not_fit_and_the_advice_makes_it_fit(tmp_path):

@@ -216,16 +216,20 @@ def test_replay_kl_is_zero_at_step_one_is_the_only_replay_term_and_matches_full_
     model and KL is 0; it grows as the model drifts, and the step's loss is task CE + 1.5 · KL, replay CE
     logged but not trained on.
 
-    The run goes through the head loss (the teacher's final hidden states, its head weight gathered once).
-    From its step-2 checkpoint, where student and teacher differ, a full-logits run takes step 3 from the same
+    The run goes through the head loss (the teacher's final hidden states, its head weight gathered once), its
+    replay samples packed behind the task rows (replay.forward joint): KL is exactly 0 at step 1 only if their
+    states there are the teacher's padded forward's bit for bit. From its step-2 checkpoint, where student and
+    teacher differ, a full-logits run with the samples in their own forward takes step 3 from the same
     weights: every logged loss and the gradient norm agree. (Not compared from step 1: there KL and its
     gradient are 0, and Adam's first steps, ~lr·sign(g), turn float rounding in near-0 gradients into weight
     differences of ~lr that a 1e-4-nat KL shows.)"""
-    kl = {"strategy": "kl", "weight": 1.5, "ce_weight": 0.0, "samples_per_step": 2}
+    kl = {"strategy": "kl", "weight": 1.5, "ce_weight": 0.0, "samples_per_step": 2, "forward": "auto"}
     run = tmp_path / "run"
-    config = write_config(tmp_path / "kl.yaml", prep, run, steps=4, replay=kl, checkpoint={"every": 2})
+    joint = {**kl, "forward": "joint"}
+    config = write_config(tmp_path / "kl.yaml", prep, run, steps=4, replay=joint, checkpoint={"every": 2})
     logged = run_training(config)
     assert "loss from hidden states" in logged.stdout + logged.stderr
+    assert "replay: samples in the task rows' forward" in logged.stdout + logged.stderr
     m = metrics(run)
     assert m[1]["loss/kl"] == pytest.approx(0.0, abs=1e-7) and m[4]["loss/kl"] > 1e-5
     for step in range(1, 5):
@@ -251,10 +255,11 @@ def test_replay_kl_is_zero_at_step_one_is_the_only_replay_term_and_matches_full_
     # counted or not would move it by percents
     assert m[3]["loss/kl"] == pytest.approx(f[3]["loss/kl"], rel=1e-4)
 
-    # The dynamic weight, (task CE + replay CE) / KL per rank, from the same checkpoint on both paths: through the
-    # head loss it needs the KL before the head's forward, so a no-grad head pass (a second gather of the head
-    # weight on each ZeRO-3 rank) measures it first. The cap is lifted so that the ratio, not the cap, is the
-    # weight: the two paths must give the same weight, losses and gradient norm.
+    # The dynamic weight, (task CE + replay CE) / KL per rank, from the same checkpoint on both paths (the samples
+    # in their own forward in both): through the head loss it needs the KL before the head's forward, so a no-grad
+    # head pass (a second gather of the head weight on each ZeRO-3 rank) measures it first. The cap is lifted so
+    # that the ratio, not the cap, is the weight: the two paths must give the same weight, losses and gradient
+    # norm.
     dynamic = {**kl, "weight": "dynamic", "max_weight": 1e9}
     d = {}
     for chunked in (True, False):
@@ -267,7 +272,8 @@ def test_replay_kl_is_zero_at_step_one_is_the_only_replay_term_and_matches_full_
             replay=dynamic,
             checkpoint={"every": 0, "resume": str(step2)},
         )
-        run_training(resumed)
+        resumed_log = run_training(resumed)
+        assert "replay rows in their own forward" in resumed_log.stdout + resumed_log.stderr
         d[chunked] = metrics(tmp_path / f"dynamic-{chunked}")[3]
     assert 1e3 < d[True]["replay_weight"] < 1e9  # CE over a KL of ~1e-4: the ratio, far from 1.5 and the cap
     assert d[True]["loss"] == pytest.approx(

@@ -55,14 +55,20 @@ def replay_layout(
     attention; tests/test_joint_replay.py) and with flash attention's varlen path, which runs each document
     from its own start. On CUDA, sdpa's masked kernels and eager's softmax run over the whole row, with
     blocks at absolute positions, so there the samples keep their own forward unless ``joint`` is asked for.
+
+    The ``kl`` strategy compares the student's states with the frozen teacher's, which scores the samples in
+    their own padded forward. On CPU the joint forward's states are that forward's bit for bit, so KL is exactly
+    0 at step 1, as it is when the samples get their own forward. On a GPU the joint forward runs its GEMMs
+    (and, with flash attention, its attention) on other shapes than the teacher's padded forward, so at step 1
+    the two differ by rounding (bf16: about 1e-2 on a logit) and KL starts at a small floor that its gradient
+    pulls on: ``auto`` keeps kl's samples in their own forward there, and ``joint`` trades that floor for one
+    ZeRO-3 gather of the model less per micro-batch with replay rows.
     """
     mode, strategy = cfg.replay.forward, cfg.replay.strategy
     if mode == "separate" or strategy == "none":
         return None
     why_not = None
-    if strategy == "kl":
-        why_not = "replay.strategy kl compares the replay rows with the teacher's outputs on them in their own forward"
-    elif replay_len > seq_len:
+    if replay_len > seq_len:
         why_not = f"replay samples are longer than the task rows (replay_len {replay_len} > seq_len {seq_len})"
     elif not head_loss:
         why_not = "the model's loss runs from full logits (no chunked head loss)"
@@ -79,6 +85,11 @@ def replay_layout(
         why_not = (
             f"{per_forward} sample(s) of {replay_len} tokens a forward would leave {padding:.0%} of their packed "
             f"rows of {seq_len} empty"
+        )
+    elif device_type != "cpu" and strategy == "kl":
+        why_not = (
+            f"on {device_type} the joint forward's states differ by rounding from the teacher's padded forward of "
+            "the same samples, so KL would not start at 0"
         )
     elif device_type != "cpu" and attn not in VARLEN_FROM_ONE_ROW:
         why_not = (
