@@ -102,7 +102,10 @@ KD_GENERAL = kd_general(5.0)
 
 def replay_kl(weight: float) -> dict[str, Any]:
     """KL to the frozen base model on the replay rows, with no CE on them: the rows ride beside the task rows
-    (every task row stays a domain row without the mix), and the pull is 0 until the model drifts from the base."""
+    (every task row stays a domain row without the mix), and the pull is 0 until the model drifts from the base.
+    The samples' forward is left to replay.forward auto: their own forward before commit 9525cc4, packed behind the
+    task rows (bitwise the same states on CPU, other rounding in backward) since; each seed's result names its
+    commit."""
     return {"replay": {"strategy": "kl", "weight": weight, "ce_weight": 0.0}}
 
 

@@ -15,6 +15,8 @@ from data_prep.errors import ConfigError
 from pipeline.config import load_train_config
 from pipeline.gere.build import differs_from_training
 from pipeline.gere.joint import ReplayLayout, filler_task_rows, joint_hidden, replay_layout
+from pipeline.losses.head import HeadLoss, final_hidden, frozen_head_weight
+from pipeline.losses.replay import ReplayInputs, kl_from_hidden
 from pipeline.model import ModelSource, final_hidden_states, load_causal_lm
 from tests.train_helpers import TINY_LLAMA
 
@@ -69,6 +71,35 @@ def layout_for(
 ) -> ReplayLayout | None:
     cfg = load_train_config(None, ["data.prep=p", "steps=1", "model.config={hidden_size: 8}", *overrides])
     return replay_layout(cfg, replay_len, seq_len, world, head, device)
+
+
+@pytest.mark.parametrize("replay_len", [48, 128])  # several slots a row and a tail; one slot a row
+def test_replay_kl_from_the_joint_forward_against_the_teachers_padded_forward_is_exactly_0_at_the_start(replay_len):
+    """replay.forward joint with kl on CPU: the teacher (a frozen copy of the base) scores the samples padded, as
+    pipeline.gere.feed does, and the student's packed states are compared with its through the head loss. At the
+    start they are the same model, so KL and its gradient are exactly 0; a sample read from another slot is not."""
+    model = load_causal_lm(ModelSource(config=TINY_LLAMA, seed=0))
+    teacher = load_causal_lm(ModelSource(config=TINY_LLAMA, seed=0)).eval()
+    vocab, seq_len = TINY_LLAMA["vocab_size"], 128
+    layout = ReplayLayout(replay_len, seq_len)
+    replay, mask = padded([replay_len, 5, replay_len // 2], replay_len, vocab)
+    task = torch.randint(4, vocab, (2, seq_len), generator=torch.Generator().manual_seed(1))
+    task_positions = torch.cat([torch.arange(40), torch.arange(seq_len - 40)]).expand(2, -1)
+    with torch.no_grad():
+        inputs = ReplayInputs(replay, mask, teacher_hidden=final_hidden(teacher, input_ids=replay, attention_mask=mask))
+    _, student = joint_hidden(model, task, task_positions, replay, layout, "sdpa")
+    head = HeadLoss(model)
+
+    def kl_of(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (weighted, differentiable; KL)
+        loss, _, kl = kl_from_hidden(head, hidden, inputs, frozen_head_weight(teacher), 1.0, 0.0, 1.0)
+        return loss, kl
+
+    loss, kl = kl_of(student)
+    loss.backward()
+    assert kl.item() == 0.0 and loss.item() == 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == len(list(model.parameters())) and not any(g.any() for g in grads)
+    assert kl_of(student[[1, 0, 2]].detach())[1].item() > 1e-3  # samples' states read from each other's slots
 
 
 def test_auto_packs_the_samples_where_that_is_exact_and_wastes_little_and_joint_refuses_what_cannot_work():

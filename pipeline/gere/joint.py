@@ -58,11 +58,12 @@ def replay_layout(
 
     The ``kl`` strategy compares the student's states with the frozen teacher's, which scores the samples in
     their own padded forward. On CPU the joint forward's states are that forward's bit for bit, so KL is exactly
-    0 at step 1, as it is when the samples get their own forward. On a GPU the joint forward runs its GEMMs
-    (and, with flash attention, its attention) on other shapes than the teacher's padded forward, so at step 1
-    the two differ by rounding (bf16: about 1e-2 on a logit) and KL starts at a small floor that its gradient
-    pulls on: ``auto`` keeps kl's samples in their own forward there, and ``joint`` trades that floor for one
-    ZeRO-3 gather of the model less per micro-batch with replay rows.
+    0 at step 1, as it is when the samples get their own forward. On a GPU the joint forward runs its GEMMs on
+    more rows than the teacher's padded forward, and a GEMM library picks its kernel (tiling, split-K) by shape,
+    so the two may differ by rounding (not measured: no GPU was lent) and KL would start at a small floor that
+    its gradient pulls on. The separate forward runs student and teacher on the same shapes, so ``auto`` keeps
+    kl's samples there on a GPU; ``joint`` trades that floor for one ZeRO-3 gather of the model less per
+    micro-batch with replay rows.
     """
     mode, strategy = cfg.replay.forward, cfg.replay.strategy
     if mode == "separate" or strategy == "none":
