@@ -55,7 +55,10 @@ the best fixed weight under 5% learns 0.90 (bench README). It is off by
 default: it was tuned on 40-step runs probed every step. ``release`` scales the proportional term
 below the budget (0: it only brakes). On the bench it halved PI's shortfall against the fixed weights at
 equal forgetting (0.013 to 0.007 of naive's gain, about one seed spread): the early overshoot comes from
-the peak-lr steps, not from the first probe's release, so it stays 1 by default.
+the peak-lr steps, not from the first probe's release, so it stays 1 by default. ``lookahead`` 1 or 2 on that
+brake-only law lowered the probe's peak but not the cost (0.006-0.007): to first order a step's forgetting and
+its domain gain both scale with the update, so the best trade is a near-constant weight, which a fixed weight
+tuned in hindsight already is and a feedback law can only approach (bench README, reasoning there).
 
 The probe loss is an all-reduced sum, so every rank computes the same ``u``;
 the state (``u``, the proportional term, ``ppl_0``, the last rise) is in the checkpoint, so a
