@@ -2,7 +2,7 @@
 # Every check issue 13 leaves to a GPU, in one run on one GPU (a lent machine gives a session ~15 minutes):
 #   bash bench/gpu_wheels.sh              # once, where pip works: what the device image lacks → .whl/
 #   bash bench/gpu_checks.sh [CHECK...]   # on the GPU machine, with .whl carried; all checks by default
-# The limits below add up to 570 s, under one device call's 600; expected ~7 minutes on an H200 (not yet run
+# The limits below add up to 580 s, under one device call's 600; expected ~7 minutes on an H200 (not yet run
 # on one). Each check has its own time limit and writes OUT/<name>.txt (OUT: $OUT, else bench/results/gpu), its exit
 # status last, so one that fails or hangs leaves the others' results:
 #   device        torch, CUDA, GPU, and the versions that ran
@@ -11,6 +11,8 @@
 #                 its PyTorch reference in fp32 and bf16 (tests/test_tm_loss.py, tests/test_linear_ce.py)
 #   tm_loss       bench/tm_loss.py at Llama-8B replay shapes: time and bandwidth vs a device-to-device copy
 #   loss_memory   bench/loss_memory.py at hidden 4096, 2 x 4096 tokens, bf16, KD on 15% of the tokens
+#   joint_kl      bench/joint_kl_floor.py at the 1B shape in bf16: the KL floor of replay KL in the task rows'
+#                 forward against one step's KL (replay.forward auto keeps kl samples apart on a GPU until then)
 #   train_step    bench/train_step.py, a from-config Llama-3.2-1B shape on one GPU in bf16 under ZeRO-3: this
 #                 loop vs the HF Trainer (tokens/s, MFU), GeRe overhead, and TM at step 1 with the cache built
 #                 from the run's config (sdpa: the image has no flash-attn)
@@ -27,7 +29,7 @@ if [ "${GPU_CHECKS_SMOKE:-0}" != 1 ] && compgen -G ".whl/*" >/dev/null; then
     export PYTHONPATH=/tmp/gpu-checks-site:$PWD PATH=/tmp/gpu-checks-site/bin:$PATH
 fi
 
-wanted=" ${*:-device prep kernel_tests tm_loss loss_memory train_step} "
+wanted=" ${*:-device prep kernel_tests tm_loss loss_memory joint_kl train_step} "
 check() { # check NAME SECONDS COMMAND...: runs when NAME is wanted
     local name=$1 limit=$2
     shift 2
@@ -43,12 +45,14 @@ if [ "${GPU_CHECKS_SMOKE:-0}" = 1 ]; then
     tm_loss=(--device cpu --batch 1 --length 64 --hidden 256 --iters 1)
     loss_memory=(--device cpu --vocab 4096 --seq-len 512 --hidden 64 --repeats 1 --distilled 0.15)
     demo=(--small --workers 2)
+    joint_kl=(--device cpu --model tiny --vocab 4096 --seq-len 256 --replay-len 64 --seeds 0)
     train_step=(--model tiny --steps 1 --warmup 0 --repeats 1)
 else
     device=cuda
     tm_loss=(--device cuda --batch 2 --length 4096 --hidden 4096 --dtype bfloat16)
     loss_memory=(--device cuda --hidden 4096 --rows 2 --dtype bfloat16 --distilled 0.15)
     demo=(--workers 8)
+    joint_kl=(--device cuda --dtype bfloat16 --model 1b --seq-len 4096 --replay-len 1024 --seeds 0 1)
     train_step=(--model 1b --deepspeed ds_configs/zero3_bf16.json --dtype bfloat16 --micro-batch 16
         --steps 10 --warmup 3 --repeats 1)
 fi
@@ -60,8 +64,9 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
 print(f'{gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, '
       f'transformers {transformers.__version__}, deepspeed {deepspeed.__version__}')"
 check prep 90 python3 -m data_prep demo --out "$prep" --quiet "${demo[@]}"
-check kernel_tests 100 env CPT_TEST_DEVICE="$device" python3 -m pytest -q -p no:cacheprovider \
+check kernel_tests 90 env CPT_TEST_DEVICE="$device" python3 -m pytest -q -p no:cacheprovider \
     tests/test_tm_loss.py tests/test_linear_ce.py -k "not sm90"
 check tm_loss 50 python3 -m bench.tm_loss "${tm_loss[@]}"
-check loss_memory 100 python3 -m bench.loss_memory "${loss_memory[@]}"
-check train_step 200 deepspeed --num_gpus 1 --module bench.train_step --prep "$prep/prep" "${train_step[@]}"
+check loss_memory 80 python3 -m bench.loss_memory "${loss_memory[@]}"
+check joint_kl 60 python3 -m bench.joint_kl_floor "${joint_kl[@]}"
+check train_step 180 deepspeed --num_gpus 1 --module bench.train_step --prep "$prep/prep" "${train_step[@]}"

@@ -100,9 +100,9 @@ class ReplayConfig:
     forward: Literal["auto", "joint", "separate"] = setting(
         "auto",
         "joint: replay samples ride in the task rows' forward, each in its own packed slot (one ZeRO-3 gather, "
-        "not two); separate: their own padded forward; auto: joint where it is exact and cheap (needs the chunked "
-        "head loss, replay_len <= seq_len, <= 10% empty slots, and CPU or flash attention; kl: CPU), else "
-        "separate",
+        "not two); separate: their own padded forward; auto: joint where it is exact to rounding and cheap "
+        "(needs the chunked head loss, replay_len <= seq_len, <= 10% empty slots, and CPU or flash attention; "
+        "kl: CPU), else separate",
     )
 
 

@@ -17,10 +17,14 @@ but a GPU GEMM library picks its kernel (tiling, split-K) by shape, so
 ``pipeline.gere.build`` builds a cache for this layout with forwards of
 training's shape (micro_batch filler rows, then the replay rows;
 :func:`joint_hidden`). Attention must not depend on where a sample sits in
-its row either: measured on CPU (bitwise the separate forward's states, in
-any slot, beside any task rows: tests/test_joint_replay.py) and true of flash
-attention's varlen path; elsewhere :func:`replay_layout` keeps the samples'
-own forward unless told otherwise.
+its row either. Flash attention's varlen path runs each document from its
+own start. On CPU (tests/test_joint_replay.py), sdpa gives the separate
+forward's states bit for bit, in any slot and beside any task rows, where a
+sample fills its row or the slots are short (64 of 128-512); with several
+slots of 128 tokens or more a row, a sample's states move with its slot by
+fp32 rounding (up to 2e-6 measured), so TM at step 1 is 0 up to a rounding
+flip at a threshold. Elsewhere :func:`replay_layout` keeps the samples' own
+forward unless told otherwise.
 """
 
 from __future__ import annotations
@@ -51,19 +55,20 @@ def replay_layout(
     ``head_loss``: the model's loss runs from hidden states (``pipeline/losses/head.py``), which is what the
     joint forward returns. ``auto`` also asks that the packed rows waste little (a lone sample in a row of
     four slots would cost four times its tokens) and that a sample's states cannot depend on where it sits,
-    since the cache sees it in another row and slot than training does: on CPU (measured bitwise, any
-    attention; tests/test_joint_replay.py) and with flash attention's varlen path, which runs each document
-    from its own start. On CUDA, sdpa's masked kernels and eager's softmax run over the whole row, with
-    blocks at absolute positions, so there the samples keep their own forward unless ``joint`` is asked for.
+    since the cache sees it in another row and slot than training does: on CPU (bitwise, or within fp32
+    rounding where a row holds several slots of 128 tokens or more; tests/test_joint_replay.py) and with
+    flash attention's varlen path, which runs each document from its own start. On CUDA, sdpa's masked
+    kernels and eager's softmax run over the whole row, with blocks at absolute positions, so there the
+    samples keep their own forward unless ``joint`` is asked for.
 
     The ``kl`` strategy compares the student's states with the frozen teacher's, which scores the samples in
-    their own padded forward. On CPU the joint forward's states are that forward's bit for bit, so KL is exactly
-    0 at step 1, as it is when the samples get their own forward. On a GPU the joint forward runs its GEMMs on
-    more rows than the teacher's padded forward, and a GEMM library picks its kernel (tiling, split-K) by shape,
-    so the two may differ by rounding (not measured: no GPU was lent) and KL would start at a small floor that
-    its gradient pulls on. The separate forward runs student and teacher on the same shapes, so ``auto`` keeps
-    kl's samples there on a GPU; ``joint`` trades that floor for one ZeRO-3 gather of the model less per
-    micro-batch with replay rows.
+    their own padded forward. On CPU the joint forward's states are that forward's, bit for bit or within fp32
+    rounding (above), so KL starts at 0 or at a floor bench/joint_kl_floor.py measured at 1e-9 in fp32,
+    6e-4 of the KL one step at lr 2e-5 makes (7e-3 in bf16). On a GPU the joint forward runs its GEMMs on more
+    rows than the teacher's padded forward, and a GEMM library picks its kernel (tiling, split-K) by shape; the
+    floor there is not measured yet (no GPU was lent; bench/gpu_checks.sh measures it), so ``auto`` keeps kl's
+    samples in their own forward on a GPU, where student and teacher run the same shapes. ``joint`` trades that
+    floor for one ZeRO-3 gather of the model less per micro-batch with replay rows.
     """
     mode, strategy = cfg.replay.forward, cfg.replay.strategy
     if mode == "separate" or strategy == "none":
@@ -90,7 +95,7 @@ def replay_layout(
     elif device_type != "cpu" and strategy == "kl":
         why_not = (
             f"on {device_type} the joint forward's states differ by rounding from the teacher's padded forward of "
-            "the same samples, so KL would not start at 0"
+            "the same samples, so KL would start at a floor not measured there (bench/joint_kl_floor.py)"
         )
     elif device_type != "cpu" and attn not in VARLEN_FROM_ONE_ROW:
         why_not = (
