@@ -12,7 +12,8 @@
 #   tm_loss       bench/tm_loss.py at Llama-8B replay shapes: time and bandwidth vs a device-to-device copy
 #   loss_memory   bench/loss_memory.py at hidden 4096, 2 x 4096 tokens, bf16, KD on 15% of the tokens
 #   joint_kl      bench/joint_kl_floor.py at the 1B shape in bf16: the KL floor of replay KL in the task rows'
-#                 forward against one step's KL (replay.forward auto keeps kl samples apart on a GPU until then)
+#                 forward against one step's KL (replay.forward auto keeps kl samples apart on a GPU until then);
+#                 sdpa, as the image has no flash-attn: an upper bound for flash attention, which auto packs with
 #   train_step    bench/train_step.py, a from-config Llama-3.2-1B shape on one GPU in bf16 under ZeRO-3: this
 #                 loop vs the HF Trainer (tokens/s, MFU), GeRe overhead, and TM at step 1 with the cache built
 #                 from the run's config (sdpa: the image has no flash-attn)
@@ -45,7 +46,7 @@ if [ "${GPU_CHECKS_SMOKE:-0}" = 1 ]; then
     tm_loss=(--device cpu --batch 1 --length 64 --hidden 256 --iters 1)
     loss_memory=(--device cpu --vocab 4096 --seq-len 512 --hidden 64 --repeats 1 --distilled 0.15)
     demo=(--small --workers 2)
-    joint_kl=(--device cpu --model tiny --vocab 4096 --seq-len 256 --replay-len 64 --seeds 0)
+    joint_kl=(--device cpu --dtype bfloat16 --model tiny --vocab 4096 --seq-len 512 --replay-len 128 --seeds 0)
     train_step=(--model tiny --steps 1 --warmup 0 --repeats 1)
 else
     device=cuda

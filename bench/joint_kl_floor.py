@@ -12,12 +12,16 @@ one training step makes.
 Per seed (init, tokens), one model is built in fp32, and teacher and student are copies of it in ``--dtype``:
 
     own forward, start     the student's padded forward against the teacher's (same shapes: expect 0)
-    joint forward, start   the student's packed states against the teacher's padded ones: the floor
+    joint forward, start   the student's packed states against the teacher's padded ones: the floor (|KL|:
+                           at this size the KL sum's own rounding can make it negative)
     own forward, 1 step    after one AdamW step at ``--lr`` on the task rows (fp32 master weights, as
                            ZeRO-3's bf16 mode keeps them): the smallest KL training gives the loss to act on
 
 Each KL is the mean over replay tokens, through the chunked head loss that training uses. bench/gpu_checks.sh
-runs it on one GPU in bf16 at Llama-3.2-1B's shape; GPU_CHECKS_SMOKE runs it on the CPU at a toy size.
+runs it on one GPU in bf16 at Llama-3.2-1B's shape; GPU_CHECKS_SMOKE runs it on the CPU at a toy size. On a GPU
+``auto`` packs samples only with flash attention's varlen path, since sdpa's masked kernels make a sample's
+states depend on its slot; the device image has no flash-attn, so the check measures sdpa, an upper bound that
+adds that dependence to the GEMMs' rounding. ``--attn flash_attention_2`` measures what ``auto`` would pack.
 
     python -m bench.joint_kl_floor                                        # tiny shape on the CPU
     python -m bench.joint_kl_floor --device cuda --dtype bfloat16 --model 1b
@@ -64,7 +68,8 @@ def kl_against(teacher: Any, student: Any, hidden: torch.Tensor, ids: torch.Tens
 def one_seed(args: argparse.Namespace, seed: int) -> dict[str, float]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shape = {**MODELS[args.model], "vocab_size": args.vocab}
-    master = load_causal_lm(ModelSource(config=shape, seed=seed), attn_implementation=args.attn).to(device)
+    with device:  # built on the device: a 1B model's seeded init on one CPU thread takes ~13 s
+        master = load_causal_lm(ModelSource(config=shape, seed=seed), attn_implementation=args.attn)
     teacher = copy.deepcopy(master).to(dtype).eval()
     student = copy.deepcopy(master).to(dtype).eval()  # eval: no dropout, as Llama's is 0 anyway
 
@@ -116,14 +121,17 @@ def main() -> None:
     for seed in args.seeds:
         runs.append(one_seed(args, seed))
         log.info("seed %d: %s", seed, {k: f"{v:.3g}" for k, v in runs[-1].items()})
-    own, joint, step = ([r[k] for r in runs] for k in ("own", "joint", "step"))
+    # |KL|: at the floor the KL sum's own rounding can make it negative, and a signed mean over seeds cancels
+    own, joint, step = ([abs(r[k]) for r in runs] for k in ("own", "joint", "step"))
     ratio = [j / s if s > 0 else float("nan") for j, s in zip(joint, step)]
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    per_seed = " ".join(f"{r['joint']:.2g}" for r in runs)
     print(
         f"\n{where}, {args.dtype}, model {args.model} (vocab {args.vocab}), attn {args.attn}, {args.samples} replay "
         f"samples of <= {args.replay_len} tokens packed into rows of {args.seq_len} behind {args.task_rows} task "
-        f"rows, seeds {' '.join(map(str, args.seeds))}; KL: mean per replay token against the teacher's padded "
-        f"forward, mean ± std over seeds\n"
+        f"rows, seeds {' '.join(map(str, args.seeds))}; KL: |mean per replay token| against the teacher's "
+        f"padded forward, mean ± std over seeds; per seed, packed at the start: "
+        f"{per_seed}\n"
     )
     print("| student's states | KL | vs one step's KL |")
     print("|---|---|---|")

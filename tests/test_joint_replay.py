@@ -68,8 +68,10 @@ def test_replay_states_from_the_joint_forward_equal_their_own_padded_forward_bit
 
 def test_with_several_long_slots_a_row_the_joint_states_move_with_the_slot_by_rounding_only():
     """4 slots of 128 tokens in rows of 512: on CPU sdpa a sample's states then depend on its slot by fp32
-    rounding (measured up to 7e-7 on this model; the rows of 128 above are bitwise). What the cache and the
-    teacher may differ by, so TM and KL start at 0 up to rounding, not at a slot's worth of difference."""
+    rounding (measured up to 7e-7 on this model, 1.7e-6 at bench/joint_kl_floor.py's tiny shape; the rows of
+    128 above are bitwise). What the cache and the teacher may differ by, so TM and KL start at 0 up to
+    rounding. The bound is 50x that error, and far under what a packing bug gives: a sample unpacked one token
+    off, or packed without document isolation, differs by 1.3 and 0.8 of the states' largest value."""
     model = load_causal_lm(ModelSource(config=TINY_LLAMA, seed=0)).eval()
     vocab, seq_len, replay_len = TINY_LLAMA["vocab_size"], 512, 128
     layout = ReplayLayout(replay_len, seq_len)
@@ -86,7 +88,6 @@ def test_with_several_long_slots_a_row_the_joint_states_move_with_the_slot_by_ro
     scale = alone[real].abs().max()
     assert (joint[real] - alone[real]).abs().max() <= 1e-5 * scale
     assert (built[real[reordered]] - joint[reordered][real[reordered]]).abs().max() <= 1e-5 * scale
-    assert (joint[[1, 0, 2, 3]][real] - alone[real]).abs().max() > 1e-2 * scale  # a slot's worth is not rounding
 
 
 def layout_for(
