@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from bench.train_step import MODELS
-from pipeline.gere.joint import ReplayLayout, joint_hidden
+from pipeline.gere.joint import ReplayLayout, filler_task_rows, joint_hidden
 from pipeline.losses.head import HeadLoss, final_hidden, frozen_head_weight
 from pipeline.losses.replay import ReplayInputs, kl_from_hidden
 from pipeline.model import ModelSource, load_causal_lm
@@ -57,11 +57,10 @@ def replay_batch(samples: int, replay_len: int, vocab: int, g: torch.Generator) 
     return ids, mask
 
 
-def kl_against(teacher: Any, student: Any, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:
+def kl_against(student: Any, hidden: torch.Tensor, teacher: ReplayInputs, teacher_weight: torch.Tensor) -> float:
     """Mean KL per replay token of the student's states ``hidden`` against the teacher's padded forward."""
     with torch.no_grad():
-        inputs = ReplayInputs(ids, mask, teacher_hidden=final_hidden(teacher, input_ids=ids, attention_mask=mask))
-        _, _, kl = kl_from_hidden(HeadLoss(student), hidden, inputs, frozen_head_weight(teacher), 1.0, 0.0, 1.0)
+        _, _, kl = kl_from_hidden(HeadLoss(student), hidden, teacher, teacher_weight, 1.0, 0.0, 1.0)
     return float(kl)
 
 
@@ -76,15 +75,15 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(seed)
     ids, mask = (t.to(device) for t in replay_batch(args.samples, args.replay_len, args.vocab, g))
     task = torch.randint(4, args.vocab, (args.task_rows, args.seq_len), generator=g).to(device)
-    half = args.seq_len // 2  # two documents a row: the packed-document attention path training takes
-    positions = torch.cat([torch.arange(half), torch.arange(args.seq_len - half)]).to(device)
-    positions = positions.expand(args.task_rows, -1).contiguous()
+    _, positions = filler_task_rows(args.task_rows, args.seq_len, device)  # two documents a row, as training's
     layout = ReplayLayout(args.replay_len, args.seq_len)
 
-    with torch.no_grad():
-        own = kl_against(teacher, student, final_hidden(student, input_ids=ids, attention_mask=mask), ids, mask)
+    with torch.no_grad():  # the teacher's padded forward, once: every KL below is against it
+        scored = ReplayInputs(ids, mask, teacher_hidden=final_hidden(teacher, input_ids=ids, attention_mask=mask))
+        head = frozen_head_weight(teacher)
+        own = kl_against(student, final_hidden(student, input_ids=ids, attention_mask=mask), scored, head)
         _, packed = joint_hidden(student, task, positions, ids, layout, args.attn)
-        joint = kl_against(teacher, student, packed, ids, mask)
+        joint = kl_against(student, packed, scored, head)
 
     master.train()
     optimizer = torch.optim.AdamW(master.parameters(), lr=args.lr, weight_decay=0.0)
@@ -92,7 +91,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, float]:
     optimizer.step()
     stepped = master.to(dtype).eval()  # the fp32 master weights, cast as the engine casts them after a step
     with torch.no_grad():
-        step = kl_against(teacher, stepped, final_hidden(stepped, input_ids=ids, attention_mask=mask), ids, mask)
+        step = kl_against(stepped, final_hidden(stepped, input_ids=ids, attention_mask=mask), scored, head)
     return {"own": own, "joint": joint, "step": step}
 
 
