@@ -89,6 +89,10 @@ PI_AHEAD_2 = {**PI_BRAKE, "lookahead": 2.0}
 # PI_BRAKE probing every 4 steps, for runs of hundreds of steps (--steps 200): whether the cost at equal forgetting
 # in 40-step runs (0.006-0.007 of naive's gain) is the first steps' transient, a smaller share of a longer run.
 PI_BRAKE_EVERY_4 = {**PI_BRAKE, "every": 4}
+# No budget: the probe measured every 4 steps and logged, the weights fixed (a test checks the run is bitwise the
+# unwatched one). A budget holds the rise through the run; a fixed weight compared on its end rise need not, so
+# these rows give the fixed weights' probe peaks, to compare a budget row with at equal peak too.
+WATCH = {"watch": True, "every": 4}
 KD = {"kd": {"weight": 1.0}}
 
 
@@ -124,6 +128,15 @@ class Row:
     def definition(self) -> dict[str, Any]:
         """What a stored result was run with: a row whose definition changed is run again."""
         return {"mixed": self.mixed, "extra": self.extra, "lr_mult": self.lr_mult}
+
+    @property
+    def holds_budget(self) -> bool:
+        return self.extra.get("forgetting", {}).get("budget") is not None
+
+    @property
+    def watched(self) -> bool:
+        """Probed and logged with the weights fixed (WATCH)."""
+        return "forgetting" in self.extra and not self.holds_budget
 
     @property
     def reads_cache(self) -> bool:
@@ -204,6 +217,9 @@ ROWS = [
         False,
         {**replay_kl(1.5), "forgetting": PI_BRAKE_EVERY_4},
     ),
+    Row("+ replay KL (w 1.5), probed every 4", False, {**replay_kl(1.5), "forgetting": WATCH}),
+    Row("+ replay KL (w 2), probed every 4", False, {**replay_kl(2.0), "forgetting": WATCH}),
+    Row("+ replay KL (w 3), probed every 4", False, {**replay_kl(3.0), "forgetting": WATCH}),
 ]
 DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
 
@@ -336,11 +352,28 @@ def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path
         capture_output=True,
     )
     scores = score(load_hf(out / "hf"), prep, args)
-    logs = work / "metrics"  # each run's training log outlives its checkpoints: what the controller did, etc.
-    logs.mkdir(exist_ok=True)
-    shutil.copyfile(out / "metrics.jsonl", logs / f"{row.name.replace(' ', '_').replace('/', '_')}-s{seed}.jsonl")
+    # each run's training log outlives its checkpoints: what the controller did, the probe's path
+    metrics_file(work, row.name, seed).parent.mkdir(exist_ok=True)
+    shutil.copyfile(out / "metrics.jsonl", metrics_file(work, row.name, seed))
     shutil.rmtree(out)
     return {**scores, "seconds": seconds, "commit": git_commit()}
+
+
+def metrics_file(work: Path, name: str, seed: int) -> Path:
+    return work / "metrics" / f"{name.replace(' ', '_').replace('/', '_')}-s{seed}.jsonl"
+
+
+def probe_peak(work: Path, name: str, seed: int) -> float:
+    """The highest probe rise a run logged (nan without a kept log or a probe)."""
+    path = metrics_file(work, name, seed)
+    if not path.is_file():
+        return math.nan
+    rises = [
+        r["forgetting/probe_rise"]
+        for r in map(json.loads, path.read_text().splitlines())
+        if "forgetting/probe_rise" in r
+    ]
+    return max(rises, default=math.nan)
 
 
 def git_commit() -> str:
@@ -387,7 +420,8 @@ def naive_of(name: str) -> str:
 
 
 def without_weights(extra: dict[str, Any]) -> dict[str, Any]:
-    """A row's options with the replay and KD weights (and a budget) left out: what its fixed-weight siblings share."""
+    """A row's options with the replay and KD weights (and a budget or a watch) left out: what its fixed-weight
+    siblings share."""
     out = {k: v for k, v in extra.items() if k != "forgetting"}
     for key in ("replay", "kd"):
         if key in out:
@@ -427,7 +461,47 @@ def fixed_line(results: dict[str, Any], row: Row) -> str | None:
     return None
 
 
-def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
+def learning(results: dict[str, Any], name: str, seed: str) -> float:
+    """One seed's domain gain as a share of naive CPT's in the same seed (nan where either is missing)."""
+    rows, base = results["rows"], results["base"]["ppl/domain"]
+    run, naive = rows.get(name, {}).get(seed), rows.get(naive_of(name), {}).get(seed)
+    if run is None or naive is None or naive["ppl/domain"] >= base:
+        return math.nan
+    return (run["ppl/domain"] / base - 1.0) / (naive["ppl/domain"] / base - 1.0)
+
+
+def peak_line(results: dict[str, Any], row: Row, work: Path) -> str | None:
+    """For a budget row: per seed, the learning of the fixed weights of its lever whose probe peaked where the
+    budget row's did, interpolated between the two watched rows around its peak: a comparison on what a budget
+    holds, the rise through the run, where :func:`fixed_line` compares end rises."""
+    watched = [
+        r
+        for r in ROWS
+        if r.watched
+        and (r.mixed, r.lr_mult, without_weights(r.extra)) == (row.mixed, row.lr_mult, without_weights(row.extra))
+    ]
+    compared = []
+    for seed in sorted(results["rows"].get(row.name, {}), key=int):
+        at, learned = probe_peak(work, row.name, int(seed)), learning(results, row.name, seed)
+        points = sorted(
+            (probe_peak(work, r.name, int(seed)), learning(results, r.name, seed), r.name)
+            for r in watched
+            if seed in results["rows"].get(r.name, {})
+        )
+        for (p0, l0, n0), (p1, l1, n1) in zip(points, points[1:]):
+            if p0 <= at <= p1 and p1 > p0:
+                line = l0 + (l1 - l0) * (at - p0) / (p1 - p0)
+                compared.append(learned - line)
+                break
+    if not compared:
+        return None
+    return (
+        f"{row.name}: at equal probe peak, {statistics.fmean(compared):+.3f} of naive's gain against the fixed "
+        f"weights (seeds compared: {len(compared)}; each {', '.join(f'{c:+.3f}' for c in compared)})"
+    )
+
+
+def print_table(results: dict[str, Any], args: argparse.Namespace, work: Path) -> None:
     print(
         f"\n{args.steps} steps of {global_rows(args)} x {args.seq_len} tokens from {results['base_name']}, "
         f"lr {args.lr:g} (1x), {RANKS} CPU ranks, seeds {' '.join(map(str, args.seeds))}; {results['scored']}"
@@ -470,9 +544,22 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
             held = sum(x <= BUDGET["budget"] for x in g)
             print(f"{name}: general ppl rise {mean_std(g)[0]:+.1%}, within the budget in {held} of {len(g)} seeds")
     for row in ROWS:
-        compared = fixed_line(results, row) if "forgetting" in row.extra and row.name in results["rows"] else None
+        compared = fixed_line(results, row) if row.holds_budget and row.name in results["rows"] else None
         if compared:
             print(compared)
+    probed = [r for r in ROWS if "forgetting" in r.extra and r.name in results["rows"]]
+    peaks = {(r.name, s): probe_peak(work, r.name, int(s)) for r in probed for s in results["rows"][r.name]}
+    if any(math.isfinite(v) for v in peaks.values()):
+        print("\n| run | seed | probe peak | Δ general ppl (holdout, end) | learning / naive |")
+        print("|---|---|---|---|---|")
+        base = results["base"]["ppl/general"]
+        for (name, seed), peak in peaks.items():
+            end = results["rows"][name][seed]["ppl/general"] / base - 1.0
+            print(f"| {name} | {seed} | {peak:+.1%} | {end:+.1%} | {learning(results, name, seed):.3f} |")
+        for row in probed:
+            compared = peak_line(results, row, work) if row.holds_budget else None
+            if compared:
+                print(compared)
 
 
 def summary_line(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -583,7 +670,7 @@ def main() -> None:
             shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in scores.items()}
             log.info("%s, seed %d: %s", row.name, seed, shown)
     write_json(store, results)
-    print_table(results, args)
+    print_table(results, args, work)
     print(summary_line(results, args))
 
 

@@ -60,6 +60,11 @@ brake-only law lowered the probe's peak but not the cost (0.006-0.007): to first
 its domain gain both scale with the update, so the best trade is a near-constant weight, which a fixed weight
 tuned in hindsight already is and a feedback law can only approach (bench README, reasoning there).
 
+With ``watch`` and no budget the probe is measured and logged and nothing else happens: the level stays 0,
+so both levers read exactly 1 and the trainer applies neither. The bench uses that for the forgetting curve of
+a fixed weight, which the budget's run is compared with: a budget holds the rise through the run, while a
+fixed weight judged on its end rise may pass the budget on the way.
+
 The probe loss is an all-reduced sum, so every rank computes the same ``u``;
 the state (``u``, the proportional term, ``ppl_0``, the last rise) is in the checkpoint, so a
 resumed run continues exactly.
@@ -147,6 +152,7 @@ class ForgettingBudget:
         self.base_ppl, self.rise = None, 0.0
         self.base_docs: torch.Tensor | None = None  # [documents, 2] (NLL, tokens) before the first step
         self.whole_documents = True  # a checkpoint from before whole-document probes keeps first windows
+        self.controls = cfg.budget is not None  # else watch: measure and log only, the level stays 0
 
     @property
     def effective_level(self) -> float:
@@ -173,8 +179,8 @@ class ForgettingBudget:
             raise ConfigError("forgetting.budget: the prep's probe documents predict no token (each is one token)")
         self.base_ppl = perplexity_of(self.base_docs)
         log.info(
-            "forgetting budget %.3g: probe ppl %.3f before training (%d documents, %d tokens)",
-            self.cfg.budget,
+            "forgetting %s: probe ppl %.3f before training (%d documents, %d tokens)",
+            f"budget {self.cfg.budget:.3g}" if self.controls else "watch (no budget: measured, not held)",
             self.base_ppl,
             len(self.base_docs),
             tokens,
@@ -188,13 +194,11 @@ class ForgettingBudget:
             self.rise, error = perplexity_change(self.base_docs, now)
         else:  # a checkpoint from before per-document baselines kept the probe's perplexity only
             self.rise = perplexity_of(now) / self.base_ppl - 1.0
-        self.level = next_level(self.level, self.rise, previous, self.cfg, error)
-        self.push = proportional_step(self.rise, previous, self.cfg, error)
-        logged = {
-            "forgetting/probe_rise": self.rise,
-            "forgetting/scale": self.scale,
-            "forgetting/lr_scale": self.lr_scale,
-        }
+        logged = {"forgetting/probe_rise": self.rise}
+        if self.controls:
+            self.level = next_level(self.level, self.rise, previous, self.cfg, error)
+            self.push = proportional_step(self.rise, previous, self.cfg, error)
+            logged |= {"forgetting/scale": self.scale, "forgetting/lr_scale": self.lr_scale}
         if math.isfinite(error):  # nan (a checkpoint from before, one document) is not JSON
             logged["forgetting/probe_rise_se"] = error
         return logged
@@ -214,8 +218,9 @@ class ForgettingBudget:
         """Continue a checkpoint's controller; refused when its baseline was measured on other documents."""
         if state is None:
             raise ConfigError(
-                "forgetting.budget is set but the checkpoint has no forgetting-budget state: its probe baseline "
-                "would be measured on already-trained weights; resume with the budget off or start a new run"
+                f"forgetting.{'budget' if self.controls else 'watch'} is set but the checkpoint has no "
+                "forgetting-budget state: its probe baseline would be measured on already-trained weights; resume "
+                "with it off or start a new run"
             )
         if state["probe"] != self.probe:
             raise ConfigError(
@@ -224,8 +229,9 @@ class ForgettingBudget:
             )
         # checkpoints written before the lr brake kept the scale: its log is the same level
         # clamped: a resume may narrow the bounds (min_lr_scale, max_scale) the level was set under
-        self.level = clamp_level(state["level"] if "level" in state else math.log(state["scale"]), self.cfg)
-        self.push = state.get("push", 0.0)  # checkpoints written before the proportional term had none
+        if self.controls:  # watching only, the level stays 0 whatever a budgeted checkpoint held
+            self.level = clamp_level(state["level"] if "level" in state else math.log(state["scale"]), self.cfg)
+            self.push = state.get("push", 0.0)  # checkpoints written before the proportional term had none
         self.base_ppl, self.rise = state["base_ppl"], state["rise"]
         # Checkpoints written before whole-document probes measured their baseline on first windows, without
         # per-document losses: they go on as they started (no standard error), so the resumed rise is the same.

@@ -126,10 +126,17 @@ class PenaltyConfig:
 
 @dataclass
 class ForgettingConfig:
-    """A forgetting budget the trainer holds (pipeline/budget.py): it scales anti-forgetting weights, then the lr."""
+    """A forgetting budget the trainer holds (pipeline/budget.py): it scales anti-forgetting weights, then the lr.
+    Or, with ``watch``, only the probe's measurement."""
 
     budget: float | None = setting(
         None, "allowed rise of general perplexity on the prep's probe documents, e.g. 0.02; null: off"
+    )
+    watch: bool = setting(
+        False,
+        "with budget null: probe every `every` steps and log the rise (forgetting/probe_rise, probe_rise_se) "
+        "without touching the weights or the lr, the forgetting curve of a run with fixed weights; a budget "
+        "logs it anyway",
     )
     every: int = setting(50, "steps between probe measurements (all ranks, one forward per seq_len window)")
     probe_docs: int = setting(
@@ -315,6 +322,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.penalty.ewc_batches >= 1, "penalty.ewc_batches", cfg.penalty.ewc_batches, ">= 1")
     need(cfg.penalty.weight >= 0, "penalty.weight", cfg.penalty.weight, ">= 0")
     budget = cfg.forgetting
+    if budget.budget is not None or budget.watch:
+        need(budget.every >= 1, "forgetting.every", budget.every, ">= 1")
+        need(budget.probe_docs >= 1, "forgetting.probe_docs", budget.probe_docs, ">= 1")
     if budget.budget is not None:
         need(budget.budget > 0, "forgetting.budget", budget.budget, "> 0")
         weight = cfg.replay.weight
@@ -326,8 +336,6 @@ def validate(cfg: TrainConfig) -> None:
             budget.budget,
             "set with something to scale: a replay term (tm, l1, l2, kl), replay CE (ce_weight > 0) or kd.weight > 0",
         )
-        need(budget.every >= 1, "forgetting.every", budget.every, ">= 1")
-        need(budget.probe_docs >= 1, "forgetting.probe_docs", budget.probe_docs, ">= 1")
         need(budget.gain > 0, "forgetting.gain", budget.gain, "> 0")
         need(budget.lookahead >= 0, "forgetting.lookahead", budget.lookahead, ">= 0")
         need(budget.proportional >= 0, "forgetting.proportional", budget.proportional, ">= 0")

@@ -104,8 +104,10 @@ class Trainer:
                 with self._eval_mode():
                     self.budget.start(logits_of(self.engine))
             # The first step's lr was set before the budget existed (a cautious start brakes it), and a resumed
-            # optimizer's under the saved level, which the load may have clamped.
-            self._apply_levers()
+            # optimizer's under the saved level, which the load may have clamped. Watching only, nothing is
+            # applied: the run's arithmetic is the unwatched run's (a test compares the losses bitwise).
+            if self.budget.controls:
+                self._apply_levers()
         self.reader = StepReader(self.mixture, self.order, self.device)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard)
         self.holdout = {
@@ -131,7 +133,8 @@ class Trainer:
                 if self.budget is not None and self._due(self.cfg.forgetting.every):
                     with self._eval_mode():
                         last.update(self.budget.update(logits_of(self.engine)))
-                    self._apply_levers()
+                    if self.budget.controls:
+                        self._apply_levers()
                 self._log(last)
                 if self._due(self.cfg.eval.every) and self.step < self.total_steps:
                     self.metrics.log(self.step, self.evaluate())
@@ -237,12 +240,13 @@ class Trainer:
             self.engine.train()
 
     def _forgetting_budget(self) -> ForgettingBudget | None:
-        if self.cfg.forgetting.budget is None:
+        forgetting = self.cfg.forgetting
+        if forgetting.budget is None and not forgetting.watch:
             return None
         if self.prep.probe is None:
+            setting = "forgetting.budget" if forgetting.budget is not None else "forgetting.watch"
             raise ConfigError(
-                f"forgetting.budget needs probe documents: {self.cfg.data.prep} has none; prepare it with "
-                "replay.probe_docs > 0"
+                f"{setting} needs probe documents: {self.cfg.data.prep} has none; prepare it with replay.probe_docs > 0"
             )
         return ForgettingBudget(
             self.cfg.forgetting, datasets.load_from_disk(str(self.prep.probe)), self.seq_len, self.device

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from bench.forgetting import ROWS, fixed_line, without_weights
+import json
+import math
+
+from bench.forgetting import ROWS, fixed_line, metrics_file, peak_line, probe_peak, without_weights
 
 
 def results(rows: dict[str, tuple[float, float]]) -> dict:
@@ -38,3 +41,23 @@ def test_fixed_siblings_share_the_lever_and_lr_but_not_the_weight():
     assert without_weights(budget.extra) == without_weights(fixed.extra)
     assert without_weights(by_name["+ mix + KD"].extra) != without_weights(fixed.extra)
     assert by_name["+ replay KL (w 1.5), 3x lr"].lr_mult != budget.lr_mult  # and so not on the 1x line
+
+
+def test_a_budget_row_is_compared_per_seed_with_the_watched_fixed_weights_at_its_probe_peak(tmp_path):
+    budget = "+ replay KL (w 1.5), budget 5%, PI, brake-only P, every 4"
+    w2, w3 = "+ replay KL (w 2), probed every 4", "+ replay KL (w 3), probed every 4"
+    # naive learns 100 points of domain ppl; the budget row 95; w 2 peaks at +8% and learns 96, w 3 at +4% and 90
+    data = results({"naive CPT": (130.0, 100.0), budget: (104.0, 105.0), w2: (101.0, 104.0), w3: (100.5, 110.0)})
+    for name, rises in ((budget, [0.02, 0.07, 0.03]), (w2, [0.03, 0.08, 0.01]), (w3, [0.01, 0.04, 0.005])):
+        for seed in (0, 1):
+            lines = [{"step": 4 * (i + 1), "forgetting/probe_rise": r} for i, r in enumerate(rises)]
+            path = metrics_file(tmp_path, name, seed)
+            path.parent.mkdir(exist_ok=True)
+            path.write_text("\n".join(map(json.dumps, lines)))
+    row = next(r for r in ROWS if r.name == budget)
+    assert row.holds_budget and not row.watched and next(r for r in ROWS if r.name == w2).watched
+    assert probe_peak(tmp_path, budget, 0) == 0.07 and math.isnan(probe_peak(tmp_path, budget, 5))
+    # at a +7% peak the line from w 3 (+4%, 0.90) to w 2 (+8%, 0.96) gives 0.945; the row learns 0.95
+    line = peak_line(data, row, tmp_path)
+    assert "+0.005 of naive's gain" in line and "seeds compared: 2" in line
+    assert peak_line(data, next(r for r in ROWS if r.name == "+ replay KL (w 1.5), budget 5%, PI"), tmp_path) is None

@@ -213,6 +213,43 @@ def test_a_checkpoint_without_budget_state_or_measured_on_other_probe_documents_
     assert budget.level == pytest.approx(math.log(CFG.max_scale) - math.log(CFG.min_lr_scale))
 
 
+def test_watching_logs_the_rise_and_leaves_both_levers_at_exactly_1_even_from_a_budgeted_checkpoint():
+    probe = datasets.Dataset.from_dict({"id": ["g:1", "g:2"], "input_ids": [[1, 2, 3]] * 2, "loss_mask": [[1] * 3] * 2})
+    watch = ForgettingBudget(ForgettingConfig(watch=True), probe, 8, torch.device("cpu"))
+    watch.start(lambda ids: torch.zeros(*ids.shape, 100))
+    logged = watch.update(lambda ids: torch.zeros(*ids.shape, 150))  # +50%: a budget would brake hard
+    assert logged.keys() == {"forgetting/probe_rise", "forgetting/probe_rise_se"}
+    assert logged["forgetting/probe_rise"] == pytest.approx(0.5, abs=1e-6)
+    assert (watch.level, watch.scale, watch.lr_scale) == (0.0, 1.0, 1.0)
+    held = ForgettingBudget(CFG, probe, 8, torch.device("cpu"))
+    held.start(lambda ids: torch.zeros(*ids.shape, 100))
+    held.update(lambda ids: torch.zeros(*ids.shape, 150))
+    assert held.scale > 1.0
+    watch.load_state_dict(held.state_dict())  # a budgeted run resumed with only the watch
+    assert (watch.scale, watch.lr_scale) == (1.0, 1.0) and watch.rise == held.rise
+
+
+def test_a_watched_run_trains_bitwise_as_the_unwatched_one_and_logs_its_forgetting_curve(sample, tmp_path):
+    """The probe's forwards between steps (all ranks, eval mode, ZeRO-3 gathers) leave the training alone: a
+    watched naive run (nothing to scale, so no budget could run) logs the same losses, lr and final eval."""
+    prep = make_prep(sample, tmp_path / "prep", probe_docs=6)
+    sections = {"steps": 4, "checkpoint": {"every": 0}, "optim": {"lr": 0.05, "warmup_steps": 1}}
+    plain = write_config(tmp_path / "plain.yaml", prep, tmp_path / "plain", **sections)
+    watched = write_config(
+        tmp_path / "watched.yaml", prep, tmp_path / "watched", **sections, forgetting={"watch": True, "every": 2}
+    )
+    run_training(plain)
+    run_training(watched)
+    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "watched")
+    assert {s for s, r in b.items() if "forgetting/probe_rise" in r} == {2, 4}
+    assert not any("forgetting/scale" in r or "forgetting/lr_scale" in r for r in b.values())
+    assert b[4]["forgetting/probe_rise"] != 0.0 and b[4]["forgetting/probe_rise_se"] > 0
+    for step, row in a.items():
+        for key in ("loss", "lr", "grad_norm", "ppl/general", "ppl/domain"):
+            if key in row:
+                assert b[step][key] == row[key], (step, key)  # bitwise
+
+
 def test_the_scale_multiplies_replay_ce_the_replay_term_and_kd_and_leaves_task_ce_alone():
     task, replay = objective_inputs()
     g = torch.Generator().manual_seed(1)
