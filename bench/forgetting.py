@@ -132,12 +132,13 @@ class Row:
 
     @property
     def holds_budget(self) -> bool:
+        """A forgetting budget moves the row's weights (and lr): its fixed-weight siblings are its yardstick."""
         return self.extra.get("forgetting", {}).get("budget") is not None
 
     @property
     def watched(self) -> bool:
         """Probed and logged with the weights fixed (WATCH)."""
-        return "forgetting" in self.extra and not self.holds_budget
+        return bool(self.extra.get("forgetting", {}).get("watch"))
 
     @property
     def reads_cache(self) -> bool:
@@ -361,6 +362,7 @@ def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path
 
 
 def metrics_file(work: Path, name: str, seed: int) -> Path:
+    """Where a (row, seed) run's metrics.jsonl is kept after its run directory is removed."""
     return work / "metrics" / f"{name.replace(' ', '_').replace('/', '_')}-s{seed}.jsonl"
 
 
@@ -475,20 +477,18 @@ def peak_line(results: dict[str, Any], row: Row, work: Path) -> str | None:
     """For a budget row: per seed, the learning of the fixed weights of its lever whose probe peaked where the
     budget row's did, interpolated between the two watched rows around its peak: a comparison on what a budget
     holds, the rise through the run, where :func:`fixed_line` compares end rises."""
-    watched = [
-        r
-        for r in ROWS
-        if r.watched
-        and (r.mixed, r.lr_mult, without_weights(r.extra)) == (row.mixed, row.lr_mult, without_weights(row.extra))
-    ]
+
+    def key(r: Row) -> tuple[Any, ...]:  # the same lever and lr, probed as often (a max over more probes is higher)
+        return r.mixed, r.lr_mult, without_weights(r.extra), r.extra["forgetting"].get("every")
+
+    watched = [r for r in ROWS if r.watched and key(r) == key(row)]
     compared = []
     for seed in sorted(results["rows"].get(row.name, {}), key=int):
         at, learned = probe_peak(work, row.name, int(seed)), learning(results, row.name, seed)
-        points = sorted(
-            (probe_peak(work, r.name, int(seed)), learning(results, r.name, seed), r.name)
-            for r in watched
-            if seed in results["rows"].get(r.name, {})
-        )
+        measured = ((probe_peak(work, r.name, int(seed)), learning(results, r.name, seed), r.name) for r in watched)
+        points = sorted(p for p in measured if math.isfinite(p[0]) and math.isfinite(p[1]))
+        if not (math.isfinite(at) and math.isfinite(learned)):
+            continue
         for (p0, l0, n0), (p1, l1, n1) in zip(points, points[1:]):
             if p0 <= at <= p1 and p1 > p0:
                 line = l0 + (l1 - l0) * (at - p0) / (p1 - p0)
@@ -548,6 +548,11 @@ def print_table(results: dict[str, Any], args: argparse.Namespace, work: Path) -
         compared = fixed_line(results, row) if row.holds_budget and row.name in results["rows"] else None
         if compared:
             print(compared)
+    print_peaks(results, work)
+
+
+def print_peaks(results: dict[str, Any], work: Path) -> None:
+    """Each probed run's probe peak beside its end, and each budget row against the watched weights there."""
     probed = [r for r in ROWS if "forgetting" in r.extra and r.name in results["rows"]]
     peaks = {(r.name, s): probe_peak(work, r.name, int(s)) for r in probed for s in results["rows"][r.name]}
     if any(math.isfinite(v) for v in peaks.values()):

@@ -59,12 +59,13 @@ the peak-lr steps, not from the first probe's release, so it stays 1 by default.
 brake-only law lowered the probe's peak but not the cost (0.006-0.007): to first order a step's forgetting and
 its domain gain both scale with the update, so the best trade is a near-constant weight, which a fixed weight
 tuned in hindsight already is and a feedback law can only approach (bench README, reasoning there). Over 200
-steps the cost at equal end rise stayed (0.010), but every fixed weight's rise peaked over the budget mid-run
+steps the cost at equal end rise stayed (0.010), but both watched fixed weights' rises peaked over the budget mid-run
 and came back as the lr decayed; against fixed weights with the same peak (``watch``) brake-only PI learned
 0.027 more of naive's gain (2 seeds).
 
-With ``watch`` and no budget the probe is measured and logged and nothing else happens: the level stays 0,
-so both levers read exactly 1 and the trainer applies neither. The bench uses that for the forgetting curve of
+With ``watch`` and no budget the probe is measured and logged and nothing else happens: both levers read
+exactly 1 whatever the other settings (a cautious start included), and the trainer applies them only to
+undo a budgeted checkpoint's brake on resume. The bench uses that for the forgetting curve of
 a fixed weight, which the budget's run is compared with: a budget holds the rise through the run, while a
 fixed weight judged on its end rise may pass the budget on the way.
 
@@ -150,12 +151,12 @@ class ForgettingBudget:
         self.cfg, self.seq_len, self.device = cfg, seq_len, device
         self.docs, self.masks = rows["input_ids"], rows["loss_mask"]
         self.probe = hashlib.sha256("\n".join(rows["id"]).encode()).hexdigest()[:16]  # which documents
-        self.level = level_bounds(cfg)[1] if cfg.cautious_start else 0.0  # the integral
+        self.controls = cfg.budget is not None  # else watch: measure and log only, both levers read 1
+        self.level = level_bounds(cfg)[1] if cfg.cautious_start and self.controls else 0.0  # the integral
         self.push = 0.0  # the proportional term: 0 until a probe has measured an error
         self.base_ppl, self.rise = None, 0.0
         self.base_docs: torch.Tensor | None = None  # [documents, 2] (NLL, tokens) before the first step
         self.whole_documents = True  # a checkpoint from before whole-document probes keeps first windows
-        self.controls = cfg.budget is not None  # else watch: measure and log only, the level stays 0
 
     @property
     def effective_level(self) -> float:
@@ -164,11 +165,13 @@ class ForgettingBudget:
 
     @property
     def scale(self) -> float:
-        return levers(self.effective_level, self.cfg)[0]
+        """The scale on the anti-forgetting weights; exactly 1 while watching, whatever the other settings."""
+        return levers(self.effective_level, self.cfg)[0] if self.controls else 1.0
 
     @property
     def lr_scale(self) -> float:
-        return levers(self.effective_level, self.cfg)[1]
+        """The lr brake the scheduler multiplies by; exactly 1 while watching."""
+        return levers(self.effective_level, self.cfg)[1] if self.controls else 1.0
 
     def probe_losses(self, forward: Forward) -> torch.Tensor:
         """Each probe document's (NLL, tokens): [documents, 2], the same on every rank."""
@@ -179,7 +182,8 @@ class ForgettingBudget:
         self.base_docs = self.probe_losses(forward)
         tokens = int(self.base_docs[:, 1].sum())
         if not tokens:
-            raise ConfigError("forgetting.budget: the prep's probe documents predict no token (each is one token)")
+            setting = "forgetting.budget" if self.controls else "forgetting.watch"
+            raise ConfigError(f"{setting}: the prep's probe documents predict no token (each is one token)")
         self.base_ppl = perplexity_of(self.base_docs)
         log.info(
             "forgetting %s: probe ppl %.3f before training (%d documents, %d tokens)",

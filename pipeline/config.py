@@ -135,8 +135,8 @@ class ForgettingConfig:
     watch: bool = setting(
         False,
         "with budget null: probe every `every` steps and log the rise (forgetting/probe_rise, probe_rise_se) "
-        "without touching the weights or the lr, the forgetting curve of a run with fixed weights; a budget "
-        "logs it anyway",
+        "without touching the weights or the lr, the forgetting curve of a run with fixed weights; with a "
+        "budget it is logged anyway, so watch must stay false",
     )
     every: int = setting(50, "steps between probe measurements (all ranks, one forward per seq_len window)")
     probe_docs: int = setting(
@@ -325,6 +325,8 @@ def validate(cfg: TrainConfig) -> None:
     if budget.budget is not None or budget.watch:
         need(budget.every >= 1, "forgetting.every", budget.every, ">= 1")
         need(budget.probe_docs >= 1, "forgetting.probe_docs", budget.probe_docs, ">= 1")
+    # one meaning per setting: a watch with a budget would control, not only measure
+    need(budget.budget is None or not budget.watch, "forgetting.watch", budget.watch, "false when a budget is set")
     if budget.budget is not None:
         need(budget.budget > 0, "forgetting.budget", budget.budget, "> 0")
         weight = cfg.replay.weight

@@ -104,9 +104,10 @@ class Trainer:
                 with self._eval_mode():
                     self.budget.start(logits_of(self.engine))
             # The first step's lr was set before the budget existed (a cautious start brakes it), and a resumed
-            # optimizer's under the saved level, which the load may have clamped. Watching only, nothing is
-            # applied: the run's arithmetic is the unwatched run's (a test compares the losses bitwise).
-            if self.budget.controls:
+            # optimizer's under the saved level, which the load may have clamped. Watching only, the levers are
+            # 1 and a fresh run's lr is already the schedule's: nothing is applied, so the run's arithmetic is
+            # the unwatched run's (a test compares the losses bitwise); a resumed one may carry a budget's brake.
+            if self.budget.controls or self.resume_from is not None:
                 self._apply_levers()
         self.reader = StepReader(self.mixture, self.order, self.device)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard)
@@ -172,7 +173,9 @@ class Trainer:
         return out
 
     def _log(self, metrics: dict[str, Any]) -> None:
-        if self._due(self.cfg.log.every) or self.step == self.total_steps:
+        """A metrics line every log.every steps, at the end, and whenever the probe ran (its rise is logged once)."""
+        probed = "forgetting/probe_rise" in metrics
+        if self._due(self.cfg.log.every) or self.step == self.total_steps or probed:
             self.metrics.log(self.step, metrics)
         self.metrics.advance()
 

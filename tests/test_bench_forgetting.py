@@ -48,16 +48,21 @@ def test_a_budget_row_is_compared_per_seed_with_the_watched_fixed_weights_at_its
     w2, w3 = "+ replay KL (w 2), probed every 4", "+ replay KL (w 3), probed every 4"
     # naive learns 100 points of domain ppl; the budget row 95; w 2 peaks at +8% and learns 96, w 3 at +4% and 90
     data = results({"naive CPT": (130.0, 100.0), budget: (104.0, 105.0), w2: (101.0, 104.0), w3: (100.5, 110.0)})
-    for name, rises in ((budget, [0.02, 0.07, 0.03]), (w2, [0.03, 0.08, 0.01]), (w3, [0.01, 0.04, 0.005])):
-        for seed in (0, 1):
-            lines = [{"step": 4 * (i + 1), "forgetting/probe_rise": r} for i, r in enumerate(rises)]
-            path = metrics_file(tmp_path, name, seed)
-            path.parent.mkdir(exist_ok=True)
-            path.write_text("\n".join(map(json.dumps, lines)))
+    # seed 1: the budget row peaks at +5% instead of +7%, and learns 0.91 (domain ppl 109)
+    data["rows"][budget]["1"]["ppl/domain"] = 109.0
+    peaks = {(budget, 0): 0.07, (budget, 1): 0.05, (w2, 0): 0.08, (w2, 1): 0.08, (w3, 0): 0.04, (w3, 1): 0.04}
+    for (name, seed), peak in peaks.items():
+        lines = [{"step": 4 * (i + 1), "forgetting/probe_rise": r} for i, r in enumerate([0.01, peak, 0.005])]
+        path = metrics_file(tmp_path, name, seed)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("\n".join(map(json.dumps, lines)))
     row = next(r for r in ROWS if r.name == budget)
     assert row.holds_budget and not row.watched and next(r for r in ROWS if r.name == w2).watched
     assert probe_peak(tmp_path, budget, 0) == 0.07 and math.isnan(probe_peak(tmp_path, budget, 5))
-    # at a +7% peak the line from w 3 (+4%, 0.90) to w 2 (+8%, 0.96) gives 0.945; the row learns 0.95
+    # seed 0: at +7% the line from w 3 (+4%, 0.90) to w 2 (+8%, 0.96) gives 0.945, the row learns 0.95;
+    # seed 1: at +5% it gives 0.915, the row learns 0.91
     line = peak_line(data, row, tmp_path)
-    assert "+0.005 of naive's gain" in line and "seeds compared: 2" in line
+    assert "each +0.005, -0.005" in line and "+0.000 of naive's gain" in line and "seeds compared: 2" in line
+    metrics_file(tmp_path, w2, 1).unlink()  # seed 1 has no bracket left: only seed 0 is compared
+    assert "seeds compared: 1; each +0.005" in peak_line(data, row, tmp_path)
     assert peak_line(data, next(r for r in ROWS if r.name == "+ replay KL (w 1.5), budget 5%, PI"), tmp_path) is None

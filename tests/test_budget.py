@@ -227,6 +227,21 @@ def test_watching_logs_the_rise_and_leaves_both_levers_at_exactly_1_even_from_a_
     assert held.scale > 1.0
     watch.load_state_dict(held.state_dict())  # a budgeted run resumed with only the watch
     assert (watch.scale, watch.lr_scale) == (1.0, 1.0) and watch.rise == held.rise
+    # settings that only a budget reads leave a watch alone: a cautious start would brake the lr to 5%
+    cautious = ForgettingBudget(
+        ForgettingConfig(watch=True, cautious_start=True, max_scale=0.5), probe, 8, torch.device("cpu")
+    )
+    assert (cautious.scale, cautious.lr_scale) == (1.0, 1.0)
+
+
+def test_a_watch_beside_a_budget_is_refused(tmp_path):
+    config = tmp_path / "c.yaml"
+    body = "steps: 2\nmodel: {path: m}\ndata: {prep: p}\nkd: {weight: 1.0}\nforgetting: {budget: 0.05, watch: true}\n"
+    config.write_text(body)
+    with pytest.raises(ConfigError, match="forgetting.watch"):
+        load_train_config(config)
+    config.write_text(body.replace(", watch: true", ""))
+    assert load_train_config(config).forgetting.budget == 0.05
 
 
 def test_a_watched_run_trains_bitwise_as_the_unwatched_one_and_logs_its_forgetting_curve(sample, tmp_path):
