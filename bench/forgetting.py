@@ -432,6 +432,15 @@ def without_weights(extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def on_line(points: list[tuple[float, float, str]], at: float) -> tuple[float, str, str] | None:
+    """The learning on the line between the two sorted (x, learning, row name) points around ``at``, with their
+    names; None outside them."""
+    for (x0, l0, name0), (x1, l1, name1) in zip(points, points[1:]):
+        if x0 <= at <= x1 and x1 > x0:
+            return l0 + (l1 - l0) * (at - x0) / (x1 - x0), name0, name1
+    return None
+
+
 def fixed_line(results: dict[str, Any], row: Row) -> str | None:
     """For a budget row: the learning that the fixed weights of its lever give at its forgetting, interpolated
     between the two fixed rows around its Δ general (mean over seeds): a comparison at equal forgetting, which
@@ -452,13 +461,13 @@ def fixed_line(results: dict[str, Any], row: Row) -> str | None:
     g, d = changes(results, row.name, "general"), changes(results, row.name, "domain")
     at, learned = mean_std(g)[0], ratio(d, nd, -1)
     points.sort()
-    for (g0, l0, name0), (g1, l1, name1) in zip(points, points[1:]):
-        if g0 <= at <= g1 and g1 > g0:
-            line = l0 + (l1 - l0) * (at - g0) / (g1 - g0)
-            return (
-                f"{row.name}: learns {learned:.3f} at {at:+.1%}; the fixed weights' line there ({name0} to {name1}) "
-                f"learns {line:.3f}: {learned - line:+.3f} at equal forgetting"
-            )
+    found = on_line(points, at)
+    if found:
+        line, name0, name1 = found
+        return (
+            f"{row.name}: learns {learned:.3f} at {at:+.1%}; the fixed weights' line there ({name0} to {name1}) "
+            f"learns {line:.3f}: {learned - line:+.3f} at equal forgetting"
+        )
     if len(points) >= 2 and math.isfinite(at):
         return f"{row.name}: at {at:+.1%}, outside its fixed rows' range ({points[0][0]:+.1%} to {points[-1][0]:+.1%})"
     return None
@@ -485,15 +494,12 @@ def peak_line(results: dict[str, Any], row: Row, work: Path) -> str | None:
     compared = []
     for seed in sorted(results["rows"].get(row.name, {}), key=int):
         at, learned = probe_peak(work, row.name, int(seed)), learning(results, row.name, seed)
-        measured = ((probe_peak(work, r.name, int(seed)), learning(results, r.name, seed), r.name) for r in watched)
-        points = sorted(p for p in measured if math.isfinite(p[0]) and math.isfinite(p[1]))
         if not (math.isfinite(at) and math.isfinite(learned)):
             continue
-        for (p0, l0, n0), (p1, l1, n1) in zip(points, points[1:]):
-            if p0 <= at <= p1 and p1 > p0:
-                line = l0 + (l1 - l0) * (at - p0) / (p1 - p0)
-                compared.append(learned - line)
-                break
+        measured = ((probe_peak(work, r.name, int(seed)), learning(results, r.name, seed), r.name) for r in watched)
+        found = on_line(sorted(p for p in measured if math.isfinite(p[0]) and math.isfinite(p[1])), at)
+        if found:
+            compared.append(learned - found[0])
     if not compared:
         return None
     return (
