@@ -182,8 +182,9 @@ class ForgettingBudget:
         self.base_docs = self.probe_losses(forward)
         tokens = int(self.base_docs[:, 1].sum())
         if not tokens:
-            setting = "forgetting.budget" if self.controls else "forgetting.watch"
-            raise ConfigError(f"{setting}: the prep's probe documents predict no token (each is one token)")
+            raise ConfigError(
+                f"{self.cfg.probe_setting}: the prep's probe documents predict no token (each is one token)"
+            )
         self.base_ppl = perplexity_of(self.base_docs)
         log.info(
             "forgetting %s: probe ppl %.3f before training (%d documents, %d tokens)",
@@ -225,7 +226,7 @@ class ForgettingBudget:
         """Continue a checkpoint's controller; refused when its baseline was measured on other documents."""
         if state is None:
             raise ConfigError(
-                f"forgetting.{'budget' if self.controls else 'watch'} is set but the checkpoint has no "
+                f"{self.cfg.probe_setting} is set but the checkpoint has no "
                 "forgetting-budget state: its probe baseline would be measured on already-trained weights; resume "
                 "with it off or start a new run"
             )

@@ -185,6 +185,11 @@ class ForgettingConfig:
         0.05, "floor of the lr brake: past max_scale the controller lowers the lr, down to this fraction; 1: never"
     )
 
+    @property
+    def probe_setting(self) -> str:
+        """The setting the probe runs for, as its errors name it."""
+        return "forgetting.budget" if self.budget is not None else "forgetting.watch"
+
 
 @dataclass
 class CheckpointConfig:

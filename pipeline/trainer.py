@@ -104,11 +104,10 @@ class Trainer:
                 with self._eval_mode():
                     self.budget.start(logits_of(self.engine))
             # The first step's lr was set before the budget existed (a cautious start brakes it), and a resumed
-            # optimizer's under the saved level, which the load may have clamped. Watching only, the levers are
-            # 1 and a fresh run's lr is already the schedule's: nothing is applied, so the run's arithmetic is
-            # the unwatched run's (a test compares the losses bitwise); a resumed one may carry a budget's brake.
-            if self.budget.controls or self.resume_from is not None:
-                self._apply_levers()
+            # optimizer's under the saved level, which the load may have clamped. Watching, the levers read 1:
+            # this sets the schedule's own lr, the value LambdaLR set (a test compares a watched run's losses
+            # bitwise), and undoes the brake a budgeted checkpoint's optimizer carries.
+            self._apply_levers()
         self.reader = StepReader(self.mixture, self.order, self.device)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard)
         self.holdout = {
@@ -134,8 +133,7 @@ class Trainer:
                 if self.budget is not None and self._due(self.cfg.forgetting.every):
                     with self._eval_mode():
                         last.update(self.budget.update(logits_of(self.engine)))
-                    if self.budget.controls:
-                        self._apply_levers()
+                    self._apply_levers()
                 self._log(last)
                 if self._due(self.cfg.eval.every) and self.step < self.total_steps:
                     self.metrics.log(self.step, self.evaluate())
@@ -247,9 +245,9 @@ class Trainer:
         if forgetting.budget is None and not forgetting.watch:
             return None
         if self.prep.probe is None:
-            setting = "forgetting.budget" if forgetting.budget is not None else "forgetting.watch"
             raise ConfigError(
-                f"{setting} needs probe documents: {self.cfg.data.prep} has none; prepare it with replay.probe_docs > 0"
+                f"{forgetting.probe_setting} needs probe documents: {self.cfg.data.prep} has none; prepare it "
+                "with replay.probe_docs > 0"
             )
         return ForgettingBudget(
             self.cfg.forgetting, datasets.load_from_disk(str(self.prep.probe)), self.seq_len, self.device
