@@ -99,15 +99,14 @@ class Trainer:
         self.budget = self._forgetting_budget()
         self.step, self.tokens_seen = 0, 0
         self._resume()
-        if self.budget is not None:
-            if self.budget.base_ppl is None:
-                with self._eval_mode():
-                    self.budget.start(logits_of(self.engine))
-            # The first step's lr was set before the budget existed (a cautious start brakes it), and a resumed
-            # optimizer's under the saved level, which the load may have clamped. Watching, the levers read 1:
-            # this sets the schedule's own lr, the value LambdaLR set (a test compares a watched run's losses
-            # bitwise), and undoes the brake a budgeted checkpoint's optimizer carries.
-            self._apply_levers()
+        if self.budget is not None and self.budget.base_ppl is None:
+            with self._eval_mode():
+                self.budget.start(logits_of(self.engine))
+        # The first step's lr was set before the budget existed (a cautious start brakes it), and a resumed
+        # optimizer's lr is the one saved, braked if the checkpoint's run had a budget. Without a budget, or
+        # watching, the levers read 1: this sets the schedule's own lr, the value LambdaLR set (a test compares
+        # a watched run's losses bitwise), and undoes the brake a budgeted checkpoint's optimizer carries.
+        self._apply_levers()
         self.reader = StepReader(self.mixture, self.order, self.device)
         self.metrics = MetricsLogger(self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard)
         self.holdout = {
@@ -270,9 +269,8 @@ class Trainer:
         """Put the budget's level into effect for the coming step: the scale on the anti-forgetting weights,
         and the lr set again with the brake. The budget updates after the step, when the scheduler has already
         set the next lr, so without this the brake would act a step later: at 10x lr on the bench's tiny base,
-        that one unbraked step took the probe's rise from 36% to 121%."""
-        assert self.budget is not None
-        self.objective.anti_forgetting_scale = self.budget.scale
+        that one unbraked step took the probe's rise from 36% to 121%. Without a budget both levers are 1."""
+        self.objective.anti_forgetting_scale = self.budget.scale if self.budget is not None else 1.0
         sched = self.engine.lr_scheduler
         for group, base_lr, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base_lr * factor(sched.last_epoch)  # LambdaLR's own rule, at the step it is at

@@ -293,7 +293,7 @@ def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample
     budget = {"budget": 0.001, "every": 2, "probe_docs": 6, "max_scale": 1.5, "min_lr_scale": 0.1}
     budget |= {"lookahead": 2.0, "cautious_start": True, "proportional": 0.5}
     sections = {"steps": 6, "kd": {"weight": 1.0}, "forgetting": budget, "optim": {"lr": 0.1, "warmup_steps": 1}}
-    config = write_config(tmp_path / "a.yaml", prep, tmp_path / "a", **sections)
+    config = write_config(tmp_path / "a.yaml", prep, tmp_path / "a", **sections, checkpoint={"every": 1})
     run_training(config)
     first = metrics(tmp_path / "a")
     cfg, law = load_train_config(config), ForgettingConfig(**budget)
@@ -330,3 +330,14 @@ def test_a_budgeted_run_follows_the_law_brakes_its_lr_and_resumes_exactly(sample
         for key in ("loss", "loss/kd", "lr", *controller):
             if key in first[step]:
                 assert second[step][key] == first[step][key], (step, key)  # bitwise
+    # Step 1's checkpoint resumed with no budget: its optimizer carries the cautious start's brake, and step 2
+    # must run at the schedule's own lr.
+    step1 = CheckpointDir.for_step(checkpoint_root(tmp_path / "a"), 1).path
+    sections.pop("forgetting")
+    unbudgeted = write_config(tmp_path / "c.yaml", prep, tmp_path / "c", **sections, checkpoint={"resume": str(step1)})
+    run_training(unbudgeted)
+    third = metrics(tmp_path / "c")
+    assert first[2]["lr"] < third[2]["lr"]  # braked in the budgeted run
+    for step in (2, 3):
+        scheduled = lr_at(step - 1, cfg.peak_lr, 6, cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr_ratio)
+        assert third[step]["lr"] == pytest.approx(scheduled, rel=1e-9), step
