@@ -140,8 +140,10 @@ def kl_from_hidden(
         raise ValueError("replay.strategy 'kl' from hidden states needs the frozen base model's hidden states")
     mask = batch.attention_mask
     targets = F.pad(_causal_targets(batch.input_ids, mask), (0, 1), value=-100).flatten()
-    # two small device-to-host reads; the objective reads its parts with .item() in the same step anyway
-    ce_tokens, kl_tokens = max(int((targets != -100).sum()), 1), max(int(mask.sum()), 1)
+    # One device-to-host read of both counts (a single sync on GPU); the objective reads its parts with .item()
+    # in the same step anyway.
+    counts = torch.stack([(targets != -100).sum(), mask.sum().to(torch.int64)]).tolist()
+    ce_tokens, kl_tokens = max(int(counts[0]), 1), max(int(counts[1]), 1)
     teacher = TeacherHead(batch.teacher_hidden.flatten(0, 1), teacher_weight, mask.flatten().bool(), temperature)
     # The head forms each token's gradient in its forward, in the weight's dtype: weights of ~1/tokens there
     # would underflow in fp16, whose loss scale is only applied in backward. So it gets weights of order 1, and
