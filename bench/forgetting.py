@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -441,36 +442,10 @@ def on_line(points: list[tuple[float, float, str]], at: float) -> tuple[float, s
     return None
 
 
-def fixed_line(results: dict[str, Any], row: Row) -> str | None:
-    """For a budget row: the learning that the fixed weights of its lever give at its forgetting, interpolated
-    between the two fixed rows around its Δ general (mean over seeds): a comparison at equal forgetting, which
-    the 5% line cannot give when the probe's documents read a point or two off the holdout's."""
-    nd = changes(results, naive_of(row.name), "domain")
-    points = []
-    for other in ROWS:
-        sibling = (other.mixed, other.lr_mult, without_weights(other.extra)) == (
-            row.mixed,
-            row.lr_mult,
-            without_weights(row.extra),
-        )
-        if sibling and "forgetting" not in other.extra and other.name in results["rows"]:
-            g, d = changes(results, other.name, "general"), changes(results, other.name, "domain")
-            learned = ratio(d, nd, -1)
-            if math.isfinite(learned):
-                points.append((mean_std(g)[0], learned, other.name))
-    g, d = changes(results, row.name, "general"), changes(results, row.name, "domain")
-    at, learned = mean_std(g)[0], ratio(d, nd, -1)
-    points.sort()
-    found = on_line(points, at)
-    if found:
-        line, name0, name1 = found
-        return (
-            f"{row.name}: learns {learned:.3f} at {at:+.1%}; the fixed weights' line there ({name0} to {name1}) "
-            f"learns {line:.3f}: {learned - line:+.3f} at equal forgetting"
-        )
-    if len(points) >= 2 and math.isfinite(at):
-        return f"{row.name}: at {at:+.1%}, outside its fixed rows' range ({points[0][0]:+.1%} to {points[-1][0]:+.1%})"
-    return None
+def end_rise(results: dict[str, Any], name: str, seed: str) -> float:
+    """One seed's general ppl change on the holdout at the end of the run (nan where the run is missing)."""
+    run = results["rows"].get(name, {}).get(seed)
+    return run["ppl/general"] / results["base"]["ppl/general"] - 1.0 if run else math.nan
 
 
 def learning(results: dict[str, Any], name: str, seed: str) -> float:
@@ -482,30 +457,70 @@ def learning(results: dict[str, Any], name: str, seed: str) -> float:
     return (run["ppl/domain"] / base - 1.0) / (naive["ppl/domain"] / base - 1.0)
 
 
+def against_line(
+    results: dict[str, Any], row: Row, fixed: list[Row], x: Callable[[str, str], float]
+) -> tuple[list[float], list[str]]:
+    """Per seed of ``row``: its learning minus that of the line between the two ``fixed`` rows around its
+    ``x(name, seed)`` in the same seed (the same data order and replay samples, so seed noise shared by the
+    rows cancels), and the seeds whose x fell outside their fixed rows' range; unmeasured points skipped."""
+    differences, outside = [], []
+    for seed in sorted(results["rows"].get(row.name, {}), key=int):
+        at, learned = x(row.name, seed), learning(results, row.name, seed)
+        if not (math.isfinite(at) and math.isfinite(learned)):
+            continue
+        measured = ((x(r.name, seed), learning(results, r.name, seed), r.name) for r in fixed)
+        points = sorted(p for p in measured if math.isfinite(p[0]) and math.isfinite(p[1]))
+        found = on_line(points, at)
+        if found:
+            differences.append(learned - found[0])
+        elif len(points) >= 2:
+            outside.append(f"seed {seed} at {at:+.1%}")
+    return differences, outside
+
+
+def paired(differences: list[float], outside: list[str]) -> str:
+    """Mean ± std of per-seed differences, "~" when the mean is within two standard errors of 0, each, and the
+    seeds left out for want of a bracket."""
+    mean, std = mean_std(differences)
+    noise = len(differences) > 1 and abs(mean) <= 2 * std / math.sqrt(len(differences))
+    spread = f" ± {std:.3f}" if len(differences) > 1 else ""
+    return (
+        f"{mean:+.3f}{spread}{' ~' if noise else ''} of naive's gain (seeds compared: {len(differences)}; "
+        f"each {', '.join(f'{d:+.3f}' for d in differences)}"
+        + (f"; outside the fixed rows' range: {', '.join(outside)})" if outside else ")")
+    )
+
+
+def fixed_line(results: dict[str, Any], row: Row) -> str | None:
+    """For a budget row: its learning against the fixed weights of its lever at equal end rise on the holdout,
+    per seed (:func:`against_line`): a comparison at equal forgetting, which the 5% line cannot give when the
+    probe's documents read a point or two off the holdout's."""
+    fixed = [
+        other
+        for other in ROWS
+        if "forgetting" not in other.extra
+        and (other.mixed, other.lr_mult, without_weights(other.extra))
+        == (row.mixed, row.lr_mult, without_weights(row.extra))
+    ]
+    differences, outside = against_line(results, row, fixed, lambda name, seed: end_rise(results, name, seed))
+    if differences:
+        return f"{row.name}: at equal end rise, {paired(differences, outside)}"
+    if outside:
+        return f"{row.name}: outside its fixed rows' range ({', '.join(outside)})"
+    return None
+
+
 def peak_line(results: dict[str, Any], row: Row, work: Path) -> str | None:
-    """For a budget row: per seed, the learning of the fixed weights of its lever whose probe peaked where the
-    budget row's did, interpolated between the two watched rows around its peak: a comparison on what a budget
-    holds, the rise through the run, where :func:`fixed_line` compares end rises."""
+    """For a budget row: its learning against the watched fixed weights of its lever at equal probe peak, per
+    seed: a comparison on what a budget holds, the rise through the run, where :func:`fixed_line` compares end
+    rises."""
 
     def key(r: Row) -> tuple[Any, ...]:  # the same lever and lr, probed as often (a max over more probes is higher)
         return r.mixed, r.lr_mult, without_weights(r.extra), r.extra["forgetting"].get("every")
 
     watched = [r for r in ROWS if r.watched and key(r) == key(row)]
-    compared = []
-    for seed in sorted(results["rows"].get(row.name, {}), key=int):
-        at, learned = probe_peak(work, row.name, int(seed)), learning(results, row.name, seed)
-        if not (math.isfinite(at) and math.isfinite(learned)):
-            continue
-        measured = ((probe_peak(work, r.name, int(seed)), learning(results, r.name, seed), r.name) for r in watched)
-        found = on_line(sorted(p for p in measured if math.isfinite(p[0]) and math.isfinite(p[1])), at)
-        if found:
-            compared.append(learned - found[0])
-    if not compared:
-        return None
-    return (
-        f"{row.name}: at equal probe peak, {statistics.fmean(compared):+.3f} of naive's gain against the fixed "
-        f"weights (seeds compared: {len(compared)}; each {', '.join(f'{c:+.3f}' for c in compared)})"
-    )
+    differences, outside = against_line(results, row, watched, lambda name, seed: probe_peak(work, name, int(seed)))
+    return f"{row.name}: at equal probe peak, {paired(differences, outside)}" if differences else None
 
 
 def print_table(results: dict[str, Any], args: argparse.Namespace, work: Path) -> None:
