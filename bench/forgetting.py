@@ -18,6 +18,9 @@ the same lr. A difference from naive smaller than twice its standard error
 run's training log is kept as ``OUT/metrics/<row>-s<seed>.jsonl``.
 Last line: tm_forgetting_vs_naive=<x> tm_learning_vs_naive=<y> seeds=<n> clean_holdout=<0|1>
 (goal x <= 0.25 and y >= 0.95 at every lr).
+
+This module prepares, runs and prints; the rows are in ``bench/forgetting_rows.py`` and the arithmetic on
+stored results (ratios, noise, a budget row against its fixed weights) in ``bench/forgetting_compare.py``.
 """
 
 from __future__ import annotations
@@ -31,20 +34,29 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from datasets import load_from_disk
 
+from bench.forgetting_compare import (
+    beyond_noise,
+    changes,
+    fixed_line,
+    learning,
+    mean_std,
+    metrics_file,
+    peak_line,
+    probe_peak,
+    ratio,
+)
+from bench.forgetting_rows import BUDGET, DEFAULT, ROWS, Row, naive_of
 from data_prep.atomic import write_json
 from data_prep.config import parse_config
 from data_prep.mix import mix
 from data_prep.prepare import prepare
 from pipeline.checkpoint_files import CheckpointDir
-from pipeline.config import CACHED_STRATEGIES
 from pipeline.data import PrepPaths
 from pipeline.eval import holdout_contamination, holdout_document_losses, load_hf
 from pipeline.gere.build import cache_is_current
@@ -54,177 +66,7 @@ from pipeline.perplexity import perplexities
 
 log = logging.getLogger("bench.forgetting")
 
-TM = {"replay": {"strategy": "tm", "weight": 1.0}}  # replay rows per step: --replay-per-step
 RANKS = 2  # every run is a real 2-rank ZeRO-3 run (run_deepspeed's default)
-# Probed every step: at 10x lr the tiny base's probe rose 110% in the first 5 steps, before a probe every 5
-# could act. A row's definition is its config, not the defaults under it: INTEGRAL's rows predate lookahead
-# and cautious_start and ran with both off, as their defaults still are; a changed default must drop them.
-# Every budget row probes all of the prep's probe documents (--probe-docs; see train_config).
-INTEGRAL = {"budget": 0.05, "every": 1, "gain": 0.4}
-BUDGET = {"budget": 0.05, "every": 1, "gain": 1.0, "lookahead": 2.0, "cautious_start": True}
-# BUDGET with the weights never below the configured ones: below the equilibrium weight the rise climbs back
-# over the budget, and stopping it then takes weights far above it (the 1x budget rows' traces). 1x only: at
-# 10x BUDGET's scale never fell below x39, so the floor would not bind.
-FLOORED = {**BUDGET, "min_scale": 1.0}
-# BUDGET starting at the configured weights and full lr: the cautious start is for an lr at which the steps
-# before the first probe can spend the budget (10x); at 1x its release held x68-x3.5 through the peak-lr steps.
-UNCAUTIOUS = {**BUDGET, "cautious_start": False}
-# A proportional term on the rise's error with a small integral, from the configured weights at full lr: the
-# rise accumulates past steps, so an integral alone on it (UNCAUTIOUS: gain 1) wound up and braked the lr.
-PI = {"budget": 0.05, "every": 1, "gain": 0.1, "proportional": 2.0}
-# PI never below the configured weights: PI's seed 0 started at x0.12 (the rise 0, the error -1), let the rise
-# reach +7.9% by step 5, and spent steps 14-26 at x3-x5 to take it back.
-PI_FLOORED = {**PI, "min_scale": 1.0}
-PI_SOFT = {**PI_FLOORED, "gain": 0.3, "proportional": 1.0}
-# PI holding the probe's rise plus one standard error: PI held a 256-document probe at +4.7% ± 1.1% and its
-# holdout read +6.1% (seed 0), since which documents are scored moves the rise by about that much.
-PI_MARGIN = {**PI, "margin": 1.0}
-# PI whose proportional term only brakes (release 0): PI's first probe reads the rise 0, before anything is
-# trained, and its proportional term took the weights to x0.12-0.13; the probe then peaked at +8-9% by step 5-7.
-PI_BRAKE = {**PI, "release": 0.0}
-# PI_BRAKE acting on where a climbing rise is heading: its probe still passed 5% by step 6 and peaked at +6.7% by
-# step 9, at the peak-lr steps, with the weights near the configured ones until the rise had crossed the budget.
-# Measured (bench README): lookahead lowered the peak and left the cost at equal forgetting as it was (0.006-0.007).
-PI_AHEAD = {**PI_BRAKE, "lookahead": 1.0}
-PI_AHEAD_2 = {**PI_BRAKE, "lookahead": 2.0}
-# PI_BRAKE probing every 4 steps, for runs of hundreds of steps (--steps 200): whether the cost at equal forgetting
-# in 40-step runs (0.006-0.007 of naive's gain) is the first steps' transient, a smaller share of a longer run.
-# Measured (bench README, 2 seeds): it is not, -0.010 at 200 steps; at equal probe peak it learns 0.027 more.
-PI_BRAKE_EVERY_4 = {**PI_BRAKE, "every": 4}
-# No budget: the probe measured every 4 steps and logged, the weights fixed (a test checks the run is bitwise the
-# unwatched one). A budget holds the rise through the run; a fixed weight compared on its end rise need not, so
-# these rows give the fixed weights' probe peaks, to compare a budget row with at equal peak too.
-WATCH = {"watch": True, "every": 4}
-KD = {"kd": {"weight": 1.0}}
-
-
-def kd_general(weight: float, temperature: float = 1.0) -> dict[str, Any]:
-    """KD on the mix's general rows only, at a softmax temperature (the KL is scaled by T²). The default
-    temperature is left out of the dict: a row's definition is its dict, and rows stored without it stay valid."""
-    kd: dict[str, Any] = {"weight": weight, "rows": "general"}
-    if temperature != 1.0:
-        kd["temperature"] = temperature
-    return {"kd": kd}
-
-
-KD_GENERAL = kd_general(5.0)
-
-
-def replay_kl(weight: float) -> dict[str, Any]:
-    """KL to the frozen base model on the replay rows, with no CE on them: the rows ride beside the task rows
-    (every task row stays a domain row without the mix), and the pull is 0 until the model drifts from the base.
-    The samples' forward is left to replay.forward auto: their own forward before commit 9525cc4, packed behind the
-    task rows (bitwise the same states on CPU, other rounding in backward) since; each seed's result names its
-    commit."""
-    return {"replay": {"strategy": "kl", "weight": weight, "ce_weight": 0.0}}
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str
-    mixed: bool  # the 15% general mix, or domain rows only
-    extra: dict[str, Any] = field(default_factory=dict)
-    lr_mult: float = 1.0
-
-    @property
-    def definition(self) -> dict[str, Any]:
-        """What a stored result was run with: a row whose definition changed is run again."""
-        return {"mixed": self.mixed, "extra": self.extra, "lr_mult": self.lr_mult}
-
-    @property
-    def holds_budget(self) -> bool:
-        """A forgetting budget moves the row's weights (and lr): its fixed-weight siblings are its yardstick."""
-        return self.extra.get("forgetting", {}).get("budget") is not None
-
-    @property
-    def watched(self) -> bool:
-        """Probed and logged with the weights fixed (WATCH)."""
-        return bool(self.extra.get("forgetting", {}).get("watch"))
-
-    @property
-    def reads_cache(self) -> bool:
-        """Whether the row's replay strategy reads the base model's GeRe cache."""
-        return self.extra.get("replay", {}).get("strategy") in CACHED_STRATEGIES
-
-
-ROWS = [
-    Row("naive CPT", False),
-    Row("+ 15% general mix", True),
-    Row("+ mix + replay CE", True, {"replay": {"strategy": "ce"}}),
-    Row("+ mix + TM (w 1)", True, TM),
-    Row("+ mix + TM (w 100)", True, {"replay": {**TM["replay"], "weight": 100.0}}),
-    Row("+ mix + TM (dynamic w)", True, {"replay": {**TM["replay"], "weight": "dynamic"}}),
-    Row("+ mix + KD", True, KD),
-    Row("+ mix + KD (w 0.3)", True, {"kd": {"weight": 0.3}}),
-    Row("+ mix + KD on general rows", True, kd_general(1.0)),
-    Row("+ mix + KD on general rows (w 5)", True, KD_GENERAL),
-    Row("+ mix + KD on general rows (w 10)", True, kd_general(10.0)),
-    Row("+ mix + KD on general rows (w 5, T 2)", True, kd_general(5.0, temperature=2.0)),
-    Row("+ mix + KD on general rows (w 8, T 2)", True, kd_general(8.0, temperature=2.0)),
-    Row("+ mix + KD on general rows (w 5, T 4)", True, kd_general(5.0, temperature=4.0)),
-    Row("+ replay KL (w 0.5)", False, replay_kl(0.5)),
-    Row("+ replay KL (w 1)", False, replay_kl(1.0)),
-    Row("+ replay KL (w 1.5)", False, replay_kl(1.5)),
-    Row("+ replay KL (w 2)", False, replay_kl(2.0)),
-    Row("+ replay KL (w 2.5)", False, replay_kl(2.5)),
-    Row("+ replay KL (w 3)", False, replay_kl(3.0)),
-    Row("+ mix + replay KL (w 1)", True, replay_kl(1.0)),
-    Row("+ mix + L2-SP", True, {"penalty": {"kind": "l2sp", "weight": 50.0}}),
-    Row("+ mix + EWC", True, {"penalty": {"kind": "ewc", "weight": 50.0}}),
-    Row("+ mix + TM + KD", True, {**TM, **KD}),
-    Row("+ mix + TM, no replay CE", True, {"replay": {**TM["replay"], "ce_weight": 0.0}}),
-    Row("+ mix + TM, 2 replay samples", True, {"replay": {**TM["replay"], "samples_per_step": 2}}),
-    Row("naive CPT, 3x lr", False, {}, 3.0),
-    Row("+ mix + TM (w 1), 3x lr", True, TM, 3.0),
-    Row("+ mix + KD, 3x lr", True, KD, 3.0),
-    Row("+ mix + KD on general rows (w 5), 3x lr", True, KD_GENERAL, 3.0),
-    Row("+ mix + KD on general rows (w 10), 3x lr", True, kd_general(10.0), 3.0),
-    Row("+ replay KL (w 1.5), 3x lr", False, replay_kl(1.5), 3.0),
-    Row("+ replay KL (w 2), 3x lr", False, replay_kl(2.0), 3.0),
-    Row("naive CPT, 10x lr", False, {}, 10.0),
-    Row("+ mix + TM (w 1), 10x lr", True, TM, 10.0),
-    Row("+ mix + KD, 10x lr", True, KD, 10.0),
-    Row("+ mix + KD on general rows (w 5), 10x lr", True, KD_GENERAL, 10.0),
-    Row("+ mix + KD on general rows (w 10), 10x lr", True, kd_general(10.0), 10.0),
-    Row("+ replay KL (w 1.5), 10x lr", False, replay_kl(1.5), 10.0),
-    Row("+ replay KL (w 2), 10x lr", False, replay_kl(2.0), 10.0),
-    Row("+ mix + TM, budget 5%, integral only", True, {**TM, "forgetting": INTEGRAL}),
-    Row("+ mix + TM, budget 5%, integral only, 10x lr", True, {**TM, "forgetting": INTEGRAL}, 10.0),
-    Row("+ mix + KD, budget 5%", True, {**KD, "forgetting": BUDGET}),
-    Row("+ mix + KD, budget 5%, 10x lr", True, {**KD, "forgetting": BUDGET}, 10.0),
-    Row("+ mix + KD on general rows (w 5), budget 5%", True, {**KD_GENERAL, "forgetting": BUDGET}),
-    Row("+ mix + KD on general rows (w 5), budget 5%, 10x lr", True, {**KD_GENERAL, "forgetting": BUDGET}, 10.0),
-    Row("+ replay KL (w 1), budget 5%", False, {**replay_kl(1.0), "forgetting": BUDGET}),
-    Row("+ replay KL (w 1), budget 5%, 10x lr", False, {**replay_kl(1.0), "forgetting": BUDGET}, 10.0),
-    Row("+ mix + KD on general rows (w 5), budget 5% floored", True, {**KD_GENERAL, "forgetting": FLOORED}),
-    Row(
-        "+ mix + KD on general rows (w 5), budget 5%, no cautious start", True, {**KD_GENERAL, "forgetting": UNCAUTIOUS}
-    ),
-    Row("+ replay KL (w 1.5), budget 5%, PI", False, {**replay_kl(1.5), "forgetting": PI}),
-    Row("+ replay KL (w 1.5), budget 5%, PI floored", False, {**replay_kl(1.5), "forgetting": PI_FLOORED}),
-    Row("+ replay KL (w 1.5), budget 5%, PI floored, gain 0.3, P 1", False, {**replay_kl(1.5), "forgetting": PI_SOFT}),
-    Row("+ replay KL (w 1.5), budget 5%, PI, margin 1 se", False, {**replay_kl(1.5), "forgetting": PI_MARGIN}),
-    Row("+ replay KL (w 1.5), budget 5%, PI, brake-only P", False, {**replay_kl(1.5), "forgetting": PI_BRAKE}),
-    Row(
-        "+ replay KL (w 1.5), budget 5%, PI, brake-only P, lookahead 1",
-        False,
-        {**replay_kl(1.5), "forgetting": PI_AHEAD},
-    ),
-    Row(
-        "+ replay KL (w 1.5), budget 5%, PI, brake-only P, lookahead 2",
-        False,
-        {**replay_kl(1.5), "forgetting": PI_AHEAD_2},
-    ),
-    Row(
-        "+ replay KL (w 1.5), budget 5%, PI, brake-only P, every 4",
-        False,
-        {**replay_kl(1.5), "forgetting": PI_BRAKE_EVERY_4},
-    ),
-    Row("+ replay KL (w 1.5), probed every 4", False, {**replay_kl(1.5), "forgetting": WATCH}),
-    Row("+ replay KL (w 2), probed every 4", False, {**replay_kl(2.0), "forgetting": WATCH}),
-    Row("+ replay KL (w 3), probed every 4", False, {**replay_kl(3.0), "forgetting": WATCH}),
-]
-DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
 
 
 # --- setup -------------------------------------------------------------------------------------------
@@ -362,24 +204,6 @@ def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path
     return {**scores, "seconds": seconds, "commit": git_commit()}
 
 
-def metrics_file(work: Path, name: str, seed: int) -> Path:
-    """Where a (row, seed) run's metrics.jsonl is kept after its run directory is removed."""
-    return work / "metrics" / f"{name.replace(' ', '_').replace('/', '_')}-s{seed}.jsonl"
-
-
-def probe_peak(work: Path, name: str, seed: int) -> float:
-    """The highest probe rise a run logged (nan without a kept log or a probe)."""
-    path = metrics_file(work, name, seed)
-    if not path.is_file():
-        return math.nan
-    rises = [
-        r["forgetting/probe_rise"]
-        for r in map(json.loads, path.read_text().splitlines())
-        if "forgetting/probe_rise" in r
-    ]
-    return max(rises, default=math.nan)
-
-
 def git_commit() -> str:
     """The code a result was measured with (its provenance; a code change alone does not rerun a row)."""
     try:  # --dirty: a result measured with uncommitted changes says so
@@ -390,137 +214,6 @@ def git_commit() -> str:
 
 
 # --- the table ---------------------------------------------------------------------------------------
-
-
-def changes(results: dict[str, Any], name: str, role: str) -> list[float]:
-    base = results["base"][f"ppl/{role}"]
-    by_seed = sorted(results["rows"].get(name, {}).items(), key=lambda item: int(item[0]))  # seed order
-    return [r[f"ppl/{role}"] / base - 1.0 for _, r in by_seed]
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan) if xs else (math.nan, math.nan)
-
-
-def beyond_noise(a: list[float], b: list[float]) -> bool:
-    """|mean(a) − mean(b)| > 2 standard errors of the difference (each row's own seed spread)."""
-    if len(a) < 2 or len(b) < 2:
-        return False
-    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-    return abs(statistics.fmean(a) - statistics.fmean(b)) > 2 * se
-
-
-def ratio(row: list[float], naive: list[float], sign: float) -> float:
-    """mean over seeds of the row's change over naive's (seed i with seed i); nan unless every naive seed moved
-    the way ``sign`` says (+1: general ppl rose; -1: domain ppl fell): a share of no forgetting means nothing."""
-    if not naive or len(row) != len(naive) or any(n * sign <= 0 for n in naive):
-        return math.nan  # rows are paired in seed order, so they need the same seeds
-    return statistics.fmean(r / n for r, n in zip(row, naive))
-
-
-def naive_of(name: str) -> str:
-    lr = next((part for part in name.split(", ") if part.endswith("x lr")), "")
-    return "naive CPT" + (f", {lr}" if lr else "")
-
-
-def without_weights(extra: dict[str, Any]) -> dict[str, Any]:
-    """A row's options with the replay and KD weights (and a budget or a watch) left out: what its fixed-weight
-    siblings share."""
-    out = {k: v for k, v in extra.items() if k != "forgetting"}
-    for key in ("replay", "kd"):
-        if key in out:
-            out[key] = {k: v for k, v in out[key].items() if k != "weight"}
-    return out
-
-
-def on_line(points: list[tuple[float, float, str]], at: float) -> tuple[float, str, str] | None:
-    """The learning on the line between the two sorted (x, learning, row name) points around ``at``, with their
-    names; None outside them."""
-    for (x0, l0, name0), (x1, l1, name1) in zip(points, points[1:]):
-        if x0 <= at <= x1 and x1 > x0:
-            return l0 + (l1 - l0) * (at - x0) / (x1 - x0), name0, name1
-    return None
-
-
-def end_rise(results: dict[str, Any], name: str, seed: str) -> float:
-    """One seed's general ppl change on the holdout at the end of the run (nan where the run is missing)."""
-    run = results["rows"].get(name, {}).get(seed)
-    return run["ppl/general"] / results["base"]["ppl/general"] - 1.0 if run else math.nan
-
-
-def learning(results: dict[str, Any], name: str, seed: str) -> float:
-    """One seed's domain gain as a share of naive CPT's in the same seed (nan where either is missing)."""
-    rows, base = results["rows"], results["base"]["ppl/domain"]
-    run, naive = rows.get(name, {}).get(seed), rows.get(naive_of(name), {}).get(seed)
-    if run is None or naive is None or naive["ppl/domain"] >= base:
-        return math.nan
-    return (run["ppl/domain"] / base - 1.0) / (naive["ppl/domain"] / base - 1.0)
-
-
-def against_line(
-    results: dict[str, Any], row: Row, fixed: list[Row], x: Callable[[str, str], float]
-) -> tuple[list[float], list[str]]:
-    """Per seed of ``row``: its learning minus that of the line between the two ``fixed`` rows around its
-    ``x(name, seed)`` in the same seed (the same data order and replay samples, so seed noise shared by the
-    rows cancels), and the seeds whose x fell outside their fixed rows' range; unmeasured points skipped."""
-    differences, outside = [], []
-    for seed in sorted(results["rows"].get(row.name, {}), key=int):
-        at, learned = x(row.name, seed), learning(results, row.name, seed)
-        if not (math.isfinite(at) and math.isfinite(learned)):
-            continue
-        measured = ((x(r.name, seed), learning(results, r.name, seed), r.name) for r in fixed)
-        points = sorted(p for p in measured if math.isfinite(p[0]) and math.isfinite(p[1]))
-        found = on_line(points, at)
-        if found:
-            differences.append(learned - found[0])
-        elif len(points) >= 2:
-            outside.append(f"seed {seed} at {at:+.1%}")
-    return differences, outside
-
-
-def paired(differences: list[float], outside: list[str]) -> str:
-    """Mean ± std of per-seed differences, "~" when the mean is within two standard errors of 0, each, and the
-    seeds left out for want of a bracket."""
-    mean, std = mean_std(differences)
-    noise = len(differences) > 1 and abs(mean) <= 2 * std / math.sqrt(len(differences))
-    spread = f" ± {std:.3f}" if len(differences) > 1 else ""
-    return (
-        f"{mean:+.3f}{spread}{' ~' if noise else ''} of naive's gain (seeds compared: {len(differences)}; "
-        f"each {', '.join(f'{d:+.3f}' for d in differences)}"
-        + (f"; outside the fixed rows' range: {', '.join(outside)})" if outside else ")")
-    )
-
-
-def fixed_line(results: dict[str, Any], row: Row) -> str | None:
-    """For a budget row: its learning against the fixed weights of its lever at equal end rise on the holdout,
-    per seed (:func:`against_line`): a comparison at equal forgetting, which the 5% line cannot give when the
-    probe's documents read a point or two off the holdout's."""
-    fixed = [
-        other
-        for other in ROWS
-        if "forgetting" not in other.extra
-        and (other.mixed, other.lr_mult, without_weights(other.extra))
-        == (row.mixed, row.lr_mult, without_weights(row.extra))
-    ]
-    differences, outside = against_line(results, row, fixed, lambda name, seed: end_rise(results, name, seed))
-    if differences:
-        return f"{row.name}: at equal end rise, {paired(differences, outside)}"
-    if outside:
-        return f"{row.name}: outside its fixed rows' range ({', '.join(outside)})"
-    return None
-
-
-def peak_line(results: dict[str, Any], row: Row, work: Path) -> str | None:
-    """For a budget row: its learning against the watched fixed weights of its lever at equal probe peak, per
-    seed: a comparison on what a budget holds, the rise through the run, where :func:`fixed_line` compares end
-    rises."""
-
-    def key(r: Row) -> tuple[Any, ...]:  # the same lever and lr, probed as often (a max over more probes is higher)
-        return r.mixed, r.lr_mult, without_weights(r.extra), r.extra["forgetting"].get("every")
-
-    watched = [r for r in ROWS if r.watched and key(r) == key(row)]
-    differences, outside = against_line(results, row, watched, lambda name, seed: probe_peak(work, name, int(seed)))
-    return f"{row.name}: at equal probe peak, {paired(differences, outside)}" if differences else None
 
 
 def print_table(results: dict[str, Any], args: argparse.Namespace, work: Path) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from bench.forgetting import ROWS, fixed_line, metrics_file, peak_line, probe_peak, without_weights
+from bench.forgetting_compare import fixed_line, metrics_file, peak_line, probe_peak
+from bench.forgetting_rows import ROWS, without_weights
 
 
 def results(rows: dict[str, tuple[float, float]]) -> dict:
