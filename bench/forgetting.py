@@ -43,6 +43,7 @@ from datasets import load_from_disk
 from bench.forgetting_compare import (
     beyond_noise,
     changes,
+    end_rise,
     fixed_line,
     learning,
     mean_std,
@@ -197,9 +198,9 @@ def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path
         capture_output=True,
     )
     scores = score(load_hf(out / "hf"), prep, args)
-    # each run's training log outlives its checkpoints: what the controller did, the probe's path
-    metrics_file(work, row.name, seed).parent.mkdir(exist_ok=True)
-    shutil.copyfile(out / "metrics.jsonl", metrics_file(work, row.name, seed))
+    kept = metrics_file(work, row.name, seed)  # the training log outlives its checkpoints: the controller, the probe
+    kept.parent.mkdir(exist_ok=True)
+    shutil.copyfile(out / "metrics.jsonl", kept)
     shutil.rmtree(out)
     return {**scores, "seconds": seconds, "commit": git_commit()}
 
@@ -272,10 +273,9 @@ def print_peaks(results: dict[str, Any], work: Path) -> None:
     if any(math.isfinite(v) for v in peaks.values()):
         print("\n| run | seed | probe peak | Δ general ppl (holdout, end) | learning / naive |")
         print("|---|---|---|---|---|")
-        base = results["base"]["ppl/general"]
         for (name, seed), peak in peaks.items():
-            end = results["rows"][name][seed]["ppl/general"] / base - 1.0
-            print(f"| {name} | {seed} | {peak:+.1%} | {end:+.1%} | {learning(results, name, seed):.3f} |")
+            end, learned = end_rise(results, name, seed), learning(results, name, seed)
+            print(f"| {name} | {seed} | {peak:+.1%} | {end:+.1%} | {learned:.3f} |")
         for row in probed:
             compared = peak_line(results, row, work) if row.holds_budget else None
             if compared:

@@ -101,6 +101,16 @@ class Row:
         return self.extra.get("replay", {}).get("strategy") in CACHED_STRATEGIES
 
 
+# Each of these runs at 3x and 10x lr too (rows "<name>, 3x lr" and "<name>, 10x lr"), beside naive CPT there.
+HIGH_LR = [
+    ("naive CPT", False, {}),
+    ("+ mix + TM (w 1)", True, TM),
+    ("+ mix + KD", True, KD),
+    ("+ mix + KD on general rows (w 5)", True, KD_GENERAL),
+    ("+ mix + KD on general rows (w 10)", True, kd_general(10.0)),
+    ("+ replay KL (w 1.5)", False, replay_kl(1.5)),
+    ("+ replay KL (w 2)", False, replay_kl(2.0)),
+]
 ROWS = [
     Row("naive CPT", False),
     Row("+ 15% general mix", True),
@@ -128,20 +138,7 @@ ROWS = [
     Row("+ mix + TM + KD", True, {**TM, **KD}),
     Row("+ mix + TM, no replay CE", True, {"replay": {**TM["replay"], "ce_weight": 0.0}}),
     Row("+ mix + TM, 2 replay samples", True, {"replay": {**TM["replay"], "samples_per_step": 2}}),
-    Row("naive CPT, 3x lr", False, {}, 3.0),
-    Row("+ mix + TM (w 1), 3x lr", True, TM, 3.0),
-    Row("+ mix + KD, 3x lr", True, KD, 3.0),
-    Row("+ mix + KD on general rows (w 5), 3x lr", True, KD_GENERAL, 3.0),
-    Row("+ mix + KD on general rows (w 10), 3x lr", True, kd_general(10.0), 3.0),
-    Row("+ replay KL (w 1.5), 3x lr", False, replay_kl(1.5), 3.0),
-    Row("+ replay KL (w 2), 3x lr", False, replay_kl(2.0), 3.0),
-    Row("naive CPT, 10x lr", False, {}, 10.0),
-    Row("+ mix + TM (w 1), 10x lr", True, TM, 10.0),
-    Row("+ mix + KD, 10x lr", True, KD, 10.0),
-    Row("+ mix + KD on general rows (w 5), 10x lr", True, KD_GENERAL, 10.0),
-    Row("+ mix + KD on general rows (w 10), 10x lr", True, kd_general(10.0), 10.0),
-    Row("+ replay KL (w 1.5), 10x lr", False, replay_kl(1.5), 10.0),
-    Row("+ replay KL (w 2), 10x lr", False, replay_kl(2.0), 10.0),
+    *(Row(f"{name}, {mult:g}x lr", mixed, extra, mult) for mult in (3.0, 10.0) for name, mixed, extra in HIGH_LR),
     Row("+ mix + TM, budget 5%, integral only", True, {**TM, "forgetting": INTEGRAL}),
     Row("+ mix + TM, budget 5%, integral only, 10x lr", True, {**TM, "forgetting": INTEGRAL}, 10.0),
     Row("+ mix + KD, budget 5%", True, {**KD, "forgetting": BUDGET}),

@@ -61,11 +61,12 @@ its domain gain both scale with the update, so the best trade is a near-constant
 tuned in hindsight already is and a feedback law can only approach (bench README, reasoning there). Over 200
 steps the cost at equal end rise stayed (0.010), but both watched fixed weights' rises peaked over the budget mid-run
 and came back as the lr decayed; against fixed weights with the same peak (``watch``) brake-only PI learned
-0.027 more of naive's gain (2 seeds).
+0.026 more of naive's gain (3 seeds).
 
 With ``watch`` and no budget the probe is measured and logged and nothing else happens: both levers read
-exactly 1 whatever the other settings (a cautious start included), and the trainer applies them only to
-undo a budgeted checkpoint's brake on resume. The bench uses that for the forgetting curve of
+exactly 1 whatever the other settings (a cautious start included), so the trainer's applying them at the start
+sets the schedule's own lr (undoing a budgeted checkpoint's brake on resume). The bench uses that for the
+forgetting curve of
 a fixed weight, which the budget's run is compared with: a budget holds the rise through the run, while a
 fixed weight judged on its end rise may pass the budget on the way.
 
