@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cpt_core.logs import setup_logging
 from data_prep.build import BuildOptions, SourceSpec, build_source, load_build
 from data_prep.mix import mix
 from data_prep.sample import SampleSizes, train_sample_tokenizer, write_sample_corpora
@@ -147,7 +148,7 @@ def main() -> None:
     p.add_argument("--skip-rss", action="store_true", help="skip the 1x vs 10x peak-RSS measurement")
     p.add_argument("--hf-tokenizer", type=Path, help="Hugging Face tokenizer dir (default: SmolLM2's, materialised)")
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(logging.WARNING)
     import datasets  # noqa: F401  imported before any timer: a one-off cost, not throughput
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"

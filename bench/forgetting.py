@@ -53,12 +53,13 @@ from bench.forgetting_compare import (
     ratio,
 )
 from bench.forgetting_rows import BUDGET, DEFAULT, ROWS, Row, naive_of
-from data_prep.atomic import write_json
+from cpt_core.atomic import write_json
+from cpt_core.logs import setup_logging
 from data_prep.config import parse_config
 from data_prep.mix import mix
+from data_prep.prep_dir import PrepDir
 from data_prep.prepare import prepare
 from pipeline.checkpoint_files import CheckpointDir
-from pipeline.data import PrepPaths
 from pipeline.eval import holdout_contamination, holdout_document_losses, load_hf
 from pipeline.gere.build import cache_is_current
 from pipeline.launch import ROOT, run_deepspeed
@@ -96,7 +97,7 @@ def base_and_corpora(args: argparse.Namespace) -> tuple[Path, str, list[str], li
 def prepare_data(out: Path, tokenizer: str, general: list[str], domain: list[str], args: argparse.Namespace) -> Path:
     """Builds, the replay shard and holdouts, once; the mixtures differ by seed (see :func:`seeded_prep`)."""
     prep = out / "prep"
-    if not (prep / "prep.json").is_file():
+    if not PrepDir(prep).is_complete():
         cfg = {
             "tokenizer": tokenizer,
             "out": str(prep),
@@ -112,7 +113,7 @@ def prepare_data(out: Path, tokenizer: str, general: list[str], domain: list[str
             "holdout": {"fraction": args.holdout_fraction, "max_docs": args.eval_docs},
         }
         prepare(parse_config(cfg, base=out, origin="bench.forgetting"), quiet=True)
-    probe = PrepPaths.read(prep).probe
+    probe = PrepDir(prep).read().probe
     held = len(load_from_disk(str(probe))) if probe else 0
     if held != args.probe_docs:
         raise SystemExit(f"{prep} sets apart {held} probe documents, not --probe-docs {args.probe_docs}: another --out")
@@ -125,11 +126,12 @@ def prepare_data(out: Path, tokenizer: str, general: list[str], domain: list[str
 def seeded_prep(prep: Path, seed: int, mixed: bool, batch_rows: int) -> Path:
     """``prep`` with its mixture re-drawn in seed ``seed``'s row order (general share 15%, or 0)."""
     out = prep.parent / f"prep-{'mix' if mixed else 'nomix'}-s{seed}"
-    if not (out / "prep.json").is_file():
-        meta = json.loads((prep / "prep.json").read_text())
-        builds = [b for name, b in meta["builds"].items() if mixed or name == "domain"]
-        mix(builds, out / "mixture", 0.15 if mixed else 0.0, seed=seed, batch_rows=batch_rows, quiet=True)
-        write_json(out / "prep.json", {**meta, "mixture": str(out / "mixture")})
+    seeded = PrepDir(out)
+    if not seeded.is_complete():
+        index = PrepDir(prep).read()
+        builds = [str(b) for name, b in index.builds.items() if mixed or name == "domain"]
+        manifest = mix(builds, seeded.mixture, 0.15 if mixed else 0.0, seed=seed, batch_rows=batch_rows, quiet=True)
+        seeded.write(index.with_mixture(seeded.mixture, manifest["achieved_token_share"], manifest["rows"]))
     return out
 
 
@@ -334,7 +336,7 @@ def main() -> None:
     p.add_argument("--exact", action="store_true", help="--only names whole rows: a row runs if its name is one")
     p.add_argument("--skip", nargs="*", default=[], help="skip rows whose name contains one of these")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging(brief=True)
     base, tokenizer, general, domain = base_and_corpora(args)
     work = Path(args.out or ROOT / "runs" / f"forgetting-{'tiny' if args.tiny else 'model'}").resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from bench.train_step import MODELS
+from cpt_core.logs import setup_logging
 from pipeline.gere.joint import ReplayLayout, filler_task_rows, joint_hidden
 from pipeline.losses.head import HeadLoss, final_hidden, frozen_head_weight
 from pipeline.losses.replay import ReplayInputs, kl_from_hidden
@@ -114,7 +115,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-5, help="the one step's lr (the issue's CPT lr)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging(brief=True)
 
     runs = []
     for seed in args.seeds:

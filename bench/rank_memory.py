@@ -33,6 +33,7 @@ import yaml
 from safetensors import safe_open
 
 from data_prep.config import parse_config
+from data_prep.prep_dir import PrepDir
 from data_prep.prepare import prepare
 from data_prep.sample import SMALL, write_sample_corpora
 from pipeline.gere.build import build_gere_cache
@@ -109,7 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-rank-memory-") as tmp:
         root = Path(tmp)
         prep = make_prep(model, root)
-        build_gere_cache(ModelSource(path=str(model)), prep / "replay", root / "cache")
+        build_gere_cache(ModelSource(path=str(model)), PrepDir(prep).replay, root / "cache")
         ds_default = json.loads((ROOT / "ds_configs" / "zero3_cpu.json").read_text())
         for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
             ds_default["zero_optimization"].pop(key)  # DeepSpeed's own defaults

@@ -27,7 +27,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from data_prep.atomic import atomic_path, sha256_file, write_json
+from cpt_core.atomic import atomic_path, sha256_file, write_json
+from cpt_core.logs import setup_logging
 from pipeline.launch import ROOT
 
 log = logging.getLogger("bench.real_corpora")
@@ -114,7 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "runs" / "corpora"))
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging(brief=True)
     out = Path(args.out).resolve()
     general = [install_brown(out), install_sotu(out)]
     domain = install_linux_doc(out)

@@ -45,10 +45,12 @@ import torch
 from transformers import Trainer as HFTrainer
 from transformers import TrainerCallback, TrainingArguments
 
+from cpt_core.logs import setup_logging
 from data_prep.demo import build_demo_data
+from data_prep.prep_dir import PrepDir
 from data_prep.tokenizer import load_tokenizer
 from pipeline.config import load_train_config
-from pipeline.data import PrepPaths, packed_inputs
+from pipeline.data import packed_inputs
 from pipeline.distributed import init_distributed
 from pipeline.ds_config import filled_ds_config
 from pipeline.gere.build import build_cache_for_training
@@ -128,7 +130,7 @@ def time_hf(cfg_overrides: list[str], args: argparse.Namespace) -> float:
     ds = filled_ds_config(cfg, world, MODELS[args.model]["hidden_size"])
     model = load_causal_lm(ModelSource(config=cfg.model.config, seed=cfg.model.seed, dtype=cfg.model.dtype))
     model.config.use_cache = False
-    mixture = datasets.load_from_disk(str(PrepPaths.read(cfg.data.prep).mixture))
+    mixture = datasets.load_from_disk(str(PrepDir(cfg.data.prep).read().mixture_rows))
     times: list[float] = []
 
     class Clock(TrainerCallback):
@@ -194,7 +196,7 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args()
     warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(logging.WARNING)
     init_distributed()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -202,11 +204,11 @@ def main() -> None:
     if args.prep:
         prep = Path(args.prep)
     else:  # built once, by rank 0, in the shared directory
-        built = [str(Path(build_demo_data(work / "demo", quiet=True)["mixture"]).parent) if rank == 0 else None]
+        built = [str(build_demo_data(work / "demo", quiet=True).mixture.parent) if rank == 0 else None]
         torch.distributed.broadcast_object_list(built, src=0)
         prep = Path(built[0])
 
-    vocab = load_tokenizer(PrepPaths.read(prep).tokenizer).vocab_size
+    vocab = load_tokenizer(PrepDir(prep).read().tokenizer).vocab_size
     cache = work / "cache"
     replay = {
         "replay.strategy": "tm",

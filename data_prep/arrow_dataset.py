@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .atomic import atomic_path, sha256_file
+from cpt_core.atomic import atomic_path, sha256_file
 
 
 def write_dataset_dir(

@@ -32,17 +32,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from cpt_core.atomic import atomic_path, remove_stale_temporaries, sha256_file, write_json
+from cpt_core.errors import RejectLimitExceeded, UserError
+from cpt_core.progress import progress_bar
+from cpt_core.typed_config import setting
+
 from . import __version__
-from .atomic import atomic_path, remove_stale_temporaries, sha256_file, write_json
 from .documents import ROLES, Document, Reject
-from .errors import RejectLimitExceeded, UserError
 from .instruct import encode_examples
 from .packing import PackedRows, pack_documents, pack_examples
-from .progress import progress_bar
 from .readers import ReadOptions, read_documents, resolve_inputs
 from .schema import DOC_INDEX_SCHEMA, DOCUMENT_SCHEMA, packed_schema, read_ipc_file, write_ipc_file
 from .tokenizer import Tokenizer, load_tokenizer
-from .typed_config import setting
 
 log = logging.getLogger(__name__)
 

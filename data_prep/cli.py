@@ -15,22 +15,25 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cpt_core.errors import UserError, run_cli
+from cpt_core.logs import setup_logging
+
 from . import __version__
-from .errors import UserError, run_cli
 
 log = logging.getLogger("data_prep")
 
 DEMO_DIR = "runs/demo"
 
 
+def _prog() -> str:
+    """``cpt prep`` when started through ``cpt``, else ``python -m data_prep``."""
+    return sys.argv[0] if sys.argv[0].startswith("cpt ") else "python -m data_prep"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(logging.WARNING if args.quiet else logging.INFO)
     return run_cli(
         lambda: args.run(args), log, interrupted="interrupted; finished chunks are kept and a rerun resumes from them"
     )
@@ -38,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m data_prep",
+        prog=_prog(),
         description=(
             "Offline data prep for continued pretraining: tokenize and pack corpora into Arrow rows of exactly "
             "seq_len tokens, mix domain/general/instruction data at exact token shares, and build the GeRe replay "
@@ -223,7 +226,8 @@ def _cmd_build(args: argparse.Namespace) -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
-    from .atomic import remove_stale_temporaries
+    from cpt_core.atomic import remove_stale_temporaries
+
     from .build import finalize
 
     remove_stale_temporaries(args.build_dir)  # merge runs once every piece has finished: no other writer
@@ -289,7 +293,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         load_config(args.config), quiet=args.quiet, num_shards=args.num_shards, shard_index=args.shard_index
     )
     if summary is not None:
-        print(json.dumps(summary["achieved_token_share"]))
+        print(json.dumps(summary.achieved_token_share))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

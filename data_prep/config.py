@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from cpt_core.errors import ConfigError
+from cpt_core.typed_config import build, read_yaml, reference, setting
+
 from .build import BuildOptions, SourceSpec
 from .documents import Role
-from .errors import ConfigError
 from .readers import ReadOptions
-from .typed_config import build, read_yaml, reference, setting
 
 
 @dataclass(frozen=True)

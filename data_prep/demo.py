@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from .atomic import write_text
+from cpt_core.atomic import write_text
+
 from .config import load_config
 from .prepare import prepare
 from .sample import SMALL, SampleSizes, train_sample_tokenizer, write_sample_corpora

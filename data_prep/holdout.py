@@ -18,11 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cpt_core.atomic import write_json
+from cpt_core.errors import UserError
+
 from . import __version__
 from .arrow_dataset import write_dataset_dir
-from .atomic import write_json
 from .build import doc_digests, found_in_builds, holdout_rows, load_build
-from .errors import UserError
 from .schema import DOCUMENT_SCHEMA
 
 log = logging.getLogger(__name__)

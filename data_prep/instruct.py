@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import UserError
+from cpt_core.errors import UserError
+
 from .tokenizer import Tokenizer
 
 Messages = Sequence[tuple[str, str]]

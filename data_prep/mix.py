@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from cpt_core.atomic import write_json
+from cpt_core.errors import UserError
+from cpt_core.progress import progress_bar
+
 from . import __version__
 from .arrow_dataset import write_dataset_dir
-from .atomic import write_json
 from .build import chunk_tables, load_build
-from .errors import UserError
-from .progress import progress_bar
 from .schema import packed_schema
 
 log = logging.getLogger(__name__)

@@ -4,13 +4,7 @@ Holdout, replay shard and training rows never share a document: the replay
 samples are chosen first, outside the holdout, and their source is built
 without them (``data_prep/replay.py``).
 
-Layout under ``out``:
-    cache/<role>/<name>-<key>/   per-source packed chunks (reused across runs and ratios)
-    mixture/data + manifest.json training rows in training order
-    replay/data + replay.json    GeRe replay shard
-    probe/                       documents for the forgetting budget (replay.probe_docs > 0)
-    holdout/<role>/ + holdout.json
-    prep.json                    where everything is; what pipeline.train reads
+The layout of ``out`` is :class:`data_prep.prep_dir.PrepDir`'s.
 """
 
 from __future__ import annotations
@@ -18,16 +12,16 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from . import __version__
-from .atomic import remove_stale_temporaries, write_json
+from cpt_core.atomic import remove_stale_temporaries
+from cpt_core.errors import UserError
+
 from .build import HoldoutSplit, SourceSpec, build_source
 from .config import PrepareConfig
 from .documents import Document
-from .errors import UserError
 from .holdout import build_holdout
 from .mix import mix
+from .prep_dir import PrepDir, PrepIndex
 from .replay import (
     ReplaySelection,
     overlap_with_builds,
@@ -40,18 +34,16 @@ from .replay import (
 log = logging.getLogger(__name__)
 
 
-def prepare(
-    cfg: PrepareConfig, quiet: bool = False, num_shards: int = 1, shard_index: int = 0
-) -> dict[str, Any] | None:
+def prepare(cfg: PrepareConfig, quiet: bool = False, num_shards: int = 1, shard_index: int = 0) -> PrepIndex | None:
     """Run the whole prep; with ``num_shards > 1`` only build this piece's chunks and return None.
 
     A SLURM array runs every piece; one dependent job then runs it unsplit, which
     finds every chunk built, finalizes the builds and does mix, holdout and replay.
     """
-    out = Path(cfg.out)
+    out = PrepDir(cfg.out)
     if num_shards == 1:  # the one writer of these: leftovers of a killed run go, so a rerun ends byte-identical
-        (out / "prep.json").unlink(missing_ok=True)  # a prep is complete again only when this run finishes
-        for directory in (out, out / "mixture", out / "holdout", out / "replay", out / "probe"):
+        out.invalidate()  # a prep is complete again only when this run finishes
+        for directory in out.output_dirs():
             remove_stale_temporaries(directory)
     replay_spec, chosen, probe_documents = _replay_choice(cfg, quiet)
     reserved = chosen.digests | {d.digest for d in probe_documents}
@@ -61,7 +53,7 @@ def prepare(
                 replace(s, reserved=reserved) if s is replay_spec else s,
                 cfg.build,
                 cfg.tokenizer,
-                out / "cache",
+                out.cache,
                 workers=cfg.workers,
                 num_shards=num_shards,
                 shard_index=shard_index,
@@ -78,24 +70,24 @@ def prepare(
         refuse_overlap(replay_spec, overlap, list(builds.values()))
     manifest = mix(
         list(builds.values()),
-        out / "mixture",
+        out.mixture,
         cfg.mix.general_ratio,
         cfg.mix.instruction_ratio,
         seed=cfg.build.seed,
         batch_rows=cfg.mix.batch_rows,
         quiet=quiet,
     )
-    holdout = build_holdout(list(builds.values()), out / "holdout")
+    holdout = build_holdout(list(builds.values()), out.holdout)
     replay = probe = None
     if replay_spec is not None:
         if probe_documents:
-            probe = out / "probe"
+            probe = out.probe
             write_probe(probe_documents, replay_spec, cfg.tokenizer, probe)
         replay = write_replay(
             chosen,
             replay_spec,
             cfg.tokenizer,
-            out / "replay",
+            out.replay,
             cfg.replay.num_samples,
             cfg.replay.replay_len,
             cfg.replay.selection,
@@ -103,21 +95,20 @@ def prepare(
             list(builds.values()),
             overlap,
         )
-    summary = {
-        "version": __version__,
-        "tokenizer": cfg.tokenizer,
-        "seq_len": cfg.build.seq_len,
-        "mixture": str(out / "mixture"),
-        "replay": str(out / "replay") if replay else None,
-        "holdout": {role: str(out / "holdout" / role) for role in holdout["splits"]},
-        "probe": str(probe) if probe else None,
-        "builds": builds,
-        "achieved_token_share": manifest["achieved_token_share"],
-        "rows": manifest["rows"],
-    }
-    write_json(out / "prep.json", summary)
-    log.info("prepare: done → %s", out / "prep.json")
-    return summary
+    index = PrepIndex(
+        mixture=out.mixture,
+        replay=out.replay if replay else None,
+        holdout={role: out.holdout / role for role in holdout["splits"]},
+        tokenizer=Path(cfg.tokenizer),
+        seq_len=cfg.build.seq_len,
+        builds={name: Path(b) for name, b in builds.items()},
+        probe=probe,
+        achieved_token_share=manifest["achieved_token_share"],
+        rows=manifest["rows"],
+    )
+    out.write(index)
+    log.info("prepare: done → %s", out.index_path)
+    return index
 
 
 def _replay_choice(cfg: PrepareConfig, quiet: bool) -> tuple[SourceSpec | None, ReplaySelection, list[Document]]:

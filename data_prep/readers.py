@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from cpt_core.errors import InputError, UserError
+from cpt_core.typed_config import setting
+
 from .documents import Document, Reject, content_digest
-from .errors import InputError, UserError
-from .typed_config import setting
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".json.gz", ".json")
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".md", ".md.gz", ".rst", ".rst.gz")

@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from cpt_core.atomic import write_json
+from cpt_core.errors import UserError
+from cpt_core.progress import progress_bar
+
 from . import __version__
 from .arrow_dataset import write_dataset_dir
-from .atomic import write_json
 from .build import HoldoutSplit, SourceSpec, doc_digests, found_in_builds
 from .documents import Document, Reject
-from .errors import UserError
-from .progress import progress_bar
 from .readers import read_documents, resolve_inputs
 from .schema import DOCUMENT_SCHEMA
 from .tokenizer import load_tokenizer

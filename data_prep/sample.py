@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_path
+from cpt_core.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cpt_core.errors import UserError
+
 from .build import BUILD_MARKER, chunk_tables
-from .errors import UserError
 from .tokenizer import Tokenizer
 
 

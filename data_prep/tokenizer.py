@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from .errors import UserError
+from cpt_core.errors import UserError
 
 # Everything a Hugging Face tokenizer directory may hold, and nothing else: a model directory doubles as
 # its tokenizer directory, so whoever copies "the tokenizer" copies exactly these (never weights or config.json).

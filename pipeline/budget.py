@@ -84,7 +84,7 @@ from typing import Any
 
 import torch
 
-from data_prep.errors import ConfigError
+from cpt_core.errors import ConfigError
 
 from .config import ForgettingConfig
 from .perplexity import Forward, document_losses, perplexity_change, perplexity_of

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from data_prep.errors import UserError, out_of_space
+from cpt_core.errors import UserError, out_of_space
 
 from .checkpoint_files import (
     COMPLETE,

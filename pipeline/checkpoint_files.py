@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_prep.errors import UserError
+from cpt_core.errors import UserError
 
 CHECKPOINTS = "checkpoints"  # under a run directory: the checkpoint root
 LATEST = "latest"  # in the checkpoint root: the tag of the newest complete checkpoint

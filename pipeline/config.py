@@ -1,7 +1,7 @@
 """Training config: one YAML file, ``--set key.path=value`` overrides, validated with clear errors.
 
 Each field is declared once below, with its type (``Literal`` for a choice),
-default and meaning; the loader (``data_prep.typed_config``) validates against
+default and meaning; the loader (``cpt_core.typed_config``) validates against
 those declarations and ``python -m pipeline.train --help-config`` prints them.
 Stage presets fill the peak lr the user leaves out. Paths are relative to the
 config file.
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from data_prep.errors import ConfigError
-from data_prep.typed_config import apply_overrides, build, read_yaml, reference, setting
+from cpt_core.errors import ConfigError
+from cpt_core.typed_config import apply_overrides, build, read_yaml, reference, setting
 
 log = logging.getLogger(__name__)
 

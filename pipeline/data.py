@@ -16,11 +16,8 @@ predicted from the previous document) and where loss_mask is 0.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,35 +25,7 @@ import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 
-from data_prep.errors import UserError
-
-
-@dataclass(frozen=True)
-class PrepPaths:
-    mixture: Path
-    replay: Path | None
-    holdout: dict[str, Path]
-    tokenizer: Path
-    seq_len: int
-    builds: dict[str, Path]  # source name → its build directory (what the mixture was packed from)
-    probe: Path | None  # general documents for the forgetting budget, in no other split
-
-    @classmethod
-    def read(cls, prep_dir: str | Path) -> PrepPaths:
-        prep_dir = Path(prep_dir)
-        meta_path = prep_dir / "prep.json"
-        if not meta_path.is_file():
-            raise UserError(f"{prep_dir}: no prep.json; run `python -m data_prep prepare` first")
-        meta = json.loads(meta_path.read_text())
-        return cls(
-            Path(meta["mixture"]) / "data",
-            Path(meta["replay"]) if meta.get("replay") else None,
-            {r: Path(p) for r, p in meta.get("holdout", {}).items()},
-            Path(meta["tokenizer"]),
-            meta["seq_len"],
-            {name: Path(p) for name, p in meta.get("builds", {}).items()},
-            Path(meta["probe"]) if meta.get("probe") else None,
-        )
+from cpt_core.errors import UserError
 
 
 class GlobalOrder:

@@ -24,9 +24,10 @@ from typing import Any
 
 import yaml
 
+from cpt_core.errors import UserError, run_cli
+from cpt_core.logs import setup_logging
 from data_prep.config import load_config
 from data_prep.demo import build_demo_data, demo_config
-from data_prep.errors import UserError, run_cli
 from data_prep.prepare import prepare
 from data_prep.tokenizer import load_tokenizer
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a small corpus and few steps (~3 minutes; for CI)")
     p.add_argument("--ranks", type=int, default=2, help="training ranks (CPU processes)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging(brief=True)
     logging.getLogger("data_prep").setLevel(logging.WARNING)
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo")).resolve()
     return run_cli(lambda: run_demo(out, args.quick, args.ranks), log)

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import UserError
+from cpt_core.errors import UserError
 
 from .config import TrainConfig
 from .precision import fill_ds_precision

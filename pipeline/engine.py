@@ -14,7 +14,7 @@ from typing import Any
 import deepspeed
 import torch
 
-from data_prep.errors import ConfigError
+from cpt_core.errors import ConfigError
 from data_prep.tokenizer import Tokenizer
 
 from .config import TrainConfig

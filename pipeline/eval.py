@@ -23,7 +23,6 @@ import argparse
 import gc
 import logging
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -36,14 +35,15 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from data_prep.atomic import write_json
-from data_prep.errors import UserError, one_line, run_cli
+from cpt_core.atomic import write_json
+from cpt_core.errors import UserError, one_line, run_cli
+from cpt_core.logs import process_rank, setup_logging
 from data_prep.holdout import contamination
+from data_prep.prep_dir import PrepDir
 from data_prep.replay import ReplayShard
 from data_prep.tokenizer import load_tokenizer
 
 from .checkpoint_files import CheckpointDir
-from .data import PrepPaths
 from .distributed import finish, init_distributed, local_device
 from .export import export
 from .gere.cache import GeReCache, pad_replay_rows
@@ -145,7 +145,7 @@ def holdout_document_losses(
     device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """{role: each holdout document's (NLL, tokens)} of ``model`` (already on ``device``), each document alone."""
-    paths = PrepPaths.read(prep)
+    paths = PrepDir(prep).read()
     holdout = {r: datasets.load_from_disk(str(p)) for r, p in paths.holdout.items() if r in ("general", "domain")}
     with torch.no_grad():
         return holdout_losses(logits_of(model), holdout, paths.seq_len, max_docs, device, whole_documents)
@@ -155,7 +155,7 @@ def multiple_choice(
     model: torch.nn.Module, prep: str | Path, files: list[str], device: torch.device | str = "cpu"
 ) -> dict[str, float]:
     """{'mcq/<file stem>/acc': ..., '.../acc_norm': ...} for each question file (``pipeline/mcq.py``)."""
-    tokenizer = load_tokenizer(PrepPaths.read(prep).tokenizer)
+    tokenizer = load_tokenizer(PrepDir(prep).read().tokenizer)
     out = {}
     for path in files:
         scores = mcq_accuracy(logits_of(model), tokenizer, read_questions(path), device)
@@ -172,7 +172,7 @@ def replay_drift(
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """TM loss (reference) on the replay set and the share of activation states that changed since the base."""
-    paths = PrepPaths.read(prep)
+    paths = PrepDir(prep).read()
     shard = ReplayShard.open(paths.replay)
     rows = shard.rows()
     # checked against the base model and the prep's tokenizer: a cache of another model would measure nothing
@@ -204,7 +204,7 @@ def replay_drift(
 
 def holdout_contamination(prep: str | Path, max_docs: int) -> dict[str, dict[str, int]]:
     """Per holdout split: how many of the documents scored are replay samples or in the training rows."""
-    paths = PrepPaths.read(prep)
+    paths = PrepDir(prep).read()
     replay_ids = ReplayShard.open(paths.replay).rows()["id"] if paths.replay else []
     builds = [str(b) for b in paths.builds.values()]
     out = {}
@@ -312,18 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging()
 
     def body() -> None:
         init_distributed()  # this rank's device first, then the process group (NCCL on GPUs)
         result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs, local_device(), args.mcq)
         finish()
-        if rank == 0:
+        if process_rank() == 0:
             print(markdown_table(result))
             if args.out:
                 write_json(args.out, result)

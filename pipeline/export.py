@@ -30,13 +30,14 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from data_prep.atomic import atomic_path
-from data_prep.errors import UserError, one_line, run_cli
+from cpt_core.atomic import atomic_path
+from cpt_core.errors import UserError, one_line, run_cli
+from cpt_core.logs import setup_logging
+from data_prep.prep_dir import PrepDir
 from data_prep.tokenizer import HF_TOKENIZER_FILES
 
 from .checkpoint_files import CheckpointDir, verify_checkpoint
 from .config import config_from_dict
-from .data import PrepPaths
 from .distributed import init_distributed
 from .ds_config import filled_ds_config
 
@@ -63,7 +64,7 @@ def export(checkpoint: Path, out: Path, verify: bool = False, max_shard_size: st
         base = cfg.get("init_from") or cfg["model"]["path"]
         if base and (Path(base) / "generation_config.json").is_file():  # bos/eos for generate(); not weights
             shutil.copy2(Path(base) / "generation_config.json", tmp / "generation_config.json")
-        tokenizer = PrepPaths.read(cfg["data"]["prep"]).tokenizer
+        tokenizer = PrepDir(cfg["data"]["prep"]).read().tokenizer
         if tokenizer.is_dir():
             for name in HF_TOKENIZER_FILES:
                 if (tokenizer / name).is_file():
@@ -200,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true", help="compare logits with a DeepSpeed engine on the checkpoint")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    setup_logging()
 
     def body() -> int:
         try:

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data_prep.atomic import atomic_path
-from data_prep.errors import UserError, run_cli
+from cpt_core.atomic import atomic_path
+from cpt_core.errors import UserError, run_cli
+from cpt_core.logs import setup_logging
 
 log = logging.getLogger("pipeline.gguf")
 
@@ -72,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="Hugging Face directory to write (model and tokenizer)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    setup_logging()
     return run_cli(lambda: convert_gguf(args.gguf, args.out, args.max_shard_size), log)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import transformers
 
-from data_prep.errors import UserError
+from cpt_core.errors import UserError
 
 from .losses.head import final_hidden
 

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data_prep.errors import InputError, UserError
-from data_prep.progress import progress_bar
+from cpt_core.errors import InputError, UserError
+from cpt_core.progress import progress_bar
 from data_prep.tokenizer import Tokenizer
 
 from .perplexity import Forward

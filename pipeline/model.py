@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.integrations import HfDeepSpeedConfig
 
-from data_prep.errors import UserError
+from cpt_core.errors import UserError
 
 if TYPE_CHECKING:
     from .config import TrainConfig

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_fp32_param
 
-from data_prep.errors import UserError
+from cpt_core.errors import UserError
 from data_prep.replay import ReplayShard
 
 from .config import TrainConfig

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data_prep.progress import progress_bar
+from cpt_core.progress import progress_bar
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids → [1, L, V] logits
 

@@ -51,11 +51,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from data_prep.errors import UserError, run_cli
+from cpt_core.errors import UserError, run_cli
+from cpt_core.logs import setup_logging
+from data_prep.prep_dir import PrepDir
 from data_prep.replay import ReplayShard
 
 from .config import TrainConfig, load_train_config
-from .data import PrepPaths
 from .ds_config import filled_ds_config
 from .gere.joint import replay_layout
 from .losses.head import loss_from_hidden
@@ -234,7 +235,7 @@ def advise(plan: Plan, cfg: TrainConfig, gpu_bytes: float, shape: ModelShape) ->
 def _lengths(cfg: TrainConfig, plan: Plan) -> tuple[int, int]:
     """(seq_len, replay_len) from the prep; before data_prep has run, its defaults (noted in the plan)."""
     try:
-        prep = PrepPaths.read(cfg.data.prep)
+        prep = PrepDir(cfg.data.prep).read()
     except (UserError, OSError):
         plan.assumed.append(f"no prep at {cfg.data.prep}: seq_len 4096 and replay_len 512 assumed")
         return 4096, 512
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disk-gbps", type=float, default=2.0, help="checkpoint write bandwidth, GB/s in all")
     p.add_argument("--cpu", action="store_true", help="plan for CPU ranks (fp32 where the config says auto)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING)
 
     def body() -> None:
         cfg = load_train_config(args.config)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from data_prep.errors import UserError
+from cpt_core.errors import UserError
 
 from .config import TrainConfig
 

@@ -26,7 +26,8 @@ from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
 
-from data_prep.errors import UserError, run_cli
+from cpt_core.errors import UserError, run_cli
+from cpt_core.logs import setup_logging
 
 log = logging.getLogger("pipeline.real_models")
 
@@ -89,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "names", nargs="*", default=list(MODELS), help=f"models to materialise (default: all of {', '.join(MODELS)})"
     )
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    setup_logging()
 
     def body() -> None:
         for name in args.names:

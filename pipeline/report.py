@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from data_prep.atomic import write_json, write_text
+from cpt_core.atomic import write_json, write_text
 
 from .eval import markdown_table
 

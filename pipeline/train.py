@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
-from data_prep.errors import run_cli
+from cpt_core.errors import run_cli
+from cpt_core.logs import process_rank, setup_logging
 from pipeline.config import TrainConfig, config_reference, load_train_config
 
 log = logging.getLogger("pipeline.train")
@@ -21,9 +21,9 @@ log = logging.getLogger("pipeline.train")
 def check_inputs(cfg: TrainConfig) -> None:
     """The prep and model directories' refusals, in seconds: on a cluster every rank would otherwise pay for
     its imports and the process group (and NCCL's start) before saying them."""
-    from pipeline.data import PrepPaths
+    from data_prep.prep_dir import PrepDir
 
-    PrepPaths.read(cfg.data.prep)
+    PrepDir(cfg.data.prep).read()
     if not (cfg.model.path or cfg.init_from):
         return
     from pipeline.model import ModelSource, check_loadable, needs_teacher, pretrained_config  # transformers
@@ -53,12 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print(config_reference())
         return 0
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging()
 
     def body() -> None:
         cfg = load_train_config(args.config, args.set)  # a bad config fails before any process group forms,
@@ -69,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed()
         result = Trainer(cfg).train()
         finish()
-        if rank == 0:
+        if process_rank() == 0:
             print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, sort_keys=True))
 
     return run_cli(body, log, disk_full="no space left on the device; the last complete checkpoint is intact")

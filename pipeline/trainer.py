@@ -25,7 +25,8 @@ import datasets
 import torch
 import torch.distributed as dist
 
-from data_prep.errors import ConfigError
+from cpt_core.errors import ConfigError
+from data_prep.prep_dir import PrepDir
 from data_prep.tokenizer import load_tokenizer
 
 from .budget import ForgettingBudget
@@ -34,7 +35,6 @@ from .checkpoint_files import checkpoint_root
 from .config import TrainConfig, to_dict
 from .data import (
     GlobalOrder,
-    PrepPaths,
     StepReader,
     global_loss_tokens,
     host_to_device,
@@ -66,8 +66,8 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.run_dir = Path(cfg.run_dir)
-        self.prep = PrepPaths.read(cfg.data.prep)
-        self.mixture = datasets.load_from_disk(str(self.prep.mixture))
+        self.prep = PrepDir(cfg.data.prep).read()
+        self.mixture = datasets.load_from_disk(str(self.prep.mixture_rows))
         self.seq_len = self.prep.seq_len
         self.order = GlobalOrder(len(self.mixture), cfg.batch.micro_batch, cfg.batch.grad_accum, self.world, self.rank)
         self.total_steps = cfg.steps or math.ceil(cfg.tokens / (self.order.global_batch * self.seq_len))

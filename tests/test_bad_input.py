@@ -467,7 +467,7 @@ def test_with_init_from_the_base_weights_are_checked_only_where_a_teacher_reads_
         init_from=str(earlier),
     )
     check_inputs(load_train_config(config))  # pickled base weights, never read: accepted
-    from data_prep.errors import UserError
+    from cpt_core.errors import UserError
 
     with pytest.raises(UserError, match=r"no \*\.safetensors weights"):
         check_inputs(load_train_config(config, ["kd.weight=1"]))

@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 
-from data_prep.errors import ConfigError
+from cpt_core.errors import ConfigError
 from pipeline.budget import (
     ForgettingBudget,
     clamp_level,

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from cpt_core.errors import UserError
 from data_prep.build import BuildOptions, SourceSpec, build_source, doc_digests, finalize, load_build
-from data_prep.errors import UserError
 from data_prep.schema import read_ipc_file
 
 OPTIONS = BuildOptions(seq_len=128, seed=7, docs_per_chunk=6)

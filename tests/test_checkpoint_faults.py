@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.errors import UserError
+from cpt_core.errors import UserError
 from pipeline.checkpoint import CheckpointManager
 from pipeline.checkpoint_files import COMPLETE, write_complete
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_prep.errors import ConfigError
+from cpt_core.errors import ConfigError
 from pipeline.config import load_train_config
 from pipeline.gere.build import differs_from_training
 from pipeline.gere.joint import ReplayLayout, filler_task_rows, joint_hidden, replay_layout

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data_prep.errors import InputError
+from cpt_core.errors import InputError
 from data_prep.tokenizer import load_tokenizer
 from pipeline.mcq import Question, choice_logprobs, mcq_accuracy, prompt, read_questions
 

@@ -9,8 +9,8 @@ import datasets
 import numpy as np
 import pytest
 
+from cpt_core.errors import UserError
 from data_prep.build import BuildOptions, SourceSpec, build_source
-from data_prep.errors import UserError
 from data_prep.mix import max_batch_deviation, mix, stratified_roles
 
 OPTIONS = BuildOptions(seq_len=96, seed=3, docs_per_chunk=16, max_reject_fraction=0.3)  # long Q&A rejected

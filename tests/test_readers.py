@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from cpt_core.errors import InputError, UserError
 from data_prep.documents import Document, Reject
-from data_prep.errors import InputError, UserError
 from data_prep.readers import ReadOptions, read_documents, resolve_inputs
 
 TEXTS = ["first document", "second one\nwith two lines", "ünïcödé ✓ third"]

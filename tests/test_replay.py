@@ -9,9 +9,10 @@ import datasets
 import numpy as np
 import pytest
 
+from cpt_core.errors import UserError
 from data_prep.build import BuildOptions, SourceSpec, build_source, doc_digests
-from data_prep.errors import UserError
 from data_prep.holdout import doc_digest
+from data_prep.prep_dir import PrepDir
 from data_prep.replay import build_replay
 from data_prep.tokenizer import load_tokenizer
 
@@ -98,15 +99,15 @@ def _digests(sample) -> list[int]:
 
 
 def test_prepare_never_shares_a_document_between_holdout_replay_and_training(prep):
-    meta = json.loads((prep / "prep.json").read_text())
+    index = PrepDir(prep).read()
     replay = _ids(prep / "replay" / "data")
-    holdout = set().union(*(_ids(p) for p in meta["holdout"].values()))
-    train = {int(d) for b in meta["builds"].values() for d in doc_digests(b, holdout=False)}
+    holdout = set().union(*(_ids(p) for p in index.holdout.values()))
+    train = {int(d) for b in index.builds.values() for d in doc_digests(b, holdout=False)}
     assert len(replay) == 16 and holdout and train
     assert not replay & holdout and not replay & train and not holdout & train
     manifest = json.loads((prep / "replay" / "replay.json").read_text())
     assert manifest["overlap_with"]["train"] == manifest["overlap_with"]["holdout"] == 0
-    general = json.loads((Path(meta["builds"]["docs"]) / "build.json").read_text())
+    general = json.loads((index.builds["docs"] / "build.json").read_text())
     assert general["docs_reserved_for_replay"] == 16
     # the packed rows themselves: no 24-token run of a replay sample occurs in the training mixture
     stream = np.asarray(datasets.load_from_disk(str(prep / "mixture" / "data"))["input_ids"], np.int32).tobytes()
@@ -119,10 +120,10 @@ def test_probe_documents_are_in_no_other_split(sample, tmp_path):
     from .train_helpers import make_prep
 
     prep = make_prep(sample, tmp_path / "prep", probe_docs=4)
-    meta = json.loads((prep / "prep.json").read_text())
-    probe, replay = _ids(Path(meta["probe"])), _ids(prep / "replay" / "data")
-    holdout = set().union(*(_ids(p) for p in meta["holdout"].values()))
-    train = {int(d) for b in meta["builds"].values() for d in doc_digests(b, holdout=False)}
+    index = PrepDir(prep).read()
+    probe, replay = _ids(index.probe), _ids(index.replay / "data")
+    holdout = set().union(*(_ids(p) for p in index.holdout.values()))
+    train = {int(d) for b in index.builds.values() for d in doc_digests(b, holdout=False)}
     assert len(probe) == 4 and len(replay) == 16
     assert not probe & replay and not probe & holdout and not probe & train
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_prep.errors import ConfigError, UserError
+from cpt_core.errors import ConfigError, UserError
 from pipeline.config import KDConfig, ReplayConfig, load_train_config
 from pipeline.gere.cache import pad_replay_rows
 from pipeline.gere.sampler import ReplaySampler

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_prep.errors import UserError
+from cpt_core.errors import UserError
 from data_prep.instruct import encode_examples
 from data_prep.tokenizer import HFTokenizer, load_tokenizer
 

@@ -10,10 +10,11 @@ import datasets
 import pytest
 import torch
 
+from cpt_core.errors import ConfigError, UserError
 from data_prep.build import BuildOptions, SourceSpec, build_source, chunk_tables
-from data_prep.errors import ConfigError, UserError
+from data_prep.prep_dir import PrepDir
 from pipeline.config import load_train_config
-from pipeline.data import GlobalOrder, PrepPaths, packed_inputs, role_flags, teacher_rows
+from pipeline.data import GlobalOrder, packed_inputs, role_flags, teacher_rows
 from pipeline.isolation import forward_packed
 from pipeline.model import ModelSource, load_causal_lm
 from pipeline.schedule import lr_at
@@ -76,9 +77,9 @@ def test_each_step_reads_the_same_rows_for_any_split_of_the_same_global_batch():
 
 
 def test_the_prefetching_reader_gives_each_step_its_own_rows_and_reads_nothing_else(prep):
-    from pipeline.data import PrepPaths, StepReader
+    from pipeline.data import StepReader
 
-    mixture = datasets.load_from_disk(str(PrepPaths.read(prep).mixture))
+    mixture = datasets.load_from_disk(str(PrepDir(prep).read().mixture_rows))
     read: list[int] = []
 
     class Recording:  # the mixture, recording which rows are read
@@ -104,7 +105,7 @@ def test_the_teacher_runs_on_the_distilled_rows_and_every_rank_chooses_alike(pre
     """kd.rows general: the teacher's forward is collective under ZeRO-3, so for each micro-batch every rank
     runs it or none does; a rank runs its general rows (its first row when it has none), and those rows'
     outputs are the ones a forward of the whole micro-batch gives them."""
-    mixture = datasets.load_from_disk(str(PrepPaths.read(prep).mixture))
+    mixture = datasets.load_from_disk(str(PrepDir(prep).read().mixture_rows))
     flags = role_flags(mixture, "general")
     assert flags.tolist() == [role == "general" for role in mixture["role"]] and 0 < flags.sum() < len(flags)
     orders = [GlobalOrder(len(mixture), micro_batch=2, grad_accum=2, world=3, rank=r) for r in range(3)]

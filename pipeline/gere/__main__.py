@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from data_prep.errors import UserError, run_cli
+from cpt_core.errors import UserError, run_cli
+from cpt_core.logs import setup_logging
 from pipeline.config import load_train_config
 
 log = logging.getLogger("pipeline.gere")
@@ -54,12 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deepspeed", help="DeepSpeed JSON config (ZeRO-3 partitions the model across ranks)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     args = p.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging()
     return run_cli(lambda: build_from_args(args), log)
 
 

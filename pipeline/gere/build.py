@@ -20,12 +20,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_prep.errors import ConfigError, UserError
+from cpt_core.errors import ConfigError, UserError
+from data_prep.prep_dir import PrepDir
 from data_prep.replay import ReplayShard
 from data_prep.tokenizer import load_tokenizer
 
 from ..config import CACHED_STRATEGIES, TrainConfig, load_train_config
-from ..data import PrepPaths
 from ..distributed import init_distributed, local_device
 from ..ds_config import filled_ds_config, inference_ds_config
 from ..model import (
@@ -122,7 +122,7 @@ def training_layout(cfg: TrainConfig, world: int, device_type: str, model: Any =
         base, _ = model_sources(cfg)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config(base), trust_remote_code=base.trust_remote_code)
-    prep = PrepPaths.read(cfg.data.prep)
+    prep = PrepDir(cfg.data.prep).read()
     if prep.replay is None:
         return None
     replay_len = ReplayShard.open(prep.replay).replay_len
@@ -146,7 +146,7 @@ def build_cache_for_training(cfg: TrainConfig, features: bool = False) -> Path:
     if cfg.replay.strategy not in CACHED_STRATEGIES or not cfg.replay.cache:
         raise ConfigError(f"replay.strategy '{cfg.replay.strategy}' with replay.cache set is needed to build a cache")
     resolve_precision(cfg)
-    prep = PrepPaths.read(cfg.data.prep)
+    prep = PrepDir(cfg.data.prep).read()
     if prep.replay is None:
         raise UserError(f"{cfg.data.prep}: no replay shard in prep.json")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -187,7 +187,7 @@ def cache_is_current(config: Path, ranks: int) -> bool:
     again when not, instead of training into :class:`CacheMismatch` or a cache of another layout."""
     cfg = load_train_config(config)
     resolve_precision(cfg)
-    prep = PrepPaths.read(cfg.data.prep)
+    prep = PrepDir(cfg.data.prep).read()
     try:
         cache = GeReCache.open(
             cfg.replay.cache,

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from data_prep.errors import UserError
+from cpt_core.errors import UserError
 from data_prep.replay import ReplayShard
 
 from .states import activation_states, pack_states, packed_width

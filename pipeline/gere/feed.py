@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from data_prep.errors import UserError
+from cpt_core.errors import UserError
+from data_prep.prep_dir import PrepIndex
 from data_prep.replay import ReplayShard
 
 from ..config import CACHED_STRATEGIES, TrainConfig
-from ..data import PrepPaths
 from ..losses.head import final_hidden
 from ..losses.replay import ReplayInputs
 from ..model import ModelSource, model_fingerprint
@@ -63,7 +63,7 @@ class ReplayFeed:
     def from_config(
         cls,
         cfg: TrainConfig,
-        prep: PrepPaths,
+        prep: PrepIndex,
         base: ModelSource,
         tokenizer_fingerprint: str,
         world: int,

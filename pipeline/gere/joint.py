@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from data_prep.errors import ConfigError
+from cpt_core.errors import ConfigError
 
 from ..config import TrainConfig
 from ..isolation import VARLEN_FROM_ONE_ROW, forward_packed

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_prep.errors import ConfigError, UserError
+from cpt_core.errors import ConfigError, UserError
 
 
 class ReplaySampler:

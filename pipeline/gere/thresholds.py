@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from data_prep.errors import UserError
+from cpt_core.errors import UserError
 
 
 @dataclass

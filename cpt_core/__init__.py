@@ -1,0 +1,1 @@
+"""Infrastructure both sides share: the error hierarchy, typed configs, atomic writes, progress and logging."""
