@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from data_prep.prep_dir import PrepDir
+
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -108,8 +110,8 @@ def test_bad_config_names_the_file_and_the_key_or_line(tmp_path):
     ],
 )
 def test_every_prepare_key_is_checked_and_named(change, message):
+    from cpt_core.errors import ConfigError
     from data_prep.config import parse_config
-    from data_prep.errors import ConfigError
 
     raw = {"tokenizer": "t.model", "out": "o", "sources": [{"name": "a", "role": "domain", "paths": "x"}], **change}
     with pytest.raises(ConfigError) as error:
@@ -120,11 +122,11 @@ def test_every_prepare_key_is_checked_and_named(change, message):
 def test_demo_runs_end_to_end_and_stats_and_inspect_read_it(tmp_path):
     demo = run("demo", "--out", str(tmp_path / "demo"), "--small", "-q")
     assert demo.returncode == 0, demo.stderr
-    prep = json.loads((tmp_path / "demo" / "prep" / "prep.json").read_text())
-    assert abs(prep["achieved_token_share"]["general"] - 0.15) < 0.01
-    stats = run("stats", prep["mixture"], "--json")
-    assert stats.returncode == 0 and json.loads(stats.stdout)["rows"] == prep["rows"]
-    shown = run("inspect", prep["mixture"], "--row", "3", "--tokenizer", prep["tokenizer"])
+    prep = PrepDir(tmp_path / "demo" / "prep").read()
+    assert abs(prep.achieved_token_share["general"] - 0.15) < 0.01
+    stats = run("stats", str(prep.mixture), "--json")
+    assert stats.returncode == 0 and json.loads(stats.stdout)["rows"] == prep.rows
+    shown = run("inspect", str(prep.mixture), "--row", "3", "--tokenizer", str(prep.tokenizer))
     assert shown.returncode == 0 and "segment 0" in shown.stdout
     again = run("demo", "--out", str(tmp_path / "demo"), "--small")
     assert again.returncode == 0 and "cached build found" in again.stderr  # a rerun re-tokenizes nothing
@@ -158,3 +160,16 @@ def test_help_config_prints_every_training_key():
 
     missing = [k for k in keys(TrainConfig) if f"| `{k}` |" not in shown]
     assert not missing and "| `optim.decay` | cosine \\| linear \\| constant |" in shown
+
+
+def test_cpt_lists_its_commands_at_once_and_names_the_subcommand_in_usage():
+    import time
+
+    started = time.perf_counter()
+    listed = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True)
+    assert listed.returncode == 0 and "prep" in listed.stdout and "export" in listed.stdout
+    assert time.perf_counter() - started < 5
+    sub = subprocess.run([sys.executable, "-m", "pipeline", "prep", "--help"], capture_output=True, text=True)
+    assert sub.returncode == 0 and sub.stdout.startswith("usage: cpt prep")
+    wrong = subprocess.run([sys.executable, "-m", "pipeline", "exprot"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "did you mean export" in wrong.stderr
