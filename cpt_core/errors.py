@@ -32,6 +32,14 @@ class InputError(UserError):
         self.reason = message
 
 
+class ConfigProblems(ConfigError):
+    """Every problem a check found, reported together (one per line) rather than one per attempt."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(f"{len(problems)} problem(s): " + "; ".join(problems))
+        self.problems = problems
+
+
 class RejectLimitExceeded(UserError):
     """Too many documents were rejected for the run to be trusted."""
 
@@ -62,6 +70,9 @@ def run_cli(
     try:
         code = body()
         return code if isinstance(code, int) else 0
+    except ConfigProblems as e:
+        log.error("%d problem(s):\n  %s", len(e.problems), "\n  ".join(one_line(p) for p in e.problems))
+        return 2
     except UserError as e:
         log.error("%s", one_line(e))
         return 2

@@ -10,6 +10,7 @@ reference and ``docs/config.md``, so the documentation cannot drift from the cod
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -60,33 +61,59 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         node[parts[-1]] = yaml.safe_load(value)
 
 
-def build(cls: Any, raw: Any, prefix: str = "", origin: str = "") -> Any:
+def build(
+    cls: Any,
+    raw: Any,
+    prefix: str = "",
+    origin: str = "",
+    errors: list[str] | None = None,
+    overridden: frozenset[str] = frozenset(),
+) -> Any:
     """An instance of dataclass ``cls`` from a mapping, every value checked against its annotation.
 
-    ``origin`` (a file name) prefixes every error; ``prefix`` is the dotted path of this section.
+    ``origin`` (a file name) prefixes every error; ``prefix`` is the dotted path of this section; a key in
+    ``overridden`` came from ``--set`` and its errors say so. With an ``errors`` list every problem is
+    appended there (and None returned if there was one) instead of the first being raised.
     """
-    where = f"{origin}: " if origin else ""
+    found: list[str] = [] if errors is None else errors
+    before = len(found)
+
+    def problem(key: str, message: str) -> None:
+        where = "--set " if key in overridden else f"{origin}: " if origin else ""
+        if errors is None:
+            raise ConfigError(where + message)
+        found.append(where + message)
+
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}'{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
+        problem(prefix.rstrip("."), f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
+        return None
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(fields))})")
-    missing = [name for name, f in fields.items() if name not in raw and _is_required(f)]
-    if missing:
-        raise ConfigError(f"{where}missing required key '{prefix}{missing[0]}'")
+    for key in sorted(set(raw) - set(fields)):
+        problem(f"{prefix}{key}", f"unknown key '{prefix}{key}'{did_you_mean(str(key), fields)}")
+    for name, f in fields.items():
+        if name not in raw and _is_required(f):
+            problem(f"{prefix}{name}", f"missing required key '{prefix}{name}'")
     values = {}
     for name, value in raw.items():
+        if name not in fields:
+            continue
         section = _section_type(hints[name])
         if section is not None and (value is not None or not _optional(hints[name])):
-            values[name] = build(section, value, f"{prefix}{name}.", origin)
+            values[name] = build(section, value, f"{prefix}{name}.", origin, errors, overridden)
         else:
             try:
                 values[name] = coerce(value, hints[name], f"{prefix}{name}")
             except ConfigError as e:
-                raise ConfigError(f"{where}{e}") from None
-    return cls(**values)
+                problem(f"{prefix}{name}", str(e))
+    return None if len(found) > before else cls(**values)
+
+
+def did_you_mean(key: str, known: typing.Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for a near miss, else the known keys."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(known)})"
 
 
 def coerce(value: Any, annotation: Any, name: str) -> Any:

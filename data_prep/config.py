@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cpt_core.errors import ConfigError
-from cpt_core.typed_config import build, read_yaml, reference, setting
+from cpt_core.typed_config import build, did_you_mean, read_yaml, reference, setting
 
 from .build import BuildOptions, SourceSpec
 from .documents import Role
@@ -91,49 +91,72 @@ def load_config(path: str | Path) -> PrepareConfig:
     return parse_config(read_yaml(path), base=Path(path).parent, origin=str(path))
 
 
-def parse_config(raw: dict[str, Any], base: Path, origin: str) -> PrepareConfig:
-    _no_unknown(raw, TOP_KEYS, origin, "")
-    top = build(PrepareTop, {k: v for k, v in raw.items() if k in {"tokenizer", "out", "workers"}}, "", origin)
-    if not isinstance(raw.get("sources"), list) or not raw["sources"]:
-        raise ConfigError(f"{origin}: 'sources' must be a non-empty list")
-    holdout = build(HoldoutConfig, raw.get("holdout", {}), "holdout.", origin)
-    sources = tuple(_source(s, i, base, origin, holdout) for i, s in enumerate(raw["sources"]))
-    build_options = build(BuildOptions, {k: v for k, v in raw.items() if k in BUILD_KEYS}, "", origin)
+def parse_config(raw: dict[str, Any], base: Path, origin: str, errors: list[str] | None = None) -> PrepareConfig | None:
+    """The prepare config from a mapping; the first problem raised, or with ``errors`` every problem appended
+    there (and None returned if there was one)."""
+    found: list[str] = []
+    _no_unknown(raw, TOP_KEYS, origin, "", found)
+    top = build(PrepareTop, {k: v for k, v in raw.items() if k in {"tokenizer", "out", "workers"}}, "", origin, found)
+    holdout = build(HoldoutConfig, raw.get("holdout", {}), "holdout.", origin, found)
+    sources_raw = raw.get("sources")
+    if not isinstance(sources_raw, list) or not sources_raw:
+        found.append(f"{origin}: 'sources' must be a non-empty list")
+        sources_raw = []
+    sources = [_source(s, i, base, origin, holdout or HoldoutConfig(), found) for i, s in enumerate(sources_raw)]
+    build_options = build(BuildOptions, {k: v for k, v in raw.items() if k in BUILD_KEYS}, "", origin, found)
     replay_raw = raw.get("replay", {})
     replay = (
-        None if replay_raw is None or replay_raw is False else build(ReplayShardConfig, replay_raw, "replay.", origin)
+        None
+        if replay_raw is None or replay_raw is False
+        else build(ReplayShardConfig, replay_raw, "replay.", origin, found)
     )
-    cfg = PrepareConfig(
+    mix = build(MixConfig, raw.get("mix", {}), "mix.", origin, found)
+    found += _bounds(top, mix, holdout, replay, origin)
+    if found:
+        if errors is None:
+            raise ConfigError(found[0])
+        errors.extend(found)
+        return None
+    return PrepareConfig(
         tokenizer=str(base / top.tokenizer),
         out=str(base / top.out),
-        sources=sources,
+        sources=tuple(sources),
         build=build_options,
         workers=top.workers,
-        mix=build(MixConfig, raw.get("mix", {}), "mix.", origin),
+        mix=mix,
         replay=replay,
         holdout=holdout,
     )
-    validate(cfg, origin)
-    return cfg
 
 
-def validate(cfg: PrepareConfig, origin: str) -> None:
-    """Bounds that types cannot say, each error naming the file and the key."""
+def _bounds(
+    top: PrepareTop | None,
+    mix: MixConfig | None,
+    holdout: HoldoutConfig | None,
+    replay: ReplayShardConfig | None,
+    origin: str,
+) -> list[str]:
+    """Bounds that types cannot say, each naming the file and the key (sections that failed to parse skipped)."""
+    found: list[str] = []
 
     def need(ok: bool, name: str, value: Any, rule: str) -> None:
         if not ok:
-            raise ConfigError(f"{origin}: {name} must be {rule}, got {value!r}")
+            found.append(f"{origin}: {name} must be {rule}, got {value!r}")
 
-    need(cfg.workers >= 1, "workers", cfg.workers, ">= 1")
-    need(0 <= cfg.mix.general_ratio < 1, "mix.general_ratio", cfg.mix.general_ratio, "in [0, 1)")
-    need(0 <= cfg.mix.instruction_ratio < 1, "mix.instruction_ratio", cfg.mix.instruction_ratio, "in [0, 1)")
-    need(cfg.mix.batch_rows >= 1, "mix.batch_rows", cfg.mix.batch_rows, ">= 1")
-    need(0 <= cfg.holdout.fraction < 1, "holdout.fraction", cfg.holdout.fraction, "in [0, 1)")
-    need(cfg.holdout.max_docs >= 0, "holdout.max_docs", cfg.holdout.max_docs, ">= 0")
-    if cfg.replay is not None:
-        need(cfg.replay.num_samples >= 1, "replay.num_samples", cfg.replay.num_samples, ">= 1")
-        need(cfg.replay.replay_len >= 2, "replay.replay_len", cfg.replay.replay_len, ">= 2")
-        need(cfg.replay.probe_docs >= 0, "replay.probe_docs", cfg.replay.probe_docs, ">= 0")
+    if top is not None:
+        need(top.workers >= 1, "workers", top.workers, ">= 1")
+    if mix is not None:
+        need(0 <= mix.general_ratio < 1, "mix.general_ratio", mix.general_ratio, "in [0, 1)")
+        need(0 <= mix.instruction_ratio < 1, "mix.instruction_ratio", mix.instruction_ratio, "in [0, 1)")
+        need(mix.batch_rows >= 1, "mix.batch_rows", mix.batch_rows, ">= 1")
+    if holdout is not None:
+        need(0 <= holdout.fraction < 1, "holdout.fraction", holdout.fraction, "in [0, 1)")
+        need(holdout.max_docs >= 0, "holdout.max_docs", holdout.max_docs, ">= 0")
+    if replay is not None:
+        need(replay.num_samples >= 1, "replay.num_samples", replay.num_samples, ">= 1")
+        need(replay.replay_len >= 2, "replay.replay_len", replay.replay_len, ">= 2")
+        need(replay.probe_docs >= 0, "replay.probe_docs", replay.probe_docs, ">= 0")
+    return found
 
 
 def config_reference() -> str:
@@ -151,16 +174,21 @@ def config_reference() -> str:
     return "\n".join(sections)
 
 
-def _source(raw: Any, i: int, base: Path, origin: str, holdout: HoldoutConfig) -> SourceSpec:
+def _source(raw: Any, i: int, base: Path, origin: str, holdout: HoldoutConfig, found: list[str]) -> SourceSpec | None:
     where = f"sources[{i}]"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: {where} must be a mapping")
-    _no_unknown(raw, SOURCE_KEYS, origin, where + ".")
+        found.append(f"{origin}: {where} must be a mapping")
+        return None
+    _no_unknown(raw, SOURCE_KEYS, origin, where + ".", found)
     entry_raw = {k: v for k, v in raw.items() if k not in READ_KEYS}
     if isinstance(entry_raw.get("paths"), str):
         entry_raw["paths"] = [entry_raw["paths"]]
-    entry = build(SourceEntry, entry_raw, where + ".", origin)
-    read = build(ReadOptions, {k: v for k, v in raw.items() if k in READ_KEYS}, where + ".", origin)
+    entry = build(SourceEntry, entry_raw, where + ".", origin, found)
+    read = build(ReadOptions, {k: v for k, v in raw.items() if k in READ_KEYS}, where + ".", origin, found)
+    if entry is None or read is None:
+        return None
+    if read.max_docs < 0:
+        found.append(f"{origin}: {where}.max_docs must be >= 0, got {read.max_docs}")
     return SourceSpec(
         name=entry.name,
         role=entry.role,
@@ -172,7 +200,6 @@ def _source(raw: Any, i: int, base: Path, origin: str, holdout: HoldoutConfig) -
     )
 
 
-def _no_unknown(raw: dict[str, Any], known: set[str], origin: str, prefix: str) -> None:
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{origin}: unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(known))})")
+def _no_unknown(raw: dict[str, Any], known: set[str], origin: str, prefix: str, found: list[str]) -> None:
+    for key in sorted(set(raw) - known):
+        found.append(f"{origin}: unknown key '{prefix}{key}'{did_you_mean(str(key), known)}")

@@ -210,6 +210,9 @@ class LogConfig:
     """Metrics: metrics.jsonl always, TensorBoard optionally."""
 
     every: int = setting(1, "steps between metric lines")
+    every_s: float = setting(
+        60.0, "a progress line in the log at least this often (seconds) when stderr is not a terminal (batch logs)"
+    )
     tensorboard: bool = setting(True, "also write TensorBoard events under run_dir/tb")
     peak_tflops: float | None = setting(None, "device peak for MFU; null: known GPUs by name, none on CPU")
 
@@ -257,8 +260,19 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     """Read ``path`` (YAML), apply ``key.path=value`` overrides, resolve paths, validate."""
     raw = read_yaml(path) if path is not None else {}
     apply_overrides(raw, overrides)
-    cfg = build(TrainConfig, raw, origin=str(path) if path is not None else "")
-    base = Path(path).parent if path is not None else Path.cwd()
+    cfg = build(TrainConfig, raw, origin=str(path) if path is not None else "", overridden=overridden_keys(overrides))
+    resolve_paths(cfg, Path(path).parent if path is not None else Path.cwd())
+    validate(cfg)
+    return cfg
+
+
+def overridden_keys(overrides: list[str] | tuple[str, ...]) -> frozenset[str]:
+    """The dotted keys that ``--set key=value`` overrides name (their errors blame ``--set``, not the file)."""
+    return frozenset(item.partition("=")[0].strip() for item in overrides)
+
+
+def resolve_paths(cfg: TrainConfig, base: Path) -> None:
+    """Make the config's relative paths relative to ``base`` (the config file's directory)."""
     for fields in PATH_FIELDS:
         holder = cfg
         for f in fields[:-1]:
@@ -266,8 +280,6 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
         value = getattr(holder, fields[-1])
         if value is not None and value != "" and not Path(value).is_absolute():
             setattr(holder, fields[-1], str(base / value))
-    validate(cfg)
-    return cfg
 
 
 def config_reference() -> str:
@@ -283,11 +295,19 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Rules that span fields or bound a number (types and choices were checked on load)."""
+    """Raise the first of :func:`problems`."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError(found[0])
+
+
+def problems(cfg: TrainConfig) -> list[str]:
+    """Rules that span fields or bound a number (types and choices were checked on load), every one broken."""
+    found: list[str] = []
 
     def need(ok: bool, name: str, value: Any, rule: str) -> None:
         if not ok:
-            raise ConfigError(f"{name} must be {rule}, got {value!r}")
+            found.append(f"{name} must be {rule}, got {value!r}")
 
     need((cfg.steps is None) != (cfg.tokens is None), "steps/tokens", (cfg.steps, cfg.tokens), "exactly one set")
     need(cfg.steps is None or cfg.steps > 0, "steps", cfg.steps, "> 0")
@@ -353,6 +373,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, ">= 0")
     need(cfg.log.every >= 1, "log.every", cfg.log.every, ">= 1")
+    need(cfg.log.every_s > 0, "log.every_s", cfg.log.every_s, "> 0")
+    return found
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

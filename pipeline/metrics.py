@@ -1,10 +1,12 @@
-"""Rank-0 metrics: a progress bar, JSONL lines and TensorBoard scalars; other ranks stay quiet."""
+"""Rank-0 metrics: progress (a bar on a terminal, log lines in a batch log), JSONL and TensorBoard; other ranks
+stay quiet."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,19 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int, tensorboard: bool) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        total_steps: int,
+        start_step: int,
+        tensorboard: bool,
+        every: int = 1,
+        every_s: float = 60.0,
+    ) -> None:
         self.enabled = rank == 0
         self._bar = self._tb = self._jsonl = None
+        self.progress = ProgressLine(total_steps, start_step, every, every_s)
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -47,16 +59,78 @@ class MetricsLogger:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "lr", "tok_s")}, refresh=False)
 
-    def advance(self, n: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
+    def advance(self, step: int, values: dict[str, Any]) -> None:
+        """One step done: the bar moves on a terminal; elsewhere a progress line when one is due."""
+        if not self.enabled:
+            return
+        if not self._bar.disable:
+            self._bar.set_postfix(self.progress.postfix(values), refresh=False)
+            self._bar.update(1)
+        elif self.progress.due(step):
+            log.info("%s", self.progress.line(step, values))
 
     def close(self) -> None:
         for h in (self._bar, self._tb, self._jsonl):
             if h is not None:
                 h.close()
+
+
+class ProgressLine:
+    """A one-line summary of training for logs that are not a terminal (a SLURM .out, nohup).
+
+    Due every ``every`` steps, and at least every ``every_s`` seconds so a slow run never goes quiet;
+    the ETA is measured from the steps this process ran, not from a resumed run's earlier ones.
+    """
+
+    def __init__(self, total_steps: int, start_step: int, every: int, every_s: float) -> None:
+        self.total, self.start, self.every, self.every_s = total_steps, start_step, every, every_s
+        self.started = self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        now = time.monotonic()
+        if step % self.every == 0 or step == self.total or now - self.last >= self.every_s:
+            self.last = now
+            return True
+        return False
+
+    def line(self, step: int, values: dict[str, Any]) -> str:
+        parts = [f"step {step}/{self.total}"]
+        if "tokens_seen" in values:
+            parts.append(f"tokens {_si(values['tokens_seen'])}")
+        if "loss" in values:
+            components = " ".join(f"{k[5:]} {v:.4g}" for k, v in values.items() if k.startswith("loss/"))
+            parts.append(f"loss {values['loss']:.4g}" + (f" ({components})" if components else ""))
+        for key, text in (("lr", "lr {:.3g}"), ("grad_norm", "grad {:.3g}"), ("tok_s", "{:.0f} tok/s")):
+            if key in values:
+                parts.append(text.format(values[key]))
+        if "mfu" in values:
+            parts.append(f"mfu {100 * values['mfu']:.1f}%")
+        if "peak_mem_gb" in values:
+            parts.append(f"mem {values['peak_mem_gb']:.2f} GB")
+        if "forgetting/probe_rise" in values:
+            parts.append(f"probe {100 * values['forgetting/probe_rise']:+.2f}%")
+        done = step - self.start
+        if 0 < done and step < self.total:
+            parts.append(f"eta {_duration((time.monotonic() - self.started) / done * (self.total - step))}")
+        return " | ".join(parts)
+
+    def postfix(self, values: dict[str, Any]) -> dict[str, str]:
+        keys = ("loss", "lr", "grad_norm", "tok_s", "mfu", "peak_mem_gb")
+        return {k: f"{values[k]:.4g}" for k in keys if k in values}
+
+
+def _si(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class PeakMemory:

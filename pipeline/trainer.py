@@ -108,7 +108,9 @@ class Trainer:
         # a watched run's losses bitwise), and undoes the brake a budgeted checkpoint's optimizer carries.
         self._apply_levers()
         self.reader = StepReader(self.mixture, self.order, self.device)
-        self.metrics = MetricsLogger(self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard)
+        self.metrics = MetricsLogger(
+            self.run_dir, self.rank, self.total_steps, self.step, cfg.log.tensorboard, cfg.log.every, cfg.log.every_s
+        )
         self.holdout = {
             role: datasets.load_from_disk(str(p))
             for role, p in self.prep.holdout.items()
@@ -174,7 +176,7 @@ class Trainer:
         probed = "forgetting/probe_rise" in metrics
         if self._due(self.cfg.log.every) or self.step == self.total_steps or probed:
             self.metrics.log(self.step, metrics)
-        self.metrics.advance()
+        self.metrics.advance(self.step, metrics)
 
     def _due(self, every: int) -> bool:
         """Whether a schedule of ``every`` steps (0: never) falls on the current step."""

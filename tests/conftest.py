@@ -55,12 +55,14 @@ def prep(sample: Sample, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference(prep: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """One uninterrupted 12-step run on 2 ZeRO-3 ranks: (config, run dir); tests must not change it."""
+    """One uninterrupted 12-step run on 2 ZeRO-3 ranks: (config, run dir); tests must not change it.
+    The launcher's output, a batch log (not a terminal), is kept as ``launcher.log`` beside the config."""
     from .train_helpers import run_training, write_config
 
     root = tmp_path_factory.mktemp("reference")
     config = write_config(root / "cpt.yaml", prep, root / "run")
-    run_training(config)
+    result = run_training(config)
+    (root / "launcher.log").write_text(result.stdout + result.stderr)
     return config, root / "run"
 
 

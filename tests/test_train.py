@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,15 @@ def test_reference_run_reproduces_the_golden_losses(reference):
             # per-parameter sums that the kernels order differently, so it gets 1e-4.
             rel = 1e-4 if key == "grad_norm" else 1e-5
             assert got[step][key] == pytest.approx(value, rel=rel), (step, key)
+
+
+def test_a_batch_log_shows_one_progress_line_per_logged_step_from_rank_0_only(reference):
+    config, _ = reference
+    text = (config.parent / "launcher.log").read_text()
+    lines = [line for line in text.splitlines() if re.search(r"step \d+/12 \| tokens", line)]
+    assert [int(re.search(r"step (\d+)/", line).group(1)) for line in lines] == list(range(1, 13))
+    for part in ("loss ", "(task_ce ", "lr ", "grad ", " tok/s", "mem ", "eta "):
+        assert part in lines[0], (part, lines[0])
 
 
 def test_lr_follows_the_schedule_exactly(reference):

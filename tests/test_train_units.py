@@ -247,3 +247,19 @@ def test_an_anchor_pull_reaches_the_next_forward_for_persistent_zero3_parameters
     assert report["persistent"] and all("norm" in name for name in report["persistent"])
     off = {name: err for name, err in report["max_off_anchor"].items() if err > 1e-6}
     assert not off, off
+
+
+def test_a_progress_line_is_due_every_n_steps_and_after_a_quiet_interval(monkeypatch):
+    from pipeline import metrics
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    progress = metrics.ProgressLine(total_steps=1000, start_step=0, every=100, every_s=60.0)
+    clock[0] += 10
+    assert not progress.due(7) and progress.due(100)
+    clock[0] += 59
+    assert not progress.due(101)
+    clock[0] += 2  # 61 s since the last line: a slow run is never quiet for longer than every_s
+    assert progress.due(102) and not progress.due(103) and progress.due(1000)
+    line = progress.line(250, {"loss": 2.5, "loss/task_ce": 2.4, "lr": 2e-5, "tokens_seen": 1_500_000})
+    assert line.startswith("step 250/1000 | tokens 1.50M | loss 2.5 (task_ce 2.4) | lr 2e-05 | eta ")
