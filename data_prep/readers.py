@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -41,6 +42,7 @@ class ReadOptions:
     messages_field: str = setting("messages", "field holding a chat example's messages")
     txt_mode: Literal["file", "line"] = setting("file", "file: a .txt file is one document; line: each non-empty line")
     max_doc_chars: int = setting(5_000_000, "longer documents are rejected, not silently truncated")
+    max_docs: int = setting(0, "read only the first this many records of the source, in file order; 0: all")
 
 
 def resolve_inputs(patterns: Iterable[str]) -> list[str]:
@@ -73,9 +75,10 @@ def resolve_inputs(patterns: Iterable[str]) -> list[str]:
 
 
 def read_documents(paths: list[str], options: ReadOptions) -> Iterator[Document | Reject]:
-    """Yield every record of every path as a Document or a Reject, in stream order."""
-    for path in paths:
-        yield from _read_path(path, options)
+    """Yield every record of every path as a Document or a Reject, in stream order (the first
+    ``options.max_docs`` of them where that is set)."""
+    records = itertools.chain.from_iterable(_read_path(path, options) for path in paths)
+    yield from itertools.islice(records, options.max_docs or None)
 
 
 def _known(name: str) -> bool:

@@ -189,3 +189,12 @@ def test_a_build_killed_mid_run_and_rerun_ends_identical_to_a_clean_one(sample, 
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert lost(len(set(tree_digest(chunks.parent).items()) ^ set(tree_digest(clean).items()))) == 0
+
+
+def test_max_docs_reads_only_the_first_records_of_a_source(sample, tmp_path):
+    from data_prep.readers import ReadOptions
+
+    limited = load_build(
+        build_source(spec(sample, read=ReadOptions(max_docs=20)), OPTIONS, str(sample.tokenizer), tmp_path)
+    )
+    assert limited["docs_train"] + limited["docs_holdout"] + limited["duplicates"] + limited["rejects"] == 20
