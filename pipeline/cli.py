@@ -10,8 +10,10 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# subcommand → (module with main(argv), one line of help)
+# subcommand → (module[:function], default main(argv); one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("pipeline.run", "every stage of a run file in order: prep, GeRe cache, train, export, eval, report"),
+    "check": ("pipeline.run:check_main", "check a run file in seconds, every problem at once (run --dry-run)"),
     "demo": ("pipeline.demo", "the whole flow on the embedded CPU default (no download)"),
     "prep": ("data_prep.cli", "data prep: prepare, build, mix, replay, holdout, stats, inspect"),
     "gere": ("pipeline.gere.__main__", "build the GeRe cache of the base model over the replay shard"),
@@ -43,9 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         print(f"cpt: unknown command '{name}'{hint}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function or "main")
     sys.argv[0] = f"cpt {name}"  # argparse names the subcommand in its usage line
-    return int(module.main(rest) or 0)
+    return int(entry(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -59,10 +59,14 @@ def plot(run_dir: Path, out_dir: Path) -> list[Path]:
     return written
 
 
-def write_report(run_dir: str | Path, result: dict[str, Any], title: str = "Forgetting report") -> Path:
+def write_report(
+    run_dir: str | Path, result: dict[str, Any], title: str = "Forgetting report", out_dir: str | Path | None = None
+) -> Path:
+    """``report.md``, ``eval.json`` and the plots of ``run_dir``'s curves, into ``out_dir`` (default: the run)."""
     run_dir = Path(run_dir)
-    images = plot(run_dir, run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir
+    images = plot(run_dir, out_dir)
     body = [f"# {title}", "", markdown_table(result), ""] + [f"![{p.stem}]({p.name})" for p in images]
-    write_text(run_dir / "report.md", "\n".join(body) + "\n")
-    write_json(run_dir / "eval.json", result)
-    return run_dir / "report.md"
+    write_text(out_dir / "report.md", "\n".join(body) + "\n")
+    write_json(out_dir / "eval.json", result)
+    return out_dir / "report.md"

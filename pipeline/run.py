@@ -1,0 +1,230 @@
+"""``cpt run RUN.yaml``: every stage of a run in order, each skipped when its output is current.
+
+Stages: prep → GeRe cache (when a cached replay strategy needs one) → train
+(under the deepspeed launcher) → export → eval and the report card. A stage's
+record (``run_dir/stages/NAME.json``) holds the fingerprint of what it was made
+from: its own settings, its inputs' sizes and times, and the fingerprint of the
+stage before. A rerun after a kill or an edit redoes only the stages whose
+fingerprint changed (a killed training run resumes from its last checkpoint);
+training from other settings moves the old run aside instead of resuming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cpt_core.atomic import write_json, write_text
+from cpt_core.errors import UserError, run_cli
+from cpt_core.logs import setup_logging
+
+from .runfile import RunFile, load_run
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prep", "gere", "train", "export", "eval")
+
+
+class StageFailed(UserError):
+    """A stage's command exited non-zero; its own output above says why."""
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def files_fingerprint(paths: list[str]) -> list[tuple[str, int, int]]:
+    """Name, size and modification time of every file under ``paths``: a changed corpus, tokenizer or model
+    redoes the stages made from it."""
+    found = []
+    for p in map(Path, paths):
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        found += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return found
+
+
+@dataclass
+class Stage:
+    name: str
+    fingerprint: str
+    action: Callable[[], None]
+    wanted: bool = True  # false: not part of this run (no cached strategy, no GeRe cache)
+
+
+class Runner:
+    """Runs a :class:`RunFile`'s stages; ``force`` names stages to redo whatever their records say."""
+
+    def __init__(self, run: RunFile, force: set[str] = frozenset(), only: str | None = None) -> None:
+        self.run, self.force, self.only = run, force, only
+        self.records = run.run_dir / "stages"
+
+    def stages(self) -> list[Stage]:
+        from data_prep.readers import resolve_inputs
+
+        run, train = self.run, self.run.train
+        tokenizer = run.prep_raw["tokenizer"]
+        sources = resolve_inputs([p for s in run.prep_raw["sources"] for p in s["paths"]])
+        prep = fingerprint(run.prep_raw, files_fingerprint([*sources, tokenizer]))
+        model = fingerprint(train.model, files_fingerprint([train.model.path]) if train.model.path else None)
+        settings = {k: v for k, v in _train_dict(train).items() if k not in ("log", "checkpoint")}
+        gere = fingerprint(prep, model, train.replay, train.deepspeed, run.gpus)
+        trained = fingerprint(prep, model, gere if run.uses_cache else None, settings, run.gpus)
+        exported = fingerprint(trained, run.export)
+        evaluated = fingerprint(exported, train.eval.max_docs)
+        return [
+            Stage("prep", prep, self.prep),
+            Stage("gere", gere, self.gere, wanted=run.uses_cache),
+            Stage("train", trained, self.train),
+            Stage("export", exported, self.export),
+            Stage("eval", evaluated, self.evaluate),
+        ]
+
+    def execute(self) -> Path:
+        started = time.perf_counter()
+        stages = [s for s in self.stages() if s.wanted and (self.only is None or s.name == self.only)]
+        redo = False
+        for i, stage in enumerate(stages, 1):
+            record = self.record(stage.name)
+            current = record.get("fingerprint") == stage.fingerprint and record.get("complete")
+            redo = redo or stage.name in self.force or not current
+            if not redo:
+                log.info("[%d/%d] %s: up to date, skipped", i, len(stages), stage.name)
+                continue
+            log.info("[%d/%d] %s", i, len(stages), stage.name)
+            if stage.name == "train" and record and record.get("fingerprint") != stage.fingerprint:
+                self._set_aside(self.run.train_dir, record["fingerprint"])
+            write_json(self.records / f"{stage.name}.json", {"fingerprint": stage.fingerprint, "complete": False})
+            t0 = time.perf_counter()
+            stage.action()
+            write_json(
+                self.records / f"{stage.name}.json",
+                {"fingerprint": stage.fingerprint, "complete": True, "seconds": round(time.perf_counter() - t0, 1)},
+            )
+        report = self.run.export_dir / "report.md"
+        log.info("done in %.0f s: %s", time.perf_counter() - started, report if report.is_file() else self.run.run_dir)
+        return report
+
+    # ── the stages ────────────────────────────────────────────────────────────
+    def prep(self) -> None:
+        from data_prep.config import parse_config
+        from data_prep.prepare import prepare
+
+        write_text(self.run.run_dir / "prep.yaml", yaml.safe_dump(self.run.prep_raw, sort_keys=False))
+        prepare(parse_config(self.run.prep_raw, base=self.run.run_dir, origin=str(self.run.path)))
+
+    def gere(self) -> None:
+        self._deepspeed("pipeline.gere", ["--config", str(self._train_yaml())])
+
+    def train(self) -> None:
+        self._deepspeed("pipeline.train", ["--config", str(self._train_yaml())])
+
+    def export(self) -> None:
+        args = ["--run", str(self.run.train_dir), "--out", str(self.run.export_dir)]
+        args += ["--max-shard-size", self.run.export.max_shard_size] + (["--verify"] if self.run.export.verify else [])
+        self._call([sys.executable, "-m", "pipeline.export", *args])
+
+    def evaluate(self) -> None:
+        from .report import write_report
+
+        run, out = self.run, self.run.export_dir / "eval.json"
+        args = ["--model", str(run.export_dir), "--prep", str(run.prep_dir), "--max-docs", str(run.train.eval.max_docs)]
+        if run.train.model.path:
+            args += ["--base", run.train.model.path]
+            if run.uses_cache:
+                args += ["--cache", str(run.cache_dir)]
+        self._deepspeed("pipeline.eval", [*args, "--out", str(out)])
+        result = json.loads(out.read_text())
+        report = write_report(run.train_dir, result, title=f"Report: {run.path.name}", out_dir=run.export_dir)
+        log.info("report card: %s", report)
+
+    # ── helpers ───────────────────────────────────────────────────────────────
+    def _train_yaml(self) -> Path:
+        """The training config the per-stage commands read, written beside the run's outputs."""
+        path = self.run.run_dir / "train.yaml"
+        write_text(path, yaml.safe_dump(_train_dict(self.run.train), sort_keys=False))
+        return path
+
+    def _deepspeed(self, module: str, args: list[str]) -> None:
+        from .launch import deepspeed_command, launch_env
+
+        self._call(deepspeed_command(module, args, self.run.gpus, log_level="warning"), env=launch_env())
+
+    def _call(self, command: list[str], env: dict[str, str] | None = None) -> None:
+        from .launch import ROOT, launch_env
+
+        done = subprocess.run(command, cwd=ROOT, env=env or launch_env())
+        if done.returncode != 0:
+            raise StageFailed(f"stage failed (exit {done.returncode}): {' '.join(command)}")
+
+    def record(self, name: str) -> dict[str, Any]:
+        path = self.records / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _set_aside(self, directory: Path, old: str) -> None:
+        if directory.exists():
+            target = self.run.run_dir / "superseded" / f"{directory.name}-{old}"
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            directory.rename(target)
+            log.info("train: settings changed since %s was trained; moved it to %s", directory, target)
+
+
+def _train_dict(train: Any) -> dict[str, Any]:
+    from .config import to_dict
+
+    return to_dict(train)
+
+
+def check_main(argv: list[str] | None = None) -> int:
+    """``cpt check RUN.yaml``: ``cpt run --dry-run``."""
+    return main(["--dry-run", *(sys.argv[1:] if argv is None else argv)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Run every stage of a run file: prep, GeRe cache, train, export, eval and report. "
+        "A stage whose output is current is skipped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("config", help="the run file (YAML); `cpt init` writes one")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the run file")
+    p.add_argument("--dry-run", action="store_true", help="check the run file and print the stages; run nothing")
+    p.add_argument("--smoke", action="store_true", help="every stage at toy size, into RUN_DIR-smoke")
+    p.add_argument("--from", dest="start", choices=STAGES, help="redo this stage and every one after it")
+    p.add_argument("--only", choices=STAGES, help="run this stage alone (redone whatever its record says)")
+    args = p.parse_args(argv)
+    setup_logging()
+
+    def body() -> None:
+        run = load_run(args.config, args.set, smoke=args.smoke)
+        force = set(STAGES[STAGES.index(args.start) :]) if args.start else set()
+        if args.only:
+            force.add(args.only)
+        runner = Runner(run, force, args.only)
+        if args.dry_run:
+            for stage in runner.stages():
+                record = runner.record(stage.name)
+                current = record.get("fingerprint") == stage.fingerprint and record.get("complete")
+                state = "not needed" if not stage.wanted else "up to date" if current else "to run"
+                print(f"{stage.name:<7} {state}")
+            print(f"{args.config}: OK ({run.gpus} rank(s), outputs under {run.run_dir})")
+            return
+        runner.execute()
+
+    return run_cli(body, log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The run file: one YAML for a whole run, checked in seconds with every problem reported at once.
+
+Its top level is the training config (``pipeline/config.py``) with three changes:
+``data`` holds the data-prep config (``data_prep/config.py``; ``tokenizer``
+defaults to ``model.path`` and ``out`` is the run's ``prep/``), ``deepspeed``
+also takes a preset name from ``ds_configs/``, and ``gpus`` and ``export`` are
+added. Everything a run writes lands under ``run_dir``. Paths are relative to
+the run file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cpt_core.errors import ConfigProblems, UserError
+from cpt_core.typed_config import apply_overrides, build, did_you_mean, read_yaml, setting
+
+from .config import CACHED_STRATEGIES, TrainConfig, overridden_keys, problems, resolve_paths
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {p.stem: p for p in sorted((ROOT / "ds_configs").glob("*.json"))}
+
+
+@dataclass
+class RunSection:
+    """Keys of a run file beside the training config's."""
+
+    run_dir: str = setting("runs/run", "every output of the run: prep/, gere_cache/, train/, export/")
+    gpus: int = setting(1, "ranks on this node (CPU processes where there is no GPU)")
+
+
+@dataclass
+class ExportSection:
+    """The exported Hugging Face checkpoint."""
+
+    verify: bool = setting(True, "compare the export's logits with the training checkpoint's")
+    max_shard_size: str = setting("5GB", "largest safetensors file")
+
+
+RUN_KEYS = {f.name for f in dataclasses.fields(RunSection)} | {"export"}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@dataclass(frozen=True)
+class RunFile:
+    """A checked run file: where each stage writes, and the configs the stages read."""
+
+    path: Path
+    run_dir: Path
+    gpus: int
+    prep_raw: dict[str, Any]  # the data-prep config as prepare reads it, paths absolute
+    train: TrainConfig  # paths absolute; data.prep, run_dir and replay.cache filled in
+    export: ExportSection
+
+    @property
+    def prep_dir(self) -> Path:
+        return self.run_dir / "prep"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.run_dir / "train"
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.train.replay.cache) if self.train.replay.cache else self.run_dir / "gere_cache"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / "export"
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.train.replay.strategy in CACHED_STRATEGIES
+
+
+def load_run(path: str | Path, overrides: list[str] | tuple[str, ...] = (), smoke: bool = False) -> RunFile:
+    """The run file at ``path`` with ``--set`` overrides (and smoke-size settings), or a :class:`ConfigProblems`."""
+    run, found = check_run(path, overrides, smoke)
+    if found:
+        raise ConfigProblems(found)
+    assert run is not None
+    return run
+
+
+def check_run(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), smoke: bool = False
+) -> tuple[RunFile | None, list[str]]:
+    """Everything that can be checked without loading a model: keys, types, values, paths, tokenizer vs model."""
+    path = Path(path)
+    raw = read_yaml(path)
+    apply_overrides(raw, overrides)
+    if smoke:
+        raw = smoke_settings(raw)
+    base, origin, found = path.parent, str(path), []
+    for key in sorted(set(raw) - RUN_KEYS - TRAIN_KEYS):
+        found.append(f"{origin}: unknown key '{key}'{did_you_mean(str(key), RUN_KEYS | TRAIN_KEYS)}")
+    overridden = overridden_keys(overrides)
+    top = build(RunSection, {k: raw[k] for k in ("run_dir", "gpus") if k in raw}, "", origin, found, overridden)
+    export = build(ExportSection, raw.get("export") or {}, "export.", origin, found, overridden)
+    if top is not None and top.gpus < 1:
+        found.append(f"{origin}: gpus must be >= 1, got {top.gpus}")
+    run_dir = (base / (top.run_dir if top else "runs/run")).resolve()
+    if smoke:
+        run_dir = run_dir.with_name(run_dir.name + "-smoke")
+
+    train_raw = {k: copy.deepcopy(v) for k, v in raw.items() if k in TRAIN_KEYS and k != "data"}
+    train_raw["run_dir"] = str(run_dir / "train")
+    train_raw["data"] = {"prep": str(run_dir / "prep")}
+    preset = train_raw.get("deepspeed", "zero3_bf16")
+    if isinstance(preset, str) and preset in PRESETS:
+        train_raw["deepspeed"] = str(PRESETS[preset])
+    replay = train_raw.get("replay") or {}
+    if isinstance(replay, dict) and replay.get("strategy") in CACHED_STRATEGIES and not replay.get("cache"):
+        replay["cache"] = str(run_dir / "gere_cache")
+    train = build(TrainConfig, train_raw, "", origin, found, overridden)
+    if train is not None:
+        resolve_paths(train, base)
+        found += [f"{origin}: {p}" for p in problems(train)]
+    found += _path_problems(raw, base, origin)
+
+    prep_raw = _prep_section(raw, train, run_dir, base, origin, found)
+    if found:
+        return None, found
+    assert top is not None and train is not None and export is not None
+    return RunFile(path, run_dir, top.gpus, prep_raw, train, export), []
+
+
+def _prep_section(
+    raw: dict[str, Any], train: TrainConfig | None, run_dir: Path, base: Path, origin: str, found: list[str]
+) -> dict[str, Any]:
+    """The ``data`` section as prepare reads it; its problems appended to ``found``."""
+    from data_prep.config import parse_config
+    from data_prep.readers import resolve_inputs
+
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        found.append(f"{origin}: 'data' must be the data-prep section (sources, mix, replay, holdout), got {data!r}")
+        return {}
+    prep_raw = copy.deepcopy(data)
+    if "out" in prep_raw:
+        found.append(f"{origin}: data.out is set by the run: the prep is written to run_dir/prep")
+    prep_raw["out"] = str(run_dir / "prep")
+    model_path = (raw.get("model") or {}).get("path") if isinstance(raw.get("model"), dict) else None
+    if "tokenizer" not in prep_raw and model_path:
+        prep_raw["tokenizer"] = str(base / model_path)
+    cfg = parse_config(prep_raw, base=base, origin=f"{origin}: data", errors=found)
+    for i, source in enumerate(data.get("sources") or []):
+        paths = source.get("paths") if isinstance(source, dict) else None
+        for path in [paths] if isinstance(paths, str) else paths if isinstance(paths, list) else []:
+            try:
+                resolve_inputs([str(base / path)])
+            except UserError as e:
+                found.append(f"{origin}: data.sources[{i}].paths: {e}")
+    if cfg is None:
+        return prep_raw
+    if not Path(cfg.tokenizer).exists():
+        found.append(f"{origin}: data.tokenizer: {cfg.tokenizer} does not exist")
+    elif train is not None and train.model.path and Path(train.model.path, "config.json").is_file():
+        found += _vocabulary_problems(cfg.tokenizer, Path(train.model.path), origin)
+    if train is not None and train.replay.strategy != "none" and cfg.replay is None:
+        found.append(f"{origin}: replay.strategy '{train.replay.strategy}' needs a replay shard: data.replay")
+    return {**prep_raw, "tokenizer": cfg.tokenizer, "sources": [_absolute_source(s, base) for s in data["sources"]]}
+
+
+def _absolute_source(source: dict[str, Any], base: Path) -> dict[str, Any]:
+    paths = [source["paths"]] if isinstance(source["paths"], str) else source["paths"]
+    return {**source, "paths": [str((base / p).resolve()) for p in paths]}
+
+
+def _path_problems(raw: dict[str, Any], base: Path, origin: str) -> list[str]:
+    """Files the training config names, checked from the raw values so a type error elsewhere hides none."""
+    found = []
+    deepspeed = raw.get("deepspeed", "zero3_bf16")
+    if isinstance(deepspeed, str) and deepspeed not in PRESETS and not (base / deepspeed).is_file():
+        presets = ", ".join(PRESETS)
+        found.append(f"{origin}: deepspeed: {deepspeed} is neither a preset ({presets}) nor a JSON file")
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    if isinstance(model.get("path"), str) and not (base / model["path"] / "config.json").is_file():
+        found.append(f"{origin}: model.path: {model['path']} is not a Hugging Face model directory (no config.json)")
+    if isinstance(raw.get("init_from"), str) and not (base / raw["init_from"]).is_dir():
+        found.append(f"{origin}: init_from: {raw['init_from']} does not exist")
+    return found
+
+
+def _vocabulary_problems(tokenizer: str, model: Path, origin: str) -> list[str]:
+    """A tokenizer whose ids the model's embedding cannot hold fails at the first step on a GPU; say it now."""
+    from data_prep.tokenizer import load_tokenizer
+
+    vocab = json.loads((model / "config.json").read_text()).get("vocab_size")
+    size = load_tokenizer(tokenizer).vocab_size
+    if isinstance(vocab, int) and size > vocab:
+        return [f"{origin}: data.tokenizer has {size} tokens but {model}'s embedding holds {vocab}"]
+    return []
+
+
+def smoke_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """The same run at toy size, to check the whole flow on a model and corpora in minutes."""
+    raw = copy.deepcopy(raw)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        seq_len = min(int(data.get("seq_len", 2048)), 128)
+        data.update(seq_len=seq_len, docs_per_chunk=64)
+        for source in data.get("sources") or []:
+            if isinstance(source, dict):
+                source["max_docs"] = 300
+        data["mix"] = {**(data.get("mix") or {}), "batch_rows": 4}
+        if data.get("replay") is not False and data.get("replay", {}) is not None:
+            data["replay"] = {**(data.get("replay") or {}), "num_samples": 8, "replay_len": seq_len, "probe_docs": 0}
+        data["holdout"] = {**(data.get("holdout") or {}), "max_docs": 16}
+    raw.pop("tokens", None)
+    raw["steps"] = 4
+    raw["batch"] = {"micro_batch": 1, "grad_accum": 1}
+    raw["checkpoint"] = {**(raw.get("checkpoint") or {}), "every": 0, "keep_last": 1}
+    raw["eval"] = {"every": 0, "max_docs": 8}
+    raw["forgetting"] = {"budget": None}
+    if isinstance(raw.get("replay"), dict):
+        raw["replay"]["samples_per_step"] = int(raw.get("gpus", 1))
+    raw.setdefault("optim", {})
+    if isinstance(raw["optim"], dict):
+        raw["optim"].update(warmup_steps=1)
+        raw["optim"].pop("warmup_ratio", None)
+    return raw

@@ -1,0 +1,115 @@
+"""The run file and `cpt run`: every problem at once, before any heavy work; stages redone only when their
+inputs change."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cpt_core.errors import ConfigProblems
+from pipeline.run import Runner
+from pipeline.runfile import PRESETS, load_run, smoke_settings
+
+from .train_helpers import ROOT
+
+
+def run_file(sample, path: Path, **changes) -> Path:
+    """A small valid run file on the test corpora and a from-scratch model."""
+    raw = {
+        "run_dir": "out",
+        "gpus": 2,
+        "data": {
+            "tokenizer": str(sample.tokenizer),
+            "seq_len": 64,
+            "sources": [
+                {"name": "code", "role": "domain", "paths": str(sample.domain)},
+                {"name": "docs", "role": "general", "paths": [str(sample.general)]},
+            ],
+            "replay": {"num_samples": 8, "replay_len": 32},
+        },
+        "model": {"config": {"vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 1}},
+        "deepspeed": "zero3_cpu",
+        "steps": 3,
+        "replay": {"strategy": "kl", "weight": 1.5, "ce_weight": 0.0, "samples_per_step": 2},
+    }
+    raw.update(changes)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_run_file_fills_what_each_stage_reads(sample, tmp_path):
+    run = load_run(run_file(sample, tmp_path / "run.yaml"))
+    assert run.run_dir == (tmp_path / "out").resolve() and run.gpus == 2
+    assert run.train.data.prep == str(run.prep_dir) and run.train.run_dir == str(run.train_dir)
+    assert run.train.deepspeed == str(PRESETS["zero3_cpu"]) and not run.uses_cache
+    assert run.prep_raw["out"] == str(run.prep_dir) and run.prep_raw["sources"][0]["paths"] == [str(sample.domain)]
+    tm = load_run(run_file(sample, tmp_path / "tm.yaml", replay={"strategy": "tm"}))
+    assert tm.uses_cache and tm.train.replay.cache == str(tm.run_dir / "gere_cache")
+
+
+def test_check_reports_every_mistake_at_once_naming_file_and_key_in_seconds(sample, tmp_path):
+    bad = run_file(
+        sample,
+        tmp_path / "bad.yaml",
+        gpu=2,  # a typo of gpus
+        deepspeed="zero3_gpu",
+        model={"path": str(tmp_path / "no-such-model")},
+        optim={"lr": "abc"},
+        data={"seq_len": 64, "mix": {"general_ratio": 1.5}, "sources": [{"name": "a", "role": "domain", "paths": "x"}]},
+    )
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "check", str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert time.perf_counter() - started < 5 and done.returncode == 2
+    for expected in (
+        "unknown key 'gpu'; did you mean 'gpus'?",
+        "deepspeed: zero3_gpu is neither a preset",
+        "model.path:",
+        "optim.lr must be a number or null, got 'abc'",
+        "data: mix.general_ratio must be in [0, 1), got 1.5",
+        "data.sources[0].paths: ",
+    ):
+        assert f"{bad}: {expected}" in done.stderr, (expected, done.stderr)
+    assert "6 problem(s)" in done.stderr
+
+
+def test_an_override_that_cannot_be_used_blames_the_override_not_the_file(sample, tmp_path):
+    with pytest.raises(ConfigProblems) as error:
+        load_run(run_file(sample, tmp_path / "run.yaml"), ["optim.lr=abc"])
+    assert error.value.problems == ["--set optim.lr must be a number or null, got 'abc'"]
+
+
+def test_stages_are_redone_only_downstream_of_what_changed(sample, tmp_path):
+    path = run_file(sample, tmp_path / "run.yaml")
+    before = {s.name: s.fingerprint for s in Runner(load_run(path)).stages()}
+    after = {s.name: s.fingerprint for s in Runner(load_run(path, ["optim.lr=3e-4"])).stages()}
+    assert before["prep"] == after["prep"] and before["gere"] == after["gere"]
+    assert all(before[s] != after[s] for s in ("train", "export", "eval"))
+    logging_only = {s.name: s.fingerprint for s in Runner(load_run(path, ["log.every=5"])).stages()}
+    assert logging_only == before  # how often a run logs or saves does not change what it trains
+    corpus = tmp_path / "domain.jsonl.gz"
+    corpus.write_bytes(sample.domain.read_bytes())
+    moved = run_file(sample, tmp_path / "moved.yaml")
+    raw = yaml.safe_load(moved.read_text())
+    raw["data"]["sources"][0]["paths"] = str(corpus)
+    moved.write_text(yaml.safe_dump(raw))
+    first = {s.name: s.fingerprint for s in Runner(load_run(moved)).stages()}
+    os.utime(corpus, ns=(time.time_ns(), time.time_ns() + 10**9))  # the corpus was rewritten
+    second = {s.name: s.fingerprint for s in Runner(load_run(moved)).stages()}
+    assert all(first[s] != second[s] for s in ("prep", "train", "export", "eval"))
+
+
+def test_smoke_runs_every_stage_at_toy_size_in_its_own_directory(sample, tmp_path):
+    run = load_run(run_file(sample, tmp_path / "run.yaml", steps=5000), smoke=True)
+    assert run.run_dir.name == "out-smoke" and run.train.steps == 4
+    assert all(s["max_docs"] == 300 for s in run.prep_raw["sources"])
+    assert run.train.replay.samples_per_step == run.gpus
+    raw = smoke_settings({"data": {"replay": None, "sources": []}, "tokens": 10**9})
+    assert raw["data"]["replay"] is None and "tokens" not in raw
