@@ -14,6 +14,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pipeline.run", "every stage of a run file in order: prep, GeRe cache, train, export, eval, report"),
     "check": ("pipeline.run:check_main", "check a run file in seconds, every problem at once (run --dry-run)"),
+    "init": ("pipeline.run_init", "write a commented run file for a model and corpora"),
     "demo": ("pipeline.demo", "the whole flow on the embedded CPU default (no download)"),
     "prep": ("data_prep.cli", "data prep: prepare, build, mix, replay, holdout, stats, inspect"),
     "gere": ("pipeline.gere.__main__", "build the GeRe cache of the base model over the replay shard"),

@@ -160,7 +160,12 @@ def _prep_section(
         return prep_raw
     if not Path(cfg.tokenizer).exists():
         found.append(f"{origin}: data.tokenizer: {cfg.tokenizer} does not exist")
-    elif train is not None and train.model.path and Path(train.model.path, "config.json").is_file():
+    elif (
+        train is not None
+        and train.model.path
+        and Path(train.model.path, "config.json").is_file()
+        and Path(cfg.tokenizer).resolve() != Path(train.model.path).resolve()  # a model and its own tokenizer agree
+    ):
         found += _vocabulary_problems(cfg.tokenizer, Path(train.model.path), origin)
     if train is not None and train.replay.strategy != "none" and cfg.replay is None:
         found.append(f"{origin}: replay.strategy '{train.replay.strategy}' needs a replay shard: data.replay")
