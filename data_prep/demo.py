@@ -43,16 +43,23 @@ def demo_config(small: bool, workers: int, tokenizer: str = "tokenizer/spm.model
     }
 
 
+def write_demo_inputs(out: Path, small: bool = False, tokenizer: bool = True) -> Path:
+    """The sample corpora under ``out/corpora`` and (``tokenizer``) a SentencePiece model trained on them, each
+    written once; returns the tokenizer's path."""
+    sizes: SampleSizes = SMALL if small else SampleSizes()
+    corpora = write_sample_corpora(out / "corpora", sizes)
+    model = out / "tokenizer" / "spm.model"
+    if tokenizer and not model.is_file():
+        train_sample_tokenizer([corpora["domain"], corpora["general"]], model, sizes.vocab_size)
+        log.info("demo: trained a %d-piece SentencePiece tokenizer → %s", sizes.vocab_size, model)
+    return model
+
+
 def build_demo_data(
     out: Path, small: bool = False, workers: int = 2, quiet: bool = False, tokenizer: str | None = None
 ) -> dict[str, Any]:
     """Corpora, a tokenizer (``tokenizer``, e.g. a user's model directory, or one trained here), prepare."""
-    sizes: SampleSizes = SMALL if small else SampleSizes()
-    corpora = write_sample_corpora(out / "corpora", sizes)
-    model = out / "tokenizer" / "spm.model"
-    if tokenizer is None and not model.is_file():
-        train_sample_tokenizer([corpora["domain"], corpora["general"]], model, sizes.vocab_size)
-        log.info("demo: trained a %d-piece SentencePiece tokenizer → %s", sizes.vocab_size, model)
+    model = write_demo_inputs(out, small, tokenizer=tokenizer is None)
     config_path = out / "prep.yaml"
     config = demo_config(small, workers, str(Path(tokenizer).resolve()) if tokenizer else str(model.relative_to(out)))
     write_text(config_path, yaml.safe_dump(config, sort_keys=False))

@@ -1,21 +1,20 @@
-"""The whole pipeline on the embedded default, on CPU: ``python -m pipeline.demo [--quick]``.
+"""The whole pipeline on the embedded default, on CPU: ``cpt demo [--quick]``.
 
-1. data prep on text that ships with Python (stdlib code = domain, docs = general), a tokenizer,
-   the 15% general mix, the GeRe replay shard and holdouts (``data_prep demo``);
+1. corpora from text that ships with Python (stdlib code = domain, its docs = general) and a
+   SentencePiece tokenizer trained on them;
 2. a base model: a tiny Llama pretrained from scratch on the general text alone, so that it has
    something to forget (2 ZeRO-3 ranks under the deepspeed launcher; exported, and cached for reruns);
-3. the GeRe cache of the base model over the replay shard;
-4. continued pretraining on the mixture with GeRe TM replay (2 ZeRO-3 ranks), exported;
-5. evaluation of base vs tuned on the general and domain holdouts, and the report
-   (``RUN/cpt/report.md`` with plots), printed at the end.
-Each step is skipped when its output is already there, so a rerun is quick.
+3. ``cpt run RUN/run.yaml``, the run file a user would write: data prep with a replay shard and
+   holdouts, continued pretraining with replay KL (the default) on 2 ZeRO-3 ranks, export, and the
+   report card base vs tuned (``RUN/export/report.md``), printed at the end.
+Each step is skipped when its output is current, so a rerun is quick.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import shutil
 import subprocess
 import sys
 import time
@@ -27,14 +26,14 @@ import yaml
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
 from data_prep.config import load_config
-from data_prep.demo import build_demo_data, demo_config
+from data_prep.demo import demo_config, write_demo_inputs
 from data_prep.prepare import prepare
 from data_prep.tokenizer import load_tokenizer
 
-from .eval import markdown_table, run_eval
-from .gere.build import cache_is_current
+from .eval import markdown_table
 from .launch import ROOT, deepspeed_command
-from .report import write_report
+from .run import Runner
+from .runfile import load_run
 
 log = logging.getLogger("pipeline.demo")
 
@@ -59,13 +58,11 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
     plan = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    step("1/5 data prep: corpora, tokenizer, 15% general mix, replay shard, holdouts")
-    build_demo_data(out, small=plan["small"], workers=2, quiet=True)
-    prep, vocab = out / "prep", _vocab(out)
-    model = {**MODEL, "vocab_size": vocab}
+    step("1/3 sample corpora from Python's own text, and a tokenizer trained on them")
+    tokenizer = write_demo_inputs(out, small=plan["small"])
     base_hf = out / "base" / "hf"
     if not (base_hf / "config.json").is_file():
-        step(f"2/5 base model: pretrain a tiny Llama on general text for {plan['base_steps']} steps")
+        step(f"2/3 base model: pretrain a tiny Llama on general text for {plan['base_steps']} steps")
         base_prep = _general_only_prep(out, plan["small"])
         config = _write(
             out / "base.yaml",
@@ -75,7 +72,7 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
                 "steps": plan["base_steps"],
                 "seed": 0,
                 "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"),
-                "model": {"config": model, "seed": 0},
+                "model": {"config": {**MODEL, "vocab_size": load_tokenizer(tokenizer).vocab_size}, "seed": 0},
                 "data": {"prep": str(base_prep)},
                 "optim": {"lr": 3e-3, "warmup_steps": 10, "min_lr_ratio": 0.1},
                 "batch": {"micro_batch": 4, "grad_accum": 1},
@@ -86,45 +83,40 @@ def run_demo(out: Path, quick: bool, ranks: int = 2) -> dict[str, Any]:
         _launch(config, ranks)
         _export(out / "base", base_hf)
     else:
-        step("2/5 base model: cached at " + str(base_hf))
-    cache, cpt = out / "gere_cache", out / "cpt"
-    shutil.rmtree(cpt, ignore_errors=True)
-    config = _write(
-        out / "cpt.yaml",
-        {
-            "run_dir": str(cpt),
-            "stage": "cpt",
-            "steps": plan["cpt_steps"],
-            "seed": 0,
-            "deepspeed": str(ROOT / "ds_configs" / "zero3_cpu.json"),
-            "model": {"path": str(base_hf)},
-            "data": {"prep": str(prep)},
-            "optim": {"lr": 1e-3, "warmup_steps": 5, "min_lr_ratio": 0.1},
-            "batch": {"micro_batch": 2, "grad_accum": 2},
-            "replay": {"strategy": "tm", "cache": str(cache), "samples_per_step": 4, "weight": 1.0},
-            "checkpoint": {"every": 0, "keep_last": 1},
-            "eval": {"every": max(plan["cpt_steps"] // 4, 1), "max_docs": plan["eval_docs"]},
-        },
-    )
-    step("3/5 GeRe cache of the base model over the replay shard, as the run will replay it")
-    if not cache_is_current(config, ranks):
-        _run(deepspeed_command("pipeline.gere", ["--config", str(config)], ranks))
-    step(f"4/5 continued pretraining: {plan['cpt_steps']} steps, 15% general mix + GeRe TM replay")
-    _launch(config, ranks)
-    _export(cpt, cpt / "hf")
-    step("5/5 evaluation: base vs tuned on the general and domain holdouts")
-    result = run_eval(str(cpt / "hf"), str(prep), str(base_hf), str(cache), plan["eval_docs"])
-    report = write_report(cpt, result, title="Demo: continued pretraining on stdlib code with GeRe")
+        step("2/3 base model: cached at " + str(base_hf))
+    run_file = _write(out / "run.yaml", demo_run_file(plan, ranks))
+    step(f"3/3 cpt run {run_file}: prep, {plan['cpt_steps']} steps of CPT with replay KL, export, report")
+    report = Runner(load_run(run_file)).execute()
+    result = json.loads((report.parent / "eval.json").read_text())
     print("\n" + markdown_table(result) + f"\n\nreport: {report} ({time.perf_counter() - started:.0f} s in all)")
     return result
 
 
+def demo_run_file(plan: dict[str, Any], ranks: int) -> dict[str, Any]:
+    """The run file of the demo's continued pretraining: the default method on the sample corpora."""
+    data = {k: v for k, v in demo_config(small=plan["small"], workers=2).items() if k != "out"}
+    data["mix"] = {**data["mix"], "general_ratio": 0.0}  # replay KL holds general ability without a general mix
+    return {
+        "run_dir": ".",
+        "gpus": ranks,
+        "model": {"path": "base/hf"},
+        "data": data,
+        "deepspeed": "zero3_cpu",
+        "stage": "cpt",
+        "steps": plan["cpt_steps"],
+        "seed": 0,
+        "optim": {"lr": 1e-3, "warmup_steps": 5, "min_lr_ratio": 0.1},
+        "batch": {"micro_batch": 2, "grad_accum": 2},
+        "replay": {"strategy": "kl", "weight": 1.5, "ce_weight": 0.0, "samples_per_step": 4},
+        "checkpoint": {"every": 0, "keep_last": 1},
+        "log": {"every": 10},
+        "eval": {"every": max(plan["cpt_steps"] // 4, 1), "max_docs": plan["eval_docs"]},
+        "export": {"verify": False},
+    }
+
+
 def step(text: str) -> None:
     log.info("── %s", text)
-
-
-def _vocab(out: Path) -> int:
-    return load_tokenizer(out / "tokenizer" / "spm.model").vocab_size
 
 
 def _general_only_prep(out: Path, small: bool) -> Path:
