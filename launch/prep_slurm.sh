@@ -4,6 +4,7 @@
 # byte-identical to a single-machine run. Needs a filesystem shared by all nodes.
 #   launch/prep_slurm.sh prep.yaml 16 [extra sbatch args...]
 set -euo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; fi
 config=${1:?usage: launch/prep_slurm.sh CONFIG.yaml PIECES [sbatch args]}
 pieces=${2:?number of pieces}
 shift 2

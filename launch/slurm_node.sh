@@ -4,6 +4,7 @@
 #   launch/slurm_node.sh "NODE0 NODE1 ..." MASTER GPUS_PER_NODE CONFIG.yaml [--set key=value ...]
 # Needs SLURM_NODEID (this node's index in the list); SLURM_JOB_ID names the hostfile.
 set -euo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; fi
 nodes=${1:?usage: launch/slurm_node.sh NODES MASTER GPUS_PER_NODE CONFIG.yaml [--set ...]}
 master=${2:?master}; gpus=${3:?gpus per node}; config=${4:?config}
 shift 4

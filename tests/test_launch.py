@@ -40,3 +40,22 @@ def test_two_nodes_started_as_slurm_starts_them_train_exactly_as_one_node_with_t
     for step in (1, 2, 3):  # warmup steps: the same lr whatever the run's length
         for key in ("loss", "grad_norm", "lr"):
             assert got[step][key] == pytest.approx(single_node[step][key], rel=1e-6), (step, key)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "launch").glob("*.sh")))
+def test_every_launch_script_answers_help_and_writes_nothing(script, tmp_path):
+    done = subprocess.run(
+        ["bash", str(ROOT / "launch" / script), "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0 and ("launch/" in done.stdout or "usage" in done.stdout), done
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_own_model_refuses_a_directory_that_is_not_a_model_before_writing_anything(tmp_path):
+    done = subprocess.run(
+        ["bash", str(ROOT / "launch" / "own_model.sh"), str(tmp_path / "nothing"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "not a Hugging Face model directory" in done.stderr
+    assert not (tmp_path / "out").exists()

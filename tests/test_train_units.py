@@ -186,11 +186,21 @@ def test_mfu_is_six_n_flops_per_token_over_the_peak():
     assert device_peak_flops(None) is None or device_peak_flops(None) > 1e13  # None on CPU-only machines
 
 
-def test_the_example_config_in_launch_is_valid():
+def test_the_example_run_file_in_launch_is_valid_once_its_paths_exist(sample, tmp_path):
+    import json
     from pathlib import Path
 
-    cfg = load_train_config(Path(__file__).resolve().parents[1] / "launch" / "cpt_example.yaml")
-    assert cfg.peak_lr == 2e-5 and cfg.model.dtype == "auto"
+    from pipeline.runfile import load_run
+
+    model = tmp_path / "llama"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 128256, "max_position_embeddings": 8192}))
+    sources = [{"name": "law", "role": "domain", "paths": str(sample.domain)}]
+    sources.append({"name": "web", "role": "general", "paths": str(sample.general)})
+    overrides = [f"model.path={model}", f"data.tokenizer={sample.tokenizer}", f"data.sources={json.dumps(sources)}"]
+    run = load_run(Path(__file__).resolve().parents[1] / "launch" / "cpt_example.yaml", overrides)
+    cfg = run.train
+    assert cfg.peak_lr == 2e-5 and cfg.model.dtype == "auto" and run.gpus == 8
     assert (cfg.replay.strategy, cfg.replay.weight, cfg.replay.ce_weight) == ("kl", 1.5, 0.0)  # bench.forgetting's
     from pipeline.precision import resolve_dtype
 
