@@ -61,7 +61,11 @@ class OptimConfig:
     min_lr_ratio: float = setting(0.1, "decay floor as a share of the peak")
     warmup_steps: int | None = setting(None, "warmup length in steps; null: warmup_ratio of the total")
     warmup_ratio: float = setting(0.02, "warmup length as a share of the total steps")
-    decay: Literal["cosine", "linear", "constant"] = setting("cosine", "shape of the decay after warmup")
+    decay: Literal["cosine", "linear", "constant", "wsd"] = setting(
+        "cosine", "after warmup: decay to the floor (cosine, linear), constant, or wsd (stable, then decay)"
+    )
+    wsd_decay_fraction: float = setting(0.1, "wsd: share of the total steps the final decay takes")
+    wsd_decay_shape: Literal["linear", "cosine", "1-sqrt"] = setting("1-sqrt", "wsd: shape of the final decay")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
@@ -321,6 +325,7 @@ def problems(cfg: TrainConfig) -> list[str]:
         ">= 0",
     )
     need(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", cfg.optim.warmup_ratio, "in [0, 1)")
+    need(0 < cfg.optim.wsd_decay_fraction <= 1, "optim.wsd_decay_fraction", cfg.optim.wsd_decay_fraction, "in (0, 1]")
     need(cfg.optim.grad_clip >= 0, "optim.grad_clip", cfg.optim.grad_clip, ">= 0")
     need(cfg.batch.micro_batch >= 1, "batch.micro_batch", cfg.batch.micro_batch, ">= 1")
     need(cfg.batch.grad_accum >= 1, "batch.grad_accum", cfg.batch.grad_accum, ">= 1")

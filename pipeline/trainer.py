@@ -264,7 +264,20 @@ class Trainer:
 
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda s: lr_at(s, peak, self.total_steps, self.warmup, optim.decay, optim.min_lr_ratio) / peak * brake(),
+            lambda s: (
+                lr_at(
+                    s,
+                    peak,
+                    self.total_steps,
+                    self.warmup,
+                    optim.decay,
+                    optim.min_lr_ratio,
+                    optim.wsd_decay_fraction,
+                    optim.wsd_decay_shape,
+                )
+                / peak
+                * brake()
+            ),
         )
 
     def _apply_levers(self) -> None:

@@ -143,6 +143,22 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
     assert lr_at(50, peak, total, warm, "constant") == peak
 
 
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+def test_wsd_holds_the_peak_then_decays_over_its_last_fraction_by_its_shape(shape):
+    peak, total, warm, floor = 1e-3, 100, 5, 1e-4
+    lrs = [lr_at(s, peak, total, warm, "wsd", 0.1, decay_fraction=0.2, decay_shape=shape) for s in range(total + 1)]
+    assert lrs[:warm] == pytest.approx([peak * (s + 1) / warm for s in range(warm)])
+    assert lrs[warm:81] == [peak] * (81 - warm)  # stable until step 80: the last 20 steps decay
+    progress = [(s - 80) / 20 for s in range(80, total + 1)]
+    formula = {
+        "linear": [1 - p for p in progress],
+        "cosine": [0.5 * (1 + math.cos(math.pi * p)) for p in progress],
+        "1-sqrt": [1 - math.sqrt(p) for p in progress],
+    }[shape]
+    assert lrs[80:] == pytest.approx([floor + (peak - floor) * f for f in formula])
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :]))
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
