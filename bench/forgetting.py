@@ -16,7 +16,8 @@ the same lr. A difference from naive smaller than twice its standard error
 (the two rows' seed spreads) is marked "~": within noise. Results are kept in
 ``OUT/results.json`` as they finish, so an interrupted bench resumes; each
 run's training log is kept as ``OUT/metrics/<row>-s<seed>.jsonl``.
-Last line: tm_forgetting_vs_naive=<x> tm_learning_vs_naive=<y> seeds=<n> clean_holdout=<0|1>
+Last line: default_forgetting_vs_naive=<x> default_learning_vs_naive=<y> seeds=<n> clean_holdout=<0|1> default='<row>'
+(the default method, what cpt init writes), then GeRe TM's tm_forgetting_vs_naive and tm_learning_vs_naive.
 (goal x <= 0.25 and y >= 0.95 at every lr).
 
 This module prepares, runs and prints; the rows are in ``bench/forgetting_rows.py`` and the arithmetic on
@@ -52,7 +53,7 @@ from bench.forgetting_compare import (
     probe_peak,
     ratio,
 )
-from bench.forgetting_rows import BUDGET, DEFAULT, ROWS, Row, naive_of
+from bench.forgetting_rows import BUDGET, DEFAULT, ROWS, TM_ROW, Row, naive_of
 from cpt_core.atomic import write_json
 from cpt_core.logs import setup_logging
 from data_prep.config import parse_config
@@ -285,13 +286,16 @@ def print_peaks(results: dict[str, Any], work: Path) -> None:
 
 
 def summary_line(results: dict[str, Any], args: argparse.Namespace) -> str:
-    g, d = changes(results, DEFAULT, "general"), changes(results, DEFAULT, "domain")
+    """The default method (what cpt init and the demo run) against naive CPT, and GeRe's TM beside it."""
     ng, nd = changes(results, "naive CPT", "general"), changes(results, "naive CPT", "domain")
     clean = int(all(c["in_replay"] == c["in_training"] == 0 for c in results["contamination"].values()))
-    return (
-        f"tm_forgetting_vs_naive={ratio(g, ng, +1):.3f} tm_learning_vs_naive={ratio(d, nd, -1):.3f} "
-        f"seeds={min(len(g), len(ng))} clean_holdout={clean}"
-    )
+    parts = []
+    for key, name in (("default", DEFAULT), ("tm", TM_ROW)):
+        g, d = changes(results, name, "general"), changes(results, name, "domain")
+        parts.append(f"{key}_forgetting_vs_naive={ratio(g, ng, +1):.3f} {key}_learning_vs_naive={ratio(d, nd, -1):.3f}")
+        if key == "default":
+            parts.append(f"seeds={min(len(g), len(ng))} clean_holdout={clean} default='{DEFAULT}'")
+    return " ".join(parts)
 
 
 def wanted(name: str, args: argparse.Namespace) -> bool:

@@ -67,9 +67,7 @@ KD_GENERAL = kd_general(5.0)
 def replay_kl(weight: float) -> dict[str, Any]:
     """KL to the frozen base model on the replay rows, with no CE on them: the rows ride beside the task rows
     (every task row stays a domain row without the mix), and the pull is 0 until the model drifts from the base.
-    The samples' forward is left to replay.forward auto: their own forward before commit 9525cc4, packed behind the
-    task rows (bitwise the same states on CPU, other rounding in backward) since; each seed's result names its
-    commit."""
+    The samples' forward is left to replay.forward auto (on CPU: packed behind the task rows)."""
     return {"replay": {"strategy": "kl", "weight": weight, "ce_weight": 0.0}}
 
 
@@ -175,7 +173,8 @@ ROWS = [
     Row("+ replay KL (w 2), probed every 4", False, {**replay_kl(2.0), "forgetting": WATCH}),
     Row("+ replay KL (w 3), probed every 4", False, {**replay_kl(3.0), "forgetting": WATCH}),
 ]
-DEFAULT = "+ mix + TM (w 1)"  # the demo's configuration: what the summary line compares with naive CPT
+DEFAULT = "+ replay KL (w 1.5)"  # what cpt init and the demo run: the summary line compares it with naive CPT
+TM_ROW = "+ mix + TM (w 1)"  # GeRe's configuration, reported beside it
 
 
 def naive_of(name: str) -> str:
