@@ -64,10 +64,14 @@ class Stage:
 
 
 class Runner:
-    """Runs a :class:`RunFile`'s stages; ``force`` names stages to redo whatever their records say."""
+    """Runs a :class:`RunFile`'s stages: from ``start`` on (the ones before it taken as done elsewhere, e.g.
+    training on a cluster), each redone when forced or not current; or ``only`` that one, forced."""
 
-    def __init__(self, run: RunFile, force: set[str] = frozenset(), only: str | None = None) -> None:
-        self.run, self.force, self.only = run, force, only
+    def __init__(self, run: RunFile, start: str | None = None, only: str | None = None) -> None:
+        self.run, self.only = run, only
+        first = STAGES.index(only or start or STAGES[0])
+        self.skipped = set(STAGES[:first])
+        self.force = {only} if only else set(STAGES[first:]) if start else set()
         self.records = run.run_dir / "stages"
 
     def stages(self) -> list[Stage]:
@@ -93,7 +97,9 @@ class Runner:
 
     def execute(self) -> Path:
         started = time.perf_counter()
-        stages = [s for s in self.stages() if s.wanted and (self.only is None or s.name == self.only)]
+        self.train_yaml()  # the per-stage commands' config, for training launched by other means
+        stages = [s for s in self.stages() if s.wanted and s.name not in self.skipped]
+        stages = [s for s in stages if self.only is None or s.name == self.only]
         redo = False
         for i, stage in enumerate(stages, 1):
             record = self.record(stage.name)
@@ -125,10 +131,10 @@ class Runner:
         prepare(parse_config(self.run.prep_raw, base=self.run.run_dir, origin=str(self.run.path)))
 
     def gere(self) -> None:
-        self._deepspeed("pipeline.gere", ["--config", str(self._train_yaml())])
+        self._deepspeed("pipeline.gere", ["--config", str(self.train_yaml())])
 
     def train(self) -> None:
-        self._deepspeed("pipeline.train", ["--config", str(self._train_yaml())])
+        self._deepspeed("pipeline.train", ["--config", str(self.train_yaml())])
 
     def export(self) -> None:
         args = ["--run", str(self.run.train_dir), "--out", str(self.run.export_dir)]
@@ -150,8 +156,8 @@ class Runner:
         log.info("report card: %s", report)
 
     # ── helpers ───────────────────────────────────────────────────────────────
-    def _train_yaml(self) -> Path:
-        """The training config the per-stage commands read, written beside the run's outputs."""
+    def train_yaml(self) -> Path:
+        """The training config the per-stage commands read (RUN_DIR/train.yaml), written beside the outputs."""
         path = self.run.run_dir / "train.yaml"
         write_text(path, yaml.safe_dump(_train_dict(self.run.train), sort_keys=False))
         return path
@@ -202,17 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the run file")
     p.add_argument("--dry-run", action="store_true", help="check the run file and print the stages; run nothing")
     p.add_argument("--smoke", action="store_true", help="every stage at toy size, into RUN_DIR-smoke")
-    p.add_argument("--from", dest="start", choices=STAGES, help="redo this stage and every one after it")
+    p.add_argument(
+        "--from",
+        dest="start",
+        choices=STAGES,
+        help="redo this stage and every one after it; the ones before are taken as done (e.g. trained on a cluster)",
+    )
     p.add_argument("--only", choices=STAGES, help="run this stage alone (redone whatever its record says)")
     args = p.parse_args(argv)
     setup_logging()
 
     def body() -> None:
+        if args.start and args.only:
+            raise UserError("--from and --only: give one")
         run = load_run(args.config, args.set, smoke=args.smoke)
-        force = set(STAGES[STAGES.index(args.start) :]) if args.start else set()
-        if args.only:
-            force.add(args.only)
-        runner = Runner(run, force, args.only)
+        runner = Runner(run, args.start, args.only)
         if args.dry_run:
             for stage in runner.stages():
                 record = runner.record(stage.name)

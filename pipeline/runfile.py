@@ -216,7 +216,7 @@ def smoke_settings(raw: dict[str, Any]) -> dict[str, Any]:
         data["mix"] = {**(data.get("mix") or {}), "batch_rows": 4}
         if data.get("replay") is not False and data.get("replay", {}) is not None:
             data["replay"] = {**(data.get("replay") or {}), "num_samples": 8, "replay_len": seq_len, "probe_docs": 0}
-        data["holdout"] = {**(data.get("holdout") or {}), "max_docs": 16}
+        data["holdout"] = {**(data.get("holdout") or {}), "fraction": 0.05, "max_docs": 16}
     raw.pop("tokens", None)
     raw["steps"] = 4
     raw["batch"] = {"micro_batch": 1, "grad_accum": 1}

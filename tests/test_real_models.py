@@ -1,8 +1,9 @@
 """The whole pipeline on a real pretrained checkpoint (SmolLM2-135M, sharded): what users bring.
 
-One module-scoped run does what a user does: prep with the model directory as
-tokenizer, the GeRe cache, a few CPT steps with TM replay on 2 ZeRO-3 ranks,
-export with --verify, eval base vs tuned. The tests then check each promise.
+One module-scoped `cpt run` does what a user does: a run file naming the model
+directory (also the tokenizer) and two corpora; prep, the GeRe cache, a few CPT
+steps with TM replay on 2 ZeRO-3 ranks, export with --verify, eval base vs tuned
+and the report card. The tests then check each promise.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline.isolation import DocumentLeak, check_document_isolation, forward_packed, isolation_error
 
@@ -50,73 +52,55 @@ def sharded_smollm2(smollm2, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def real_run(sample, sharded_smollm2, tmp_path_factory) -> dict[str, Path]:
+    """One `cpt run` on a run file naming the model directory (its own tokenizer) and two corpora."""
     root = tmp_path_factory.mktemp("real_run")
-    prep = make_prep(sample, root / "prep", tokenizer=sharded_smollm2, seq_len=64, replay_len=32)
-    cache = root / "cache"
-    built = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.gere",
-            "--model-path",
-            str(sharded_smollm2),
-            "--replay",
-            str(prep / "replay"),
-            "--out",
-            str(cache),
-        ],
+    run_file = root / "run.yaml"
+    run_file.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": "out",
+                "gpus": 2,
+                "model": {"path": str(sharded_smollm2)},
+                "data": {
+                    "seq_len": 64,
+                    "docs_per_chunk": 16,
+                    "sources": [
+                        {"name": "code", "role": "domain", "paths": str(sample.domain)},
+                        {"name": "docs", "role": "general", "paths": str(sample.general)},
+                    ],
+                    "mix": {"general_ratio": 0.15, "batch_rows": 4},
+                    "replay": {"num_samples": 16, "replay_len": 32},
+                    "holdout": {"fraction": 0.05},
+                },
+                "deepspeed": "zero3_cpu",
+                "steps": 3,
+                "optim": {"lr": 1e-4, "warmup_steps": 1},
+                "checkpoint": {"every": 0},
+                "replay": {"strategy": "tm", "samples_per_step": 2},
+                "eval": {"max_docs": 4},
+                "export": {"verify": True},
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(run_file)],
         capture_output=True,
         text=True,
         env=env(),
         cwd=ROOT,
-        timeout=600,
+        timeout=1200,
     )
-    assert built.returncode == 0, built.stderr[-3000:]
-    config = write_config(
-        root / "cpt.yaml",
-        prep,
-        root / "run",
-        steps=3,
-        model={"path": str(sharded_smollm2), "config": None},
-        optim={"lr": 1e-4, "warmup_steps": 1},
-        checkpoint={"every": 0},
-        replay={"strategy": "tm", "cache": str(cache), "samples_per_step": 2},
-    )
-    run_training(config)
-    checkpoint = latest_checkpoint(root / "run")
-    exported = export_checkpoint(checkpoint, str(root / "hf"), "--verify")
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    assert "max_abs_logit_diff=0" in exported.stdout  # the export's logits are the engine's, exactly
-    evaluated = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.eval",
-            "--model",
-            str(root / "hf"),
-            "--base",
-            str(sharded_smollm2),
-            "--prep",
-            str(prep),
-            "--max-docs",
-            "4",
-            "--out",
-            str(root / "eval.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env(),
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "max_abs_logit_diff=0" in done.stdout  # the export's logits are the engine's, exactly
+    out = root / "out"
     return {
         "root": root,
-        "prep": prep,
-        "run": root / "run",
-        "hf": root / "hf",
+        "prep": out / "prep",
+        "run": out / "train",
+        "config": out / "train.yaml",
+        "hf": out / "export",
         "base": sharded_smollm2,
-        "eval": root / "eval.json",
+        "eval": out / "export" / "eval.json",
     }
 
 
@@ -160,7 +144,7 @@ def test_the_memory_planner_is_within_20_percent_of_the_measured_peak(real_run):
     from pipeline.config import load_train_config
     from pipeline.plan import model_shape, plan_memory
 
-    cfg = load_train_config(real_run["root"] / "cpt.yaml")
+    cfg = load_train_config(real_run["config"])
     plan = plan_memory(cfg, 2, model_shape(cfg, cuda=False), "cpu")
     measured = max(row["peak_mem_gb"] for row in metrics(real_run["run"]).values() if "peak_mem_gb" in row) * 1e9
     assert abs(plan.total - measured) <= 0.2 * measured, ({k: v / 1e9 for k, v in plan.terms.items()}, measured / 1e9)
