@@ -10,6 +10,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .cli_args import PARSERS
+
 # subcommand → (module[:function], default main(argv); one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pipeline.run", "every stage of a run file in order: prep, GeRe cache, train, export, eval, report"),
@@ -46,9 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         print(f"cpt: unknown command '{name}'{hint}\n\n{usage()}", file=sys.stderr)
         return 2
+    sys.argv[0] = f"cpt {name}"  # argparse names the subcommand in its usage line
+    if name in PARSERS:  # --help and a mistyped flag answer before the module's torch/DeepSpeed imports
+        PARSERS[name]().parse_args(rest)
     module_name, _, function = COMMANDS[name][0].partition(":")
     entry = getattr(importlib.import_module(module_name), function or "main")
-    sys.argv[0] = f"cpt {name}"  # argparse names the subcommand in its usage line
     return int(entry(rest) or 0)
 
 

@@ -12,7 +12,6 @@ Each step is skipped when its output is current, so a rerun is quick.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
@@ -30,6 +29,7 @@ from data_prep.demo import demo_config, write_demo_inputs
 from data_prep.prepare import prepare
 from data_prep.tokenizer import load_tokenizer
 
+from .cli_args import demo_parser
 from .eval import markdown_table
 from .launch import ROOT, deepspeed_command
 from .run import Runner
@@ -154,13 +154,7 @@ def _run(cmd: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", default=None, help="demo directory (default runs/demo, or runs/demo-quick)")
-    p.add_argument("--quick", action="store_true", help="a small corpus and few steps (~3 minutes; for CI)")
-    p.add_argument("--ranks", type=int, default=2, help="training ranks (CPU processes)")
-    args = p.parse_args(argv)
+    args = demo_parser().parse_args(argv)
     setup_logging(brief=True)
     logging.getLogger("data_prep").setLevel(logging.WARNING)
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo")).resolve()

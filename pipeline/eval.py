@@ -19,7 +19,6 @@ A training checkpoint is exported once, by rank 0, next to the checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import math
@@ -44,6 +43,7 @@ from data_prep.replay import ReplayShard
 from data_prep.tokenizer import load_tokenizer
 
 from .checkpoint_files import CheckpointDir
+from .cli_args import eval_parser
 from .distributed import finish, init_distributed, local_device
 from .export import export
 from .gere.cache import GeReCache, pad_replay_rows
@@ -80,6 +80,22 @@ def hf_directory(path: Path) -> Path:
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: not a Hugging Face model directory (export a checkpoint with pipeline.export)")
     return path
+
+
+def check_eval_inputs(model: str, base: str | None, prep: str, cache: str | None, mcq: list[str] | None) -> None:
+    """Every path the eval reads, refused before the process group forms (on a cluster every rank would
+    otherwise start, import and wait in NCCL before saying it)."""
+    model_path = Path(model)
+    if not CheckpointDir(model_path).is_pipeline_checkpoint():
+        hf_directory(model_path)
+    if base is not None:
+        hf_directory(Path(base))
+    PrepDir(prep).read()
+    if cache is not None and not Path(cache).is_dir():
+        raise UserError(f"--cache {cache}: no such GeRe cache directory (cpt gere writes one)")
+    for f in mcq or []:
+        if not Path(f).is_file():
+            raise UserError(f"--mcq {f}: no such file")
 
 
 def eval_ds_config(dtype: str) -> dict[str, Any]:
@@ -292,31 +308,11 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--model",
-        required=True,
-        help="tuned model: Hugging Face directory or a training checkpoint (RUN/checkpoints/stepNNNNNNNN)",
-    )
-    p.add_argument("--base", help="base model directory to compare with")
-    p.add_argument("--prep", required=True, help="data_prep output (holdouts, replay shard)")
-    p.add_argument("--cache", help="GeRe cache of the base model: adds replay TM and activation-state drift")
-    p.add_argument("--max-docs", type=int, default=200, help="holdout documents per split")
-    p.add_argument(
-        "--mcq",
-        nargs="+",
-        metavar="FILE",
-        help="multiple-choice question files (MMLU's CSV layout, or jsonl question/choices/answer): "
-        "log-likelihood accuracy, base vs tuned",
-    )
-    p.add_argument("--out", help="write the result as JSON here")
-    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = eval_parser().parse_args(argv)
     setup_logging()
 
     def body() -> None:
+        check_eval_inputs(args.model, args.base, args.prep, args.cache, args.mcq)  # in seconds, before any rank waits
         init_distributed()  # this rank's device first, then the process group (NCCL on GPUs)
         result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs, local_device(), args.mcq)
         finish()

@@ -18,7 +18,6 @@ export is moved into place: a failed check leaves no directory behind.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -37,6 +36,7 @@ from data_prep.prep_dir import PrepDir
 from data_prep.tokenizer import HF_TOKENIZER_FILES
 
 from .checkpoint_files import CheckpointDir, verify_checkpoint
+from .cli_args import export_parser
 from .config import config_from_dict
 from .distributed import init_distributed
 from .ds_config import filled_ds_config
@@ -191,16 +191,7 @@ def _architecture_config(cfg: dict[str, Any]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="a checkpoint directory (RUN/checkpoints/stepNNNNNNNN)")
-    which.add_argument("--run", help="a run directory: export its latest complete checkpoint")
-    p.add_argument("--out", required=True, help="Hugging Face model directory to write")
-    p.add_argument("--verify", action="store_true", help="compare logits with a DeepSpeed engine on the checkpoint")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
-    args = p.parse_args(argv)
+    args = export_parser().parse_args(argv)
     setup_logging()
 
     def body() -> int:

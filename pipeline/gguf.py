@@ -17,7 +17,6 @@ scores.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cpt_core.atomic import atomic_path
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
+from pipeline.cli_args import gguf_parser
 
 log = logging.getLogger("pipeline.gguf")
 
@@ -66,13 +66,7 @@ def convert_gguf(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.gguf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("gguf", help="a .gguf file (any quantisation transformers can dequantise)")
-    p.add_argument("--out", required=True, help="Hugging Face directory to write (model and tokenizer)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
-    args = p.parse_args(argv)
+    args = gguf_parser().parse_args(argv)
     setup_logging()
     return run_cli(lambda: convert_gguf(args.gguf, args.out, args.max_shard_size), log)
 

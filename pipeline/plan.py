@@ -41,7 +41,6 @@ bytes on disk; the time a save needs at ``--disk-gbps`` is compared with
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -56,6 +55,7 @@ from cpt_core.logs import setup_logging
 from data_prep.prep_dir import PrepDir
 from data_prep.replay import ReplayShard
 
+from .cli_args import plan_parser
 from .config import TrainConfig, load_train_config
 from .ds_config import filled_ds_config
 from .gere.joint import replay_layout
@@ -273,16 +273,7 @@ def render(plan: Plan, gpu_bytes: float | None, disk_gbps: float, save_budget: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config", required=True, help="training config (YAML)")
-    p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (ranks = gpus × nodes)")
-    p.add_argument("--gpu-mem", type=float, help="GB per GPU (default: this machine's GPU, else no verdict)")
-    p.add_argument("--disk-gbps", type=float, default=2.0, help="checkpoint write bandwidth, GB/s in all")
-    p.add_argument("--cpu", action="store_true", help="plan for CPU ranks (fp32 where the config says auto)")
-    args = p.parse_args(argv)
+    args = plan_parser().parse_args(argv)
     setup_logging(logging.WARNING)
 
     def body() -> None:

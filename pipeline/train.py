@@ -19,10 +19,15 @@ log = logging.getLogger("pipeline.train")
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """The prep and model directories' refusals, in seconds: on a cluster every rank would otherwise pay for
-    its imports and the process group (and NCCL's start) before saying them."""
+    """The DeepSpeed JSON's, the prep's and the model directories' refusals, in seconds: on a cluster every rank
+    would otherwise pay for its imports and the process group (and NCCL's start) before saying them."""
+    from pathlib import Path
+
+    from cpt_core.errors import ConfigError
     from data_prep.prep_dir import PrepDir
 
+    if not Path(cfg.deepspeed).is_file():
+        raise ConfigError(f"deepspeed: {cfg.deepspeed} is not a file (ds_configs/ has zero3_bf16.json, ...)")
     PrepDir(cfg.data.prep).read()
     if not (cfg.model.path or cfg.init_from):
         return

@@ -68,6 +68,7 @@ def test_too_many_rejects_fail_the_build_and_leave_no_completion_marker(sample, 
     assert [(r["path"], r["line"]) for r in rejects] == [(str(path), 11), (str(path), 12), (str(path), 13)]
     ok = run(*args, "--max-reject-fraction", "0.5")
     assert ok.returncode == 0 and (build_dir / "build.json").is_file()
+    assert "3 of 13 records rejected" in ok.stderr and "rejects.jsonl" in ok.stderr  # said under -q too
     assert Path(ok.stdout.strip()) == build_dir
 
 
@@ -173,3 +174,38 @@ def test_cpt_lists_its_commands_at_once_and_names_the_subcommand_in_usage():
     assert sub.returncode == 0 and sub.stdout.startswith("usage: cpt prep")
     wrong = subprocess.run([sys.executable, "-m", "pipeline", "exprot"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "did you mean export" in wrong.stderr
+
+
+def test_every_cpt_command_answers_help_within_a_second_or_two():
+    import time
+
+    from pipeline.cli import COMMANDS
+
+    for name in COMMANDS:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "pipeline", name, "--help"], capture_output=True, text=True)
+        elapsed = time.perf_counter() - started
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: cpt {name}"), (name, done.stderr[-500:])
+        assert elapsed < 2.5, (name, elapsed)  # no torch, DeepSpeed or transformers import before --help
+
+
+def test_eval_and_train_refuse_missing_inputs_before_any_process_group(prep, tmp_path):
+    from .train_helpers import write_config
+
+    missing = tmp_path / "no-such-model"
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "eval", "--model", str(missing), "--prep", str(prep)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and f"{missing}: not a Hugging Face model directory" in done.stderr
+    assert "init_distributed" not in done.stderr and "Initializing TorchBackend" not in done.stderr
+    config = write_config(tmp_path / "cpt.yaml", prep, tmp_path / "run")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--config", str(config), "--set", f"deepspeed={tmp_path}/none.json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "none.json is not a file" in done.stderr
