@@ -131,5 +131,28 @@ def _replay_choice(cfg: PrepareConfig, quiet: bool) -> tuple[SourceSpec | None, 
     )
     if not chosen.documents:
         raise UserError(f"source '{spec.name}': no usable documents outside its holdout to sample replay data from")
+    _check_what_replay_leaves(cfg, spec, chosen)
     replay, probe = chosen.set_apart(cfg.replay.probe_docs, cfg.build.seed, at_random=cfg.replay.selection == "random")
     return spec, replay, probe
+
+
+def _check_what_replay_leaves(cfg: PrepareConfig, spec: SourceSpec, chosen: ReplaySelection) -> None:
+    """Say where a source's documents went when the replay shard takes most of them, before any build; refuse
+    when it leaves the mix none of the general share it asks for."""
+    assert cfg.replay is not None
+    if cfg.replay.selection != "random":  # 'first' stops reading at its quota, so it does not know what is left
+        return
+    taken, usable = len(chosen.documents), chosen.seen
+    if taken * 2 <= usable:
+        return
+    spent = (
+        f"source '{spec.name}': the replay shard (replay.num_samples {cfg.replay.num_samples} + replay.probe_docs "
+        f"{cfg.replay.probe_docs}) takes {taken} of its {usable} usable documents outside the holdout, leaving "
+        f"{usable - taken} to train on"
+    )
+    if usable == taken and spec.role == "general" and cfg.mix.general_ratio > 0:
+        raise UserError(
+            f"{spent}, but mix.general_ratio {cfg.mix.general_ratio} needs general rows: lower replay.num_samples, "
+            "point replay.source at another general source, add general documents, or set mix.general_ratio 0"
+        )
+    log.warning("%s", spent)

@@ -163,3 +163,32 @@ def test_the_same_text_in_two_sources_fails_prepare_instead_of_replaying_trainin
 
 def _ids(saved: Path) -> set[int]:
     return {doc_digest(i) for i in datasets.load_from_disk(str(saved))["id"]}
+
+
+def test_a_replay_shard_that_eats_the_general_source_says_where_its_documents_went(sample, tmp_path, caplog):
+    from data_prep.config import parse_config
+    from data_prep.prepare import prepare
+
+    def config(num_samples: int, general_ratio: float):
+        return parse_config(
+            {
+                "tokenizer": str(sample.tokenizer),
+                "out": str(tmp_path / f"prep-{num_samples}-{general_ratio}"),
+                "seq_len": 64,
+                "sources": [
+                    {"name": "code", "role": "domain", "paths": [str(sample.domain)], "max_docs": 40},
+                    {"name": "docs", "role": "general", "paths": [str(sample.general)], "max_docs": 40},
+                ],
+                "mix": {"general_ratio": general_ratio, "batch_rows": 4},
+                "replay": {"num_samples": num_samples, "replay_len": 32},
+                "holdout": {"fraction": 0.05},
+            },
+            base=tmp_path,
+            origin="test",
+        )
+
+    with pytest.raises(UserError, match=r"takes (\d+) of its \1 usable documents.*lower replay.num_samples"):
+        prepare(config(1000, 0.15), quiet=True)
+    assert not (tmp_path / "prep-1000-0.15" / "cache").exists()  # refused before any build
+    prepare(config(15, 0.15), quiet=True)  # most, not all: it goes ahead and says so
+    assert "takes 15 of its" in caplog.text and "to train on" in caplog.text
