@@ -236,36 +236,69 @@ def _validate(path: str, line: int, record: Any, options: ReadOptions) -> Docume
     return Document(path, line, text=text, digest=content_digest(text, None))
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
 def _validate_instruction(path: str, line: int, record: dict[str, Any], options: ReadOptions) -> Document | Reject:
-    if options.messages_field in record:
-        raw = record[options.messages_field]
+    """An instruction example as (role, content) turns. Layouts: chat ``messages`` (role/content), ShareGPT
+    ``conversations`` (from/value), ``prompt`` + ``response``, and Alpaca ``instruction`` + ``output`` with an
+    optional ``input`` joined to the instruction after a blank line, as Alpaca's own template does."""
+    if options.messages_field in record or "conversations" in record:
+        sharegpt = options.messages_field not in record
+        field, role_key, content_key = (
+            ("conversations", "from", "value")
+            if sharegpt
+            else (
+                options.messages_field,
+                "role",
+                "content",
+            )
+        )
+        raw = record[field]
         if not isinstance(raw, list) or not raw:
-            return Reject(path, line, f"field '{options.messages_field}' must be a non-empty list")
+            return Reject(path, line, f"field '{field}' must be a non-empty list")
         messages = []
         for i, m in enumerate(raw):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                return Reject(path, line, f"message {i} needs 'role' and 'content'")
-            problem = _text_problem(m["content"], options)
+            if not isinstance(m, dict) or role_key not in m or content_key not in m:
+                return Reject(path, line, f"message {i} needs '{role_key}' and '{content_key}'")
+            role = SHAREGPT_ROLES.get(str(m[role_key])) if sharegpt else str(m[role_key])
+            if role is None:
+                return Reject(path, line, f"message {i}: unknown '{role_key}' {m[role_key]!r}")
+            problem = _text_problem(m[content_key], options)
             if problem:
-                return Reject(path, line, f"message {i} content: {problem}")
-            messages.append((str(m["role"]), m["content"]))
+                return Reject(path, line, f"message {i} {content_key}: {problem}")
+            messages.append((role, m[content_key]))
         if not any(role == "assistant" for role, _ in messages):
             return Reject(path, line, "no assistant message: nothing would carry loss")
-    elif options.prompt_field in record and options.response_field in record:
-        for key in (options.prompt_field, options.response_field):
+    elif _has(record, options.prompt_field, options.response_field) or _has(record, "instruction", "output"):
+        prompt_key, response_key = (
+            (options.prompt_field, options.response_field)
+            if _has(record, options.prompt_field, options.response_field)
+            else ("instruction", "output")
+        )
+        for key in (prompt_key, response_key):
             problem = _text_problem(record[key], options)
             if problem:
                 return Reject(path, line, f"field '{key}': {problem}")
-        messages = [("user", record[options.prompt_field]), ("assistant", record[options.response_field])]
+        prompt, extra = record[prompt_key], record.get("input")
+        if extra is not None and not isinstance(extra, str):
+            return Reject(path, line, f"field 'input' is {type(extra).__name__}, not a string")
+        if extra and extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+        messages = [("user", prompt), ("assistant", record[response_key])]
     else:
         return Reject(
             path,
             line,
-            f"needs '{options.messages_field}' or '{options.prompt_field}'+"
-            f"'{options.response_field}' (fields: {', '.join(sorted(record))})",
+            f"needs '{options.messages_field}', 'conversations', '{options.prompt_field}'+'{options.response_field}' "
+            f"or 'instruction'+'output' (fields: {', '.join(sorted(record))})",
         )
     frozen = tuple(messages)
     return Document(path, line, messages=frozen, digest=content_digest(None, frozen))
+
+
+def _has(record: dict[str, Any], *keys: str) -> bool:
+    return all(k in record for k in keys)
 
 
 def _text_problem(text: Any, options: ReadOptions) -> str | None:

@@ -112,6 +112,10 @@ def test_instruction_records_accept_prompt_response_and_messages(tmp_path):
                 },
                 {"messages": [{"role": "user", "content": "no answer"}]},
                 {"question": "wrong fields"},
+                {"instruction": "Translate.", "input": "Bonjour", "output": "Hello"},  # Alpaca
+                {"instruction": "Say hi.", "input": "", "output": "Hi"},
+                {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},  # ShareGPT
+                {"conversations": [{"from": "robot", "value": "?"}]},
             ]
         )
         + "\n"
@@ -120,6 +124,10 @@ def test_instruction_records_accept_prompt_response_and_messages(tmp_path):
     assert items[0].messages == (("user", "Q?"), ("assistant", "A."))
     assert items[1].messages[-1] == ("assistant", "Hello")
     assert "no assistant" in items[2].reason and "needs 'messages'" in items[3].reason
+    assert items[4].messages == (("user", "Translate.\n\nBonjour"), ("assistant", "Hello"))  # input kept, as Alpaca
+    assert items[5].messages == (("user", "Say hi."), ("assistant", "Hi"))
+    assert items[6].messages == (("user", "Hi"), ("assistant", "Hello"))
+    assert "unknown 'from' 'robot'" in items[7].reason
 
 
 def test_unknown_file_type_and_missing_path_are_errors_naming_the_path(tmp_path):
