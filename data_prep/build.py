@@ -272,6 +272,15 @@ def finalize(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
         summary["docs_holdout"],
         out_dir,
     )
+    if rejects:  # a warning, so -q still says it: a rejected record is data the user thought was in
+        log.warning(
+            "%s: %d of %d records rejected (%s); each with file, line and reason in %s",
+            summary["name"],
+            len(rejects),
+            records,
+            ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())),
+            out_dir / "rejects.jsonl",
+        )
     return summary
 
 
