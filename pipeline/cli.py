@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipeline.train", "one training rank (start it under the deepspeed launcher, or use `cpt launch`)"),
     "launch": ("pipeline.launch", "start training ranks under the deepspeed launcher, one node of many"),
     "export": ("pipeline.export", "a training checkpoint as a Hugging Face model directory"),
+    "merge": ("pipeline.merge", "interpolate a tuned model toward its base (to a forgetting budget), or average"),
     "eval": ("pipeline.eval", "perplexity on the holdouts, base against tuned, and the forgetting figures"),
     "plan": ("pipeline.plan", "memory a rank needs for a config, before a run"),
     "gguf": ("pipeline.gguf", "a GGUF file as a Hugging Face model directory"),

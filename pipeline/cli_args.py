@@ -87,10 +87,30 @@ def demo_parser() -> argparse.ArgumentParser:
     return p
 
 
+def merge_parser() -> argparse.ArgumentParser:
+    p = _parser("pipeline.merge")
+    p.add_argument("--base", help="the base model directory (Hugging Face, safetensors)")
+    p.add_argument("--tuned", help="the tuned model directory (an export of the run)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--alpha", type=float, help="share of the change to keep: 0 is the base, 1 the tuned model")
+    how.add_argument(
+        "--to-budget",
+        type=float,
+        metavar="RISE",
+        help="the largest alpha whose general ppl rise on the prep's probe documents is at most RISE (e.g. 0.05)",
+    )
+    how.add_argument("--average-last", type=int, metavar="K", help="average the last K checkpoints of --run")
+    p.add_argument("--prep", help="with --to-budget: the run's prep directory (its probe documents)")
+    p.add_argument("--run", help="with --average-last: the training run directory")
+    p.add_argument("--out", required=True, help="Hugging Face model directory to write")
+    return p
+
+
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "export": export_parser,
     "eval": eval_parser,
     "plan": plan_parser,
     "gguf": gguf_parser,
     "demo": demo_parser,
+    "merge": merge_parser,
 }
