@@ -19,6 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def gpu_count() -> int:
+    """GPUs on this node by nvidia-smi (no torch import: callers answer --help at once); 0 where none."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return sum(line.startswith("GPU ") for line in done.stdout.splitlines()) if done.returncode == 0 else 0
+
+
 def free_port() -> int:
     """A port nobody listens on: the launcher's default (29500) may be taken by another job."""
     with socket.socket() as s:

@@ -30,6 +30,7 @@ from cpt_core.atomic import write_json, write_text
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
 
+from .launch import gpu_count
 from .runfile import RunFile, load_run
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,10 @@ class Runner:
             args += ["--base", run.train.model.path]
             if run.uses_cache:
                 args += ["--cache", str(run.cache_dir)]
-        self._deepspeed("pipeline.eval", [*args, "--out", str(out)])
+        if gpu_count():  # partitioned over the ranks: a large model fits no single GPU
+            self._deepspeed("pipeline.eval", [*args, "--out", str(out)])
+        else:  # on CPU one process is faster than ZeRO-3 gathers between processes
+            self._call([sys.executable, "-m", "pipeline.eval", *args, "--out", str(out)])
         result = json.loads(out.read_text())
         report = write_report(run.train_dir, result, title=f"Report: {run.path.name}", out_dir=run.export_dir)
         log.info("report card: %s", report)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from cpt_core.atomic import write_text
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
+
+from .launch import gpu_count
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,6 @@ NO_REPLAY = """\
 # and a replay section (cpt init --general PATH writes both).
 replay: {strategy: none}
 """
-
-
-def gpu_count() -> int:
-    """GPUs on this node by nvidia-smi (torch is slow to import for --help-fast commands); 0 where none."""
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return sum(line.startswith("GPU ") for line in done.stdout.splitlines()) if done.returncode == 0 else 0
 
 
 def render(
