@@ -2,7 +2,7 @@
 # Wheels for what a bare GPU machine's Python lacks, downloaded where pip works, into .whl/ (git-ignored), for
 # bench/gpu_checks.sh to install there without a network. The lent machines' image has Python 3.12 with
 # torch, triton, accelerate, pyarrow, tokenizers, safetensors, sentencepiece, pandas and pytest, and not
-# DeepSpeed, datasets or a transformers recent enough for packed documents (requirements.txt).
+# DeepSpeed, datasets or a transformers recent enough for packed documents (pyproject.toml).
 #   bash bench/gpu_wheels.sh [PYTHON_VERSION]      # default 3.12
 set -euo pipefail
 cd "$(dirname "$0")/.."
