@@ -87,6 +87,7 @@ def overrides(prep: Path, run: Path, args: argparse.Namespace, vocab: int, **ext
         "deepspeed": str(Path(args.deepspeed).resolve()),
         "model.config": json.dumps(model),
         "model.dtype": args.dtype,
+        "model.attn_implementation": args.attn,
         "batch.micro_batch": str(args.micro_batch),
         "optim.lr": "1e-4",
         "log.tensorboard": "false",
@@ -189,6 +190,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--model", choices=sorted(MODELS), default="tiny", help="from-config Llama shape (1b: GPU)")
     p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--attn", default="sdpa", help="model.attn_implementation (flash_attention_2 where installed)")
     p.add_argument("--replay-per-step", type=int, default=2)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
