@@ -2,14 +2,15 @@
 
 Batch sizes, precision and clipping come from the pipeline config and
 overwrite whatever the JSON says; the optimizer's hyper-parameters too when
-the JSON names a DeepSpeed optimizer (GPU configs use its fused Adam);
-otherwise ``pipeline.engine`` builds torch AdamW. The schedule is always ours.
+the JSON names a DeepSpeed optimizer (the offload config, for its CPU Adam);
+otherwise ``pipeline.engine`` builds torch's fused AdamW, which needs no op
+compiled on the nodes. The schedule is always ours.
 
 ZeRO-3 bucket sizes given as ``"auto"`` follow the model's hidden size H, as
 transformers' DeepSpeed integration sets them: reduce bucket H², prefetch
 bucket 0.9·H², parameter persistence 10·H. DeepSpeed's own default reduce
 bucket (5e8 elements) holds a 135M model's entire fp32 gradient at once;
-with H² SmolLM2's rank peak fell from 5.1 to 4.3 GB (see README).
+with H² SmolLM2's rank peak is lower (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -9,11 +9,13 @@ from the node list, and ``--no_ssh --node_rank R`` makes this node launch its ow
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +27,27 @@ def gpu_count() -> int:
         return 0
     done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
     return sum(line.startswith("GPU ") for line in done.stdout.splitlines()) if done.returncode == 0 else 0
+
+
+def stale_build_locks(max_age_s: float = 300.0) -> list[Path]:
+    """Lock files of DeepSpeed/torch op builds older than ``max_age_s`` in the extensions directory.
+
+    A build killed mid-way leaves its ``lock``, and the next process to load that op waits on it forever,
+    silently; a live build touches nothing for minutes at a time too, so an old lock is only a suspect.
+    """
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    now = time.time()
+    return sorted(p for p in root.glob("*/*/lock") if p.is_file() and now - p.stat().st_mtime > max_age_s)
+
+
+def warn_stale_build_locks(log: logging.Logger) -> None:
+    for lock in stale_build_locks():
+        log.warning(
+            "%s is %d minutes old: a DeepSpeed op build killed mid-way leaves it, and the next start then waits on "
+            "it forever; if no build is running, delete it",
+            lock,
+            (time.time() - lock.stat().st_mtime) // 60,
+        )
 
 
 def free_port() -> int:

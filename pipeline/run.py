@@ -30,7 +30,7 @@ from cpt_core.atomic import write_json, write_text
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
 
-from .launch import gpu_count
+from .launch import gpu_count, warn_stale_build_locks
 from .runfile import RunFile, load_run
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,25 @@ def _train_dict(train: Any) -> dict[str, Any]:
     return to_dict(train)
 
 
+def warn_op_builds(deepspeed_json: str) -> None:
+    """A DeepSpeed optimizer section means an op DeepSpeed compiles on every node at its first start."""
+    ds = json.loads(Path(deepspeed_json).read_text())
+    optimizer = ds.get("optimizer")
+    if optimizer:
+        zero = ds.get("zero_optimization", {})
+        offload = zero.get("offload_optimizer", {}).get("device") == "cpu"
+        op = "CPU_ADAM" if offload else "FUSED_ADAM"
+        log.warning(
+            "%s names DeepSpeed's %s optimizer: DeepSpeed compiles its op on each node at first start (a compiler "
+            "and a writable ~/.cache/torch_extensions needed); prebuild it once with DS_BUILD_%s=1 pip install "
+            "deepspeed%s",
+            deepspeed_json,
+            optimizer.get("type"),
+            op,
+            "" if offload else ", or drop the section to use torch's fused AdamW (zero3_bf16 does)",
+        )
+
+
 def check_main(argv: list[str] | None = None) -> int:
     """``cpt check RUN.yaml``: ``cpt run --dry-run``."""
     return main(["--dry-run", *(sys.argv[1:] if argv is None else argv)])
@@ -226,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.start and args.only:
             raise UserError("--from and --only: give one")
         run = load_run(args.config, args.set, smoke=args.smoke)
+        warn_stale_build_locks(log)
+        warn_op_builds(run.train.deepspeed)
         runner = Runner(run, args.start, args.only)
         if args.dry_run:
             for stage in runner.stages():

@@ -29,6 +29,10 @@ def check_inputs(cfg: TrainConfig) -> None:
     if not Path(cfg.deepspeed).is_file():
         raise ConfigError(f"deepspeed: {cfg.deepspeed} is not a file (ds_configs/ has zero3_bf16.json, ...)")
     PrepDir(cfg.data.prep).read()
+    if process_rank() == 0:
+        from pipeline.launch import warn_stale_build_locks
+
+        warn_stale_build_locks(log)
     if not (cfg.model.path or cfg.init_from):
         return
     from pipeline.model import ModelSource, check_loadable, needs_teacher, pretrained_config  # transformers

@@ -113,3 +113,24 @@ def test_smoke_runs_every_stage_at_toy_size_in_its_own_directory(sample, tmp_pat
     assert run.train.replay.samples_per_step == run.gpus
     raw = smoke_settings({"data": {"replay": None, "sources": []}, "tokens": 10**9})
     assert raw["data"]["replay"] is None and "tokens" not in raw
+
+
+def test_check_warns_of_a_stale_op_build_lock_that_would_hang_the_next_start(sample, tmp_path):
+    extensions = tmp_path / "torch_extensions"
+    lock = extensions / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    fresh = extensions / "py311_cpu" / "fused_adam" / "lock"  # a build running now
+    fresh.parent.mkdir(parents=True)
+    fresh.touch()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "check", str(run_file(sample, tmp_path / "run.yaml"))],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)},
+        timeout=60,
+    )
+    assert done.returncode == 0 and f"{lock} is 60 minutes old" in done.stderr and str(fresh) not in done.stderr
