@@ -5,8 +5,9 @@ Token-level: exp(total NLL / number of predicted tokens). ``pipeline.eval``
 ``seq_len`` is cut into windows of ``seq_len`` tokens that overlap by one
 token, so every token but the document's first is predicted exactly once;
 context restarts at each window (the model never sees more than the seq_len
-it trained on). The trainer's periodic eval, a cheap trend line, scores each
-document's first window only (``whole_documents=False``). Ranks split the
+it trained on). The trainer's periodic eval scores the same way, so its curve
+ends at the report's figure; ``whole_documents=False`` scores each document's
+first window only (a cheaper trend line, for benches). Ranks split the
 windows and all-reduce the sums; under ZeRO-3 every rank runs the same number
 of forwards.
 """

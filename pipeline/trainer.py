@@ -129,6 +129,10 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         last: dict[str, Any] = {}
         try:
+            if (
+                self.step == 0 and self.cfg.eval.every
+            ):  # the base model's point: each curve starts where it forgets from
+                self.metrics.log(0, self.evaluate())
             while self.step < self.total_steps:
                 last = self._timed_step()
                 if self.budget is not None and self._due(self.cfg.forgetting.every):
@@ -207,6 +211,7 @@ class Trainer:
         return out
 
     def evaluate(self) -> dict[str, float]:
+        """Holdout perplexity with whole documents, the estimator of the final report (a curve ends at its figure)."""
         with self._eval_mode():
             return perplexities(
                 holdout_losses(
@@ -215,7 +220,6 @@ class Trainer:
                     self.seq_len,
                     self.cfg.eval.max_docs,
                     self.device,
-                    whole_documents=False,
                 )
             )
 
