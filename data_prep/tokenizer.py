@@ -104,6 +104,41 @@ class SentencePieceTokenizer:
         return None
 
 
+def save_sentencepiece_as_hf(model_file: str | Path, out: Path) -> None:
+    """``tokenizer.json`` and ``tokenizer_config.json`` beside a SentencePiece model, so ``AutoTokenizer`` loads
+    an export with neither sentencepiece nor protobuf installed.
+
+    transformers' converter reads the pieces, scores and byte fallback; its normalizer assumes SentencePiece's
+    default whitespace handling, so it is replaced by the one this model states (spaces kept as they are) and
+    SentencePiece's word split (a run of spaces starts a word). The Viterbi search can break a tie between
+    equal-score segmentations differently (a long run of one repeated character): the pieces then differ while
+    the text they decode to is the same.
+    """
+    import sentencepiece as spm
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    class Source:  # what SpmConverter reads from a slow tokenizer
+        vocab_file = str(model_file)
+        legacy = False
+        add_prefix_space = False
+
+    backend = SpmConverter(Source()).converted()
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("▁+[^▁]*|[^▁]+"), behavior="isolated")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=piece(sp.bos_id()),
+        eos_token=piece(sp.eos_id()),
+        unk_token=piece(sp.unk_id()),
+    )
+    fast.save_pretrained(str(out))
+
+
 class HFTokenizer:
     """A local Hugging Face tokenizer directory, loaded with ``trust_remote_code=False``."""
 

@@ -33,7 +33,7 @@ from cpt_core.atomic import atomic_path
 from cpt_core.errors import UserError, one_line, run_cli
 from cpt_core.logs import setup_logging
 from data_prep.prep_dir import PrepDir
-from data_prep.tokenizer import HF_TOKENIZER_FILES
+from data_prep.tokenizer import HF_TOKENIZER_FILES, save_sentencepiece_as_hf
 
 from .checkpoint_files import CheckpointDir, verify_checkpoint
 from .cli_args import export_parser
@@ -70,6 +70,7 @@ def export(checkpoint: Path, out: Path, verify: bool = False, max_shard_size: st
                 if (tokenizer / name).is_file():
                     shutil.copy2(tokenizer / name, tmp / name)
         else:
+            save_sentencepiece_as_hf(tokenizer, tmp)
             shutil.copy2(tokenizer, tmp / "tokenizer.model")
         diff = None
         if verify:
