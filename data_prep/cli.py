@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cpt_core.commands import prog
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
 
@@ -23,11 +24,6 @@ from . import __version__
 log = logging.getLogger("data_prep")
 
 DEMO_DIR = "runs/demo"
-
-
-def _prog() -> str:
-    """``cpt prep`` when started through ``cpt``, else ``python -m data_prep``."""
-    return sys.argv[0] if sys.argv[0].startswith("cpt ") else "python -m data_prep"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=_prog(),
+        prog=prog("data_prep"),
         description=(
             "Offline data prep for continued pretraining: tokenize and pack corpora into Arrow rows of exactly "
             "seq_len tokens, mix domain/general/instruction data at exact token shares, and build the GeRe replay "

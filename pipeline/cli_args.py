@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import argparse
 import ast
-import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from cpt_core.commands import prog
 
 PACKAGE = Path(__file__).resolve().parent
 
 
 def _parser(module: str) -> argparse.ArgumentParser:
     source = PACKAGE / (module.split(".", 1)[1].replace(".", "/") + ".py")
-    prog = sys.argv[0] if sys.argv[0].startswith("cpt ") else f"python -m {module}"
     return argparse.ArgumentParser(
-        prog=prog,
+        prog=prog(module),
         description=ast.get_docstring(ast.parse(source.read_text(encoding="utf-8"))),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from cpt_core.commands import prog
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -154,7 +156,7 @@ def write_hostfile(nodes: list[str], gpus_per_node: int, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog("pipeline.launch"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--nodes", required=True, help="the run's node names, space-separated, in rank order")
     p.add_argument("--node-rank", type=int, required=True, help="this node's index in --nodes")

@@ -26,6 +26,7 @@ from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
 
+from cpt_core.commands import prog
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
 
@@ -84,7 +85,7 @@ def materialise(name: str, tokenizer_only: bool = False) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.real_models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog("pipeline.real_models"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "names", nargs="*", default=list(MODELS), help=f"models to materialise (default: all of {', '.join(MODELS)})"

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 
+from cpt_core.commands import prog
 from cpt_core.errors import run_cli
 from cpt_core.logs import process_rank, setup_logging
 from pipeline.config import TrainConfig, config_reference, load_train_config
@@ -52,7 +53,7 @@ def check_inputs(cfg: TrainConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog("pipeline.train"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", help="training YAML (paths relative to it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")

@@ -160,7 +160,7 @@ def test_help_config_prints_every_training_key():
             yield from keys(type(default), f"{prefix}{f.name}.") if is_dataclass(default) else [f"{prefix}{f.name}"]
 
     missing = [k for k in keys(TrainConfig) if f"| `{k}` |" not in shown]
-    assert not missing and "| `optim.decay` | cosine \\| linear \\| constant |" in shown
+    assert not missing and "| `optim.decay` | cosine \\| linear \\| constant \\| wsd |" in shown
 
 
 def test_cpt_lists_its_commands_at_once_and_names_the_subcommand_in_usage():

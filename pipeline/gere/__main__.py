@@ -21,6 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cpt_core.commands import prog
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
 from pipeline.config import load_train_config
@@ -30,7 +31,7 @@ log = logging.getLogger("pipeline.gere")
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.gere", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog("pipeline.gere"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="training YAML: build the cache its replay.cache names, as the run trains")
