@@ -77,7 +77,7 @@ def export(checkpoint: Path, out: Path, verify: bool = False, max_shard_size: st
             diff, largest = verify_export(checkpoint, tmp)
             dtype = cfg["model"]["dtype"]
             limit = VERIFY_TOLERANCE[dtype] * (1.0 if dtype == "float32" else max(largest, 1.0))
-            log.info("verify: max |logit difference| exported vs engine = %.3g (limit %.3g, %s)", diff, limit, dtype)
+            log.info("verify: max |difference| exported vs checkpoint = %.3g (limit %.3g, %s)", diff, limit, dtype)
             if diff > limit:
                 raise ExportMismatch(
                     f"{out}: exported logits differ from the checkpoint's engine by {diff:.3g} "
@@ -90,20 +90,71 @@ def export(checkpoint: Path, out: Path, verify: bool = False, max_shard_size: st
     return diff
 
 
+# Above this many parameters --verify compares tensors, not logits: an engine would hold the whole model and its
+# optimizer in one process (about 80 GB at 8B on one GPU).
+VERIFY_ENGINE_MAX_PARAMS = 1_000_000_000
+
+
 def verify_export(checkpoint: Path, exported_dir: Path) -> tuple[float, float]:
+    """(max |difference|, scale) between the export and the checkpoint named by ``checkpoint`` (its own tag).
+
+    Up to :data:`VERIFY_ENGINE_MAX_PARAMS` parameters: the logits of the exported model against a one-rank
+    DeepSpeed engine loaded from the checkpoint (scale: the largest logit), an independent path through the
+    training code. Above: every exported tensor against the checkpoint's fp32 partitions joined one tensor at a
+    time and cast to the run's dtype, which must be equal (scale 1), in memory bounded by one tensor.
+    """
+    cfg_dict = _run_config(checkpoint)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(_architecture_config(cfg_dict)).parameters())
+    if n_params > VERIFY_ENGINE_MAX_PARAMS:
+        return verify_tensors(checkpoint, exported_dir, getattr(torch, cfg_dict["model"]["dtype"])), 1.0
+    return _verify_logits(checkpoint, exported_dir, cfg_dict)
+
+
+def verify_tensors(checkpoint: Path, exported_dir: Path, dtype: torch.dtype) -> float:
+    """The largest |difference| between each exported tensor and the checkpoint's, one tensor in memory at a time;
+    a tensor missing on either side is a mismatch."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors import safe_open
+
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name, lazy_mode=True)
+    found: set[str] = set()
+    largest = 0.0
+    for shard in sorted(exported_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                if key not in lazy:
+                    raise ExportMismatch(f"{exported_dir}: {key} is not a weight of {checkpoint}")
+                ours, theirs = f.get_tensor(key), lazy[key].contiguous().to(dtype)
+                if ours.shape != theirs.shape:
+                    raise ExportMismatch(f"{exported_dir}: {key} has shape {tuple(ours.shape)}, not {theirs.shape}")
+                largest = max(largest, float((ours.float() - theirs.float()).abs().max()))
+                found.add(key)
+    missing = sorted(k for k in lazy if k not in found and not k.endswith("lm_head.weight"))  # tied: written once
+    if missing:
+        raise ExportMismatch(f"{exported_dir}: missing {len(missing)} weight(s) of {checkpoint}, e.g. {missing[:3]}")
+    return largest
+
+
+def _verify_logits(checkpoint: Path, exported_dir: Path, cfg_dict: dict[str, Any]) -> tuple[float, float]:
     """(max |logit difference|, max |logit|) of the exported model vs an engine loaded from the checkpoint.
 
-    Both run on the engine's device (this rank's accelerator) in the run's dtype, on the same probe.
+    Both run on the engine's device (this rank's accelerator) in the run's dtype, on the same probe. The engine
+    keeps the run's ZeRO stage but not its offload: a client optimizer cannot be offloaded, and only the
+    module's weights are loaded.
     """
     import deepspeed  # only --verify builds an engine (seconds to import)
 
-    cfg_dict = _run_config(checkpoint)
     cfg = config_from_dict(cfg_dict)
     init_distributed()
     model = AutoModelForCausalLM.from_config(
         _architecture_config(cfg_dict), attn_implementation=cfg.model.attn_implementation
     )  # fresh weights: the engine loads the checkpoint's
     ds_cfg = filled_ds_config(cfg, 1, model.config.get_text_config().hidden_size)
+    ds_cfg.pop("optimizer", None)
+    zero = ds_cfg.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        zero.pop(key, None)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=model.parameters(),

@@ -193,6 +193,27 @@ def test_an_export_that_fails_verification_leaves_no_directory(reference, tmp_pa
     assert lost(len(list(tmp_path.iterdir()))) == 0  # neither the export nor its temporary is left
 
 
+def test_verify_of_a_large_model_compares_the_named_checkpoints_tensors_without_an_engine(
+    reference, tmp_path, monkeypatch
+):
+    """Above VERIFY_ENGINE_MAX_PARAMS (forced to 0 here) --verify reads one tensor at a time from the checkpoint
+    it was given, not from `latest`: an older checkpoint's export verifies, a changed tensor does not."""
+    from safetensors.torch import load_file, save_file
+
+    import pipeline.export as export_module
+
+    _, run = reference
+    older = CheckpointDir.for_step(checkpoint_root(run), 6).path  # latest is step 12, whose weights differ
+    monkeypatch.setattr(export_module, "VERIFY_ENGINE_MAX_PARAMS", 0)
+    monkeypatch.setattr(export_module, "_verify_logits", lambda *a: pytest.fail("built an engine"))
+    assert export_module.export(older, tmp_path / "hf", verify=True) == 0.0
+    assert export_module.verify_tensors(latest_checkpoint(run), tmp_path / "hf", torch.float32) > 0  # other weights
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3
+    save_file(weights, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    assert export_module.verify_tensors(older, tmp_path / "hf", torch.float32) == pytest.approx(1e-3, rel=1e-2)
+
+
 @pytest.mark.reliability("security")
 def test_l2sp_and_tm_replay_and_a_run_writes_only_inside_its_run_directory(reference, prep, tmp_path, lost):
     base = load_causal_lm(ModelSource(config=TINY_LLAMA, seed=0))
