@@ -138,9 +138,7 @@ def global_loss_tokens(micro: list[dict[str, torch.Tensor]], device: torch.devic
     A label at position t is predicted from position t-1, so position 0 never counts. The tensor is on
     ``device`` because NCCL reduces device tensors only.
     """
-    counted = torch.tensor(
-        [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)], dtype=torch.float64, device=device
-    )
+    counted = torch.stack([(b["labels"][:, 1:] != -100).sum() for b in micro]).sum().to(device, torch.float64)
     if dist.is_initialized():
         dist.all_reduce(counted)
-    return max(int(counted.item()), 1)
+    return max(int(counted.item()), 1)  # the step's one read: the loss is scaled by it before the first forward

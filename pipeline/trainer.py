@@ -194,7 +194,7 @@ class Trainer:
         global_tokens = global_loss_tokens(micro, self.device)
         replay_chunks = self.replay.step_chunks() if self.replay else [None] * accum
         lr = engine.get_lr()[0]
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         weight = 0.0
         for j, (batch, chunk) in enumerate(zip(micro, replay_chunks)):
             task, replay = self._forward(batch, j, chunk)

@@ -190,7 +190,7 @@ def test_objective_from_hidden_states_equals_the_objective_from_logits():
         part.loss.backward()
         grads = {n: p.grad.clone() for n, p in student.named_parameters()}
         student.zero_grad()
-        return part.loss.item(), {**grads, **{k: torch.tensor(v) for k, v in part.parts.items()}}
+        return part.loss.item(), {**grads, **{k: torch.tensor(v) for k, v in part.logged.items()}}
 
     loss_h, grads_h = step(True)
     loss_l, grads_l = step(False)
@@ -239,7 +239,7 @@ def test_a_teacher_run_on_the_distilled_rows_only_gives_the_step_of_one_run_on_e
         part.loss.backward()
         grads = {n: p.grad.clone() for n, p in student.named_parameters()}
         student.zero_grad()
-        return {"loss": part.loss.detach(), **grads, **{k: torch.tensor(v) for k, v in part.parts.items()}}
+        return {"loss": part.loss.detach(), **grads, **{k: torch.tensor(v) for k, v in part.logged.items()}}
 
     full, compact = step(False), step(True)
     assert full.keys() == compact.keys() and (full["kd"] > 0) == any(distilled)

@@ -69,8 +69,16 @@ class ReplayOutputs:
 @dataclass
 class MicroBatchLoss:
     loss: torch.Tensor  # what backward sees
-    parts: dict[str, float]  # unweighted parts, additive over micro-batches and ranks (see Objective.summarize)
+    # unweighted parts, additive over micro-batches and ranks (see Objective.summarize): detached float64 0-d
+    # tensors on the device, so a micro-batch reads nothing back to the host (a read waits for the GPU and stalls
+    # ZeRO-3's prefetch); the step reads them once, in summarize
+    parts: dict[str, torch.Tensor]
     replay_weight: float  # w used for the replay term (0 without one)
+
+    @property
+    def logged(self) -> dict[str, float]:
+        """The parts as numbers (a device-to-host read each: for tests and tools, not the training loop)."""
+        return {k: float(v) for k, v in self.parts.items()}
 
 
 def teacher_rows_first(rows: torch.Tensor, batch: int) -> torch.Tensor:
@@ -109,28 +117,28 @@ class Objective:
     ) -> MicroBatchLoss:
         objective_sum, ce_sum, kd_sum = self._task_sums(task)
         loss = objective_sum / global_tokens * scale
-        parts = {"task_ce": ce_sum.item()}
+        parts = {"task_ce": ce_sum.detach().double()}
         if kd_sum is not None:
-            parts["kd"] = kd_sum.item()
+            parts["kd"] = kd_sum.detach().double()
         weight = 0.0
         if replay is not None and replay.logits is None and self.replay.strategy == "kl":
             replay_loss, replay_ce, kl, weight = self._kl_from_hidden(replay, (ce_sum / global_tokens * scale).detach())
             loss = loss + replay.share * replay_loss
-            parts["replay_ce"] = replay.share * replay_ce.item() / grad_accum
-            parts["kl"] = replay.share * kl.item() / grad_accum
+            parts["replay_ce"] = replay.share * replay_ce.detach().double() / grad_accum
+            parts["kl"] = replay.share * kl.detach().double() / grad_accum
         elif replay is not None:
             terms = replay_terms(self.replay, replay.logits, replay.hidden, replay.inputs, self.head)
             share = replay.share
             # share, ce_weight and scale 1.0 (replay in every micro-batch, the defaults) change no bit
             loss = loss + share * self.replay_ce_weight * terms["replay_ce"]
-            parts["replay_ce"] = share * terms["replay_ce"].item() / grad_accum
+            parts["replay_ce"] = share * terms["replay_ce"].detach().double() / grad_accum
             if self.strategy_term:
                 term = terms[self.replay.strategy]
                 weight = self.anti_forgetting_scale * self._weight(
                     (ce_sum / global_tokens * scale).detach() + terms["replay_ce"].detach(), term.detach()
                 )
                 loss = loss + share * weight * term
-                parts[self.replay.strategy] = share * term.item() / grad_accum
+                parts[self.replay.strategy] = share * term.detach().double() / grad_accum
         return MicroBatchLoss(loss, parts, weight)
 
     def _task_sums(self, task: TaskOutputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -207,15 +215,20 @@ class Objective:
         return min(float(ce / term), self.replay.max_weight) if float(term) > 0 else 0.0
 
     def summarize(
-        self, sums: dict[str, float], global_tokens: int, world: int, device: torch.device, replay_weight: float
+        self,
+        sums: dict[str, torch.Tensor | float],
+        global_tokens: int,
+        world: int,
+        device: torch.device,
+        replay_weight: float,
     ) -> dict[str, float]:
         """The step's logged parts (summed over ranks) and ``loss``, the objective as optimized.
 
-        One all-reduce of a float64 vector on ``device`` (NCCL reduces device tensors only); none
-        without a process group (one process).
+        One all-reduce of a float64 vector on ``device`` (NCCL reduces device tensors only; none without a
+        process group) and one read of it: the step's only device-to-host transfer of the loss parts.
         """
         names = ["task_ce", "kd", "replay_ce", self.replay.strategy]
-        totals = torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64, device=device)
+        totals = torch.stack([torch.as_tensor(sums.get(n, 0.0), dtype=torch.float64, device=device) for n in names])
         if dist.is_initialized():
             dist.all_reduce(totals)
         task_ce, kd, replay_ce, term = totals.tolist()
