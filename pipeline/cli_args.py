@@ -56,6 +56,9 @@ def eval_parser() -> argparse.ArgumentParser:
         "log-likelihood accuracy, base vs tuned",
     )
     p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument(
+        "--timeout-minutes", type=float, default=30.0, help="how long a collective waits for the slowest rank"
+    )
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
 

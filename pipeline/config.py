@@ -196,6 +196,15 @@ class ForgettingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """The process group every rank joins."""
+
+    timeout_minutes: float = setting(
+        30.0, "how long a collective waits for the slowest rank before the run fails (NCCL's default is 10)"
+    )
+
+
+@dataclass
 class CheckpointConfig:
     """When checkpoints are written and which one a run resumes from."""
 
@@ -248,6 +257,7 @@ class TrainConfig:
     kd: KDConfig = setting(factory=KDConfig)
     penalty: PenaltyConfig = setting(factory=PenaltyConfig)
     forgetting: ForgettingConfig = setting(factory=ForgettingConfig)
+    distributed: DistributedConfig = setting(factory=DistributedConfig)
     checkpoint: CheckpointConfig = setting(factory=CheckpointConfig)
     log: LogConfig = setting(factory=LogConfig)
     eval: EvalConfig = setting(factory=EvalConfig)
@@ -378,6 +388,12 @@ def problems(cfg: TrainConfig) -> list[str]:
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, ">= 0")
     need(cfg.log.every >= 1, "log.every", cfg.log.every, ">= 1")
+    need(
+        cfg.distributed.timeout_minutes > 0,
+        "distributed.timeout_minutes",
+        cfg.distributed.timeout_minutes,
+        "> 0",
+    )
     need(cfg.log.every_s > 0, "log.every_s", cfg.log.every_s, "> 0")
     return found
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,8 +25,9 @@ from .host_memory import return_freed_memory_to_os
 from .launch import free_port
 
 
-def init_distributed() -> None:
-    """Under the launcher the env is set; a plain process becomes a world of one."""
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """Under the launcher the env is set; a plain process becomes a world of one. ``timeout_minutes``: how long
+    a collective may wait for the slowest rank before the group fails (``distributed.timeout_minutes``)."""
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
@@ -42,7 +44,7 @@ def init_distributed() -> None:
     # deepspeed.init_distributed does not pick the device (cuda:0 would be current on every rank).
     # The CPU accelerator's set_device does nothing.
     get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
     shutdown_at_exit()
 
 

@@ -22,9 +22,11 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from cpt_core.atomic import write_json
+from cpt_core.atomic import write_json, write_text
 from cpt_core.errors import UserError, one_line, run_cli
 from cpt_core.logs import process_rank, setup_logging
 from data_prep.holdout import contamination
@@ -82,6 +84,36 @@ def hf_directory(path: Path) -> Path:
     return path
 
 
+def hf_view(path: Path) -> tuple[Path, Path | None]:
+    """A Hugging Face directory for ``path``: itself, or, for a training checkpoint, its export, written once by
+    rank 0 before any process group forms; the other ranks poll the shared file system for it, so no rank
+    waits in a collective (and its timeout) through minutes of I/O at 70B. Returns (directory, the export to
+    remove afterwards, or None)."""
+    if not CheckpointDir(path).is_pipeline_checkpoint():
+        return path, None
+    # one name for every rank of this launch (they share MASTER_PORT), another for the next launch
+    target = path.parent / f".eval-export-{path.name}-{os.environ.get('MASTER_PORT', 'local')}"
+    failed = target.with_name(target.name + ".failed")
+    if process_rank() == 0:
+        try:
+            export(path, target)  # atomic: the directory appears complete or not at all
+        except Exception as e:
+            write_text(failed, one_line(e))
+            raise
+        return target, target
+    while not target.is_dir():
+        if failed.is_file():
+            raise UserError(f"{path}: export on rank 0 failed: {failed.read_text()}")
+        time.sleep(1.0)
+    return target, target
+
+
+def remove_view(exported: Path | None) -> None:
+    if exported is not None and process_rank() == 0:
+        shutil.rmtree(exported, ignore_errors=True)
+        exported.with_name(exported.name + ".failed").unlink(missing_ok=True)
+
+
 def check_eval_inputs(model: str, base: str | None, prep: str, cache: str | None, mcq: list[str] | None) -> None:
     """Every path the eval reads, refused before the process group forms (on a cluster every rank would
     otherwise start, import and wait in NCCL before saying it)."""
@@ -109,45 +141,16 @@ def eval_ds_config(dtype: str) -> dict[str, Any]:
 
 
 def load_partitioned(path: str | Path, device: torch.device) -> Any:
-    """The model as a ZeRO-3 inference engine over all ranks (collective: every rank calls it).
+    """A Hugging Face directory as a ZeRO-3 inference engine over all ranks (collective: every rank calls it).
 
-    bf16 on CUDA (what training runs; an fp32 copy would double every gather), fp32 on CPU. A training
-    checkpoint is exported by rank 0 into a directory beside it (multi-node runs share the checkpoint's file
-    system), which every rank then loads partitioned; rank 0 removes it.
+    bf16 on CUDA (what training runs; an fp32 copy would double every gather), fp32 on CPU.
     """
     path = Path(path)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    exported = None
-    # Rank 0 decides and exports; the others learn the outcome (a path, or rank 0's error) from one broadcast,
-    # so a failed export fails every rank instead of leaving them waiting in a collective.
-    outcome: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            if CheckpointDir(path).is_pipeline_checkpoint():
-                exported = Path(tempfile.mkdtemp(prefix=".eval-export-", dir=path.parent))
-                export(path, exported / "hf")
-                outcome = [("ok", str(exported / "hf"))]
-            else:
-                outcome = [("ok", str(path))]
-        except Exception as e:  # re-raised below on rank 0, as a UserError on the others
-            if exported is not None:
-                shutil.rmtree(exported, ignore_errors=True)
-            outcome = [("error", f"{path}: export on rank 0 failed: {one_line(e)}")]
-            dist.broadcast_object_list(outcome, src=0)
-            raise
-    dist.broadcast_object_list(outcome, src=0)
-    status, value = outcome[0]
-    if status == "error":
-        raise UserError(value)
-    source = hf_directory(Path(value))
+    source = hf_directory(path)  # a training checkpoint is exported first, before the group forms (hf_view)
     ds_config = eval_ds_config(dtype)
-    try:
-        model = load_causal_lm(ModelSource(path=str(source), dtype=dtype), ds_config)
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    finally:
-        dist.barrier()  # every rank has read the export
-        if exported is not None:
-            shutil.rmtree(exported, ignore_errors=True)
+    model = load_causal_lm(ModelSource(path=str(source), dtype=dtype), ds_config)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     log.info("%s: partitioned over %d ranks (ZeRO-3, %s)", path, dist.get_world_size(), dtype)
     return engine
@@ -313,9 +316,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         check_eval_inputs(args.model, args.base, args.prep, args.cache, args.mcq)  # in seconds, before any rank waits
-        init_distributed()  # this rank's device first, then the process group (NCCL on GPUs)
-        result = run_eval(args.model, args.prep, args.base, args.cache, args.max_docs, local_device(), args.mcq)
-        finish()
+        model, exported = hf_view(Path(args.model))
+        try:
+            init_distributed(args.timeout_minutes)  # this rank's device first, then the process group (NCCL)
+            result = run_eval(str(model), args.prep, args.base, args.cache, args.max_docs, local_device(), args.mcq)
+            finish()  # a barrier: every rank has read the export
+        finally:
+            remove_view(exported)
         if process_rank() == 0:
             print(markdown_table(result))
             if args.out:

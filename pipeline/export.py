@@ -146,7 +146,7 @@ def _verify_logits(checkpoint: Path, exported_dir: Path, cfg_dict: dict[str, Any
     import deepspeed  # only --verify builds an engine (seconds to import)
 
     cfg = config_from_dict(cfg_dict)
-    init_distributed()
+    init_distributed(cfg.distributed.timeout_minutes)
     model = AutoModelForCausalLM.from_config(
         _architecture_config(cfg_dict), attn_implementation=cfg.model.attn_implementation
     )  # fresh weights: the engine loads the checkpoint's

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.distributed import finish, init_distributed
         from pipeline.trainer import Trainer  # deepspeed and transformers: seconds to import
 
-        init_distributed()
+        init_distributed(cfg.distributed.timeout_minutes)
         result = Trainer(cfg).train()
         finish()
         if process_rank() == 0:

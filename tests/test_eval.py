@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from cpt_core.errors import UserError
 from data_prep.build import SourceSpec
 from data_prep.replay import build_replay
 from pipeline.eval import compare, holdout_contamination, markdown_table
@@ -60,3 +61,23 @@ def test_each_ppl_change_has_its_standard_error_over_the_scored_documents(prep):
     assert result["domain_ppl_change"] == pytest.approx(math.exp(-0.2) - 1, rel=1e-12)
     table = markdown_table(result)
     assert f"general ppl change (forgetting): {change:+.1%} ± {error:.1%}" in table and "standard error" in table
+
+
+def test_other_ranks_wait_for_rank_0s_export_on_the_file_system_not_in_a_collective(tmp_path, monkeypatch):
+    from pipeline.checkpoint_files import COMPLETE, STATE
+    from pipeline.eval import hf_view
+
+    checkpoint = tmp_path / "checkpoints" / "step00000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / COMPLETE).write_text("{}")
+    (checkpoint / STATE).write_text("{}")
+    monkeypatch.setenv("MASTER_PORT", "4242")
+    monkeypatch.setenv("RANK", "1")
+    target = checkpoint.parent / ".eval-export-step00000004-4242"
+    (checkpoint.parent / (target.name + ".failed")).write_text("weights do not match the model")
+    with pytest.raises(UserError, match="export on rank 0 failed: weights do not match the model"):
+        hf_view(checkpoint)
+    (checkpoint.parent / (target.name + ".failed")).unlink()
+    target.mkdir()  # rank 0's export, renamed into place whole
+    assert hf_view(checkpoint) == (target, target)
+    assert hf_view(tmp_path) == (tmp_path, None)  # a Hugging Face directory is read as it is

@@ -67,7 +67,8 @@ def build_gere_cache(
     if ds_config:
         import deepspeed  # only the multi-rank path needs it (seconds to import)
 
-        init_distributed()  # this rank's device first, then the process group
+        # this rank's device first, then the process group
+        init_distributed(training.distributed.timeout_minutes if training else 30.0)
         ds_config = inference_ds_config(ds_config)
     device = local_device()
     model = load_causal_lm(source, ds_config, attn_implementation)
