@@ -236,6 +236,9 @@ class EvalConfig:
 
     every: int = setting(0, "steps between evaluations; 0: at the end only")
     max_docs: int = setting(64, "documents per holdout split")
+    mcq: tuple[str, ...] = setting(
+        (), "multiple-choice files (MMLU CSV or jsonl) scored base vs tuned in cpt run's report card"
+    )
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The run report: a markdown table (base vs tuned) and PNG plots of the training curves.
 
-Plots, from ``metrics.jsonl``: each loss component, the learning rate, and
-general / domain holdout perplexity over training. Written next to the run.
+Plots, from ``metrics.jsonl``: each loss component, the learning rate,
+general / domain holdout perplexity over training (from step 0, the base), and
+the forgetting probe's rise when the run measured it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def plot(run_dir: Path, out_dir: Path) -> list[Path]:
         ("loss.png", "loss by component", [k for k in data if k.startswith("loss/")] or ["loss"], "log"),
         ("lr.png", "learning rate", ["lr"], "linear"),
         ("ppl.png", "holdout perplexity", [k for k in ("ppl/general", "ppl/domain") if k in data], "log"),
+        (
+            "forgetting.png",
+            "general ppl rise on the probe (forgetting.budget or watch)",
+            ["forgetting/probe_rise"],
+            "linear",
+        ),
     ]
     written = []
     for name, title, keys, scale in panels:
@@ -60,13 +67,19 @@ def plot(run_dir: Path, out_dir: Path) -> list[Path]:
 
 
 def write_report(
-    run_dir: str | Path, result: dict[str, Any], title: str = "Forgetting report", out_dir: str | Path | None = None
+    run_dir: str | Path,
+    result: dict[str, Any],
+    title: str = "Forgetting report",
+    out_dir: str | Path | None = None,
+    about: dict[str, str] | None = None,
 ) -> Path:
-    """``report.md``, ``eval.json`` and the plots of ``run_dir``'s curves, into ``out_dir`` (default: the run)."""
+    """``report.md``, ``eval.json`` and the plots of ``run_dir``'s curves, into ``out_dir`` (default: the run);
+    ``about``: lines on the run (model, method, data) above the table."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     images = plot(run_dir, out_dir)
-    body = [f"# {title}", "", markdown_table(result), ""] + [f"![{p.stem}]({p.name})" for p in images]
+    head = [f"# {title}", ""] + ([f"- **{k}**: {v}" for k, v in about.items()] + [""] if about else [])
+    body = head + [markdown_table(result), ""] + [f"![{p.stem}]({p.name})" for p in images]
     write_text(out_dir / "report.md", "\n".join(body) + "\n")
     write_json(out_dir / "eval.json", result)
     return out_dir / "report.md"

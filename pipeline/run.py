@@ -151,13 +151,38 @@ class Runner:
             args += ["--base", run.train.model.path]
             if run.uses_cache:
                 args += ["--cache", str(run.cache_dir)]
+        if run.train.eval.mcq:
+            args += ["--mcq", *run.train.eval.mcq]
         if gpu_count():  # partitioned over the ranks: a large model fits no single GPU
             self._deepspeed("pipeline.eval", [*args, "--out", str(out)])
         else:  # on CPU one process is faster than ZeRO-3 gathers between processes
             self._call([sys.executable, "-m", "pipeline.eval", *args, "--out", str(out)])
         result = json.loads(out.read_text())
-        report = write_report(run.train_dir, result, title=f"Report: {run.path.name}", out_dir=run.export_dir)
+        report = write_report(
+            run.train_dir, result, title=f"Report: {run.path.name}", out_dir=run.export_dir, about=self.about()
+        )
         log.info("report card: %s", report)
+
+    def about(self) -> dict[str, str]:
+        """What the report card says of the run: the model, the method and the data it trained on."""
+        from data_prep.prep_dir import PrepDir
+
+        train, index = self.run.train, PrepDir(self.run.prep_dir).read()
+        replay = train.replay
+        method = "naive CPT" if replay.strategy == "none" else f"replay {replay.strategy} (weight {replay.weight})"
+        if train.kd.weight:
+            method += f", KD (weight {train.kd.weight}, rows {train.kd.rows})"
+        if train.penalty.kind != "none":
+            method += f", {train.penalty.kind} (weight {train.penalty.weight})"
+        shares = ", ".join(f"{role} {share:.1%}" for role, share in sorted(index.achieved_token_share.items()))
+        length = f"{train.steps} steps" if train.steps else f"{train.tokens} tokens"
+        return {
+            "model": train.model.path or "from scratch (model.config)",
+            "method": method,
+            "schedule": f"{length}, peak lr {train.peak_lr:g}, {train.optim.decay} decay, {self.run.gpus} rank(s)",
+            "data": f"{index.rows} rows of {index.seq_len} tokens; token shares: {shares}",
+            "run file": str(self.run.path),
+        }
 
     # ── helpers ───────────────────────────────────────────────────────────────
     def train_yaml(self) -> Path:

@@ -120,6 +120,8 @@ def check_run(
     train = build(TrainConfig, train_raw, "", origin, found, overridden)
     if train is not None:
         resolve_paths(train, base)
+        train.eval.mcq = tuple(str(base / f) for f in train.eval.mcq)
+        found += [f"{origin}: eval.mcq: {f} is not a file" for f in train.eval.mcq if not Path(f).is_file()]
         found += [f"{origin}: {p}" for p in problems(train)]
     found += _path_problems(raw, base, origin)
 

@@ -80,6 +80,14 @@ def test_check_reports_every_mistake_at_once_naming_file_and_key_in_seconds(samp
     assert "6 problem(s)" in done.stderr
 
 
+def test_multiple_choice_files_are_checked_and_resolved_beside_the_run_file(sample, tmp_path):
+    (tmp_path / "mmlu.csv").write_text('"q","a","b","c","d","A"\n')
+    run = load_run(run_file(sample, tmp_path / "run.yaml", eval={"mcq": ["mmlu.csv"]}))
+    assert run.train.eval.mcq == (str(tmp_path / "mmlu.csv"),)
+    with pytest.raises(ConfigProblems, match="eval.mcq: .*missing.csv is not a file"):
+        load_run(run_file(sample, tmp_path / "bad.yaml", eval={"mcq": ["missing.csv"]}))
+
+
 def test_an_override_that_cannot_be_used_blames_the_override_not_the_file(sample, tmp_path):
     with pytest.raises(ConfigProblems) as error:
         load_run(run_file(sample, tmp_path / "run.yaml"), ["optim.lr=abc"])
