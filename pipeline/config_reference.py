@@ -9,7 +9,7 @@ from cpt_core.typed_config import reference
 from data_prep.config import config_reference as prepare_reference
 
 from .config import config_reference as train_reference
-from .runfile import ExportSection, RunSection
+from .runfile import ExportSection, MergeSection, RunSection
 
 HEADER = """# Config reference
 
@@ -26,7 +26,11 @@ these keys besides:
 
 
 def render() -> str:
-    run = [reference(RunSection, "Run file: top level"), reference(ExportSection, "Run file: `export`", "export.")]
+    run = [
+        reference(RunSection, "Run file: top level"),
+        reference(ExportSection, "Run file: `export`", "export."),
+        reference(MergeSection, "Run file: `merge`", "merge."),
+    ]
     return "\n".join([HEADER, *run, "## Data prep", "", prepare_reference(), "## Training", "", train_reference()])
 
 

@@ -35,7 +35,7 @@ from .runfile import RunFile, load_run
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prep", "gere", "train", "export", "eval")
+STAGES = ("prep", "gere", "train", "export", "merge", "eval")
 
 
 class StageFailed(UserError):
@@ -87,12 +87,14 @@ class Runner:
         gere = fingerprint(prep, model, train.replay, train.deepspeed, run.gpus)
         trained = fingerprint(prep, model, gere if run.uses_cache else None, settings, run.gpus)
         exported = fingerprint(trained, run.export)
-        evaluated = fingerprint(exported, train.eval.max_docs)
+        merged = fingerprint(exported, run.merge)
+        evaluated = fingerprint(merged, train.eval.max_docs, train.eval.mcq)
         return [
             Stage("prep", prep, self.prep),
             Stage("gere", gere, self.gere, wanted=run.uses_cache),
             Stage("train", trained, self.train),
             Stage("export", exported, self.export),
+            Stage("merge", merged, self.merge, wanted=run.merge.enabled),
             Stage("eval", evaluated, self.evaluate),
         ]
 
@@ -119,7 +121,7 @@ class Runner:
                 self.records / f"{stage.name}.json",
                 {"fingerprint": stage.fingerprint, "complete": True, "seconds": round(time.perf_counter() - t0, 1)},
             )
-        report = self.run.export_dir / "report.md"
+        report = (self.run.merged_dir if self.run.merge.enabled else self.run.export_dir) / "report.md"
         log.info("done in %.0f s: %s", time.perf_counter() - started, report if report.is_file() else self.run.run_dir)
         return report
 
@@ -142,11 +144,23 @@ class Runner:
         args += ["--max-shard-size", self.run.export.max_shard_size] + (["--verify"] if self.run.export.verify else [])
         self._call([sys.executable, "-m", "pipeline.export", *args])
 
+    def merge(self) -> None:
+        """The export interpolated toward the base: what eval then scores and the run delivers."""
+        run, merge = self.run, self.run.merge
+        args = ["--base", str(run.train.model.path), "--tuned", str(run.export_dir), "--out", str(run.merged_dir)]
+        if merge.to_budget is not None:
+            args += ["--to-budget", str(merge.to_budget), "--prep", str(run.prep_dir)]
+        else:
+            args += ["--alpha", str(merge.alpha)]
+        self._call([sys.executable, "-m", "pipeline.merge", *args])
+
     def evaluate(self) -> None:
         from .report import write_report
 
-        run, out = self.run, self.run.export_dir / "eval.json"
-        args = ["--model", str(run.export_dir), "--prep", str(run.prep_dir), "--max-docs", str(run.train.eval.max_docs)]
+        run = self.run
+        model = run.merged_dir if run.merge.enabled else run.export_dir
+        out = model / "eval.json"
+        args = ["--model", str(model), "--prep", str(run.prep_dir), "--max-docs", str(run.train.eval.max_docs)]
         if run.train.model.path:
             args += ["--base", run.train.model.path]
             if run.uses_cache:
@@ -159,7 +173,7 @@ class Runner:
             self._call([sys.executable, "-m", "pipeline.eval", *args, "--out", str(out)])
         result = json.loads(out.read_text())
         report = write_report(
-            run.train_dir, result, title=f"Report: {run.path.name}", out_dir=run.export_dir, about=self.about()
+            run.train_dir, result, title=f"Report: {run.path.name}", out_dir=model, about=self.about()
         )
         log.info("report card: %s", report)
 
@@ -181,8 +195,17 @@ class Runner:
             "method": method,
             "schedule": f"{length}, peak lr {train.peak_lr:g}, {train.optim.decay} decay, {self.run.gpus} rank(s)",
             "data": f"{index.rows} rows of {index.seq_len} tokens; token shares: {shares}",
+            **({"merge": self._merge_summary()} if self.run.merge.enabled else {}),
             "run file": str(self.run.path),
         }
+
+    def _merge_summary(self) -> str:
+        meta = json.loads((self.run.merged_dir / "merge.json").read_text())
+        text = f"alpha {meta['alpha']:.4g} toward the base"
+        budget = meta.get("to_budget")
+        if budget:
+            text += f" (largest within a {budget['budget']:.1%} probe rise: {budget['chosen']['probe_rise']:+.2%})"
+        return text
 
     # ── helpers ───────────────────────────────────────────────────────────────
     def train_yaml(self) -> Path:

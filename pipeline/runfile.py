@@ -42,7 +42,21 @@ class ExportSection:
     max_shard_size: str = setting("5GB", "largest safetensors file")
 
 
-RUN_KEYS = {f.name for f in dataclasses.fields(RunSection)} | {"export"}
+@dataclass
+class MergeSection:
+    """Interpolate the tuned model back toward the base after training (cpt merge); off by default."""
+
+    to_budget: float | None = setting(
+        None, "the largest share of the change whose general ppl rise on the probe stays within this, e.g. 0.05"
+    )
+    alpha: float | None = setting(None, "or a fixed share of the change to keep: 0 is the base, 1 the tuned model")
+
+    @property
+    def enabled(self) -> bool:
+        return self.to_budget is not None or self.alpha is not None
+
+
+RUN_KEYS = {f.name for f in dataclasses.fields(RunSection)} | {"export", "merge"}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
@@ -56,6 +70,7 @@ class RunFile:
     prep_raw: dict[str, Any]  # the data-prep config as prepare reads it, paths absolute
     train: TrainConfig  # paths absolute; data.prep, run_dir and replay.cache filled in
     export: ExportSection
+    merge: MergeSection
 
     @property
     def prep_dir(self) -> Path:
@@ -72,6 +87,10 @@ class RunFile:
     @property
     def export_dir(self) -> Path:
         return self.run_dir / "export"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.run_dir / "merged"
 
     @property
     def uses_cache(self) -> bool:
@@ -102,6 +121,8 @@ def check_run(
     overridden = overridden_keys(overrides)
     top = build(RunSection, {k: raw[k] for k in ("run_dir", "gpus") if k in raw}, "", origin, found, overridden)
     export = build(ExportSection, raw.get("export") or {}, "export.", origin, found, overridden)
+    merge = build(MergeSection, raw.get("merge") or {}, "merge.", origin, found, overridden)
+    found += _merge_problems(merge, raw, origin)
     if top is not None and top.gpus < 1:
         found.append(f"{origin}: gpus must be >= 1, got {top.gpus}")
     run_dir = (base / (top.run_dir if top else "runs/run")).resolve()
@@ -128,8 +149,30 @@ def check_run(
     prep_raw = _prep_section(raw, train, run_dir, base, origin, found)
     if found:
         return None, found
-    assert top is not None and train is not None and export is not None
-    return RunFile(path, run_dir, top.gpus, prep_raw, train, export), []
+    assert top is not None and train is not None and export is not None and merge is not None
+    return RunFile(path, run_dir, top.gpus, prep_raw, train, export, merge), []
+
+
+def _merge_problems(merge: MergeSection | None, raw: dict[str, Any], origin: str) -> list[str]:
+    if merge is None or not merge.enabled:
+        return []
+    found = []
+    if merge.to_budget is not None and merge.alpha is not None:
+        found.append(f"{origin}: merge: set to_budget or alpha, not both")
+    if merge.alpha is not None and not 0 <= merge.alpha <= 1:
+        found.append(f"{origin}: merge.alpha must be in [0, 1], got {merge.alpha}")
+    if merge.to_budget is not None and merge.to_budget <= 0:
+        found.append(f"{origin}: merge.to_budget must be > 0, got {merge.to_budget}")
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    if not model.get("path"):
+        found.append(f"{origin}: merge needs a base to merge toward: model.path")
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    replay = data.get("replay") if isinstance(data.get("replay"), dict) else {}
+    if merge.to_budget is not None and not replay.get("probe_docs"):
+        found.append(
+            f"{origin}: merge.to_budget scores the prep's probe documents: set data.replay.probe_docs (e.g. 64)"
+        )
+    return found
 
 
 def _prep_section(

@@ -142,3 +142,39 @@ def test_check_warns_of_a_stale_op_build_lock_that_would_hang_the_next_start(sam
         timeout=60,
     )
     assert done.returncode == 0 and f"{lock} is 60 minutes old" in done.stderr and str(fresh) not in done.stderr
+
+
+def test_a_merge_section_adds_a_checked_stage_whose_output_eval_scores(sample, tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    plain = load_run(run_file(sample, tmp_path / "plain.yaml"))
+    assert not plain.merge.enabled and "merge" not in [s.name for s in Runner(plain).stages() if s.wanted]
+    with pytest.raises(ConfigProblems) as refused:
+        load_run(run_file(sample, tmp_path / "bad.yaml", merge={"to_budget": 0.05}))
+    assert any("merge needs a base" in p for p in refused.value.problems)
+    assert any("data.replay.probe_docs" in p for p in refused.value.problems)
+    data = yaml.safe_load(run_file(sample, tmp_path / "x.yaml").read_text())["data"]
+    data["replay"]["probe_docs"] = 4
+    run = load_run(
+        run_file(sample, tmp_path / "run.yaml", model={"path": str(base)}, data=data, merge={"to_budget": 0.05}),
+        ["data.tokenizer=" + str(sample.tokenizer)],
+    )
+    runner = Runner(run)
+    assert [s.name for s in runner.stages() if s.wanted] == ["prep", "train", "export", "merge", "eval"]
+    called: list[list[str]] = []
+    monkeypatch.setattr(runner, "_call", lambda command, env=None: called.append(command))
+    runner.merge()
+    assert called[0][2:] == [
+        "pipeline.merge",
+        "--base",
+        str(base),
+        "--tuned",
+        str(run.export_dir),
+        "--out",
+        str(run.merged_dir),
+        "--to-budget",
+        "0.05",
+        "--prep",
+        str(run.prep_dir),
+    ]
