@@ -209,3 +209,14 @@ def test_eval_and_train_refuse_missing_inputs_before_any_process_group(prep, tmp
         timeout=120,
     )
     assert done.returncode == 2 and "none.json is not a file" in done.stderr
+
+
+def test_an_old_flag_name_still_works_and_says_its_new_name(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "gere", "--model-path", str(tmp_path / "none"), "--prep", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "warning: --model-path is deprecated; use --model" in done.stderr
+    assert done.returncode == 2 and f"{tmp_path}: no prep.json" in done.stderr  # parsed as --model, then refused

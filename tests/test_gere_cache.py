@@ -143,7 +143,7 @@ def test_two_zero3_ranks_under_the_launcher_build_the_same_cache_as_one_process(
     _, model, _, _, _ = built
     ckpt = tmp_path / "base"
     model.save_pretrained(str(ckpt), safe_serialization=True)
-    args = ["--model-path", str(ckpt), "--replay", str(replay), "--batch-size", "5"]
+    args = ["--model", str(ckpt), "--replay", str(replay), "--batch-size", "5"]
     single = subprocess.run(
         [sys.executable, "-m", "pipeline.gere", *args, "--out", str(tmp_path / "one")],
         capture_output=True,

@@ -21,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cpt_core.commands import prog
+from cpt_core.commands import prog, renamed
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
 from pipeline.config import load_train_config
@@ -35,16 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="training YAML: build the cache its replay.cache names, as the run trains")
-    src.add_argument("--model-path", help="base model: a local Hugging Face checkpoint directory")
+    src.add_argument("--model", dest="model_path", help="base model: a local Hugging Face checkpoint directory")
+    src.add_argument("--model-path", dest="model_path", action=renamed("--model"), help=argparse.SUPPRESS)
     src.add_argument("--model-config", help="base model from scratch: JSON file of LlamaConfig fields (tests, demo)")
     p.add_argument("--seed", type=int, default=0, help="init seed with --model-config")
     p.add_argument(
         "--trust-remote-code",
         action="store_true",
-        help="run Python code shipped with --model-path (only for checkpoints you trust)",
+        help="run Python code shipped with --model (only for checkpoints you trust)",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: override a value")
     p.add_argument("--replay", help="replay shard from `data_prep replay` (holds replay.json); not with --config")
+    p.add_argument("--prep", help="or a prep directory: its replay shard; not with --config")
     p.add_argument("--out", help="cache directory to write; not with --config")
     p.add_argument("--batch-size", type=int, default=4, help="replay samples per forward per rank")
     p.add_argument(
@@ -64,8 +66,15 @@ def build_from_args(args: argparse.Namespace) -> Path:
         from pipeline.gere.build import build_cache_for_training  # torch and transformers: after --help
 
         return build_cache_for_training(load_train_config(args.config, args.set), features=args.features)
+    if args.prep and not args.replay:
+        from data_prep.prep_dir import PrepDir
+
+        replay = PrepDir(args.prep).read().replay
+        if replay is None:
+            raise UserError(f"--prep {args.prep}: the prep has no replay shard (its config's replay section)")
+        args.replay = str(replay)
     if not args.replay or not args.out:
-        raise UserError("--replay and --out are needed with --model-path or --model-config")
+        raise UserError("--replay (or --prep) and --out are needed with --model or --model-config")
     from pipeline.gere.build import build_gere_cache  # torch and transformers: after --help, not before
     from pipeline.model import ModelSource
 
