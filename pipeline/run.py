@@ -83,8 +83,13 @@ class Runner:
         sources = resolve_inputs([p for s in run.prep_raw["sources"] for p in s["paths"]])
         prep = fingerprint(run.prep_raw, files_fingerprint([*sources, tokenizer]))
         model = fingerprint(train.model, files_fingerprint([train.model.path]) if train.model.path else None)
-        settings = {k: v for k, v in _train_dict(train).items() if k not in ("log", "checkpoint")}
-        gere = fingerprint(prep, model, train.replay, train.deepspeed, run.gpus)
+        # what training is made from: not how often it logs, saves or evaluates, nor its collective timeout
+        settings = {
+            k: v for k, v in _train_dict(train).items() if k not in ("log", "checkpoint", "eval", "distributed")
+        }
+        replay = train.replay  # the cache depends on the base, the shard and how the run lays out its replay rows
+        layout = (replay.strategy, replay.cache, replay.forward, replay.samples_per_step, train.batch.grad_accum)
+        gere = fingerprint(prep, model, layout, train.deepspeed, train.model.attn_implementation, run.gpus)
         trained = fingerprint(prep, model, gere if run.uses_cache else None, settings, run.gpus)
         exported = fingerprint(trained, run.export)
         merged = fingerprint(exported, run.merge)
@@ -101,7 +106,11 @@ class Runner:
     def execute(self) -> Path:
         started = time.perf_counter()
         self.train_yaml()  # the per-stage commands' config, for training launched by other means
-        stages = [s for s in self.stages() if s.wanted and s.name not in self.skipped]
+        everything = [s for s in self.stages() if s.wanted]
+        if self.only is None:  # --from: the stages before it were done elsewhere; a later plain run keeps them
+            for stage in (s for s in everything if s.name in self.skipped):
+                write_json(self.records / f"{stage.name}.json", {"fingerprint": stage.fingerprint, "complete": True})
+        stages = [s for s in everything if s.name not in self.skipped]
         stages = [s for s in stages if self.only is None or s.name == self.only]
         redo = False
         for i, stage in enumerate(stages, 1):
@@ -112,8 +121,8 @@ class Runner:
                 log.info("[%d/%d] %s: up to date, skipped", i, len(stages), stage.name)
                 continue
             log.info("[%d/%d] %s", i, len(stages), stage.name)
-            if stage.name == "train" and record and record.get("fingerprint") != stage.fingerprint:
-                self._set_aside(self.run.train_dir, record["fingerprint"])
+            if stage.name == "train" and record and (stage.name in self.force or not current):
+                self._set_aside(self.run.train_dir, record["fingerprint"])  # trained afresh, not resumed
             write_json(self.records / f"{stage.name}.json", {"fingerprint": stage.fingerprint, "complete": False})
             t0 = time.perf_counter()
             stage.action()

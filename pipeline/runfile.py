@@ -110,7 +110,7 @@ def check_run(
     path: str | Path, overrides: list[str] | tuple[str, ...] = (), smoke: bool = False
 ) -> tuple[RunFile | None, list[str]]:
     """Everything that can be checked without loading a model: keys, types, values, paths, tokenizer vs model."""
-    path = Path(path)
+    path = Path(path).resolve()  # every relative path in the file is relative to it, whatever the cwd
     raw = read_yaml(path)
     apply_overrides(raw, overrides)
     if smoke:
@@ -260,7 +260,13 @@ def smoke_settings(raw: dict[str, Any]) -> dict[str, Any]:
                 source["max_docs"] = 300
         data["mix"] = {**(data.get("mix") or {}), "batch_rows": 4}
         if data.get("replay") is not False and data.get("replay", {}) is not None:
-            data["replay"] = {**(data.get("replay") or {}), "num_samples": 8, "replay_len": seq_len, "probe_docs": 0}
+            probe = 8 if (raw.get("merge") or {}).get("to_budget") is not None else 0  # merge.to_budget scores them
+            data["replay"] = {
+                **(data.get("replay") or {}),
+                "num_samples": 8,
+                "replay_len": seq_len,
+                "probe_docs": probe,
+            }
         data["holdout"] = {**(data.get("holdout") or {}), "fraction": 0.05, "max_docs": 16}
     raw.pop("tokens", None)
     raw["steps"] = 4

@@ -178,3 +178,34 @@ def test_a_merge_section_adds_a_checked_stage_whose_output_eval_scores(sample, t
         "--prep",
         str(run.prep_dir),
     ]
+
+
+def test_a_run_file_named_by_a_relative_path_resolves_beside_itself_from_any_cwd(sample, tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    run_file(sample, tmp_path / "cfg" / "run.yaml")
+    monkeypatch.chdir(tmp_path)
+    run = load_run(Path("cfg") / "run.yaml")
+    assert run.run_dir == tmp_path / "cfg" / "out" and Path(run.prep_raw["tokenizer"]).is_absolute()
+    assert Path(run.train.run_dir).is_absolute() and Path(run.train.data.prep).is_absolute()
+
+
+def test_eval_settings_do_not_retrain_and_from_takes_earlier_stages_as_done(sample, tmp_path):
+    path = run_file(sample, tmp_path / "run.yaml")
+    before = {s.name: s.fingerprint for s in Runner(load_run(path)).stages()}
+    after = {s.name: s.fingerprint for s in Runner(load_run(path, ["eval.max_docs=3"])).stages()}
+    assert before["train"] == after["train"] and before["eval"] != after["eval"]
+    runner = Runner(load_run(path), start="eval")
+    runner.stages = lambda: [s for s in Runner.stages(runner) if s.name != "eval"]  # nothing to run for real
+    runner.execute()
+    assert all(runner.record(s)["complete"] for s in ("prep", "train", "export"))  # a plain rerun keeps them
+
+
+def test_smoke_keeps_probe_documents_for_a_merge_to_budget(sample, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    data = yaml.safe_load(run_file(sample, tmp_path / "x.yaml").read_text())["data"]
+    data["replay"]["probe_docs"] = 64
+    path = run_file(sample, tmp_path / "run.yaml", model={"path": str(base)}, data=data, merge={"to_budget": 0.05})
+    run = load_run(path, smoke=True)
+    assert run.prep_raw["replay"]["probe_docs"] == 8
