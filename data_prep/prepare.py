@@ -150,7 +150,8 @@ def _check_what_replay_leaves(cfg: PrepareConfig, spec: SourceSpec, chosen: Repl
         f"{cfg.replay.probe_docs}) takes {taken} of its {usable} usable documents outside the holdout, leaving "
         f"{usable - taken} to train on"
     )
-    if usable == taken and spec.role == "general" and cfg.mix.general_ratio > 0:
+    other_general = any(s.role == "general" and s.name != spec.name for s in cfg.sources)
+    if usable == taken and spec.role == "general" and cfg.mix.general_ratio > 0 and not other_general:
         raise UserError(
             f"{spent}, but mix.general_ratio {cfg.mix.general_ratio} needs general rows: lower replay.num_samples, "
             "point replay.source at another general source, add general documents, or set mix.general_ratio 0"

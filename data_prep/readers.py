@@ -280,7 +280,8 @@ def _validate_instruction(path: str, line: int, record: dict[str, Any], options:
             problem = _text_problem(record[key], options)
             if problem:
                 return Reject(path, line, f"field '{key}': {problem}")
-        prompt, extra = record[prompt_key], record.get("input")
+        prompt = record[prompt_key]
+        extra = record.get("input") if prompt_key == "instruction" else None  # Alpaca's layout only
         if extra is not None and not isinstance(extra, str):
             return Reject(path, line, f"field 'input' is {type(extra).__name__}, not a string")
         if extra and extra.strip():

@@ -17,6 +17,7 @@ tokenizer is never mistaken for another's. No remote code is ever loaded.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Protocol
 
 from cpt_core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Everything a Hugging Face tokenizer directory may hold, and nothing else: a model directory doubles as
 # its tokenizer directory, so whoever copies "the tokenizer" copies exactly these (never weights or config.json).
@@ -129,6 +132,14 @@ def save_sentencepiece_as_hf(model_file: str | Path, out: Path) -> None:
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("▁+[^▁]*|[^▁]+"), behavior="isolated")
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    probes = ["Hello world", " two  spaces\tand a tab\n", "digits 12345, café, 中文", "end."]
+    if any(sp.encode(t) != backend.encode(t, add_special_tokens=False).ids for t in probes):
+        log.warning(
+            "%s normalizes text in a way tokenizer.json cannot reproduce here (its model states other whitespace "
+            "or Unicode rules); the export keeps tokenizer.model alone",
+            model_file,
+        )
+        return
     piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
     fast = PreTrainedTokenizerFast(
         tokenizer_object=backend,

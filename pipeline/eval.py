@@ -84,28 +84,48 @@ def hf_directory(path: Path) -> Path:
     return path
 
 
-def hf_view(path: Path) -> tuple[Path, Path | None]:
+def hf_view(path: Path, timeout_minutes: float = 30.0) -> tuple[Path, Path | None]:
     """A Hugging Face directory for ``path``: itself, or, for a training checkpoint, its export, written once by
     rank 0 before any process group forms; the other ranks poll the shared file system for it, so no rank
     waits in a collective (and its timeout) through minutes of I/O at 70B. Returns (directory, the export to
-    remove afterwards, or None)."""
+    remove afterwards, or None).
+
+    The other ranks take only an export (or rank 0's failure marker) written since this launch began, so one
+    left by a killed earlier launch is never read, and give up after ``timeout_minutes``.
+    """
     if not CheckpointDir(path).is_pipeline_checkpoint():
         return path, None
-    # one name for every rank of this launch (they share MASTER_PORT), another for the next launch
+    # one name for every rank of this launch (they share MASTER_PORT)
     target = path.parent / f".eval-export-{path.name}-{os.environ.get('MASTER_PORT', 'local')}"
     failed = target.with_name(target.name + ".failed")
     if process_rank() == 0:
+        failed.unlink(missing_ok=True)
         try:
             export(path, target)  # atomic: the directory appears complete or not at all
         except Exception as e:
             write_text(failed, one_line(e))
             raise
         return target, target
-    while not target.is_dir():
-        if failed.is_file():
+    since, deadline = launch_started() - 60.0, time.time() + 60.0 * timeout_minutes
+    while not (target.is_dir() and target.stat().st_mtime >= since):
+        if failed.is_file() and failed.stat().st_mtime >= since:
             raise UserError(f"{path}: export on rank 0 failed: {failed.read_text()}")
+        if time.time() > deadline:
+            raise UserError(f"{path}: rank 0 wrote no export in {timeout_minutes:g} minutes ({target})")
         time.sleep(1.0)
     return target, target
+
+
+def launch_started() -> float:
+    """When the launcher that started this rank began (its parent process; Linux), else now."""
+    try:
+        ticks = int(Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 def remove_view(exported: Path | None) -> None:
@@ -316,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         check_eval_inputs(args.model, args.base, args.prep, args.cache, args.mcq)  # in seconds, before any rank waits
-        model, exported = hf_view(Path(args.model))
+        model, exported = hf_view(Path(args.model), args.timeout_minutes)
         try:
             init_distributed(args.timeout_minutes)  # this rank's device first, then the process group (NCCL)
             result = run_eval(str(model), args.prep, args.base, args.cache, args.max_docs, local_device(), args.mcq)

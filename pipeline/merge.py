@@ -57,7 +57,9 @@ def streamed_shards(models: list[Path]) -> Iterator[tuple[str, dict[str, list[to
     maps = [weight_files(m) for m in models]
     names = set(maps[0])
     for model, mapping in zip(models[1:], maps[1:]):
-        if set(mapping) != names:
+        # a tied output embedding is the input one: exports leave it out, some base checkpoints store it anyway
+        extra_heads = {k for k in set(mapping) - names if k.endswith("lm_head.weight")}
+        if set(mapping) - extra_heads != names:
             extra, missing = sorted(set(mapping) - names)[:3], sorted(names - set(mapping))[:3]
             raise UserError(f"{model} and {models[0]} hold different tensors ({missing} / {extra}): not one model")
     for shard in sorted(set(maps[0].values())):
@@ -135,7 +137,9 @@ def merge_to_budget(
 
 def search_alpha(base: Path, tuned: Path, prep: Path, budget: float, max_docs: int = 64) -> dict[str, Any]:
     """The largest α within ``budget`` on the probe documents, with the probe rise and domain gain at each α
-    tried (one model in memory, its weights set to each merge in turn from the two state dicts)."""
+    tried. One model scores every merge, its weights set from the two state dicts in turn: three copies of the
+    weights in host memory (fp32), so this scores models that fit a host several times over; the merge it
+    writes afterwards streams."""
     from transformers import AutoModelForCausalLM
 
     from .eval import load_hf

@@ -81,3 +81,26 @@ def test_other_ranks_wait_for_rank_0s_export_on_the_file_system_not_in_a_collect
     target.mkdir()  # rank 0's export, renamed into place whole
     assert hf_view(checkpoint) == (target, target)
     assert hf_view(tmp_path) == (tmp_path, None)  # a Hugging Face directory is read as it is
+
+
+def test_a_failure_marker_or_export_left_by_an_earlier_launch_is_not_read(tmp_path, monkeypatch):
+    import os
+
+    import pipeline.eval as evaluation
+    from pipeline.checkpoint_files import COMPLETE, STATE
+
+    checkpoint = tmp_path / "checkpoints" / "step00000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / COMPLETE).write_text("{}")
+    (checkpoint / STATE).write_text("{}")
+    monkeypatch.setenv("MASTER_PORT", "4242")
+    monkeypatch.setenv("RANK", "1")
+    target = checkpoint.parent / ".eval-export-step00000004-4242"
+    stale = checkpoint.parent / (target.name + ".failed")
+    stale.write_text("from yesterday")
+    target.mkdir()
+    yesterday = evaluation.time.time() - 86400
+    for p in (stale, target):
+        os.utime(p, (yesterday, yesterday))
+    with pytest.raises(UserError, match="rank 0 wrote no export in 0.0001 minutes"):
+        evaluation.hf_view(checkpoint, timeout_minutes=0.0001)  # neither old file is taken for this launch's

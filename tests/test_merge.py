@@ -125,3 +125,15 @@ def test_merge_to_budget_holds_the_probe_rise_and_refuses_a_prep_without_probe(s
     assert min(r for a, r in tried.items() if a > summary["alpha"]) > budget  # just above it, over the budget
     saved = json.loads((tmp_path / "out" / "merge.json").read_text())
     assert saved["alpha"] == summary["alpha"] and saved["to_budget"]["tried"] == summary["tried"]
+
+
+def test_a_base_that_stores_its_tied_output_embedding_merges_with_an_export_that_does_not(tmp_path):
+    base = tiny_llama(tmp_path / "base", 0)
+    tuned = tiny_llama(tmp_path / "tuned", 1)
+    stored = weights(base)
+    stored["lm_head.weight"] = stored["model.embed_tokens.weight"].clone()  # as some checkpoints keep it
+    from safetensors.torch import save_file
+
+    save_file(stored, str(base / "model.safetensors"), metadata={"format": "pt"})
+    out = weights(merge.interpolate(base, tuned, 1.0, tmp_path / "out"))
+    assert out.keys() == weights(tuned).keys()

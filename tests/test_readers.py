@@ -128,6 +128,10 @@ def test_instruction_records_accept_prompt_response_and_messages(tmp_path):
     assert items[5].messages == (("user", "Say hi."), ("assistant", "Hi"))
     assert items[6].messages == (("user", "Hi"), ("assistant", "Hello"))
     assert "unknown 'from' 'robot'" in items[7].reason
+    alpaca_fields = tmp_path / "io.jsonl"  # prompt_field input: the prompt is the input, not joined to itself
+    alpaca_fields.write_text(json.dumps({"input": "Q?", "output": "A."}) + "\n")
+    (item,) = docs([alpaca_fields], instruction=True, prompt_field="input", response_field="output")
+    assert item.messages == (("user", "Q?"), ("assistant", "A."))
 
 
 def test_unknown_file_type_and_missing_path_are_errors_naming_the_path(tmp_path):
