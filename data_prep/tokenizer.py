@@ -119,6 +119,7 @@ def save_sentencepiece_as_hf(model_file: str | Path, out: Path) -> None:
     """
     import sentencepiece as spm
     from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import Unigram
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SpmConverter
 
@@ -127,11 +128,15 @@ def save_sentencepiece_as_hf(model_file: str | Path, out: Path) -> None:
         legacy = False
         add_prefix_space = False
 
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
     backend = SpmConverter(Source()).converted()
+    # the converter's Unigram drops byte fallback: characters the pieces miss would become <unk>, not bytes
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    byte_fallback = any(sp.is_byte(i) for i in range(sp.get_piece_size()))
+    backend.model = Unigram(vocab, sp.unk_id(), byte_fallback=byte_fallback)
     backend.normalizer = normalizers.Replace(" ", "▁")
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("▁+[^▁]*|[^▁]+"), behavior="isolated")
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
     probes = ["Hello world", " two  spaces\tand a tab\n", "digits 12345, café, 中文", "end."]
     if any(sp.encode(t) != backend.encode(t, add_special_tokens=False).ids for t in probes):
         log.warning(

@@ -124,7 +124,7 @@ def test_export_round_trip_gives_the_engines_logits_and_loads_with_transformers_
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
     weights = final_weights(run)
     assert torch.equal(model.state_dict()["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])
-    assert (tmp_path / "hf" / "tokenizer.model").is_file()
+    assert (tmp_path / "hf" / "tokenizer.model").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
     # Where only torch and transformers are installed (sentencepiece and protobuf refused on import), the
     # export loads through AutoTokenizer and AutoModelForCausalLM, reads the training tokens back as the text,
     # and encodes as the training tokenizer does; where it does not, the Viterbi searches broke a tie between
