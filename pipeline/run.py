@@ -30,6 +30,7 @@ from cpt_core.atomic import write_json, write_text
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
 
+from .config import to_dict
 from .launch import gpu_count, warn_stale_build_locks
 from .runfile import RunFile, load_run
 
@@ -84,9 +85,7 @@ class Runner:
         prep = fingerprint(run.prep_raw, files_fingerprint([*sources, tokenizer]))
         model = fingerprint(train.model, files_fingerprint([train.model.path]) if train.model.path else None)
         # what training is made from: not how often it logs, saves or evaluates, nor its collective timeout
-        settings = {
-            k: v for k, v in _train_dict(train).items() if k not in ("log", "checkpoint", "eval", "distributed")
-        }
+        settings = {k: v for k, v in to_dict(train).items() if k not in ("log", "checkpoint", "eval", "distributed")}
         replay = train.replay  # the cache depends on the base, the shard and how the run lays out its replay rows
         layout = (replay.strategy, replay.cache, replay.forward, replay.samples_per_step, train.batch.grad_accum)
         gere = fingerprint(prep, model, layout, train.deepspeed, train.model.attn_implementation, run.gpus)
@@ -105,7 +104,8 @@ class Runner:
 
     def execute(self) -> Path:
         started = time.perf_counter()
-        self.train_yaml()  # the per-stage commands' config, for training launched by other means
+        # the per-stage commands' config (RUN_DIR/train.yaml), also for training launched by other means
+        write_text(self.train_config, yaml.safe_dump(to_dict(self.run.train), sort_keys=False))
         everything = [s for s in self.stages() if s.wanted]
         if self.only is None:  # --from: the stages before it were done elsewhere; a later plain run keeps them
             for stage in (s for s in everything if s.name in self.skipped):
@@ -143,10 +143,10 @@ class Runner:
         prepare(parse_config(self.run.prep_raw, base=self.run.run_dir, origin=str(self.run.path)))
 
     def gere(self) -> None:
-        self._deepspeed("pipeline.gere", ["--config", str(self.train_yaml())])
+        self._deepspeed("pipeline.gere", ["--config", str(self.train_config)])
 
     def train(self) -> None:
-        self._deepspeed("pipeline.train", ["--config", str(self.train_yaml())])
+        self._deepspeed("pipeline.train", ["--config", str(self.train_config)])
 
     def export(self) -> None:
         args = ["--run", str(self.run.train_dir), "--out", str(self.run.export_dir)]
@@ -217,11 +217,10 @@ class Runner:
         return text
 
     # ── helpers ───────────────────────────────────────────────────────────────
-    def train_yaml(self) -> Path:
-        """The training config the per-stage commands read (RUN_DIR/train.yaml), written beside the outputs."""
-        path = self.run.run_dir / "train.yaml"
-        write_text(path, yaml.safe_dump(_train_dict(self.run.train), sort_keys=False))
-        return path
+    @property
+    def train_config(self) -> Path:
+        """The training config the per-stage commands read, written by :meth:`execute` before any stage."""
+        return self.run.run_dir / "train.yaml"
 
     def _deepspeed(self, module: str, args: list[str]) -> None:
         from .launch import deepspeed_command, launch_env
@@ -246,12 +245,6 @@ class Runner:
             target.parent.mkdir(parents=True, exist_ok=True)
             directory.rename(target)
             log.info("train: settings changed since %s was trained; moved it to %s", directory, target)
-
-
-def _train_dict(train: Any) -> dict[str, Any]:
-    from .config import to_dict
-
-    return to_dict(train)
 
 
 def warn_op_builds(deepspeed_json: str) -> None:

@@ -163,16 +163,21 @@ def _merge_problems(merge: MergeSection | None, raw: dict[str, Any], origin: str
         found.append(f"{origin}: merge.alpha must be in [0, 1], got {merge.alpha}")
     if merge.to_budget is not None and merge.to_budget <= 0:
         found.append(f"{origin}: merge.to_budget must be > 0, got {merge.to_budget}")
-    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    model = _mapping(raw, "model")
     if not model.get("path"):
         found.append(f"{origin}: merge needs a base to merge toward: model.path")
-    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-    replay = data.get("replay") if isinstance(data.get("replay"), dict) else {}
+    replay = _mapping(_mapping(raw, "data"), "replay")
     if merge.to_budget is not None and not replay.get("probe_docs"):
         found.append(
             f"{origin}: merge.to_budget scores the prep's probe documents: set data.replay.probe_docs (e.g. 64)"
         )
     return found
+
+
+def _mapping(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """``raw[key]`` where it is a section; {} otherwise (its type error is reported where the section is built)."""
+    value = raw.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _prep_section(
@@ -190,7 +195,7 @@ def _prep_section(
     if "out" in prep_raw:
         found.append(f"{origin}: data.out is set by the run: the prep is written to run_dir/prep")
     prep_raw["out"] = str(run_dir / "prep")
-    model_path = (raw.get("model") or {}).get("path") if isinstance(raw.get("model"), dict) else None
+    model_path = _mapping(raw, "model").get("path")
     if "tokenizer" not in prep_raw and model_path:
         prep_raw["tokenizer"] = str(base / model_path)
     cfg = parse_config(prep_raw, base=base, origin=f"{origin}: data", errors=found)
@@ -229,7 +234,7 @@ def _path_problems(raw: dict[str, Any], base: Path, origin: str) -> list[str]:
     if isinstance(deepspeed, str) and deepspeed not in PRESETS and not (base / deepspeed).is_file():
         presets = ", ".join(PRESETS)
         found.append(f"{origin}: deepspeed: {deepspeed} is neither a preset ({presets}) nor a JSON file")
-    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    model = _mapping(raw, "model")
     if isinstance(model.get("path"), str) and not (base / model["path"] / "config.json").is_file():
         found.append(f"{origin}: model.path: {model['path']} is not a Hugging Face model directory (no config.json)")
     if isinstance(raw.get("init_from"), str) and not (base / raw["init_from"]).is_dir():
