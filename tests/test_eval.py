@@ -63,9 +63,10 @@ def test_each_ppl_change_has_its_standard_error_over_the_scored_documents(prep):
     assert f"general ppl change (forgetting): {change:+.1%} ± {error:.1%}" in table and "standard error" in table
 
 
-def test_other_ranks_wait_for_rank_0s_export_on_the_file_system_not_in_a_collective(tmp_path, monkeypatch):
+def checkpoint_seen_by_rank_1(tmp_path, monkeypatch):
+    """A training checkpoint (its markers, no weights) and where rank 0 of launch port 4242 exports it, as rank 1
+    of that launch sees them: (checkpoint, export directory)."""
     from pipeline.checkpoint_files import COMPLETE, STATE
-    from pipeline.eval import hf_view
 
     checkpoint = tmp_path / "checkpoints" / "step00000004"
     checkpoint.mkdir(parents=True)
@@ -74,6 +75,13 @@ def test_other_ranks_wait_for_rank_0s_export_on_the_file_system_not_in_a_collect
     monkeypatch.setenv("MASTER_PORT", "4242")
     monkeypatch.setenv("RANK", "1")
     target = checkpoint.parent / ".eval-export-step00000004-4242"
+    return checkpoint, target
+
+
+def test_other_ranks_wait_for_rank_0s_export_on_the_file_system_not_in_a_collective(tmp_path, monkeypatch):
+    from pipeline.eval import hf_view
+
+    checkpoint, target = checkpoint_seen_by_rank_1(tmp_path, monkeypatch)
     (checkpoint.parent / (target.name + ".failed")).write_text("weights do not match the model")
     with pytest.raises(UserError, match="export on rank 0 failed: weights do not match the model"):
         hf_view(checkpoint)
@@ -87,15 +95,8 @@ def test_a_failure_marker_or_export_left_by_an_earlier_launch_is_not_read(tmp_pa
     import os
 
     import pipeline.eval as evaluation
-    from pipeline.checkpoint_files import COMPLETE, STATE
 
-    checkpoint = tmp_path / "checkpoints" / "step00000004"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / COMPLETE).write_text("{}")
-    (checkpoint / STATE).write_text("{}")
-    monkeypatch.setenv("MASTER_PORT", "4242")
-    monkeypatch.setenv("RANK", "1")
-    target = checkpoint.parent / ".eval-export-step00000004-4242"
+    checkpoint, target = checkpoint_seen_by_rank_1(tmp_path, monkeypatch)
     stale = checkpoint.parent / (target.name + ".failed")
     stale.write_text("from yesterday")
     target.mkdir()
