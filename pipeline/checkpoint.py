@@ -47,8 +47,10 @@ WRITE_FAILURES = ("file write failed", "unexpected pos", "PytorchStreamWriter fa
 
 
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int, rank: int, world: int) -> None:
+    def __init__(self, root: str | Path, keep_last: int, rank: int, world: int, trained_only: bool = False) -> None:
+        """``trained_only``: save the trainable tensors alone (adapters); the frozen ones are the base's files."""
         self.root, self.keep_last, self.rank, self.world = Path(root), keep_last, rank, world
+        self.trained_only = trained_only
         self.last_save_seconds: float | None = None  # of this process's latest save
         self._deleting: threading.Thread | None = None
 
@@ -60,7 +62,13 @@ class CheckpointManager:
             self._make_room(tag)
         _barrier()
         try:
-            engine.save_checkpoint(str(self.root), tag=tag, client_state={"pipeline": state}, save_latest=False)
+            engine.save_checkpoint(
+                str(self.root),
+                tag=tag,
+                client_state={"pipeline": state},
+                save_latest=False,
+                exclude_frozen_parameters=self.trained_only,
+            )
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
@@ -177,7 +185,11 @@ class CheckpointManager:
 
     def load(self, engine: Any, root: Path, tag: str) -> dict[str, Any]:
         _, client = engine.load_checkpoint(
-            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(root),
+            tag=tag,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=not self.trained_only,  # the frozen tensors are not in it
         )
         if client is None:
             raise UserError(f"{root / tag}: DeepSpeed could not load this checkpoint")

@@ -196,6 +196,24 @@ class ForgettingConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """Train low-rank adapters (PEFT's LoRA) on a frozen base instead of every weight.
+
+    The base with its adapters off is the teacher of KD and replay KL, so no second copy is built."""
+
+    kind: Literal["none", "lora"] = setting("none", "none: train every weight; lora: train LoRA adapters only")
+    r: int = setting(16, "LoRA rank")
+    alpha: float = setting(32.0, "LoRA alpha: the update is scaled by alpha / r")
+    dropout: float = setting(0.0, "dropout on the adapters' input")
+    target_modules: tuple[str, ...] = setting(
+        (), "module names the adapters wrap (e.g. q_proj, v_proj); empty: every linear layer but the output head"
+    )
+    modules_to_save: tuple[str, ...] = setting(
+        (), "modules trained in full beside the adapters (a trained copy; the base keeps its own), e.g. norm"
+    )
+
+
+@dataclass
 class DistributedConfig:
     """The process group every rank joins."""
 
@@ -259,6 +277,7 @@ class TrainConfig:
     replay: ReplayConfig = setting(factory=ReplayConfig)
     kd: KDConfig = setting(factory=KDConfig)
     penalty: PenaltyConfig = setting(factory=PenaltyConfig)
+    adapter: AdapterConfig = setting(factory=AdapterConfig)
     forgetting: ForgettingConfig = setting(factory=ForgettingConfig)
     distributed: DistributedConfig = setting(factory=DistributedConfig)
     checkpoint: CheckpointConfig = setting(factory=CheckpointConfig)
@@ -364,6 +383,19 @@ def problems(cfg: TrainConfig) -> list[str]:
     need(cfg.kd.temperature > 0, "kd.temperature", cfg.kd.temperature, "> 0")
     need(cfg.penalty.ewc_batches >= 1, "penalty.ewc_batches", cfg.penalty.ewc_batches, ">= 1")
     need(cfg.penalty.weight >= 0, "penalty.weight", cfg.penalty.weight, ">= 0")
+    if cfg.adapter.kind != "none":
+        adapter = cfg.adapter
+        need(adapter.r >= 1, "adapter.r", adapter.r, ">= 1")
+        need(adapter.alpha > 0, "adapter.alpha", adapter.alpha, "> 0")
+        need(0 <= adapter.dropout < 1, "adapter.dropout", adapter.dropout, "in [0, 1)")
+        # the adapters sit on the start weights, so their teacher would be init_from, not the base model
+        need(
+            not (cfg.init_from and (cfg.kd.weight > 0 or cfg.replay.strategy == "kl")),
+            "init_from",
+            cfg.init_from,
+            "unset with an adapter and a teacher (kd.weight > 0 or replay.strategy kl): the adapters' teacher is "
+            "the weights they sit on",
+        )
     budget = cfg.forgetting
     if budget.budget is not None or budget.watch:
         need(budget.every >= 1, "forgetting.every", budget.every, ">= 1")

@@ -29,6 +29,7 @@ from cpt_core.errors import ConfigError
 from data_prep.prep_dir import PrepDir
 from data_prep.tokenizer import load_tokenizer
 
+from .adapter import uses_adapter
 from .budget import ForgettingBudget
 from .checkpoint import CheckpointManager
 from .checkpoint_files import checkpoint_root
@@ -77,7 +78,7 @@ class Trainer:
         base, start = model_sources(cfg)
         ds_cfg = filled_ds_config(cfg, self.world, hidden_size(start))
         self.checkpoints = CheckpointManager(
-            checkpoint_root(self.run_dir), cfg.checkpoint.keep_last, self.rank, self.world
+            checkpoint_root(self.run_dir), cfg.checkpoint.keep_last, self.rank, self.world, uses_adapter(cfg.adapter)
         )
         self.resume_from, universal = self.checkpoints.resume_point(cfg.checkpoint.resume)
         if universal:
@@ -85,7 +86,7 @@ class Trainer:
         self.budget: ForgettingBudget | None = None  # the lr schedule reads its brake (built below)
         self.engine = build_engine(cfg, start, ds_cfg, self._scheduler, tokenizer, self.seq_len)
         self.device = self.engine.device
-        self.teacher = build_teacher(cfg, base, ds_cfg) if needs_teacher(cfg) else None
+        self.teacher = build_teacher(cfg, base, ds_cfg, self.engine) if needs_teacher(cfg) else None
         distill_general = cfg.kd.weight > 0 and cfg.kd.rows == "general"
         self.distilled = role_flags(self.mixture, "general") if distill_general else None  # None: every row
         self.head = getattr(self.engine.module, "head_loss", None)
