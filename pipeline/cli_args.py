@@ -34,6 +34,11 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Hugging Face model directory to write")
     p.add_argument("--verify", action="store_true", help="compare logits with a DeepSpeed engine on the checkpoint")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
+    p.add_argument(
+        "--adapter-out",
+        metavar="NAME",
+        help="adapter runs: also write the adapter alone in PEFT's format to OUT/NAME (PeftModel.from_pretrained)",
+    )
     return p
 
 

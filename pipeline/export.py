@@ -35,6 +35,8 @@ from cpt_core.logs import setup_logging
 from data_prep.prep_dir import PrepDir
 from data_prep.tokenizer import HF_TOKENIZER_FILES, save_sentencepiece_as_hf
 
+from .adapter import uses_adapter
+from .adapter_export import base_tensors, merged_tensors, write_peft_adapter
 from .checkpoint_files import CheckpointDir, verify_checkpoint
 from .cli_args import export_parser
 from .config import config_from_dict
@@ -52,14 +54,28 @@ class ExportMismatch(UserError):
     """The exported model's logits differ from the checkpoint's engine: the export is not kept."""
 
 
-def export(checkpoint: Path, out: Path, verify: bool = False, max_shard_size: str | int = "5GB") -> float | None:
-    """Write ``out``; with ``verify``, returns the max |logit difference| to the engine (else None)."""
+def export(
+    checkpoint: Path,
+    out: Path,
+    verify: bool = False,
+    max_shard_size: str | int = "5GB",
+    adapter_out: str | None = None,
+) -> float | None:
+    """Write ``out``; with ``verify``, returns the max |logit difference| to the engine (else None).
+
+    ``adapter_out``: for an adapter run, also the adapter alone in PEFT's format, in that subdirectory of ``out``.
+    """
     _check_replaceable(out)
     cfg = _run_config(checkpoint)
+    if adapter_out is not None and not uses_adapter(cfg.get("adapter")):
+        raise UserError(f"{checkpoint}: --adapter-out needs an adapter run, and this one trained every weight")
     config = _architecture_config(cfg)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        write_weights(checkpoint, config, getattr(torch, cfg["model"]["dtype"]), tmp, max_shard_size)
+        dtype = getattr(torch, cfg["model"]["dtype"])
+        write_weights(run_tensors(checkpoint, cfg), checkpoint, config, dtype, tmp, max_shard_size)
+        if adapter_out is not None:
+            write_peft_adapter(checkpoint_tensors(checkpoint), config, cfg, dtype, tmp / adapter_out)
         config.save_pretrained(str(tmp))
         base = cfg.get("init_from") or cfg["model"]["path"]
         if base and (Path(base) / "generation_config.json").is_file():  # bos/eos for generate(); not weights
@@ -102,22 +118,26 @@ def verify_export(checkpoint: Path, exported_dir: Path) -> tuple[float, float]:
     DeepSpeed engine loaded from the checkpoint (scale: the largest logit), an independent path through the
     training code. Above: every exported tensor against the checkpoint's fp32 partitions joined one tensor at a
     time and cast to the run's dtype, which must be equal (scale 1), in memory bounded by one tensor.
+
+    An adapter run's logits come from its base with the checkpoint's adapters attached, run by PEFT's layers
+    (not merged); above the limit its tensors are compared with the merge recomputed from the checkpoint.
     """
     cfg_dict = _run_config(checkpoint)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(_architecture_config(cfg_dict)).parameters())
     if n_params > VERIFY_ENGINE_MAX_PARAMS:
-        return verify_tensors(checkpoint, exported_dir, getattr(torch, cfg_dict["model"]["dtype"])), 1.0
+        tensors = run_tensors(checkpoint, cfg_dict)
+        return verify_tensors(tensors, checkpoint, exported_dir, getattr(torch, cfg_dict["model"]["dtype"])), 1.0
+    if uses_adapter(cfg_dict.get("adapter")):
+        return _verify_adapter_logits(checkpoint, exported_dir, cfg_dict)
     return _verify_logits(checkpoint, exported_dir, cfg_dict)
 
 
-def verify_tensors(checkpoint: Path, exported_dir: Path, dtype: torch.dtype) -> float:
-    """The largest |difference| between each exported tensor and the checkpoint's, one tensor in memory at a time;
-    a tensor missing on either side is a mismatch."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def verify_tensors(lazy: dict[str, Any], checkpoint: Path, exported_dir: Path, dtype: torch.dtype) -> float:
+    """The largest |difference| between each exported tensor and ``lazy``'s (the checkpoint's, made when read),
+    one tensor in memory at a time; a tensor missing on either side is a mismatch."""
     from safetensors import safe_open
 
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name, lazy_mode=True)
     found: set[str] = set()
     largest = 0.0
     for shard in sorted(exported_dir.glob("*.safetensors")):
@@ -168,10 +188,33 @@ def _verify_logits(checkpoint: Path, exported_dir: Path, cfg_dict: dict[str, Any
     exported = AutoModelForCausalLM.from_pretrained(
         str(exported_dir), local_files_only=True, dtype=getattr(torch, cfg.model.dtype)
     )
-    exported = exported.to(engine.device).eval()
-    probe = torch.arange(2, 2 + 32, device=engine.device).remainder(exported.config.vocab_size).unsqueeze(0)
+    return _logit_difference(engine, exported.to(engine.device).eval(), engine.device)
+
+
+def _verify_adapter_logits(checkpoint: Path, exported_dir: Path, cfg_dict: dict[str, Any]) -> tuple[float, float]:
+    """(max |logit difference|, max |logit|) of the exported model vs the run's base with the checkpoint's
+    adapters injected, as training computed them: ``base(x) + (alpha / r) · B A x`` by PEFT's layers."""
+    from .adapter import add_adapters
+    from .distributed import local_device
+    from .model import load_causal_lm, model_sources
+
+    cfg = config_from_dict(cfg_dict)
+    model = load_causal_lm(model_sources(cfg)[1], attn_implementation=cfg.model.attn_implementation)
+    add_adapters(model, cfg.adapter, cfg.seed)
+    trained = checkpoint_tensors(checkpoint)
+    unexpected = model.load_state_dict({k: v.contiguous() for k, v in trained.items()}, strict=False).unexpected_keys
+    if unexpected:
+        raise ExportMismatch(f"{checkpoint}: tensors the adapted model does not have, e.g. {unexpected[:3]}")
+    device = local_device()
+    exported = AutoModelForCausalLM.from_pretrained(str(exported_dir), local_files_only=True, dtype=model.dtype)
+    return _logit_difference(model.to(device).eval(), exported.to(device).eval(), device)
+
+
+def _logit_difference(reference: Any, exported: Any, device: torch.device) -> tuple[float, float]:
+    """(max |logit difference|, max |logit|) of two models on one probe sequence."""
+    probe = torch.arange(2, 2 + 32, device=device).remainder(exported.config.vocab_size).unsqueeze(0)
     with torch.no_grad():
-        a = engine(input_ids=probe, use_cache=False).logits.float()
+        a = reference(input_ids=probe, use_cache=False).logits.float()
         b = exported(input_ids=probe, use_cache=False).logits.float()
     return float((a - b).abs().max()), float(a.abs().max())
 
@@ -188,38 +231,57 @@ def _check_replaceable(out: Path) -> None:
         raise UserError(f"{out}: exists and is not an earlier export; choose another --out (nothing was written)")
 
 
-def write_weights(
-    checkpoint: Path, config: Any, dtype: torch.dtype, out: Path, max_shard_size: str | int = "5GB"
-) -> None:
-    """The checkpoint's weights as safetensors shards in ``dtype``, one shard in memory at a time.
+def checkpoint_tensors(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's fp32 weights by name, each joined from the ZeRO-3 partitions only when read (DeepSpeed's
+    lazy view): at 8B the partitions (32 GB) and one tensor, never the model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    DeepSpeed's lazy view of the ZeRO-3 partitions joins a tensor only when it is written, so the
-    export never builds the model or a full state dict: at 8B that is the fp32 partitions (32 GB) and one
-    shard, not 80 GB. Names and shapes are checked first against the architecture built on the meta
-    device (no memory); a tied output embedding is not written twice (the config ties it on load).
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name, lazy_mode=True)
+
+
+def run_tensors(checkpoint: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The weights the run's model computes with, by name and made when read: the checkpoint's, or for an
+    adapter run its base merged with the adapters (``pipeline/adapter_export.py``)."""
+    trained = checkpoint_tensors(checkpoint)
+    if not uses_adapter(cfg.get("adapter")):
+        return trained
+    return merged_tensors(base_tensors(cfg), trained, cfg["adapter"], str(checkpoint))
+
+
+def write_weights(
+    tensors: dict[str, Any], origin: Path, config: Any, dtype: torch.dtype, out: Path, max_shard_size: str | int = "5GB"
+) -> None:
+    """``tensors`` (made when read, like DeepSpeed's lazy view of the ZeRO-3 partitions) as safetensors shards in
+    ``dtype``, one shard in memory at a time, so the export never builds the model or a full state dict.
+
+    Names and shapes are checked first against the architecture built on the meta device (no memory); a tied
+    output embedding is not written twice (the config ties it on load). ``origin`` names the checkpoint in errors.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
+    from deepspeed.utils.zero_to_fp32 import to_torch_tensor
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name, lazy_mode=True)
     with torch.device("meta"):
         expected = AutoModelForCausalLM.from_config(config).state_dict()
-    tied = {k for k in lazy if k.endswith("lm_head.weight")} if config.get_text_config().tie_word_embeddings else set()
-    missing = sorted(set(expected) - set(lazy) - tied)
-    unexpected = sorted(set(lazy) - set(expected))
-    wrong = sorted(k for k in set(lazy) & set(expected) - tied if tuple(lazy[k].shape) != tuple(expected[k].shape))
+    tied = (
+        {k for k in tensors if k.endswith("lm_head.weight")} if config.get_text_config().tie_word_embeddings else set()
+    )
+    missing = sorted(set(expected) - set(tensors) - tied)
+    unexpected = sorted(set(tensors) - set(expected) - tied)
+    wrong = sorted(
+        k for k in set(tensors) & set(expected) - tied if tuple(tensors[k].shape) != tuple(expected[k].shape)
+    )
     if missing or unexpected or wrong:
         raise UserError(
-            f"{checkpoint}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"{origin}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
             f"other shapes {wrong[:3]})"
         )
-    names = [k for k in lazy if k not in tied]
-    empty = {k: torch.empty(lazy[k].shape, dtype=dtype, device="meta") for k in names}
+    names = [k for k in tensors if k not in tied]
+    empty = {k: torch.empty(tensors[k].shape, dtype=dtype, device="meta") for k in names}
     split = split_torch_state_dict_into_shards(
         empty, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
     )
-    for filename, tensors in split.filename_to_tensors.items():
-        shard = to_torch_tensor({k: lazy[k] for k in tensors}, dtype=dtype)
+    for filename, shard_names in split.filename_to_tensors.items():
+        shard = to_torch_tensor({k: tensors[k] for k in shard_names}, dtype=dtype)
         save_file({k: v.contiguous() for k, v in shard.items()}, str(out / filename), metadata={"format": "pt"})
         del shard
     if split.is_sharded:
@@ -249,7 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         try:
             checkpoint = Path(args.checkpoint) if args.checkpoint else CheckpointDir.latest_of_run(args.run).path
-            diff = export(checkpoint, Path(args.out), verify=args.verify, max_shard_size=args.max_shard_size)
+            diff = export(
+                checkpoint,
+                Path(args.out),
+                verify=args.verify,
+                max_shard_size=args.max_shard_size,
+                adapter_out=args.adapter_out,
+            )
         except ExportMismatch as e:  # a distinct exit code: the checkpoint is fine, its export is not
             log.error("%s", one_line(e))
             return 1

@@ -151,6 +151,8 @@ class Runner:
     def export(self) -> None:
         args = ["--run", str(self.run.train_dir), "--out", str(self.run.export_dir)]
         args += ["--max-shard-size", self.run.export.max_shard_size] + (["--verify"] if self.run.export.verify else [])
+        if self.run.train.adapter.kind != "none":  # the adapter alone too (PEFT's format): megabytes
+            args += ["--adapter-out", "adapter"]
         self._call([sys.executable, "-m", "pipeline.export", *args])
 
     def merge(self) -> None:

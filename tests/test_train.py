@@ -182,6 +182,7 @@ def test_a_sharded_export_streams_the_checkpoints_own_weights(reference, tmp_pat
 @pytest.mark.reliability("checkpoints")
 def test_an_export_that_fails_verification_leaves_no_directory(reference, tmp_path, monkeypatch, lost):
     import pipeline.export as export_module
+    from pipeline.export import checkpoint_tensors
 
     _, run = reference
     checkpoint = latest_checkpoint(run)
@@ -201,17 +202,20 @@ def test_verify_of_a_large_model_compares_the_named_checkpoints_tensors_without_
     from safetensors.torch import load_file, save_file
 
     import pipeline.export as export_module
+    from pipeline.export import checkpoint_tensors
 
     _, run = reference
     older = CheckpointDir.for_step(checkpoint_root(run), 6).path  # latest is step 12, whose weights differ
     monkeypatch.setattr(export_module, "VERIFY_ENGINE_MAX_PARAMS", 0)
     monkeypatch.setattr(export_module, "_verify_logits", lambda *a: pytest.fail("built an engine"))
     assert export_module.export(older, tmp_path / "hf", verify=True) == 0.0
-    assert export_module.verify_tensors(latest_checkpoint(run), tmp_path / "hf", torch.float32) > 0  # other weights
+    latest = latest_checkpoint(run)
+    assert export_module.verify_tensors(checkpoint_tensors(latest), latest, tmp_path / "hf", torch.float32) > 0
     weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
     weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3
     save_file(weights, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
-    assert export_module.verify_tensors(older, tmp_path / "hf", torch.float32) == pytest.approx(1e-3, rel=1e-2)
+    changed = export_module.verify_tensors(checkpoint_tensors(older), older, tmp_path / "hf", torch.float32)
+    assert changed == pytest.approx(1e-3, rel=1e-2)
 
 
 @pytest.mark.reliability("security")
