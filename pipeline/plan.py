@@ -30,6 +30,10 @@ counts, no weights read), per rank, in bytes:
                    the rows it teaches (task rows for KD, replay rows for the kl
                    strategy), and its head weight gathered once
 
+With LoRA (``adapter``) grads, optimizer states, step buffers and the
+checkpoint count the adapters' parameters only, activations add what each
+adapter keeps per token, and the teacher is the base itself (no partition).
+
 ``b`` is 2 (bf16) or 4 (fp32). The terms are summed although not all are alive
 at once (step buffers and activations are not), so the plan errs high. The CUDA context (~0.5-1 GB) and the caching
 allocator's slack are not counted; the verdict keeps 10% of the GPU for them.
@@ -48,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM
 
 from cpt_core.errors import UserError, run_cli
@@ -55,6 +60,7 @@ from cpt_core.logs import setup_logging
 from data_prep.prep_dir import PrepDir
 from data_prep.replay import ReplayShard
 
+from .adapter import add_adapters, uses_adapter
 from .cli_args import plan_parser
 from .config import TrainConfig, load_train_config
 from .ds_config import filled_ds_config
@@ -81,16 +87,24 @@ class ModelShape:
     vocab: int
     largest_module: int  # parameters of the largest module gathered whole (a layer, or the embedding)
     loss_from_hidden: bool  # the run's loss skips full logits (pipeline.losses.head)
+    trained: int = 0  # parameters with gradients and optimizer states: all of them, or the adapters'
+    largest_trained: int = 0  # of those, in the largest layer (its full gradient before the reduce-scatter)
+    adapter_per_token: int = 0  # values a layer's adapters keep per token for backward (A's outputs, dropout's)
 
     @classmethod
     def from_config(cls, config: Any, cfg: TrainConfig) -> ModelShape:
         text = config.get_text_config()
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
+            if uses_adapter(cfg.adapter):
+                add_adapters(model, cfg.adapter, cfg.seed)
         layers = max(
             (m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=lambda m: len(m), default=[]
         )
         layer = max((sum(p.numel() for p in block.parameters()) for block in layers), default=0)
+        trained_in_layer = max(
+            (sum(p.numel() for p in block.parameters() if p.requires_grad) for block in layers), default=0
+        )
         embedding = model.get_input_embeddings().weight.numel()
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -105,7 +119,20 @@ class ModelShape:
             vocab=text.vocab_size,
             largest_module=max(layer, embedding),
             loss_from_hidden=loss_from_hidden(cfg, model),
+            trained=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            largest_trained=trained_in_layer if uses_adapter(cfg.adapter) else max(layer, embedding),
+            adapter_per_token=_adapter_per_token(layers[0], cfg) if uses_adapter(cfg.adapter) and layers else 0,
         )
+
+
+def _adapter_per_token(layer: torch.nn.Module, cfg: TrainConfig) -> int:
+    """What one layer's LoRA modules keep per token for backward: A's output (r values) each, and with dropout
+    its own copy of the layer's input (in_features values) each."""
+    kept = 0
+    for module in layer.modules():
+        if isinstance(module, BaseTunerLayer):
+            kept += cfg.adapter.r + (module.in_features if cfg.adapter.dropout > 0 else 0)
+    return kept
 
 
 @dataclass
@@ -141,28 +168,29 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: st
         raise UserError(f"{cfg.deepspeed}: the planner models ZeRO stage 3 (the pipeline's configs); got {zero}")
     offload_opt = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     offload_par = zero.get("offload_param", {}).get("device", "none") not in ("none", None)
-    psi = shape.params
+    psi, phi = shape.params, shape.trained or shape.params  # all parameters; those trained
+    adapter = uses_adapter(cfg.adapter)
     plan = Plan(ranks, dtype)
     t = plan.terms
     t["params (partition)"] = 0.0 if offload_par else b * psi / ranks
-    t["grads (partition)"] = b * psi / ranks
-    t["optimizer (fp32 master, m, v)"] = 0.0 if offload_opt else 12 * psi / ranks
+    t["grads (partition)"] = b * phi / ranks
+    t["optimizer (fp32 master, m, v)"] = 0.0 if offload_opt else 12 * phi / ranks
     if offload_par:
         plan.host["params (partition)"] = b * psi / ranks
     if offload_opt:
-        plan.host["optimizer (fp32 master, m, v)"] = 12 * psi / ranks
+        plan.host["optimizer (fp32 master, m, v)"] = 12 * phi / ranks
     prefetch = zero.get("stage3_prefetch_bucket_size", 0.9 * shape.hidden**2)
     reduce = zero.get("reduce_bucket_size", shape.hidden**2)
     t["gathered (largest module + prefetch)"] = b * (shape.largest_module + prefetch)
     t["reduce bucket"] = b * reduce
-    t["full grad of the largest module"] = b * shape.largest_module  # before its reduce-scatter
+    t["full grad of the largest module"] = b * (shape.largest_trained or shape.largest_module)  # before reduce
     if not offload_opt:
         # DeepSpeed flattens the gradient partition into a new fp32 tensor for the step; torch's AdamW (used when
         # the JSON names no optimizer) adds a partition-sized temporary. Summed with the rest although they live
         # at the step, not in backward: on SmolLM2 (2 CPU ranks) memory at rest after a step was above the model
         # states by about these two partitions.
         torch_adamw = "optimizer" not in ds
-        t["optimizer step buffers"] = (4 + (4 if torch_adamw else 0)) * psi / ranks
+        t["optimizer step buffers"] = (4 + (4 if torch_adamw else 0)) * phi / ranks
 
     seq_len, replay_len = _lengths(cfg, plan)
     tokens = cfg.batch.micro_batch * seq_len
@@ -182,6 +210,10 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: st
         t["activations"] = b * shape.hidden * shape.layers * live + per_token_layer * largest
     else:
         t["activations"] = per_token_all * live
+    if adapter:  # recomputed with the layer under gradient checkpointing, kept with it otherwise
+        t["activations"] += (
+            b * shape.adapter_per_token * live * (1 if cfg.model.gradient_checkpointing else shape.layers)
+        )
     if cfg.model.attn_implementation == "eager":  # scores and probabilities, [heads, L, L] a row and layer
         rows = cfg.batch.micro_batch + (layout.rows_for(samples) if layout else 0)
         kept = 1 if cfg.model.gradient_checkpointing else shape.layers
@@ -197,10 +229,11 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: st
     if cfg.kd.weight > 0 or replay_kl:
         # the teacher's outputs; on the replay samples it runs their own padded forward in either layout
         taught = (tokens if cfg.kd.weight > 0 else 0) + (samples * replay_len if replay_kl else 0)
-        teacher = b * psi / ranks + b * (shape.largest_module + prefetch)
+        # an adapter run's teacher is its own base with the adapters off: no weights of its own
+        teacher = 0.0 if adapter else b * psi / ranks + b * (shape.largest_module + prefetch)
         teacher += b * taught * shape.hidden + b * shape.vocab * shape.hidden if chunked else b * taught * shape.vocab
         t["KD teacher"] = teacher
-    plan.checkpoint_bytes = (b + 12) * psi
+    plan.checkpoint_bytes = (b + 12) * phi  # an adapter run's checkpoints leave out the frozen weights
     return plan
 
 

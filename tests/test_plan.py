@@ -87,6 +87,25 @@ def test_replay_kl_keeps_no_replay_logits_and_its_teacher_holds_the_replay_rows_
     assert joint.terms["KD teacher"] == with_kl.terms["KD teacher"]
 
 
+def test_lora_trains_the_adapters_states_only_and_its_teacher_is_the_base_itself(tmp_path):
+    """LoRA r 16 on every linear layer of Llama-3-8B: r (in + out) per projection, 81920 r a layer."""
+    kl = {"strategy": "kl", "weight": 1.5, "ce_weight": 0.0, "samples_per_step": 64}
+    _, full_shape, full = planned(tmp_path, replay=kl)
+    _, shape, lora = planned(tmp_path, replay=kl, adapter={"kind": "lora", "r": 16})
+    assert shape.trained == 32 * 81920 * 16 and full_shape.trained == LLAMA3_8B_PARAMS
+    assert shape.params > LLAMA3_8B_PARAMS  # the adapters' weights are partitioned with the base's
+    assert lora.terms["grads (partition)"] == 2 * shape.trained / 8
+    assert lora.terms["optimizer (fp32 master, m, v)"] == 12 * shape.trained / 8
+    assert lora.checkpoint_bytes == 14 * shape.trained
+    # the teacher is the trained model with its adapters off: its outputs on the replay rows (2 of 512 tokens a
+    # micro-batch) and the head weight, no partition or gathered module of its own
+    assert lora.terms["KD teacher"] == 2 * (2 * 512) * 4096 + 2 * 128256 * 4096
+    assert full.terms["KD teacher"] - lora.terms["KD teacher"] > 2 * (LLAMA3_8B_PARAMS / 8 + full_shape.largest_module)
+    assert lora.terms["activations"] > full.terms["activations"]  # each adapter keeps A's output per token
+    # at least the full run's gradient and optimizer partitions of the base's weights are saved
+    assert sum(full.terms.values()) - sum(lora.terms.values()) > 14 * (LLAMA3_8B_PARAMS - shape.trained) / 8
+
+
 def test_an_8b_run_without_checkpointing_does_not_fit_and_the_advice_makes_it_fit(tmp_path):
     cfg, shape, plan = planned(tmp_path, kd={"weight": 0.5}, batch={"micro_batch": 4})
     advice = advise(plan, cfg, 80 * GB, shape)
