@@ -232,7 +232,8 @@ class CheckpointConfig:
     signal_save_budget: float = setting(
         20.0,
         "on SIGTERM/SIGINT, save only if this run's last save took at most this many seconds: the deepspeed "
-        "launcher kills ranks 30 s after it is signalled, and a save cut off is wasted time",
+        "launcher kills ranks 30 s after it is signalled (train_slurm.sbatch, with no launcher, sets 240 for "
+        "its 300 s of warning), and a save cut off is wasted time",
     )
 
 

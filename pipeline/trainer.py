@@ -392,7 +392,8 @@ class Trainer:
         # L2-SP anchors were taken from the start weights before this load: still the run's initial weights.
 
     def _save_on_signal(self) -> None:
-        """Save at a signal only if it can finish before the launcher's kill; otherwise keep the last one.
+        """Save at a signal only if it can finish before the kill that follows it (the launcher's, or SLURM's at
+        the time limit); otherwise keep the last one.
 
         Ranks decide together (the slowest rank's last save), since a save is collective.
         """

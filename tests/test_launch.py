@@ -1,45 +1,73 @@
-"""Multi-node launch for real: the per-node command SLURM runs, for two "nodes" on one machine (loopback)."""
+"""Multi-node launch for real: the per-rank command SLURM runs, for two "nodes" on one machine (loopback)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
+from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
 from pipeline.launch import ROOT, free_port, launch_env
 
 from .train_helpers import metrics, write_config
 
 
-def test_two_nodes_started_as_slurm_starts_them_train_exactly_as_one_node_with_two_ranks(reference, prep, tmp_path):
-    """launch/slurm_node.sh is what train_slurm.sbatch's srun runs on every node: here node0 and node1, one CPU
-    rank each, rendezvous over 127.0.0.1 (DeepSpeed needs a hostfile for --num_nodes > 1; it writes one)."""
-    config = write_config(tmp_path / "cpt.yaml", prep, tmp_path / "run", steps=3, checkpoint={"every": 0})
-    port = str(free_port())
-    nodes = [
+def slurm_tasks(config: Path, tmp_path: Path, port: str) -> list[subprocess.Popen[str]]:
+    """launch/slurm_rank.sh as train_slurm.sbatch's srun starts it: here two "nodes" with one CPU rank each,
+    rendezvous over 127.0.0.1; each task in its own session, as slurmstepd starts each task's process tree."""
+    return [
         subprocess.Popen(
-            [str(ROOT / "launch" / "slurm_node.sh"), "node0 node1", "127.0.0.1", "1", str(config)],
+            [str(ROOT / "launch" / "slurm_rank.sh"), str(config)],
             env={
                 **launch_env(),
-                "SLURM_NODEID": str(rank),
-                "SLURM_JOB_ID": "test",
-                "MASTER_PORT": port,
-                "TMPDIR": str(tmp_path),
+                **{"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": str(rank)},
+                **{"SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
             },
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,
         )
         for rank in (0, 1)
     ]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert (tmp_path / "cpt-hostfile-test-1").read_text() == "node0 slots=1\nnode1 slots=1\n"
-    got, single_node = metrics(tmp_path / "run"), metrics(reference[1])
-    for step in (1, 2, 3):  # warmup steps: the same lr whatever the run's length
+
+
+def finished(tasks: list[subprocess.Popen[str]]) -> list[str]:
+    outputs = [task.communicate(timeout=600)[0] for task in tasks]
+    # srun --kill-on-bad-exit kills the job's other tasks when one exits non-zero: every task must exit 0
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs
+
+
+def test_ranks_started_by_srun_save_at_slurms_signal_and_resume_as_one_uninterrupted_run(reference, prep, tmp_path):
+    """SIGTERM to every process of both tasks, as SLURM sends it before the time limit: the ranks agree on a
+    step, save and exit 0; the same tasks started again resume there, and every step's loss, gradient norm
+    and lr equal the uninterrupted 2-rank run's."""
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "cpt.yaml", prep, run, checkpoint={"every": 0})  # the reference's 12 steps
+    tasks = slurm_tasks(config, tmp_path, str(free_port()))
+    deadline = time.monotonic() + 600
+    log = run / "metrics.jsonl"  # its third line is logged after step 1: both ranks are in the loop
+    while time.monotonic() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    for task in tasks:
+        os.killpg(task.pid, signal.SIGTERM)
+    output = finished(tasks)[0]
+    latest = CheckpointDir.latest(checkpoint_root(run))
+    assert latest is not None and latest.is_complete(), output[-3000:]
+    stopped_at = CheckpointDir(latest.path).state()["step"]
+    assert 1 <= stopped_at < 12 and "SIGTERM/SIGINT: saving a checkpoint" in output
+    finished(slurm_tasks(config, tmp_path, str(free_port())))
+    got, uninterrupted = metrics(run), metrics(reference[1])
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
         for key in ("loss", "grad_norm", "lr"):
-            assert got[step][key] == pytest.approx(single_node[step][key], rel=1e-6), (step, key)
+            assert got[step][key] == pytest.approx(uninterrupted[step][key], rel=1e-6), (step, key)
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "launch").glob("*.sh")))
