@@ -152,7 +152,9 @@ def train_config(row: Row, seed: int, prep: Path, base: Path, cache: Path, out: 
         "log": {"tensorboard": False},
     }
     for key, value in row.extra.items():
-        cfg[key] = value
+        if key == "merge":  # applied to the trained model after its export (run_row)
+            continue
+        cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) else value
         if key == "replay":
             cfg[key] = {"samples_per_step": args.replay_per_step, **value}
             if row.reads_cache:
@@ -200,12 +202,41 @@ def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path
         check=True,
         capture_output=True,
     )
-    scores = score(load_hf(out / "hf"), prep, args)
+    scored, merged = out / "hf", {}
+    if "merge" in row.extra:
+        scored, merged = merge(row.extra["merge"], base, out, prep)
+    scores = {**score(load_hf(scored), prep, args), **merged}
     kept = metrics_file(work, row.name, seed)  # the training log outlives its checkpoints: the controller, the probe
     kept.parent.mkdir(exist_ok=True)
     shutil.copyfile(out / "metrics.jsonl", kept)
     shutil.rmtree(out)
     return {**scores, "seconds": seconds, "commit": git_commit()}
+
+
+def merge(how: dict[str, Any], base: Path, run: Path, prep: Path) -> tuple[Path, dict[str, float]]:
+    """The run's export merged toward the base (``to_budget``: on the prep's probe documents) or its last
+    checkpoints averaged (``average_last``), with pipeline.merge as a user runs it; (model, what it chose)."""
+    out = run / "merged"
+    if "average_last" in how:
+        args = ["--run", str(run), "--average-last", str(how["average_last"])]
+    else:
+        args = [
+            "--base",
+            str(base),
+            "--tuned",
+            str(run / "hf"),
+            "--to-budget",
+            str(how["to_budget"]),
+            "--prep",
+            str(prep),
+        ]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.merge", *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{run}: pipeline.merge failed\n{done.stderr[-3000:]}")
+    chosen = json.loads(done.stdout.strip().splitlines()[-1]) if "to_budget" in how else {}
+    return out, {k: chosen[k] for k in ("alpha", "probe_rise") if k in chosen}
 
 
 def git_commit() -> str:
@@ -262,6 +293,12 @@ def print_table(results: dict[str, Any], args: argparse.Namespace, work: Path) -
         if g:
             held = sum(x <= BUDGET["budget"] for x in g)
             print(f"{name}: general ppl rise {mean_std(g)[0]:+.1%}, within the budget in {held} of {len(g)} seeds")
+    for row in ROWS:  # what a merge to a budget chose on the probe, beside what the holdout then says
+        runs = results["rows"].get(row.name, {}) if "to_budget" in row.extra.get("merge", {}) else {}
+        if runs:
+            alphas = ", ".join(f"{r['alpha']:.3f}" for _, r in sorted(runs.items()))
+            probe = mean_std([r["probe_rise"] for r in runs.values()])
+            print(f"{row.name}: alpha {alphas} (seeds in order); probe rise {probe[0]:+.1%} ± {probe[1]:.1%}")
     for row in ROWS:
         compared = fixed_line(results, row) if row.holds_budget and row.name in results["rows"] else None
         if compared:

@@ -173,6 +173,26 @@ ROWS = [
     Row("+ replay KL (w 2), probed every 4", False, {**replay_kl(2.0), "forgetting": WATCH}),
     Row("+ replay KL (w 3), probed every 4", False, {**replay_kl(3.0), "forgetting": WATCH}),
 ]
+# The levers users reach for first (LoRA, merging after training, WSD), against naive CPT and the default. LoRA
+# trains at 10x the full model's lr, as LoRA recipes do; alpha = 2r keeps the update's scale across ranks.
+LORA_R8 = {"adapter": {"kind": "lora", "r": 8, "alpha": 16.0}}
+LORA_R64 = {"adapter": {"kind": "lora", "r": 64, "alpha": 128.0}}
+MERGE_5 = {"merge": {"to_budget": 0.05}}  # the largest share of the change whose probe rise is within 5%
+AVERAGE_LAST_4 = {"checkpoint": {"every": 5, "keep_last": 4}, "merge": {"average_last": 4}}  # steps 25-40
+WSD = {"optim": {"decay": "wsd"}}  # the config's default decay fraction (0.1) and shape (1-sqrt)
+LEVERS = [
+    Row("+ LoRA r 8 (lr 10x)", False, LORA_R8, 10.0),
+    Row("+ LoRA r 64 (lr 10x)", False, LORA_R64, 10.0),
+    Row("+ LoRA r 8 (lr 10x) + replay KL (w 1.5)", False, {**LORA_R8, **replay_kl(1.5)}, 10.0),
+    Row("merged naive CPT (5% budget)", False, MERGE_5),
+    Row("+ replay KL (w 1.5), merged (5% budget)", False, {**replay_kl(1.5), **MERGE_5}),
+    Row("merged naive CPT (5% budget), 10x lr", False, MERGE_5, 10.0),
+    Row("+ replay KL (w 1.5), merged (5% budget), 10x lr", False, {**replay_kl(1.5), **MERGE_5}, 10.0),
+    Row("averaged naive CPT (last 4 checkpoints)", False, AVERAGE_LAST_4),
+    Row("+ WSD instead of cosine", False, WSD),
+    Row("+ replay KL (w 1.5) + WSD", False, {**replay_kl(1.5), **WSD}),
+]
+ROWS += LEVERS
 DEFAULT = "+ replay KL (w 1.5)"  # what cpt init and the demo run: the summary line compares it with naive CPT
 TM_ROW = "+ mix + TM (w 1)"  # GeRe's configuration, reported beside it
 

@@ -75,3 +75,35 @@ def test_a_budget_row_is_compared_per_seed_with_the_watched_fixed_weights_at_its
     metrics_file(tmp_path, w2, 1).unlink()  # seed 1 has no bracket left: only seed 0 is compared
     assert "seeds compared: 1; each +0.005" in peak_line(data, row, tmp_path)
     assert peak_line(data, next(r for r in ROWS if r.name == "+ replay KL (w 1.5), budget 5%, PI"), tmp_path) is None
+
+
+def test_lever_rows_keep_the_bench_settings_and_leave_the_merge_to_after_training(tmp_path):
+    from argparse import Namespace
+
+    from bench.forgetting import train_config
+
+    by_name = {r.name: r for r in ROWS}
+    args = Namespace(steps=40, lr=1e-3, micro_batch=2, grad_accum=2, replay_per_step=4, probe_docs=32)
+    paths = (tmp_path / "prep", tmp_path / "base", tmp_path / "cache", tmp_path / "run")
+    wsd = train_config(by_name["+ replay KL (w 1.5) + WSD"], 0, *paths, args)
+    assert wsd["optim"] == {"lr": 1e-3, "warmup_steps": 5, "min_lr_ratio": 0.1, "decay": "wsd"}
+    assert wsd["replay"]["weight"] == 1.5
+    averaged = train_config(by_name["averaged naive CPT (last 4 checkpoints)"], 0, *paths, args)
+    assert "merge" not in averaged and averaged["checkpoint"] == {"every": 5, "keep_last": 4, "resume": "never"}
+    lora = train_config(by_name["+ LoRA r 8 (lr 10x)"], 0, *paths, args)
+    assert lora["adapter"]["r"] == 8 and lora["optim"]["lr"] == 1e-2
+
+
+def test_the_pareto_front_holds_the_rows_no_other_row_beats_on_both_axes():
+    from bench.forgetting_plot import pareto_front, points
+
+    stored = results(
+        {
+            "naive CPT": (130.0, 100.0),  # forgets 1, learns 1
+            "A": (110.0, 105.0),  # 0.33 / 0.95
+            "B": (115.0, 110.0),  # 0.5 / 0.9: A forgets less and learns more
+            "C": (105.0, 150.0),  # 0.17 / 0.5
+        }
+    )
+    panel = points(stored)["naive CPT"]
+    assert [name for _, _, name in pareto_front(panel)] == ["C", "A", "naive CPT"]
