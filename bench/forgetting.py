@@ -52,6 +52,7 @@ from bench.forgetting_compare import (
     peak_line,
     probe_peak,
     ratio,
+    shared_seeds,
 )
 from bench.forgetting_rows import BUDGET, DEFAULT, ROWS, TM_ROW, Row, naive_of
 from cpt_core.atomic import write_json
@@ -263,8 +264,9 @@ def print_table(results: dict[str, Any], args: argparse.Namespace, work: Path) -
     for row in ROWS:
         if row.name not in results["rows"]:
             continue
-        g, d = changes(results, row.name, "general"), changes(results, row.name, "domain")
-        ng, nd = changes(results, naive_of(row.name), "general"), changes(results, naive_of(row.name), "domain")
+        seeds = shared_seeds(results, row.name, naive_of(row.name))  # naive may have run more seeds
+        g, d = changes(results, row.name, "general", seeds), changes(results, row.name, "domain", seeds)
+        ng, nd = (changes(results, naive_of(row.name), role, seeds) for role in ("general", "domain"))
         cells = [f"{m:+.1%} ± {s:.1%}" for m, s in (mean_std(g), mean_std(d))]
         if row.name.startswith("naive"):
             cells += ["1", "1"]

@@ -31,10 +31,17 @@ def probe_peak(work: Path, name: str, seed: int) -> float:
     return max(rises, default=math.nan)
 
 
-def changes(results: dict[str, Any], name: str, role: str) -> list[float]:
+def changes(results: dict[str, Any], name: str, role: str, seeds: set[str] | None = None) -> list[float]:
+    """The row's perplexity change against the base, per seed in seed order (only ``seeds`` where given)."""
     base = results["base"][f"ppl/{role}"]
     by_seed = sorted(results["rows"].get(name, {}).items(), key=lambda item: int(item[0]))  # seed order
-    return [r[f"ppl/{role}"] / base - 1.0 for _, r in by_seed]
+    return [r[f"ppl/{role}"] / base - 1.0 for seed, r in by_seed if seeds is None or seed in seeds]
+
+
+def shared_seeds(results: dict[str, Any], *names: str) -> set[str]:
+    """The seeds every one of ``names`` ran: ratios pair a row with naive CPT seed by seed."""
+    runs = [set(results["rows"].get(name, {})) for name in names]
+    return set.intersection(*runs) if runs else set()
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:

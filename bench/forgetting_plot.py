@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.forgetting_compare import changes, ratio
+from bench.forgetting_compare import changes, ratio, shared_seeds
 from bench.forgetting_rows import naive_of
 
 
@@ -23,8 +23,9 @@ def points(results: dict[str, Any]) -> dict[str, list[tuple[float, float, str]]]
         naive = naive_of(name)
         if naive not in results["rows"]:
             continue
-        forgot = ratio(changes(results, name, "general"), changes(results, naive, "general"), +1)
-        learned = ratio(changes(results, name, "domain"), changes(results, naive, "domain"), -1)
+        seeds = shared_seeds(results, name, naive)
+        forgot = ratio(changes(results, name, "general", seeds), changes(results, naive, "general", seeds), +1)
+        learned = ratio(changes(results, name, "domain", seeds), changes(results, naive, "domain", seeds), -1)
         if math.isfinite(forgot) and math.isfinite(learned):
             panels.setdefault(naive, []).append((forgot, learned, name))
     return panels

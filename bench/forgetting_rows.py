@@ -191,6 +191,7 @@ LEVERS = [
     Row("averaged naive CPT (last 4 checkpoints)", False, AVERAGE_LAST_4),
     Row("+ WSD instead of cosine", False, WSD),
     Row("+ replay KL (w 1.5) + WSD", False, {**replay_kl(1.5), **WSD}),
+    Row("+ replay KL (w 3) + WSD", False, {**replay_kl(3.0), **WSD}),
 ]
 ROWS += LEVERS
 DEFAULT = "+ replay KL (w 1.5)"  # what cpt init and the demo run: the summary line compares it with naive CPT

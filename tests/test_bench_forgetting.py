@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from bench.forgetting_compare import fixed_line, metrics_file, peak_line, probe_peak
 from bench.forgetting_rows import ROWS, without_weights
 
@@ -107,3 +109,18 @@ def test_the_pareto_front_holds_the_rows_no_other_row_beats_on_both_axes():
     )
     panel = points(stored)["naive CPT"]
     assert [name for _, _, name in pareto_front(panel)] == ["C", "A", "naive CPT"]
+
+
+def test_a_row_is_compared_with_naive_on_the_seeds_both_ran():
+    from bench.forgetting_compare import changes, ratio, shared_seeds
+    from bench.forgetting_plot import points
+
+    stored = results({"naive CPT": (130.0, 100.0), "A": (110.0, 150.0)})
+    stored["rows"]["naive CPT"]["2"] = {"ppl/general": 150.0, "ppl/domain": 100.0}  # a seed A did not run
+    seeds = shared_seeds(stored, "A", "naive CPT")
+    assert seeds == {"0", "1"}
+    forgot = ratio(changes(stored, "A", "general", seeds), changes(stored, "naive CPT", "general", seeds), +1)
+    assert forgot == pytest.approx(1 / 3)
+    assert math.isnan(ratio(changes(stored, "A", "general"), changes(stored, "naive CPT", "general"), +1))
+    (x, y, _), *_ = [p for p in points(stored)["naive CPT"] if p[2] == "A"]
+    assert (x, y) == pytest.approx((1 / 3, 0.5))
