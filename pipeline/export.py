@@ -119,8 +119,8 @@ def verify_export(checkpoint: Path, exported_dir: Path) -> tuple[float, float]:
     training code. Above: every exported tensor against the checkpoint's fp32 partitions joined one tensor at a
     time and cast to the run's dtype, which must be equal (scale 1), in memory bounded by one tensor.
 
-    An adapter run's logits come from its base with the checkpoint's adapters attached, run by PEFT's layers
-    (not merged); above the limit its tensors are compared with the merge recomputed from the checkpoint.
+    An adapter run's logits come from its base with the checkpoint's adapters merged by PEFT; above the limit
+    its tensors are compared with the merge recomputed from the checkpoint.
     """
     cfg_dict = _run_config(checkpoint)
     with torch.device("meta"):
@@ -193,7 +193,11 @@ def _verify_logits(checkpoint: Path, exported_dir: Path, cfg_dict: dict[str, Any
 
 def _verify_adapter_logits(checkpoint: Path, exported_dir: Path, cfg_dict: dict[str, Any]) -> tuple[float, float]:
     """(max |logit difference|, max |logit|) of the exported model vs the run's base with the checkpoint's
-    adapters injected, as training computed them: ``base(x) + (alpha / r) · B A x`` by PEFT's layers."""
+    adapters injected and merged by PEFT's own code (``BaseTunerLayer.merge``), independent of the export's
+    streamed merge. Merged, not run as adapters: ``W x + s B A x`` rounds differently from ``(W + s B A) x``
+    (by 2e-4 of the largest logit on SmolLM2 in fp32), which would hide a lost adapter under the tolerance."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     from .adapter import add_adapters
     from .distributed import local_device
     from .model import load_causal_lm, model_sources
@@ -205,6 +209,9 @@ def _verify_adapter_logits(checkpoint: Path, exported_dir: Path, cfg_dict: dict[
     unexpected = model.load_state_dict({k: v.contiguous() for k, v in trained.items()}, strict=False).unexpected_keys
     if unexpected:
         raise ExportMismatch(f"{checkpoint}: tensors the adapted model does not have, e.g. {unexpected[:3]}")
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
     device = local_device()
     exported = AutoModelForCausalLM.from_pretrained(str(exported_dir), local_files_only=True, dtype=model.dtype)
     return _logit_difference(model.to(device).eval(), exported.to(device).eval(), device)
@@ -262,8 +269,11 @@ def write_weights(
 
     with torch.device("meta"):
         expected = AutoModelForCausalLM.from_config(config).state_dict()
+    # a tied head is the input embedding: a checkpoint may hold it (ZeRO-3's view) or not (a base's safetensors)
     tied = (
-        {k for k in tensors if k.endswith("lm_head.weight")} if config.get_text_config().tie_word_embeddings else set()
+        {k for k in set(tensors) | set(expected) if k.endswith("lm_head.weight")}
+        if config.get_text_config().tie_word_embeddings
+        else set()
     )
     missing = sorted(set(expected) - set(tensors) - tied)
     unexpected = sorted(set(tensors) - set(expected) - tied)
