@@ -52,9 +52,9 @@ from bench.forgetting_compare import (
     peak_line,
     probe_peak,
     ratio,
-    shared_seeds,
+    with_naive,
 )
-from bench.forgetting_rows import BUDGET, DEFAULT, ROWS, TM_ROW, Row, naive_of
+from bench.forgetting_rows import BUDGET, DEFAULT, ROWS, TM_ROW, Row
 from cpt_core.atomic import write_json
 from cpt_core.logs import setup_logging
 from data_prep.config import parse_config
@@ -264,9 +264,7 @@ def print_table(results: dict[str, Any], args: argparse.Namespace, work: Path) -
     for row in ROWS:
         if row.name not in results["rows"]:
             continue
-        seeds = shared_seeds(results, row.name, naive_of(row.name))  # naive may have run more seeds
-        g, d = changes(results, row.name, "general", seeds), changes(results, row.name, "domain", seeds)
-        ng, nd = (changes(results, naive_of(row.name), role, seeds) for role in ("general", "domain"))
+        (g, ng), (d, nd) = with_naive(results, row.name, "general"), with_naive(results, row.name, "domain")
         cells = [f"{m:+.1%} ± {s:.1%}" for m, s in (mean_std(g), mean_std(d))]
         if row.name.startswith("naive"):
             cells += ["1", "1"]
@@ -283,8 +281,7 @@ def print_table(results: dict[str, Any], args: argparse.Namespace, work: Path) -
     )
     for lr in ("", ", 3x lr", ", 10x lr"):
         name = DEFAULT + lr
-        g, d = changes(results, name, "general"), changes(results, name, "domain")
-        ng, nd = changes(results, naive_of(name), "general"), changes(results, naive_of(name), "domain")
+        (g, ng), (d, nd) = with_naive(results, name, "general"), with_naive(results, name, "domain")
         if g and ng:
             print(
                 f"{lr.strip(', ') or '1x lr'}: {DEFAULT} forgets {ratio(g, ng, +1):.2f} of naive's rise (goal <= 0.25) "
@@ -326,11 +323,10 @@ def print_peaks(results: dict[str, Any], work: Path) -> None:
 
 def summary_line(results: dict[str, Any], args: argparse.Namespace) -> str:
     """The default method (what cpt init and the demo run) against naive CPT, and GeRe's TM beside it."""
-    ng, nd = changes(results, "naive CPT", "general"), changes(results, "naive CPT", "domain")
     clean = int(all(c["in_replay"] == c["in_training"] == 0 for c in results["contamination"].values()))
     parts = []
     for key, name in (("default", DEFAULT), ("tm", TM_ROW)):
-        g, d = changes(results, name, "general"), changes(results, name, "domain")
+        (g, ng), (d, nd) = with_naive(results, name, "general"), with_naive(results, name, "domain")
         parts.append(f"{key}_forgetting_vs_naive={ratio(g, ng, +1):.3f} {key}_learning_vs_naive={ratio(d, nd, -1):.3f}")
         if key == "default":
             parts.append(f"seeds={min(len(g), len(ng))} clean_holdout={clean} default='{DEFAULT}'")

@@ -44,6 +44,12 @@ def shared_seeds(results: dict[str, Any], *names: str) -> set[str]:
     return set.intersection(*runs) if runs else set()
 
 
+def with_naive(results: dict[str, Any], name: str, role: str) -> tuple[list[float], list[float]]:
+    """The row's changes and naive CPT's (at the row's lr), on the seeds both ran, in seed order."""
+    seeds = shared_seeds(results, name, naive_of(name))
+    return changes(results, name, role, seeds), changes(results, naive_of(name), role, seeds)
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan) if xs else (math.nan, math.nan)
 

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.forgetting_compare import changes, ratio, shared_seeds
+from bench.forgetting_compare import ratio, with_naive
 from bench.forgetting_rows import naive_of
 
 
@@ -23,9 +23,8 @@ def points(results: dict[str, Any]) -> dict[str, list[tuple[float, float, str]]]
         naive = naive_of(name)
         if naive not in results["rows"]:
             continue
-        seeds = shared_seeds(results, name, naive)
-        forgot = ratio(changes(results, name, "general", seeds), changes(results, naive, "general", seeds), +1)
-        learned = ratio(changes(results, name, "domain", seeds), changes(results, naive, "domain", seeds), -1)
+        forgot = ratio(*with_naive(results, name, "general"), +1)
+        learned = ratio(*with_naive(results, name, "domain"), -1)
         if math.isfinite(forgot) and math.isfinite(learned):
             panels.setdefault(naive, []).append((forgot, learned, name))
     return panels
@@ -52,7 +51,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
         ax.plot([p[0] for p in front], [p[1] for p in front], "o-", color="tab:red", label="Pareto front")
         for x, y, name in panel:
             ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(naive.replace("naive CPT", "lr 1x").replace("lr 1x, ", "lr "))
+        ax.set_title(naive.partition(", ")[2] or "1x lr")  # "naive CPT, 10x lr": "10x lr"
         ax.set_xlabel("forgetting / naive CPT's (general ppl rise)")
         ax.set_ylabel("learning / naive CPT's (domain ppl fall)")
         ax.grid(alpha=0.3)
