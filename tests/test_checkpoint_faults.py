@@ -210,7 +210,9 @@ class FakeEngine:
     def __init__(self, die: bool = False) -> None:
         self.die = die
 
-    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool) -> None:
+    def save_checkpoint(
+        self, root: str, tag: str, client_state: dict, save_latest: bool, exclude_frozen_parameters: bool = False
+    ) -> None:
         (Path(root) / tag).mkdir(parents=True, exist_ok=True)
         torch.save({"module": {"w": torch.ones(3)}}, Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
         if self.die:
