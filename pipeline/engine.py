@@ -53,13 +53,12 @@ def build_engine(
     if uses_adapter(cfg.adapter):
         trained = add_adapters(model, cfg.adapter, cfg.seed)
         log.info("adapter: %s r %d on a frozen base, %d parameters trained", cfg.adapter.kind, cfg.adapter.r, trained)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if uses_adapter(cfg.adapter):
         # The embeddings are frozen, so without this no layer's input carries a gradient, and ZeRO-3's backward
         # hooks (which gather a layer's weights for its backward) then fire late and one at a time: 3x slower
         # steps on SmolLM2 with LoRA on CPU, at the same peak memory. With it, autograd reaches every layer.
         model.enable_input_require_grads()
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     attach_head_loss(model, cfg)  # before initialize: DeepSpeed hooks the modules it finds there
     params = [p for p in model.parameters() if p.requires_grad]
     optim = cfg.optim

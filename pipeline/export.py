@@ -73,9 +73,10 @@ def export(
     with atomic_path(out) as tmp:
         tmp.mkdir()
         dtype = getattr(torch, cfg["model"]["dtype"])
-        write_weights(run_tensors(checkpoint, cfg), checkpoint, config, dtype, tmp, max_shard_size)
+        trained = checkpoint_tensors(checkpoint)  # read once: the weights and the adapter alone both come from it
+        write_weights(run_tensors(trained, checkpoint, cfg), checkpoint, config, dtype, tmp, max_shard_size)
         if adapter_out is not None:
-            write_peft_adapter(checkpoint_tensors(checkpoint), config, cfg, dtype, tmp / adapter_out)
+            write_peft_adapter(trained, config, cfg, dtype, tmp / adapter_out)
         config.save_pretrained(str(tmp))
         base = cfg.get("init_from") or cfg["model"]["path"]
         if base and (Path(base) / "generation_config.json").is_file():  # bos/eos for generate(); not weights
@@ -126,7 +127,7 @@ def verify_export(checkpoint: Path, exported_dir: Path) -> tuple[float, float]:
     with torch.device("meta"):
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(_architecture_config(cfg_dict)).parameters())
     if n_params > VERIFY_ENGINE_MAX_PARAMS:
-        tensors = run_tensors(checkpoint, cfg_dict)
+        tensors = run_tensors(checkpoint_tensors(checkpoint), checkpoint, cfg_dict)
         return verify_tensors(tensors, checkpoint, exported_dir, getattr(torch, cfg_dict["model"]["dtype"])), 1.0
     if uses_adapter(cfg_dict.get("adapter")):
         return _verify_adapter_logits(checkpoint, exported_dir, cfg_dict)
@@ -246,10 +247,9 @@ def checkpoint_tensors(checkpoint: Path) -> dict[str, Any]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name, lazy_mode=True)
 
 
-def run_tensors(checkpoint: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    """The weights the run's model computes with, by name and made when read: the checkpoint's, or for an
-    adapter run its base merged with the adapters (``pipeline/adapter_export.py``)."""
-    trained = checkpoint_tensors(checkpoint)
+def run_tensors(trained: dict[str, Any], checkpoint: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The weights the run's model computes with, by name and made when read: the checkpoint's ``trained``
+    tensors, or for an adapter run its base merged with them (``pipeline/adapter_export.py``)."""
     if not uses_adapter(cfg.get("adapter")):
         return trained
     return merged_tensors(base_tensors(cfg), trained, cfg["adapter"], str(checkpoint))
