@@ -95,7 +95,7 @@ class ReplayConfig:
     ce_weight: float = setting(1.0, "weight of next-token CE on the replay rows (GeRe trains on them too); 0: off")
     samples_per_step: int = setting(
         4,
-        "replay samples per global batch: a multiple of the ranks; fewer than ranks × grad_accum go to a subset "
+        "replay samples per global batch, any number on any ranks; fewer than ranks × grad_accum go to a subset "
         "of the micro-batches, weighted so the gradient is their mean",
     )
     cache: str | None = setting(None, "GeRe cache directory from `python -m pipeline.gere` (tm, l1, l2)")

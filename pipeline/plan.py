@@ -65,6 +65,7 @@ from .cli_args import plan_parser
 from .config import TrainConfig, load_train_config
 from .ds_config import filled_ds_config
 from .gere.joint import replay_layout
+from .gere.sampler import replay_plan
 from .losses.head import loss_from_hidden
 from .losses.linear_ce import CHUNK_BYTES
 from .model import model_config, model_sources
@@ -198,8 +199,7 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: st
     layout = replay_layout(cfg, replay_len, seq_len, ranks, chunked, device_type)
     replay_tokens = samples = 0
     if cfg.replay.strategy != "none":
-        per_rank = cfg.replay.samples_per_step / ranks
-        samples = math.ceil(per_rank / cfg.batch.grad_accum) if per_rank else 0
+        samples, _ = replay_plan(cfg.replay.samples_per_step, ranks, cfg.batch.grad_accum)  # padded rows too
         # joint: packed rows of seq_len tokens behind the task rows, in the same forward
         replay_tokens = layout.rows_for(samples) * seq_len if layout else samples * replay_len
     per_token_layer = b * (7 * shape.hidden + 2 * shape.kv + 4 * shape.intermediate)

@@ -47,6 +47,7 @@ from .ds_config import filled_ds_config
 from .engine import build_engine, build_teacher
 from .gere.feed import ReplayFeed
 from .gere.joint import joint_hidden
+from .gere.sampler import ReplayChunk
 from .isolation import forward_packed
 from .losses.head import frozen_head_weight
 from .losses.objective import Objective, ReplayOutputs, TaskOutputs
@@ -204,7 +205,8 @@ class Trainer:
             engine.step()
             for name, value in part.parts.items():
                 sums[name] = sums.get(name, 0.0) + value
-            weight = part.replay_weight
+            if chunk is not None and chunk.real:
+                weight = part.replay_weight  # logged: a chunk of padding only weighs nothing
         if self.pull is not None:
             self.pull.apply(lr)
         out = self.objective.summarize(sums, global_tokens, self.world, self.device, weight)
@@ -296,16 +298,16 @@ class Trainer:
             group["lr"] = base_lr * factor(sched.last_epoch)  # LambdaLR's own rule, at the step it is at
 
     def _forward(
-        self, batch: dict[str, torch.Tensor], micro_index: int, replay_index: list[int] | None
+        self, batch: dict[str, torch.Tensor], micro_index: int, chunk: ReplayChunk | None
     ) -> tuple[TaskOutputs, ReplayOutputs | None]:
-        """Micro-batch ``micro_index``'s task rows and replay samples (``replay_index``; None: none) through the
+        """Micro-batch ``micro_index``'s task rows and replay samples (``chunk``; None: none) through the
         model: one forward, or the task forward and then the replay forward (``replay.forward``)."""
-        if replay_index is None:
+        if chunk is None:
             return self._task_forward(batch, micro_index), None
         layout = self.replay.layout
         if layout is None:
-            return self._task_forward(batch, micro_index), self._replay_forward(replay_index)
-        inputs = self.replay.inputs(replay_index, self.device, self.teacher)
+            return self._task_forward(batch, micro_index), self._replay_forward(chunk)
+        inputs = self.replay.inputs(chunk, self.device, self.teacher)
         task_hidden, replay_hidden = joint_hidden(
             self.engine,
             batch["input_ids"],
@@ -315,7 +317,7 @@ class Trainer:
             self.cfg.model.attn_implementation,
         )
         return self._task_forward(batch, micro_index, task_hidden), ReplayOutputs(
-            None, replay_hidden, inputs, self.replay.share
+            None, replay_hidden, inputs, self.replay.share(chunk)
         )
 
     def _task_forward(
@@ -361,8 +363,8 @@ class Trainer:
         index = host_to_device(run, self.device)
         return forward_packed(self.teacher, ids[index], positions[index], attn, hidden), index, mine
 
-    def _replay_forward(self, index: list[int]) -> ReplayOutputs:
-        inputs = self.replay.inputs(index, self.device, self.teacher)
+    def _replay_forward(self, chunk: ReplayChunk) -> ReplayOutputs:
+        inputs = self.replay.inputs(chunk, self.device, self.teacher)
         # With the head loss every strategy needs only the final hidden states (kl compares them through the
         # head with the teacher's), so the head runs on one position: no [R, L, V] logits.
         head_only = self.head is not None
@@ -373,7 +375,7 @@ class Trainer:
             use_cache=False,
             **({"logits_to_keep": 1} if head_only else {}),
         )
-        return ReplayOutputs(None if head_only else out.logits, out.hidden_states[-1], inputs, self.replay.share)
+        return ReplayOutputs(None if head_only else out.logits, out.hidden_states[-1], inputs, self.replay.share(chunk))
 
     def _resume(self) -> None:
         if self.resume_from is None:

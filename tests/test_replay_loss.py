@@ -153,10 +153,13 @@ def test_dynamic_weight_scales_the_term_to_ce_and_passes_no_gradient_through_the
     assert none.loss.item() == pytest.approx(part.logged["task_ce"] / 8) and none.replay_weight == 0.0
 
 
-@pytest.mark.parametrize("weight, ce_weight", [(1.5, 0.0), ("dynamic", 1.0)])
-def test_replay_kl_through_the_head_loss_matches_the_full_logits_path_in_value_and_gradient(built, weight, ce_weight):
+@pytest.mark.parametrize("weight, ce_weight, real", [(1.5, 0.0, None), ("dynamic", 1.0, None), (1.5, 1.0, 2)])
+def test_replay_kl_through_the_head_loss_matches_the_full_logits_path_in_value_and_gradient(
+    built, weight, ce_weight, real
+):
     """The kl strategy from hidden states (no [R, L, V] logits, student's or teacher's) against the same
-    objective on full logits, on padded replay rows of a tiny Llama, with the budget's scale and a share."""
+    objective on full logits, on padded replay rows of a tiny Llama, with the budget's scale and a share
+    (``real``: the third row only fills the forward)."""
     source = built[0]
     base = load_causal_lm(source).eval()
     model = load_causal_lm(source)
@@ -169,7 +172,7 @@ def test_replay_kl_through_the_head_loss_matches_the_full_logits_path_in_value_a
     ids, mask = pad_replay_rows([rows[0][:23], rows[3], rows[5][:31]], REPLAY_LEN)  # two rows padded
     results = []
     for from_hidden in (False, True):
-        inputs = ReplayInputs(ids, mask)
+        inputs = ReplayInputs(ids, mask, real=real)
         if from_hidden:
             with torch.no_grad():
                 inputs.teacher_hidden = final_hidden(base, input_ids=ids, attention_mask=mask)
@@ -233,9 +236,9 @@ def test_replay_slots_give_every_rank_and_micro_batch_an_equal_disjoint_share():
 
     drawn = list(range(100, 124))
     slots = [replay_slots(drawn, world=3, grad_accum=2, rank=r) for r in range(3)]
-    flat = [i for rank in slots for chunk in rank for i in chunk]
-    assert sorted(flat) == drawn and all(len(chunk) == 4 for rank in slots for chunk in rank)
-    assert slots[1][0] == drawn[4:8] and slots[0][1] == drawn[12:16]  # micro-batch j, rank r: slot j·world + r
+    flat = [i for rank in slots for chunk in rank for i in chunk.rows]
+    assert sorted(flat) == drawn and all(chunk.rows and chunk.real == 4 for rank in slots for chunk in rank)
+    assert slots[1][0].rows == drawn[4:8] and slots[0][1].rows == drawn[12:16]  # micro-batch j, rank r: j·world + r
 
 
 def test_fewer_replay_samples_than_slots_go_to_the_same_micro_batches_on_every_rank():
@@ -245,12 +248,57 @@ def test_fewer_replay_samples_than_slots_go_to_the_same_micro_batches_on_every_r
     slots = [replay_slots(drawn, world=3, grad_accum=4, rank=r) for r in range(3)]
     active = [[j for j, chunk in enumerate(rank) if chunk is not None] for rank in slots]
     assert active == [[0, 2]] * 3  # spread over the step, the same on every rank (ZeRO-3 forwards are collective)
-    assert sorted(i for rank in slots for chunk in rank if chunk for i in chunk) == drawn
+    assert sorted(i for rank in slots for chunk in rank if chunk for i in chunk.rows) == drawn
     assert replay_plan(6, 3, 4) == (1, 2) and replay_plan(24, 3, 4) == (2, 4)
-    with pytest.raises(ConfigError, match="multiple of the number of ranks"):
-        replay_plan(4, 3, 4)
-    with pytest.raises(ConfigError, match="do not split into at most grad_accum"):
-        replay_plan(30, 3, 4)  # 10 per rank over 4 micro-batches: unequal forwards
+
+
+@pytest.mark.parametrize("samples", [1, 2, 3, 5, 7, 10, 30, 64, 65])
+@pytest.mark.parametrize("world,grad_accum", [(2, 1), (3, 4), (8, 2), (128, 1)])
+def test_any_sample_count_runs_on_any_number_of_ranks_with_each_sample_weighed_once(samples, world, grad_accum):
+    """Every rank runs forwards of one shape in the same micro-batches; the real rows are the drawn samples
+    exactly once; a chunk's weight is proportional to its real rows and the weights add up to the mean."""
+    from pipeline.gere.sampler import replay_plan, replay_slots
+
+    drawn = list(range(1000, 1000 + samples))
+    rows, active = replay_plan(samples, world, grad_accum)
+    slots = [replay_slots(drawn, world, grad_accum, rank) for rank in range(world)]
+    on = {tuple(j for j, chunk in enumerate(rank) if chunk is not None) for rank in slots}
+    assert len(on) == 1 and len(next(iter(on))) == active <= grad_accum
+    chunks = [chunk for rank in slots for chunk in rank if chunk is not None]
+    assert {len(chunk.rows) for chunk in chunks} == {rows}
+    assert sorted(i for chunk in chunks for i in chunk.rows[: chunk.real]) == drawn
+    assert all(set(chunk.rows[chunk.real :]) <= {drawn[0]} for chunk in chunks)  # padding: a real sample's copy
+    shares = [chunk.share(samples, world, grad_accum) for chunk in chunks]
+    # DeepSpeed divides the summed gradient by grad_accum × world: the chunk weights then add up to one
+    assert sum(shares) / (grad_accum * world) == pytest.approx(1.0)
+    assert all(
+        share == pytest.approx(grad_accum * world / samples * chunk.real) for share, chunk in zip(shares, chunks)
+    )
+    if samples == world * active * rows:  # every chunk full: the weight replay had before any padding, bit for bit
+        assert all(share == grad_accum / active for share in shares)
+
+
+@pytest.mark.parametrize("strategy", ["ce", "l2", "tm", "kl"])
+def test_padding_rows_change_no_replay_term(strategy):
+    """A chunk of two real rows padded with a third scores what the two real rows score alone."""
+    from pipeline.gere.states import activation_states, pack_states
+
+    _, rep = objective_inputs()
+    full = rep.inputs
+    full.neg, full.pos = torch.full((6,), -1.0), torch.full((6,), 1.0)
+    full.states = pack_states(activation_states(full.features, full.neg, full.pos))
+    full.teacher_logits = rep.logits.detach() + 0.1 * torch.randn_like(rep.logits)
+    padded = ReplayInputs(**{**vars(full), "real": 2})
+    alone = ReplayInputs(
+        **{k: (v[:2] if isinstance(v, torch.Tensor) and v.shape[0] == 3 else v) for k, v in vars(full).items()}
+    )
+    cfg = ReplayConfig(strategy=strategy)
+    with_padding = replay_terms(cfg, rep.logits, rep.hidden, padded)
+    without = replay_terms(cfg, rep.logits[:2], rep.hidden[:2], alone)
+    assert with_padding.keys() == without.keys() == {"replay_ce", strategy} - {"ce"}
+    for name in without:
+        torch.testing.assert_close(with_padding[name], without[name])
+    assert replay_terms(cfg, rep.logits, rep.hidden, full)["replay_ce"] != without["replay_ce"]  # the third row counts
 
 
 def test_replay_on_some_micro_batches_gives_the_mean_over_the_steps_samples():

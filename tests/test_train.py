@@ -426,6 +426,32 @@ def test_resume_on_another_number_of_ranks_with_the_same_global_batch(reference,
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step
 
 
+def test_one_replay_sample_a_step_on_two_ranks_trains_as_on_one_rank(prep, tmp_path):
+    """replay.samples_per_step 1 on 2 ZeRO-3 ranks: rank 0 scores the sample, rank 1 runs a padding row of the
+    same shape that weighs nothing, and the step is the 1-rank run's with the same global batch (2 rows ×
+    2 accumulation steps, the sample in its first micro-batch): the gradient is the mean intended, not a half
+    or a double of the replay term."""
+    replay = {"strategy": "kl", "weight": 1.5, "ce_weight": 1.0, "samples_per_step": 1}
+    runs = {}
+    for ranks, accum in ((2, 1), (1, 2)):
+        run = tmp_path / f"run-{ranks}"
+        config = write_config(
+            tmp_path / f"{ranks}.yaml",
+            prep,
+            run,
+            steps=4,
+            batch={"micro_batch": 2, "grad_accum": accum},
+            replay=replay,
+            checkpoint={"every": 0},
+        )
+        run_training(config, ranks=ranks)
+        runs[ranks] = metrics(run)
+    for step in range(1, 5):  # another reduction order: equal up to float rounding
+        for key in ("loss", "loss/replay_ce", "loss/kl", "grad_norm"):
+            assert runs[2][step][key] == pytest.approx(runs[1][step][key], rel=1e-4, abs=1e-9), (step, key)
+    assert runs[2][4]["loss/kl"] > 0  # the model drifted from the base: a replay term to compare
+
+
 def test_eval_reads_a_checkpoint_or_its_export_alike(reference, prep, tmp_path):
     from pipeline.eval import holdout_document_losses, load_hf, multiple_choice
     from pipeline.perplexity import perplexities

@@ -7,9 +7,10 @@ checked against the base model and the prep's tokenizer. Each step draws
 there are fewer than ranks × grad_accum, over a subset of the micro-batches
 (the same ones on every rank: a replay forward under ZeRO-3 gathers parameters
 collectively, so every rank must run it), either in their own forward or packed
-behind the task rows in theirs (``replay.forward``, ``joint.py``). A micro-batch with replay then weighs
-its replay terms by grad_accum / (micro-batches with replay), so the gradient is
-still the mean over the step's replay samples.
+behind the task rows in theirs (``replay.forward``, ``joint.py``). Any count
+works on any number of ranks: rows the samples do not fill pad the forward and
+weigh 0, and each chunk's terms are weighted by its share of the samples
+(``ReplayChunk.share``), so the gradient is the mean over the step's samples.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..model import ModelSource, model_fingerprint
 from .build import built_in_own_forward, differs_from_training
 from .cache import GeReCache, pad_replay_rows
 from .joint import ReplayLayout, replay_layout
-from .sampler import ReplaySampler, replay_plan, replay_slots
+from .sampler import ReplayChunk, ReplaySampler, replay_plan, replay_slots
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ class ReplayFeed:
         self.shard, self.cache, self.replay_len = shard, cache, shard.replay_len
         self.layout = layout  # None: the replay rows get their own forward
         self.rows = shard.rows()
-        self.rows_per_forward, self.active = replay_plan(cfg.replay.samples_per_step, world, cfg.batch.grad_accum)
-        self.share = cfg.batch.grad_accum / self.active  # the weight of a micro-batch that has replay rows
+        self.samples_per_step = cfg.replay.samples_per_step
+        self.rows_per_forward, self.active = replay_plan(self.samples_per_step, world, cfg.batch.grad_accum)
         self.sampler = ReplaySampler(len(self.rows), cfg.replay.samples_per_step, cfg.seed)
         if cache is not None:
             cache.check_shard(shard, self.rows)
@@ -102,16 +103,21 @@ class ReplayFeed:
             )
         return cls(cfg, shard, cache, world, rank, layout, head_loss)
 
-    def step_chunks(self) -> list[list[int] | None]:
+    def step_chunks(self) -> list[ReplayChunk | None]:
         """Draw the next step's samples; returns this rank's rows for each micro-batch (None: no replay)."""
         return replay_slots(self.sampler.next_indices(), self.world, self.grad_accum, self.rank)
 
-    def inputs(self, index: list[int], device: torch.device, teacher: Any = None) -> ReplayInputs:
+    def share(self, chunk: ReplayChunk) -> float:
+        """The weight of ``chunk``'s replay terms in its micro-batch's loss."""
+        return chunk.share(self.samples_per_step, self.world, self.grad_accum)
+
+    def inputs(self, chunk: ReplayChunk, device: torch.device, teacher: Any = None) -> ReplayInputs:
         """Padded rows and what the strategy compares against: cached states/features, or the teacher's outputs
         (its final hidden states where the loss runs from hidden states: no ``[R, L, V]`` logits)."""
+        index = chunk.rows
         ids, mask = pad_replay_rows(self.rows[index]["input_ids"], self.replay_len)
         ids, mask = ids.to(device), mask.to(device)
-        inputs = ReplayInputs(ids, mask)
+        inputs = ReplayInputs(ids, mask, real=chunk.real)
         if self.cache is not None:
             inputs.states = self.cache.states(index, device)
             inputs.neg, inputs.pos = self.cache.thresholds.neg, self.cache.thresholds.pos

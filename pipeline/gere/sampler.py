@@ -8,9 +8,11 @@ integers and resuming continues the same sequence.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from cpt_core.errors import ConfigError, UserError
+from cpt_core.errors import UserError
 
 
 class ReplaySampler:
@@ -51,33 +53,43 @@ class ReplaySampler:
 def replay_plan(samples_per_step: int, world: int, grad_accum: int) -> tuple[int, int]:
     """(replay rows per forward, micro-batches per step that have replay) for ``samples_per_step`` samples.
 
-    Every rank gets the same number of rows (ranks run replay forwards together); within a rank the rows go
-    to as few rows per forward as fit in grad_accum micro-batches, in forwards of equal size.
+    Every rank runs the same forwards of the same shape (a replay forward under ZeRO-3 gathers parameters
+    collectively, and the GeRe cache is built in forwards of this size): ceil(samples / ranks) rows a rank,
+    in as few rows per forward as fit in grad_accum micro-batches. Where the samples do not fill the slots
+    (any count that is not ranks x active x rows), the rest are padding rows that weigh nothing.
     """
-    if samples_per_step % world:
-        raise ConfigError(
-            f"replay.samples_per_step ({samples_per_step}) must be a multiple of the number of ranks ({world})"
-        )
-    per_rank = samples_per_step // world
+    per_rank = -(-samples_per_step // world)
     rows = -(-per_rank // grad_accum)  # ceil: at most grad_accum forwards
-    if per_rank % rows:
-        raise ConfigError(
-            f"replay.samples_per_step ({samples_per_step}) gives {per_rank} rows per rank, which do not split into "
-            f"at most grad_accum ({grad_accum}) forwards of equal size; use ranks ({world}) × k with k <= grad_accum "
-            "or k a multiple of grad_accum"
-        )
-    return rows, per_rank // rows
+    return rows, -(-per_rank // rows)
 
 
-def replay_slots(drawn: list[int], world: int, grad_accum: int, rank: int) -> list[list[int] | None]:
-    """``rank``'s rows of a step's replay samples for each of its micro-batches (None: none in that one).
+@dataclass(frozen=True)
+class ReplayChunk:
+    """One rank's replay rows in one micro-batch: ``rows`` sample indices, of which the first ``real`` are the
+    step's samples and the rest copies that fill the forward to its shape and weigh 0 in the loss."""
+
+    rows: list[int]
+    real: int
+
+    def share(self, samples_per_step: int, world: int, grad_accum: int) -> float:
+        """The weight of this chunk's replay terms (each a mean over its real tokens): grad_accum x world x
+        real / samples, so that after DeepSpeed's mean over ranks and micro-batches the gradient is the mean
+        over the step's samples. With every chunk full this is grad_accum / (micro-batches with replay),
+        the same float (both are correctly rounded quotients of the same rational)."""
+        return grad_accum * world * self.real / samples_per_step
+
+
+def replay_slots(drawn: list[int], world: int, grad_accum: int, rank: int) -> list[ReplayChunk | None]:
+    """``rank``'s chunks of a step's replay samples for each of its micro-batches (None: none in that one).
 
     The micro-batches with replay are spread over the step and are the same on every rank; the i-th of
-    them on rank r takes slot i·world + r, the same interleaving as the task rows.
+    them on rank r takes slot i·world + r, the same interleaving as the task rows. A slot the samples do
+    not fill is padded with copies of the step's first sample (a real row, so the forward stays finite).
     """
     rows, active = replay_plan(len(drawn), world, grad_accum)
-    out: list[list[int] | None] = [None] * grad_accum
+    out: list[ReplayChunk | None] = [None] * grad_accum
     for i in range(active):
         slot = i * world + rank
-        out[i * grad_accum // active] = drawn[slot * rows : (slot + 1) * rows]
+        real = drawn[slot * rows : (slot + 1) * rows]
+        out[i * grad_accum // active] = ReplayChunk(real + [drawn[0]] * (rows - len(real)), len(real))
     return out

@@ -42,7 +42,10 @@ class HeadLossFn(Protocol):
 
 @dataclass
 class ReplayInputs:
-    """What one step's replay rows bring: mask [B, L]; states/features/teacher as the strategy needs."""
+    """What one step's replay rows bring: mask [B, L]; states/features/teacher as the strategy needs.
+
+    Rows from ``real`` on (None: none) pad the forward to its shape: the model sees them, the loss does not.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -52,6 +55,15 @@ class ReplayInputs:
     features: torch.Tensor | None = None  # cached reference hidden states, bf16 (l1, l2)
     teacher_logits: torch.Tensor | None = None  # frozen base model on the same rows (kl)
     teacher_hidden: torch.Tensor | None = None  # instead of teacher_logits: its final hidden states, for the head
+    real: int | None = None
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """The attention mask with the padding rows zeroed: the tokens the replay terms average over."""
+        if self.real is None or self.real >= self.attention_mask.shape[0]:
+            return self.attention_mask
+        keep = torch.arange(self.attention_mask.shape[0], device=self.attention_mask.device) < self.real
+        return self.attention_mask * keep.unsqueeze(1).to(self.attention_mask.dtype)
 
 
 def causal_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,7 +104,7 @@ def replay_terms(
     """
     if cfg.strategy == "none":
         return {}
-    mask = batch.attention_mask
+    mask = batch.loss_mask
     if logits is None:
         if head is None or cfg.strategy == "kl":
             raise ValueError("replay outputs without logits need a head loss (and kl_from_hidden for kl)")
@@ -138,7 +150,7 @@ def kl_from_hidden(
     """
     if batch.teacher_hidden is None:
         raise ValueError("replay.strategy 'kl' from hidden states needs the frozen base model's hidden states")
-    mask = batch.attention_mask
+    mask = batch.loss_mask
     targets = F.pad(_causal_targets(batch.input_ids, mask), (0, 1), value=-100).flatten()
     # One device-to-host read of both counts (a single sync on GPU); the objective reads its parts with .item()
     # in the same step anyway.
