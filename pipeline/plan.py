@@ -7,17 +7,25 @@ counts, no weights read), per rank, in bytes:
 
     model states   ZeRO-3 partitions of params (b), grads (b), fp32 master copy
                    and Adam m, v (12): (2b + 12)·ψ / ranks. offload_optimizer moves
-                   the 12 to host memory; offload_param moves the params'
+                   the grads and the 12 to host memory, beside an fp32 gradient
+                   (4); offload_param moves the params'
     gathered       ZeRO-3's working set: the largest module gathered whole (a
                    decoder layer, or the V×H embedding/head) plus the prefetch bucket,
                    the reduce bucket, and that module's full gradient
-    step buffers   the flattened fp32 gradient partition DeepSpeed hands the
-                   optimizer, and torch AdamW's temporary (4 + 4)·ψ / ranks
+    step buffers   the fp32 gradient DeepSpeed hands the optimizer and torch
+                   AdamW's temporary, (4 + 4) bytes a parameter of one optimizer
+                   sub-group (zero_optimization.sub_group_size, 1e9), not of the
+                   whole partition: DeepSpeed steps one sub-group at a time
+    anchors        L2-SP's fp32 copy of the start weights (4·ψ / ranks), EWC's
+                   and its Fisher (8·ψ / ranks)
     activations    what backward keeps of each decoder layer, per token, for a
                    Llama-style block with flash/sdpa attention (no L² scores):
-                   b·(7H + 2·kv + 4I) (layer input, two norm outputs, q, k, v,
-                   attention output and its o_proj copy, four MLP tensors; eager
-                   attention adds its [heads, L, L] scores and probabilities); with
+                   b·(6H + 2·kv + 4I) + 4·2H: eight H-wide tensors, of which
+                   the two RMSNorm inputs are kept in fp32 (the norm upcasts
+                   before it normalizes), k, v and four MLP tensors
+                   (tests/test_plan.py counts the saved tensors of a Llama
+                   block; eager attention adds its [heads, L, L] scores and
+                   probabilities); with
                    gradient checkpointing only the layer input per layer plus one
                    layer recomputed. Task rows (micro_batch × seq_len) and, when
                    replay runs, the replay rows of the micro-batch, whose graph is
@@ -38,8 +46,9 @@ adapter keeps per token, and the teacher is the base itself (no partition).
 at once (step buffers and activations are not), so the plan errs high. The CUDA context (~0.5-1 GB) and the caching
 allocator's slack are not counted; the verdict keeps 10% of the GPU for them.
 The trainer logs what this predicts, measured: ``peak_mem_gb`` in
-metrics.jsonl (tests compare the two on CPU runs). Checkpoint: (b + 12)·ψ
-bytes on disk; the time a save needs at ``--disk-gbps`` is compared with
+metrics.jsonl (tests compare the two on CPU runs). Checkpoint: 12·ψ bytes on
+disk (DeepSpeed's optimizer partitions; ZeRO-3's model-states files hold no
+weights); the time a save needs at ``--disk-gbps`` is compared with
 ``checkpoint.signal_save_budget``.
 """
 
@@ -87,6 +96,7 @@ class ModelShape:
     heads: int
     vocab: int
     largest_module: int  # parameters of the largest module gathered whole (a layer, or the embedding)
+    largest_param: int  # parameters of the largest tensor (a sub-group can pass sub_group_size by its partition)
     loss_from_hidden: bool  # the run's loss skips full logits (pipeline.losses.head)
     trained: int = 0  # parameters with gradients and optimizer states: all of them, or the adapters'
     largest_trained: int = 0  # of those, in the largest layer (its full gradient before the reduce-scatter)
@@ -119,6 +129,7 @@ class ModelShape:
             heads=heads,
             vocab=text.vocab_size,
             largest_module=max(layer, embedding),
+            largest_param=max((p.numel() for p in model.parameters()), default=0),
             loss_from_hidden=loss_from_hidden(cfg, model),
             trained=sum(p.numel() for p in model.parameters() if p.requires_grad),
             largest_trained=trained_in_layer if uses_adapter(cfg.adapter) else max(layer, embedding),
@@ -174,24 +185,33 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: st
     plan = Plan(ranks, dtype)
     t = plan.terms
     t["params (partition)"] = 0.0 if offload_par else b * psi / ranks
-    t["grads (partition)"] = b * phi / ranks
+    # With offload_optimizer DeepSpeed keeps the gradient partition in (pinned) host memory, beside the fp32
+    # gradient it steps with (stage3.py: its device is the CPU then).
+    t["grads (partition)"] = 0.0 if offload_opt else b * phi / ranks
     t["optimizer (fp32 master, m, v)"] = 0.0 if offload_opt else 12 * phi / ranks
     if offload_par:
         plan.host["params (partition)"] = b * psi / ranks
     if offload_opt:
+        plan.host["grads (partition)"] = b * phi / ranks
         plan.host["optimizer (fp32 master, m, v)"] = 12 * phi / ranks
+        plan.host["fp32 grads"] = 4 * phi / ranks
     prefetch = zero.get("stage3_prefetch_bucket_size", 0.9 * shape.hidden**2)
     reduce = zero.get("reduce_bucket_size", shape.hidden**2)
     t["gathered (largest module + prefetch)"] = b * (shape.largest_module + prefetch)
     t["reduce bucket"] = b * reduce
     t["full grad of the largest module"] = b * (shape.largest_trained or shape.largest_module)  # before reduce
     if not offload_opt:
-        # DeepSpeed flattens the gradient partition into a new fp32 tensor for the step; torch's AdamW (used when
-        # the JSON names no optimizer) adds a partition-sized temporary. Summed with the rest although they live
-        # at the step, not in backward: on SmolLM2 (2 CPU ranks) memory at rest after a step was above the model
-        # states by about these two partitions.
+        # DeepSpeed flattens a sub-group's gradient into a new fp32 tensor for its step and frees it after
+        # (stage3.py: _prepare_sub_group, _release_sub_group); torch's AdamW (used when the JSON names no
+        # optimizer) adds a temporary of that size. A sub-group closes once it reaches sub_group_size, so it can
+        # pass it by one parameter's partition. Summed with the rest although they live at the step, not in
+        # backward: on SmolLM2 (2 CPU ranks) memory at rest after a step was above the model states by about
+        # these two partitions (there one sub-group is the whole partition).
         torch_adamw = "optimizer" not in ds
-        t["optimizer step buffers"] = (4 + (4 if torch_adamw else 0)) * phi / ranks
+        sub_group = zero.get("sub_group_size", 1e9) + shape.largest_param / ranks
+        t["optimizer step buffers"] = (4 + (4 if torch_adamw else 0)) * min(phi / ranks, sub_group)
+    if cfg.penalty.kind != "none":  # the start weights' fp32 partition, and EWC's Fisher beside it
+        t["penalty anchors"] = (4 if cfg.penalty.kind == "l2sp" else 8) * phi / ranks
 
     seq_len, replay_len = _lengths(cfg, plan)
     tokens = cfg.batch.micro_batch * seq_len
@@ -202,7 +222,7 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: st
         samples, _ = replay_plan(cfg.replay.samples_per_step, ranks, cfg.batch.grad_accum)  # padded rows too
         # joint: packed rows of seq_len tokens behind the task rows, in the same forward
         replay_tokens = layout.rows_for(samples) * seq_len if layout else samples * replay_len
-    per_token_layer = b * (7 * shape.hidden + 2 * shape.kv + 4 * shape.intermediate)
+    per_token_layer = activation_bytes_per_token(shape, b)
     per_token_all = per_token_layer * shape.layers
     live = tokens + replay_tokens
     if cfg.model.gradient_checkpointing:  # one layer recomputed at a time, for the largest forward
@@ -233,8 +253,17 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: st
         teacher = 0.0 if adapter else b * psi / ranks + b * (shape.largest_module + prefetch)
         teacher += b * taught * shape.hidden + b * shape.vocab * shape.hidden if chunked else b * taught * shape.vocab
         t["KD teacher"] = teacher
-    plan.checkpoint_bytes = (b + 12) * phi  # an adapter run's checkpoints leave out the frozen weights
+    plan.checkpoint_bytes = 12 * phi  # an adapter run's checkpoints leave out the frozen weights
     return plan
+
+
+def activation_bytes_per_token(shape: ModelShape, b: int) -> int:
+    """What backward keeps of one decoder layer per token (flash/sdpa attention; ``b``: bytes of the dtype).
+
+    Eight H-wide tensors, k, v and four MLP tensors in the dtype, except the inputs of the layer's two
+    RMSNorms: the norm computes in fp32 and keeps its upcast input for backward (in bf16 too).
+    """
+    return b * (6 * shape.hidden + 2 * shape.kv + 4 * shape.intermediate) + 4 * 2 * shape.hidden
 
 
 def advise(plan: Plan, cfg: TrainConfig, gpu_bytes: float, shape: ModelShape) -> list[str]:

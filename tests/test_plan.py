@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline.config import load_train_config
@@ -59,7 +60,7 @@ def test_parameters_come_from_the_architecture_and_model_states_shard_over_ranks
     for key in eight.terms:
         expected = eight.terms[key] / 2 if key in (*states, "optimizer step buffers") else eight.terms[key]
         assert sixteen.terms[key] == pytest.approx(expected), key
-    assert eight.checkpoint_bytes == 14 * LLAMA3_8B_PARAMS
+    assert eight.checkpoint_bytes == 12 * LLAMA3_8B_PARAMS  # DeepSpeed's fp32 master, m and v; no bf16 weights
 
 
 def test_full_logits_cost_vocabulary_times_tokens_and_the_chunked_loss_does_not(tmp_path):
@@ -96,7 +97,7 @@ def test_lora_trains_the_adapters_states_only_and_its_teacher_is_the_base_itself
     assert shape.params > LLAMA3_8B_PARAMS  # the adapters' weights are partitioned with the base's
     assert lora.terms["grads (partition)"] == 2 * shape.trained / 8
     assert lora.terms["optimizer (fp32 master, m, v)"] == 12 * shape.trained / 8
-    assert lora.checkpoint_bytes == 14 * shape.trained
+    assert lora.checkpoint_bytes == 12 * shape.trained
     # the teacher is the trained model with its adapters off: its outputs on the replay rows (2 of 512 tokens a
     # micro-batch) and the head weight, no partition or gathered module of its own
     assert lora.terms["KD teacher"] == 2 * (2 * 512) * 4096 + 2 * 128256 * 4096
@@ -126,9 +127,12 @@ def test_offloading_the_optimizer_moves_its_states_to_host_memory(tmp_path):
     shape = model_shape(cfg, cuda=True)
     offloaded = plan_memory(cfg, 8, shape)
     assert offloaded.terms["optimizer (fp32 master, m, v)"] == offloaded.terms["params (partition)"] == 0
+    assert offloaded.terms["grads (partition)"] == 0 and "optimizer step buffers" not in offloaded.terms
     assert offloaded.host == {
         "params (partition)": on_gpu.terms["params (partition)"],
+        "grads (partition)": on_gpu.terms["grads (partition)"],
         "optimizer (fp32 master, m, v)": on_gpu.terms["optimizer (fp32 master, m, v)"],
+        "fp32 grads": 4 * LLAMA3_8B_PARAMS / 8,
     }
 
 
@@ -137,3 +141,108 @@ def test_the_cli_prints_the_table_the_verdict_and_a_comparable_last_line(tmp_pat
     out = capsys.readouterr().out.strip().splitlines()
     assert "| **total** |" in "\n".join(out) and any(line.startswith("verdict: does not fit") for line in out)
     assert out[-1].startswith("per_rank_gb=") and "fits=0" in out[-1]
+
+
+LLAMA3_70B = {
+    **LLAMA3_8B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+}
+
+
+def test_deepspeed_steps_one_sub_group_at_a_time_so_the_step_buffers_do_not_scale_with_the_partition(tmp_path):
+    """Llama-3-70B on 8 GPUs: 8.8e9 parameters a rank, stepped in sub-groups of 1e9 (sub_group_size)."""
+    _, shape, plan = planned(tmp_path, model={"config": LLAMA3_70B})
+    per_rank = shape.params / 8
+    assert 8.5e9 < per_rank < 9e9
+    sub_group = 1e9 + shape.largest_param / 8  # a sub-group closes once it reaches 1e9: one tensor's partition over
+    assert plan.terms["optimizer step buffers"] == pytest.approx(8 * sub_group)  # fp32 grad + AdamW's temporary
+    assert plan.terms["optimizer step buffers"] < 8 * per_rank / 7.5  # the partition-sized buffers were ~8x this
+    _, _, small = planned(tmp_path)  # 8B: 1e9 a rank fits one sub-group, which is the whole partition
+    assert small.terms["optimizer step buffers"] == pytest.approx(8 * LLAMA3_8B_PARAMS / 8)
+
+
+@pytest.mark.parametrize("kind, anchors", [("l2sp", 4), ("ewc", 8), ("none", 0)])
+def test_penalties_keep_fp32_anchors_of_the_local_partition(tmp_path, kind, anchors):
+    _, _, plan = planned(tmp_path, penalty={"kind": kind, "weight": 0.1})
+    assert plan.terms.get("penalty anchors", 0) == anchors * LLAMA3_8B_PARAMS / 8  # start weights (+ EWC's Fisher)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_activation_term_is_what_autograd_saves_of_a_llama_block(dtype):
+    """Bytes autograd keeps per token per decoder layer (parameters excluded, one count per storage), from the
+    difference between 2 layers and 1 and between 128 tokens and 64, against the planner's term: in bf16 too,
+    where each RMSNorm keeps its input upcast to fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.plan import ModelShape, activation_bytes_per_token
+
+    hidden, intermediate, heads, kv_heads = 192, 1000, 6, 3  # nothing a multiple of another
+
+    def saved(layers: int, tokens: int) -> int:
+        config = LlamaConfig(
+            vocab_size=128,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            attn_implementation="sdpa",
+        )
+        model = LlamaForCausalLM(config).to(dtype)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in weights:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.randint(0, 128, (1, tokens)), logits_to_keep=1)
+        return sum(kept.values())
+
+    def per_layer(tokens: int) -> int:
+        return saved(2, tokens) - saved(1, tokens)
+
+    measured = (per_layer(128) - per_layer(64)) / 64
+    kv = kv_heads * hidden // heads
+    shape = ModelShape(0, 1, hidden, intermediate, kv, heads, 128, 0, 0, True)
+    planned_bytes = activation_bytes_per_token(shape, 4 if dtype == torch.float32 else 2)
+    # above by the norms' [T, 1] rsqrt and attention's [heads, T] log-sum-exp: 0.1-0.3%
+    assert planned_bytes <= measured <= 1.005 * planned_bytes
+
+
+def test_model_states_agree_with_deepspeeds_estimator_where_both_count_the_same_thing(tmp_path):
+    """DeepSpeed's ZeRO-3 estimator (no offload): 4 bytes a parameter of the largest layer + 18 a parameter over
+    the ranks. The planner: the largest module's bf16 parameters gathered and its bf16 gradient, 4 bytes a
+    parameter as DeepSpeed; 16 a parameter of model states (bf16 params and grads, fp32 master, m and v). The
+    2 more of DeepSpeed's are an allowance for the fp32 gradient of the step (its stage 1/2 estimator lists a
+    4-byte fp32 gradient in its 18), which the planner counts in full as a step buffer of one sub-group (4
+    bytes a parameter at 8B on 8 GPUs, where one sub-group is the partition). The planner adds the prefetch
+    and reduce buckets, which the estimator leaves out."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    _, shape, plan = planned(tmp_path)
+    psi, t = shape.params, plan.terms
+    _, gpu, largest = estimate_zero3_model_states_mem_needs(psi, shape.largest_module, 8, 1, False, False)
+    prefetch = 5e8  # zero3_bf16.json's stage3_prefetch_bucket_size
+    assert t["gathered (largest module + prefetch)"] - 2 * prefetch + t["full grad of the largest module"] == largest
+    states = t["params (partition)"] + t["grads (partition)"] + t["optimizer (fp32 master, m, v)"]
+    assert states == 16 * psi / 8 and gpu - largest == int(18 * psi / 8)
+    assert states + t["optimizer step buffers"] / 2 >= gpu - largest  # + the fp32 gradient: DeepSpeed's 18 and more
+
+    # Both offloaded (zero3_offload.json): DeepSpeed's GPU term is the largest layer alone, as the planner's
+    # without its buckets; on the host it counts 18 a parameter (bf16 params, fp32 master, m, v and gradient),
+    # the planner 2 more: the bf16 gradient partition DeepSpeed keeps in pinned host memory under offload.
+    raw = yaml.safe_load(config(tmp_path).read_text())
+    raw["deepspeed"] = str(ROOT / "ds_configs" / "zero3_offload.json")
+    (tmp_path / "offload.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_train_config(tmp_path / "offload.yaml")
+    offloaded = plan_memory(cfg, 8, model_shape(cfg, cuda=True))
+    cpu, gpu, largest = estimate_zero3_model_states_mem_needs(psi, shape.largest_module, 8, 1, True, True)
+    o = offloaded.terms
+    assert o["gathered (largest module + prefetch)"] - 2 * 2e8 + o["full grad of the largest module"] == gpu
+    assert sum(offloaded.host.values()) * 8 == pytest.approx(cpu / 1.5 + 2 * psi)  # 1.5: its buffer factor
