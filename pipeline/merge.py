@@ -112,14 +112,17 @@ def average(models: list[Path], out: Path) -> Path:
     return out
 
 
-def largest_within(rise: Callable[[float], float], budget: float, tolerance: float = 1 / 32) -> tuple[float, list]:
-    """The largest α in [0, 1] with ``rise(α) <= budget``, to ``tolerance``, by bisection (the rise grows with
-    α: the tuned model's forgetting is scaled in); (α, [(α tried, rise), ...])."""
+def largest_within(
+    rise: Callable[[float], float], budget: float, tolerance: float = 1 / 32, smallest: float = 1 / 1024
+) -> tuple[float, list]:
+    """The largest α in [0, 1] with ``rise(α) <= budget`` by bisection (the rise grows with α: the tuned model's
+    forgetting is scaled in), to ``tolerance`` of the α it brackets, so a small α (a run at a high lr that
+    forgot fast) is found as finely as a large one; below ``smallest`` it stops at 0. (α, [(α tried, rise)])."""
     tried = [(1.0, rise(1.0))]
     if tried[0][1] <= budget:
         return 1.0, tried
     low, high = 0.0, 1.0  # rise(0) is 0: the base itself
-    while high - low > tolerance:
+    while high - low > tolerance * high and high > smallest:
         mid = (low + high) / 2
         tried.append((mid, rise(mid)))
         low, high = (mid, high) if tried[-1][1] <= budget else (low, mid)

@@ -102,8 +102,12 @@ def test_the_search_finds_the_largest_alpha_within_the_budget_in_few_scorings():
         return 0.1 * alpha
 
     alpha, tried = merge.largest_within(rise, 0.05)
-    assert 0.5 - 1 / 32 <= alpha <= 0.5 and 0.1 * alpha <= 0.05 and len(calls) <= 7
+    assert 0.5 * (1 - 1 / 32) <= alpha <= 0.5 and 0.1 * alpha <= 0.05 and len(calls) <= 7
     assert merge.largest_within(lambda a: 0.01 * a, 0.05) == (1.0, [(1.0, 0.01)])  # within budget: no merge
+    # a run that forgot fast (the probe at +5% by alpha 0.03): found to 1/32 of itself, not of 1
+    alpha, tried = merge.largest_within(lambda a: 0.05 * a / 0.03, 0.05)
+    assert 0.03 * (1 - 1 / 32) <= alpha <= 0.03 and len(tried) <= 12
+    assert merge.largest_within(lambda a: 1.0, 0.05)[0] == 0.0  # nothing within the budget: the base
 
 
 def test_merge_to_budget_holds_the_probe_rise_and_refuses_a_prep_without_probe(sample, tmp_path):
