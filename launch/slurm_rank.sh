@@ -4,12 +4,12 @@
 # reaches the rank itself: the ranks agree on a step, save a checkpoint and exit 0, so srun's
 # --kill-on-bad-exit never fires. (Under a launcher, the launcher died at the signal and srun then
 # killed the ranks before they could save.)
-#   launch/slurm_rank.sh CONFIG.yaml [--set key=value ...]
+#   launch/slurm_rank.sh RUN.yaml [--set key=value ...]
 # Reads SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID, SLURM_NNODES and MASTER_ADDR
 # (MASTER_PORT defaults to 29500). Each task sees its node's GPUs and takes GPU SLURM_LOCALID.
 set -euo pipefail
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; fi
-config=${1:?usage: launch/slurm_rank.sh CONFIG.yaml [--set key=value ...]}
+config=${1:?usage: launch/slurm_rank.sh RUN.yaml [--set key=value ...]}
 shift
 root=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Training on one node: every local GPU (or N CPU ranks where there is none).
-#   launch/train.sh cpt.yaml [NUM_RANKS] [--set key=value ...]
+#   launch/train.sh RUN.yaml [NUM_RANKS] [--set key=value ...]
 set -euo pipefail
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; fi
-config=${1:?usage: launch/train.sh CONFIG.yaml [NUM_RANKS] [--set key=value ...]}
+config=${1:?usage: launch/train.sh RUN.yaml [NUM_RANKS] [--set key=value ...]}
 if [[ ! -f $config ]]; then echo "error: $config: no such config file" >&2; exit 2; fi
 shift
 ranks=""

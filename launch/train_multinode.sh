@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Training on several nodes over SSH with a DeepSpeed hostfile (see launch/hostfile.example).
 # The repository, the prep output and the run directory must be on a filesystem every node sees.
-#   launch/train_multinode.sh launch/hostfile cpt.yaml [--set key=value ...]
+#   launch/train_multinode.sh launch/hostfile RUN.yaml [--set key=value ...]
 set -euo pipefail
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0; fi
-hostfile=${1:?usage: launch/train_multinode.sh HOSTFILE CONFIG.yaml [--set key=value ...]}
+hostfile=${1:?usage: launch/train_multinode.sh HOSTFILE RUN.yaml [--set key=value ...]}
 config=${2:?config}
 for f in "$hostfile" "$config"; do [[ -f $f ]] || { echo "error: $f: no such file" >&2; exit 2; }; done
 shift 2

@@ -70,7 +70,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def plan_parser() -> argparse.ArgumentParser:
     p = _parser("pipeline.plan")
-    p.add_argument("--config", required=True, help="training config (YAML)")
+    p.add_argument("--config", required=True, help="training config or run file (YAML)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs per node")
     p.add_argument("--nodes", type=int, default=1, help="nodes (ranks = gpus × nodes; default: 1)")
     p.add_argument("--gpu-mem", type=float, help="GB per GPU (default: this machine's GPU, else no verdict)")

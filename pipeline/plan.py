@@ -71,7 +71,7 @@ from data_prep.replay import ReplayShard
 
 from .adapter import add_adapters, uses_adapter
 from .cli_args import plan_parser
-from .config import TrainConfig, load_train_config
+from .config import TrainConfig
 from .ds_config import filled_ds_config
 from .gere.joint import replay_layout
 from .gere.sampler import replay_plan
@@ -79,6 +79,7 @@ from .losses.head import loss_from_hidden
 from .losses.linear_ce import CHUNK_BYTES
 from .model import model_config, model_sources
 from .precision import resolve_dtype
+from .runfile import training_config
 
 log = logging.getLogger("pipeline.plan")
 
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.WARNING)
 
     def body() -> None:
-        cfg = load_train_config(args.config)
+        cfg = training_config(args.config)
         ranks = args.gpus * args.nodes
         shape = model_shape(cfg, cuda=not args.cpu)
         plan = plan_memory(cfg, ranks, shape, "cpu" if args.cpu else "cuda")

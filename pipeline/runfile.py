@@ -106,6 +106,21 @@ def load_run(path: str | Path, overrides: list[str] | tuple[str, ...] = (), smok
     return run
 
 
+def is_run_file(raw: dict[str, Any]) -> bool:
+    """A run file names corpora under ``data.sources``; a training config names a prep under ``data.prep``."""
+    return isinstance(raw.get("data"), dict) and "sources" in raw["data"]
+
+
+def training_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The training config at ``path``, or a run file's, as `cpt run` writes it to RUN_DIR/train.yaml: every
+    per-stage command and launch script takes either file."""
+    from .config import load_train_config
+
+    if is_run_file(read_yaml(Path(path))):
+        return load_run(path, overrides).train
+    return load_train_config(path, overrides)
+
+
 def check_run(
     path: str | Path, overrides: list[str] | tuple[str, ...] = (), smoke: bool = False
 ) -> tuple[RunFile | None, list[str]]:

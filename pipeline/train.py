@@ -14,7 +14,8 @@ import sys
 from cpt_core.commands import prog
 from cpt_core.errors import run_cli
 from cpt_core.logs import process_rank, setup_logging
-from pipeline.config import TrainConfig, config_reference, load_train_config
+from pipeline.config import TrainConfig, config_reference
+from pipeline.runfile import training_config
 
 log = logging.getLogger("pipeline.train")
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog=prog("pipeline.train"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", help="training YAML (paths relative to it)")
+    p.add_argument("--config", help="training YAML, or the run file (paths relative to it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--help-config", action="store_true", help="print every config key (type, default, meaning)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def body() -> None:
-        cfg = load_train_config(args.config, args.set)  # a bad config fails before any process group forms,
+        cfg = training_config(args.config, args.set)  # a bad config fails before any process group forms,
         check_inputs(cfg)  # and so does a missing prep or a model directory that would be refused
         from pipeline.distributed import finish, init_distributed
         from pipeline.trainer import Trainer  # deepspeed and transformers: seconds to import

@@ -209,3 +209,37 @@ def test_smoke_keeps_probe_documents_for_a_merge_to_budget(sample, tmp_path):
     path = run_file(sample, tmp_path / "run.yaml", model={"path": str(base)}, data=data, merge={"to_budget": 0.05})
     run = load_run(path, smoke=True)
     assert run.prep_raw["replay"]["probe_docs"] == 8
+
+
+def test_the_launch_scripts_take_the_run_file_itself(sample, tmp_path):
+    """What the SLURM and hostfile scripts start, `pipeline.train --config RUN.yaml`, trains the run file's
+    training section in RUN_DIR/train, as `cpt run` does; `cpt plan` reads the run file too."""
+    from pipeline.config import load_train_config, to_dict
+    from pipeline.runfile import training_config
+
+    from .train_helpers import env, launcher_command, metrics
+
+    model = {"config": {"vocab_size": 768, "hidden_size": 32, "num_hidden_layers": 1}}  # the test tokenizer's
+    path = run_file(sample, tmp_path / "run.yaml", gpus=1, steps=2, model=model, replay={"strategy": "none"})
+    prepared = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(path), "--only", "prep"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    assert to_dict(training_config(path)) == to_dict(load_train_config(tmp_path / "out" / "train.yaml"))
+    assert to_dict(training_config(path, ["optim.lr=1e-3"])).get("optim", {}).get("lr") == 1e-3
+
+    planned = subprocess.run(
+        [sys.executable, "-m", "pipeline", "plan", "--config", str(path), "--gpus", "1", "--cpu"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert planned.returncode == 0 and "per_rank_gb=" in planned.stdout, planned.stderr[-2000:]
+    trained = subprocess.run(launcher_command(path, ranks=1), capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert set(metrics(tmp_path / "out" / "train")) >= {1, 2}
