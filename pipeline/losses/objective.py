@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,10 @@ import torch.nn.functional as F
 from ..config import KDConfig, ReplayConfig
 from .kl import kl_sum
 from .linear_ce import TeacherHead
-from .replay import HeadLossFn, ReplayInputs, kl_from_hidden, replay_terms
+from .replay import ReplayInputs, kl_from_hidden, replay_terms
+
+if TYPE_CHECKING:
+    from .head import HeadLoss
 
 
 @dataclass
@@ -94,7 +98,7 @@ class Objective:
         self,
         replay: ReplayConfig,
         kd: KDConfig,
-        head: HeadLossFn | None = None,
+        head: HeadLoss | None = None,
         teacher_head_weight: torch.Tensor | None = None,
     ) -> None:
         """``head``: the trained model's head loss, for outputs that carry hidden states; ``teacher_head_weight``

@@ -15,7 +15,7 @@ replay text as well). How the terms are weighted into the step's loss is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,19 +25,8 @@ from .kl import kl_sum
 from .linear_ce import TeacherHead
 from .tm_loss import tm_loss
 
-
-class HeadLossFn(Protocol):
-    """The model's head loss (pipeline/losses/head.py): hidden [N, H], targets [N] → (ce_weight · CE +
-    kl_weight · KL, CE, KL) sums, the first differentiable."""
-
-    def __call__(
-        self,
-        hidden: torch.Tensor,
-        targets: torch.Tensor,
-        teacher: TeacherHead | None = None,
-        kl_weight: float = 1.0,
-        ce_weight: float = 1.0,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+if TYPE_CHECKING:  # the head loss imports DeepSpeed; these functions only call it
+    from .head import HeadLoss
 
 
 @dataclass
@@ -73,7 +62,7 @@ def causal_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor)
 
 
 def causal_ce_from_hidden(
-    head: HeadLossFn, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+    head: HeadLoss, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """:func:`causal_ce` through the head loss, from final hidden states [B, L, H]."""
     targets = _causal_targets(input_ids, mask).flatten()
@@ -92,7 +81,7 @@ def replay_terms(
     logits: torch.Tensor | None,
     hidden: torch.Tensor,
     batch: ReplayInputs,
-    head: HeadLossFn | None = None,
+    head: HeadLoss | None = None,
 ) -> dict[str, torch.Tensor]:
     """{'replay_ce': ..., '<strategy>': ...}: the unweighted terms, each a mean over the replay tokens.
 
@@ -132,7 +121,7 @@ def replay_terms(
 
 
 def kl_from_hidden(
-    head: HeadLossFn,
+    head: HeadLoss,
     hidden: torch.Tensor,
     batch: ReplayInputs,
     teacher_weight: torch.Tensor,
