@@ -192,9 +192,11 @@ LEVERS = [
     Row("+ WSD instead of cosine", False, WSD),
     Row("+ replay KL (w 1.5) + WSD", False, {**replay_kl(1.5), **WSD}),
     Row("+ replay KL (w 3) + WSD", False, {**replay_kl(3.0), **WSD}),
+    Row("+ replay KL (w 3) + WSD, 3x lr", False, {**replay_kl(3.0), **WSD}, 3.0),
+    Row("+ replay KL (w 3) + WSD, 10x lr", False, {**replay_kl(3.0), **WSD}, 10.0),
 ]
 ROWS += LEVERS
-DEFAULT = "+ replay KL (w 1.5)"  # what cpt init and the demo run: the summary line compares it with naive CPT
+DEFAULT = "+ replay KL (w 3) + WSD"  # what cpt init and the demo run: the summary line compares it with naive CPT
 TM_ROW = "+ mix + TM (w 1)"  # GeRe's configuration, reported beside it
 
 
