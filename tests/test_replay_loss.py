@@ -153,6 +153,25 @@ def test_dynamic_weight_scales_the_term_to_ce_and_passes_no_gradient_through_the
     assert none.loss.item() == pytest.approx(part.logged["task_ce"] / 8) and none.replay_weight == 0.0
 
 
+@pytest.mark.parametrize("strategy", ["ce", "l2", "tm", "kl"])
+def test_a_chunk_of_padding_rows_only_scores_zero_and_adds_nothing(strategy):
+    """A rank with no sample this step (1 sample on 2 ranks) runs padding rows only, weighted 0: every term is
+    a finite 0, so the micro-batch's loss is its task loss alone (a 0/0 there would make it NaN)."""
+    from pipeline.gere.states import activation_states, pack_states
+
+    task, rep = objective_inputs()
+    inputs = rep.inputs
+    inputs.neg, inputs.pos = torch.full((6,), -1.0), torch.full((6,), 1.0)
+    inputs.states = pack_states(activation_states(inputs.features, inputs.neg, inputs.pos))
+    inputs.teacher_logits = rep.logits.detach() + 0.1 * torch.randn_like(rep.logits)
+    inputs.real = 0
+    terms = replay_terms(ReplayConfig(strategy=strategy), rep.logits, rep.hidden, inputs)
+    assert all(float(t) == 0.0 for t in terms.values()), terms
+    objective = Objective(ReplayConfig(strategy=strategy, weight="dynamic"), KDConfig())
+    padded = objective(task, ReplayOutputs(rep.logits, rep.hidden, inputs, share=0.0), 8, 2, 2)
+    assert torch.equal(padded.loss, objective(task, None, 8, 2, 2).loss)
+
+
 @pytest.mark.parametrize("weight, ce_weight, real", [(1.5, 0.0, None), ("dynamic", 1.0, None), (1.5, 1.0, 2)])
 def test_replay_kl_through_the_head_loss_matches_the_full_logits_path_in_value_and_gradient(
     built, weight, ce_weight, real

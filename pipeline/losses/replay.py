@@ -56,9 +56,13 @@ class ReplayInputs:
 
 
 def causal_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token CE over positions whose target is a real token."""
+    """Mean next-token CE over positions whose target is a real token; 0 where there is none (a chunk of padding
+    rows only: cross_entropy's own mean would be 0/0)."""
     targets = _causal_targets(input_ids, mask)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    total = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return total / (targets != -100).sum().clamp_min(1)
 
 
 def causal_ce_from_hidden(
