@@ -278,7 +278,7 @@ def test_chunked_head_loss_gives_the_full_logits_losses_on_two_zero3_ranks(prep,
 
 
 def test_replay_kl_is_zero_at_step_one_is_the_only_replay_term_and_matches_full_logits_fixed_or_dynamic(prep, tmp_path):
-    """The example config's replay (launch/cpt_example.yaml: kl, weight 1.5, no replay CE) on 2 ZeRO-3 ranks: the
+    """Replay KL (weight 1.5, no replay CE) on 2 ZeRO-3 ranks: the
     frozen teacher is a second partitioned copy of the base, so at step 1 student and teacher are the same
     model and KL is 0; it grows as the model drifts, and the step's loss is task CE + 1.5 · KL, replay CE
     logged but not trained on.
