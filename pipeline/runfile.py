@@ -97,9 +97,12 @@ class RunFile:
         return self.train.replay.strategy in CACHED_STRATEGIES
 
 
-def load_run(path: str | Path, overrides: list[str] | tuple[str, ...] = (), smoke: bool = False) -> RunFile:
-    """The run file at ``path`` with ``--set`` overrides (and smoke-size settings), or a :class:`ConfigProblems`."""
-    run, found = check_run(path, overrides, smoke)
+def load_run(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), smoke: bool = False, training_only: bool = False
+) -> RunFile:
+    """The run file at ``path`` with ``--set`` overrides (and smoke-size settings), or a :class:`ConfigProblems`.
+    ``training_only``: the data section (corpora, tokenizer) is not checked, as training reads the built prep."""
+    run, found = check_run(path, overrides, smoke, training_only)
     if found:
         raise ConfigProblems(found)
     assert run is not None
@@ -107,22 +110,26 @@ def load_run(path: str | Path, overrides: list[str] | tuple[str, ...] = (), smok
 
 
 def is_run_file(raw: dict[str, Any]) -> bool:
-    """A run file names corpora under ``data.sources``; a training config names a prep under ``data.prep``."""
-    return isinstance(raw.get("data"), dict) and "sources" in raw["data"]
+    """A run file names corpora (``data`` without ``prep``) or run-only keys (gpus, export, merge); a training
+    config names a prep under ``data.prep``."""
+    data = raw.get("data")
+    return bool(set(raw) & (RUN_KEYS - TRAIN_KEYS)) or (isinstance(data, dict) and "prep" not in data)
 
 
-def training_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """The training config at ``path``, or a run file's, as `cpt run` writes it to RUN_DIR/train.yaml: every
-    per-stage command and launch script takes either file."""
+def training_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The training config at ``path`` (None: from ``overrides`` alone), or a run file's training section as
+    `cpt run` writes it to RUN_DIR/train.yaml: the training commands and launch scripts take either file. A
+    run file's corpora are not checked here: training reads the prep they were built into, and on a cluster
+    the corpora need not be on the nodes' shared filesystem."""
     from .config import load_train_config
 
-    if is_run_file(read_yaml(Path(path))):
-        return load_run(path, overrides).train
+    if path is not None and is_run_file(read_yaml(Path(path))):
+        return load_run(path, overrides, training_only=True).train
     return load_train_config(path, overrides)
 
 
 def check_run(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), smoke: bool = False
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), smoke: bool = False, training_only: bool = False
 ) -> tuple[RunFile | None, list[str]]:
     """Everything that can be checked without loading a model: keys, types, values, paths, tokenizer vs model."""
     path = Path(path).resolve()  # every relative path in the file is relative to it, whatever the cwd
@@ -161,7 +168,7 @@ def check_run(
         found += [f"{origin}: {p}" for p in problems(train)]
     found += _path_problems(raw, base, origin)
 
-    prep_raw = _prep_section(raw, train, run_dir, base, origin, found)
+    prep_raw = {} if training_only else _prep_section(raw, train, run_dir, base, origin, found)
     if found:
         return None, found
     assert top is not None and train is not None and export is not None and merge is not None

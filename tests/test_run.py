@@ -221,6 +221,11 @@ def test_the_launch_scripts_take_the_run_file_itself(sample, tmp_path):
 
     model = {"config": {"vocab_size": 768, "hidden_size": 32, "num_hidden_layers": 1}}  # the test tokenizer's
     path = run_file(sample, tmp_path / "run.yaml", gpus=1, steps=2, model=model, replay={"strategy": "none"})
+    raw = yaml.safe_load(path.read_text())
+    corpus = tmp_path / "domain.jsonl.gz"  # a copy, moved away once the prep is built
+    corpus.write_bytes(sample.domain.read_bytes())
+    raw["data"]["sources"][0]["paths"] = str(corpus)
+    path.write_text(yaml.safe_dump(raw))
     prepared = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", str(path), "--only", "prep"],
         capture_output=True,
@@ -229,7 +234,10 @@ def test_the_launch_scripts_take_the_run_file_itself(sample, tmp_path):
         timeout=300,
     )
     assert prepared.returncode == 0, prepared.stderr[-3000:]
+    corpus.rename(tmp_path / "elsewhere.jsonl.gz")  # training reads the prep: the corpora need not be on the nodes
     assert to_dict(training_config(path)) == to_dict(load_train_config(tmp_path / "out" / "train.yaml"))
+    overrides = ["data.prep=p", "steps=5", "model.config={hidden_size: 8}"]  # no file: a config from --set alone
+    assert to_dict(training_config(None, overrides)) == to_dict(load_train_config(None, overrides))
     assert to_dict(training_config(path, ["optim.lr=1e-3"])).get("optim", {}).get("lr") == 1e-3
 
     planned = subprocess.run(

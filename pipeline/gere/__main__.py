@@ -24,7 +24,7 @@ from pathlib import Path
 from cpt_core.commands import prog, renamed
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
-from pipeline.config import load_train_config
+from pipeline.runfile import training_config
 
 log = logging.getLogger("pipeline.gere")
 
@@ -65,7 +65,7 @@ def build_from_args(args: argparse.Namespace) -> Path:
     if args.config:
         from pipeline.gere.build import build_cache_for_training  # torch and transformers: after --help
 
-        return build_cache_for_training(load_train_config(args.config, args.set), features=args.features)
+        return build_cache_for_training(training_config(args.config, args.set), features=args.features)
     if args.prep and not args.replay:
         from data_prep.prep_dir import PrepDir
 

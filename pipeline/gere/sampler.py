@@ -54,9 +54,10 @@ def replay_plan(samples_per_step: int, world: int, grad_accum: int) -> tuple[int
     """(replay rows per forward, micro-batches per step that have replay) for ``samples_per_step`` samples.
 
     Every rank runs the same forwards of the same shape (a replay forward under ZeRO-3 gathers parameters
-    collectively, and the GeRe cache is built in forwards of this size): ceil(samples / ranks) rows a rank,
-    in as few rows per forward as fit in grad_accum micro-batches. Where the samples do not fill the slots
-    (any count that is not ranks x active x rows), the rest are padding rows that weigh nothing.
+    collectively, and the GeRe cache is built in forwards of this size). A rank's share, ceil(samples /
+    ranks), goes into as few rows per forward as fit in grad_accum micro-batches, in as many micro-batches
+    as that takes; slots the samples do not fill (ranks x active x rows can pass the count: 10 samples on
+    2 ranks with grad_accum 4 run 3 forwards of 2 rows a rank) are padding rows that weigh nothing.
     """
     per_rank = -(-samples_per_step // world)
     rows = -(-per_rank // grad_accum)  # ceil: at most grad_accum forwards
