@@ -74,6 +74,11 @@ def add_adapters(model: nn.Module, adapter: AdapterConfig, seed: int) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers PEFT injected (``B A`` beside a frozen weight), without modules_to_save's trained copies."""
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
 def adapter_layers(model: nn.Module) -> list[nn.Module]:
     """The modules that switch between the adapted and the base computation."""
     return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]

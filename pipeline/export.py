@@ -197,9 +197,7 @@ def _verify_adapter_logits(checkpoint: Path, exported_dir: Path, cfg_dict: dict[
     adapters injected and merged by PEFT's own code (``BaseTunerLayer.merge``), independent of the export's
     streamed merge. Merged, not run as adapters: ``W x + s B A x`` rounds differently from ``(W + s B A) x``
     (by 2e-4 of the largest logit on SmolLM2 in fp32), which would hide a lost adapter under the tolerance."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from .adapter import add_adapters
+    from .adapter import add_adapters, lora_layers
     from .distributed import local_device
     from .model import load_causal_lm, model_sources
 
@@ -210,9 +208,8 @@ def _verify_adapter_logits(checkpoint: Path, exported_dir: Path, cfg_dict: dict[
     unexpected = model.load_state_dict({k: v.contiguous() for k, v in trained.items()}, strict=False).unexpected_keys
     if unexpected:
         raise ExportMismatch(f"{checkpoint}: tensors the adapted model does not have, e.g. {unexpected[:3]}")
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
+    for module in lora_layers(model):
+        module.merge()
     device = local_device()
     exported = AutoModelForCausalLM.from_pretrained(str(exported_dir), local_files_only=True, dtype=model.dtype)
     return _logit_difference(model.to(device).eval(), exported.to(device).eval(), device)

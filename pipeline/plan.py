@@ -61,7 +61,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM
 
 from cpt_core.errors import UserError, run_cli
@@ -69,7 +68,7 @@ from cpt_core.logs import setup_logging
 from data_prep.prep_dir import PrepDir
 from data_prep.replay import ReplayShard
 
-from .adapter import add_adapters, uses_adapter
+from .adapter import add_adapters, lora_layers, uses_adapter
 from .cli_args import plan_parser
 from .config import TrainConfig
 from .ds_config import filled_ds_config
@@ -142,9 +141,8 @@ def _adapter_per_token(layer: torch.nn.Module, cfg: TrainConfig) -> int:
     """What one layer's LoRA modules keep per token for backward: A's output (r values) each, and with dropout
     its own copy of the layer's input (in_features values) each."""
     kept = 0
-    for module in layer.modules():
-        if isinstance(module, BaseTunerLayer):
-            kept += cfg.adapter.r + (module.in_features if cfg.adapter.dropout > 0 else 0)
+    for module in lora_layers(layer):
+        kept += cfg.adapter.r + (module.in_features if cfg.adapter.dropout > 0 else 0)
     return kept
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from cpt_core.errors import ConfigProblems, UserError
 from cpt_core.typed_config import apply_overrides, build, did_you_mean, read_yaml, setting
 
-from .config import CACHED_STRATEGIES, TrainConfig, overridden_keys, problems, resolve_paths
+from .config import CACHED_STRATEGIES, TrainConfig, load_train_config, overridden_keys, problems, resolve_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {p.stem: p for p in sorted((ROOT / "ds_configs").glob("*.json"))}
@@ -121,8 +121,6 @@ def training_config(path: str | Path | None, overrides: list[str] | tuple[str, .
     `cpt run` writes it to RUN_DIR/train.yaml: the training commands and launch scripts take either file. A
     run file's corpora are not checked here: training reads the prep they were built into, and on a cluster
     the corpora need not be on the nodes' shared filesystem."""
-    from .config import load_train_config
-
     if path is not None and is_run_file(read_yaml(Path(path))):
         return load_run(path, overrides, training_only=True).train
     return load_train_config(path, overrides)

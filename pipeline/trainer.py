@@ -317,7 +317,7 @@ class Trainer:
             self.cfg.model.attn_implementation,
         )
         return self._task_forward(batch, micro_index, task_hidden), ReplayOutputs(
-            None, replay_hidden, inputs, self.replay.share(chunk)
+            None, replay_hidden, inputs, chunk.share
         )
 
     def _task_forward(
@@ -375,7 +375,7 @@ class Trainer:
             use_cache=False,
             **({"logits_to_keep": 1} if head_only else {}),
         )
-        return ReplayOutputs(None if head_only else out.logits, out.hidden_states[-1], inputs, self.replay.share(chunk))
+        return ReplayOutputs(None if head_only else out.logits, out.hidden_states[-1], inputs, chunk.share)
 
     def _resume(self) -> None:
         if self.resume_from is None:

@@ -287,7 +287,7 @@ def test_any_sample_count_runs_on_any_number_of_ranks_with_each_sample_weighed_o
     assert {len(chunk.rows) for chunk in chunks} == {rows}
     assert sorted(i for chunk in chunks for i in chunk.rows[: chunk.real]) == drawn
     assert all(set(chunk.rows[chunk.real :]) <= {drawn[0]} for chunk in chunks)  # padding: a real sample's copy
-    shares = [chunk.share(samples, world, grad_accum) for chunk in chunks]
+    shares = [chunk.share for chunk in chunks]
     # DeepSpeed divides the summed gradient by grad_accum × world: the chunk weights then add up to one
     assert sum(shares) / (grad_accum * world) == pytest.approx(1.0)
     assert all(

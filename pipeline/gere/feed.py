@@ -31,7 +31,7 @@ from ..model import ModelSource, model_fingerprint
 from .build import built_in_own_forward, differs_from_training
 from .cache import GeReCache, pad_replay_rows
 from .joint import ReplayLayout, replay_layout
-from .sampler import ReplayChunk, ReplaySampler, replay_plan, replay_slots
+from .sampler import ReplayChunk, ReplaySampler, replay_slots
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,6 @@ class ReplayFeed:
         self.shard, self.cache, self.replay_len = shard, cache, shard.replay_len
         self.layout = layout  # None: the replay rows get their own forward
         self.rows = shard.rows()
-        self.samples_per_step = cfg.replay.samples_per_step
-        self.rows_per_forward, self.active = replay_plan(self.samples_per_step, world, cfg.batch.grad_accum)
         self.sampler = ReplaySampler(len(self.rows), cfg.replay.samples_per_step, cfg.seed)
         if cache is not None:
             cache.check_shard(shard, self.rows)
@@ -106,10 +104,6 @@ class ReplayFeed:
     def step_chunks(self) -> list[ReplayChunk | None]:
         """Draw the next step's samples; returns this rank's rows for each micro-batch (None: no replay)."""
         return replay_slots(self.sampler.next_indices(), self.world, self.grad_accum, self.rank)
-
-    def share(self, chunk: ReplayChunk) -> float:
-        """The weight of ``chunk``'s replay terms in its micro-batch's loss."""
-        return chunk.share(self.samples_per_step, self.world, self.grad_accum)
 
     def inputs(self, chunk: ReplayChunk, device: torch.device, teacher: Any = None) -> ReplayInputs:
         """Padded rows and what the strategy compares against: cached states/features, or the teacher's outputs

@@ -67,17 +67,17 @@ def replay_plan(samples_per_step: int, world: int, grad_accum: int) -> tuple[int
 @dataclass(frozen=True)
 class ReplayChunk:
     """One rank's replay rows in one micro-batch: ``rows`` sample indices, of which the first ``real`` are the
-    step's samples and the rest copies that fill the forward to its shape and weigh 0 in the loss."""
+    step's samples and the rest copies that fill the forward to its shape and weigh 0 in the loss.
+
+    ``share`` weighs the chunk's replay terms (each a mean over its real tokens): grad_accum x ranks x real /
+    samples, so that after DeepSpeed's mean over ranks and micro-batches the gradient is the mean over the
+    step's samples. With every chunk full this is grad_accum / (micro-batches with replay), the same float
+    (both are correctly rounded quotients of the same rational).
+    """
 
     rows: list[int]
     real: int
-
-    def share(self, samples_per_step: int, world: int, grad_accum: int) -> float:
-        """The weight of this chunk's replay terms (each a mean over its real tokens): grad_accum x world x
-        real / samples, so that after DeepSpeed's mean over ranks and micro-batches the gradient is the mean
-        over the step's samples. With every chunk full this is grad_accum / (micro-batches with replay),
-        the same float (both are correctly rounded quotients of the same rational)."""
-        return grad_accum * world * self.real / samples_per_step
+    share: float
 
 
 def replay_slots(drawn: list[int], world: int, grad_accum: int, rank: int) -> list[ReplayChunk | None]:
@@ -92,5 +92,6 @@ def replay_slots(drawn: list[int], world: int, grad_accum: int, rank: int) -> li
     for i in range(active):
         slot = i * world + rank
         real = drawn[slot * rows : (slot + 1) * rows]
-        out[i * grad_accum // active] = ReplayChunk(real + [drawn[0]] * (rows - len(real)), len(real))
+        share = grad_accum * world * len(real) / len(drawn)
+        out[i * grad_accum // active] = ReplayChunk(real + [drawn[0]] * (rows - len(real)), len(real), share)
     return out
