@@ -373,3 +373,27 @@ def test_a_micro_batch_reads_nothing_back_from_the_device_and_a_step_reads_its_p
     assert reads == []
     objective.summarize(sums, 20, 1, torch.device("cpu"), part.replay_weight)
     assert reads == ["tolist"]
+
+
+def test_replay_kl_through_the_head_reads_nothing_back_per_micro_batch(built, monkeypatch):
+    """The default method's path (kl from hidden states): its token counts come from the rows on the host, as the
+    feed reads them before the rows move to the device, so a micro-batch converts no tensor to Python."""
+    source = built[0]
+    base, model = load_causal_lm(source).eval(), load_causal_lm(source)
+    ids, mask = pad_replay_rows([row[:20] for row in built[2]["input_ids"][:2]], REPLAY_LEN)
+    inputs = ReplayInputs(ids, mask, real=1)
+    inputs.token_counts()  # as ReplayFeed.inputs does, on the host
+    with torch.no_grad():
+        inputs.teacher_hidden = final_hidden(base, input_ids=ids, attention_mask=mask)
+    hidden = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+    objective = Objective(
+        ReplayConfig(strategy="kl", weight=3.0), KDConfig(), HeadLoss(model), frozen_head_weight(base)
+    )
+    task, _ = objective_inputs()
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _n=name, _o=original: reads.append(_n) or _o(t, *a))
+    part = objective(task, ReplayOutputs(None, hidden, inputs), 20, 1.0, 2)
+    part.loss.backward()
+    assert reads == [] and part.parts["kl"] >= 0 and part.parts["replay_ce"] > 0

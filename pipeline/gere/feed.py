@@ -110,8 +110,9 @@ class ReplayFeed:
         (its final hidden states where the loss runs from hidden states: no ``[R, L, V]`` logits)."""
         index = chunk.rows
         ids, mask = pad_replay_rows(self.rows[index]["input_ids"], self.replay_len)
-        ids, mask = ids.to(device), mask.to(device)
         inputs = ReplayInputs(ids, mask, real=chunk.real)
+        inputs.token_counts()  # counted on the host: the step reads nothing back from the device for them
+        ids, mask = inputs.input_ids, inputs.attention_mask = ids.to(device), mask.to(device)
         if self.cache is not None:
             inputs.states = self.cache.states(index, device)
             inputs.neg, inputs.pos = self.cache.thresholds.neg, self.cache.thresholds.pos

@@ -45,6 +45,16 @@ class ReplayInputs:
     teacher_logits: torch.Tensor | None = None  # frozen base model on the same rows (kl)
     teacher_hidden: torch.Tensor | None = None  # instead of teacher_logits: its final hidden states, for the head
     real: int | None = None
+    counts: tuple[int, int] | None = None  # token_counts(), once read
+
+    def token_counts(self) -> tuple[int, int]:
+        """(replay CE targets, loss-mask tokens), each at least 1. Read once: the feed reads them from the rows
+        on the host, before they move to the device, so the step reads nothing back for them on a GPU."""
+        if self.counts is None:
+            mask = self.loss_mask
+            targets = (_causal_targets(self.input_ids, mask) != -100).sum()
+            self.counts = (max(int(targets), 1), max(int(mask.sum()), 1))
+        return self.counts
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -145,10 +155,7 @@ def kl_from_hidden(
         raise ValueError("replay.strategy 'kl' from hidden states needs the frozen base model's hidden states")
     mask = batch.loss_mask
     targets = F.pad(_causal_targets(batch.input_ids, mask), (0, 1), value=-100).flatten()
-    # One device-to-host read of both counts (a single sync on GPU); the objective reads its parts with .item()
-    # in the same step anyway.
-    counts = torch.stack([(targets != -100).sum(), mask.sum().to(torch.int64)]).tolist()
-    ce_tokens, kl_tokens = max(int(counts[0]), 1), max(int(counts[1]), 1)
+    ce_tokens, kl_tokens = batch.token_counts()
     teacher = TeacherHead(batch.teacher_hidden.flatten(0, 1), teacher_weight, mask.flatten().bool(), temperature)
     # The head forms each token's gradient in its forward, in the weight's dtype: weights of ~1/tokens there
     # would underflow in fp16, whose loss scale is only applied in backward. So it gets weights of order 1, and
