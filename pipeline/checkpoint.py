@@ -10,16 +10,26 @@ and are removed. Before DeepSpeed unpickles anything, every file is checked
 against the manifest, its CRCs and torch's weights-only loader
 (checkpoint_files). Everything is written under the run's checkpoint
 directory, a universal conversion of another run's checkpoint included.
+
+With DeepSpeed's decoupled writer (``checkpoint.writer.decoupled`` in the
+DeepSpeed JSON), a save hands the state to a writer process per rank and
+returns; :meth:`CheckpointManager.commit` waits for the writers before the
+next optimizer step changes that state, and only then marks it complete.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +43,7 @@ from .checkpoint_files import (
     COMPLETE,
     LATEST,
     CheckpointDir,
+    deepspeed_safe_globals,
     latest_tag,
     point_latest,
     read_complete,
@@ -46,16 +57,30 @@ log = logging.getLogger(__name__)
 WRITE_FAILURES = ("file write failed", "unexpected pos", "PytorchStreamWriter failed")
 
 
+@dataclass
+class _PendingSave:
+    """A save whose files DeepSpeed's writer processes are still writing."""
+
+    tag: str
+    step: int
+    state: dict[str, Any]
+    started: float  # time.monotonic() when the save began
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int, rank: int, world: int, trained_only: bool = False) -> None:
         """``trained_only``: save the trainable tensors alone (adapters); the frozen ones are the base's files."""
         self.root, self.keep_last, self.rank, self.world = Path(root), keep_last, rank, world
         self.trained_only = trained_only
-        self.last_save_seconds: float | None = None  # of this process's latest save
+        self.last_save_seconds: float | None = None  # this process's latest save, from its start to COMPLETE
+        self.last_block_seconds: float | None = None  # how long that save held up training (save + commit)
+        self._pending: _PendingSave | None = None
         self._deleting: threading.Thread | None = None
 
     def save(self, engine: Any, step: int, state: dict[str, Any]) -> Path:
+        """Write a checkpoint of the current step; with a decoupled writer, only start it (see :meth:`commit`)."""
         started = time.monotonic()
+        self.commit(engine)  # one save in flight at a time
         tag = CheckpointDir.for_step(self.root, step).tag
         if self.rank == 0:
             self.wait_for_deletions()  # the previous save's, so nothing deletes while this one writes
@@ -81,17 +106,53 @@ class CheckpointManager:
                     f"{latest_tag(self.root) or 'nothing'}"
                 ) from None
             raise
+        self._pending = _PendingSave(tag, step, state, started)
+        blocked = time.monotonic() - started
+        if not _decoupled(engine):
+            self._mark_complete()
+        self.last_block_seconds = time.monotonic() - started if self._pending is None else blocked
+        return self.root / tag
+
+    def commit(self, engine: Any) -> None:
+        """Finish the save in flight, if any: wait for this rank's writer, then mark the checkpoint complete.
+
+        Called before the optimizer step after a save (the state the writers read from must not change under
+        them, DeepSpeed's own rule), and at once after the last and a signal's save. DeepSpeed's commit in
+        ``engine.step`` then finds nothing to do.
+        """
+        if self._pending is None:
+            return
+        started = time.monotonic()
+        writer = engine.checkpoint_engine
+        info = writer.get_commit_info()
+        if info is not None:
+            try:
+                writer.commit(info)  # waits for this rank's writer process to have written every file
+            except RuntimeError as e:
+                tag = self._pending.tag
+                self._pending = None
+                raise UserError(
+                    f"{self.root / tag}: rank {self.rank}'s checkpoint writer failed ({e}; its own error, a full "
+                    f"disk for one, is above in this rank's log); it is not marked complete and "
+                    f"{self.root / LATEST} still names {latest_tag(self.root) or 'nothing'}"
+                ) from None
+        self.last_block_seconds = (self.last_block_seconds or 0.0) + time.monotonic() - started
+        self._mark_complete()
+
+    def _mark_complete(self) -> None:
+        """Every rank's files are on disk: rank 0 writes our state and COMPLETE, then points ``latest`` there."""
+        pending, self._pending = self._pending, None
+        assert pending is not None
         _barrier()
         if self.rank == 0:
-            CheckpointDir(self.root / tag).write_state(state)
-            write_complete(self.root / tag, world=self.world)
-            point_latest(self.root, tag)
-            log.info("checkpoint: step %d → %s", step, self.root / tag)
+            CheckpointDir(self.root / pending.tag).write_state(pending.state)
+            write_complete(self.root / pending.tag, world=self.world)
+            point_latest(self.root, pending.tag)
+            log.info("checkpoint: step %d → %s", pending.step, self.root / pending.tag)
         _barrier()
         if self.rank == 0:  # after the barrier: the other ranks train on while old checkpoints are deleted
-            self._purge_in_background(keep=tag)
-        self.last_save_seconds = time.monotonic() - started
-        return self.root / tag
+            self._purge_in_background(keep=pending.tag)
+        self.last_save_seconds = time.monotonic() - pending.started
 
     def resolve(self, resume: str) -> tuple[Path, str] | None:
         """The checkpoint to resume from, (root, tag), with its files checked; None to start fresh."""
@@ -184,13 +245,14 @@ class CheckpointManager:
             return False
 
     def load(self, engine: Any, root: Path, tag: str) -> dict[str, Any]:
-        _, client = engine.load_checkpoint(
-            str(root),
-            tag=tag,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-            load_module_strict=not self.trained_only,  # the frozen tensors are not in it
-        )
+        with deepspeed_safe_globals():  # every file passed the weights-only check already (resolve)
+            _, client = engine.load_checkpoint(
+                str(root),
+                tag=tag,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+                load_module_strict=not self.trained_only,  # the frozen tensors are not in it
+            )
         if client is None:
             raise UserError(f"{root / tag}: DeepSpeed could not load this checkpoint")
         rng_path = CheckpointDir(root / tag).rng_file(self.rank)
@@ -260,6 +322,49 @@ class CheckpointManager:
 def _remove_all(paths: list[Path]) -> None:
     for p in paths:
         shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_held_for_writers() -> Iterator[None]:
+    """Block SIGTERM and SIGINT in this thread while DeepSpeed spawns its checkpoint writers, which inherit the
+    blocked mask (across fork and exec) and so never see them.
+
+    SLURM signals every process of the job step and Ctrl-C the whole process group: a writer killed by the
+    signal would lose the very save the signal asks for (the ranks then cannot commit it). A signal that
+    arrives meanwhile is held, not lost: it reaches this process when the block ends. The writers still stop
+    as they should: at exit (:func:`stop_writer_at_exit`), or by SIGKILL.
+    """
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def stop_writer_at_exit(engine: Any) -> None:
+    """Stop this rank's DeepSpeed writer process when the interpreter exits, whatever the path out.
+
+    The writer is a non-daemon process waiting on its queue, which the interpreter's exit would join forever
+    (multiprocessing's own exit handler, registered earlier, runs after this one). A save not yet committed (an
+    error cut the run short) is abandoned: its directory is never marked complete.
+    """
+    if not _decoupled(engine):
+        return
+
+    def stop() -> None:
+        writer = engine.checkpoint_engine
+        if writer.get_commit_info() is not None and writer.ckpt_process is not None:
+            writer.ckpt_process.terminate()
+        writer.cleanup()
+
+    atexit.register(stop)
+
+
+def _decoupled(engine: Any) -> bool:
+    """Whether the engine saves through DeepSpeed's decoupled writer processes (``checkpoint.writer``)."""
+    writer = getattr(engine, "checkpoint_engine", None)
+    return writer is not None and writer.is_decoupled()
 
 
 def _barrier() -> None:

@@ -158,6 +158,13 @@ def _deepspeed_types() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, (_enum_member, "builtins.getattr")]
 
 
+def deepspeed_safe_globals() -> Any:
+    """A context in which torch's weights-only unpickler accepts DeepSpeed's own small types: checks load files
+    in it, and so does resuming through DeepSpeed's decoupled checkpoint engine, whose ``load`` leaves torch's
+    default (weights only) in force where its synchronous engine unpickles anything."""
+    return torch.serialization.safe_globals(_deepspeed_types())
+
+
 def _enum_member(cls: Any, name: Any) -> enum.Enum:
     """``getattr(cls, name)`` as an enum pickle uses it, for ZeroStageEnum's members and nothing else."""
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -183,7 +190,7 @@ def file_problem(path: Path, size: int) -> str | None:
     if bad is not None:
         return f"corrupt: CRC mismatch in {bad}"
     try:
-        with torch.serialization.safe_globals(_deepspeed_types()):
+        with deepspeed_safe_globals():
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any refusal of the weights-only unpickler
         return f"refused by the weights-only loader: {_unpickler_reason(e)}"

@@ -28,7 +28,9 @@ from .launch import free_port
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Under the launcher the env is set; a plain process becomes a world of one. ``timeout_minutes``: how long
     a collective may wait for the slowest rank before the group fails (``distributed.timeout_minutes``)."""
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+    # CROSS_*: this node and the node count, as the deepspeed launcher sets them (its checkpoint writer reads them)
+    world_of_one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**world_of_one, "CROSS_RANK": "0", "CROSS_SIZE": "1"}.items():
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())

@@ -15,14 +15,13 @@ with H² SmolLM2's rank peak is lower (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
 from typing import Any
 
 from cpt_core.errors import UserError
 
 from .config import TrainConfig
+from .ds_json import checkpoint_writer, read_ds_json
 from .precision import fill_ds_precision
 
 AUTO_BUCKETS = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9}  # × H²
@@ -32,10 +31,7 @@ AUTO_PERSISTENCE = 10  # × H
 def filled_ds_config(cfg: TrainConfig, world: int, hidden_size: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config for this run; ``hidden_size`` fills ``"auto"`` ZeRO bucket sizes."""
     path = Path(cfg.deepspeed)
-    if not path.is_file():
-        raise UserError(f"deepspeed: config file {path} not found (see ds_configs/)")
-    ds = json.loads(path.read_text())
-    ds = copy.deepcopy(ds)
+    ds = read_ds_json(path)
     zero = ds.get("zero_optimization", {})
     for key, value in zero.items():
         if value == "auto":
@@ -55,6 +51,9 @@ def filled_ds_config(cfg: TrainConfig, world: int, hidden_size: int | None = Non
     ds["train_batch_size"] = cfg.batch.micro_batch * cfg.batch.grad_accum * world
     ds["gradient_clipping"] = cfg.optim.grad_clip
     fill_ds_precision(ds, cfg.model.dtype)
+    writer = checkpoint_writer(ds, path)
+    if writer is not None:
+        ds["checkpoint"]["writer"] = writer
     if "optimizer" in ds:
         ds["optimizer"]["params"] = {
             **ds["optimizer"].get("params", {}),
@@ -74,8 +73,8 @@ def _unknown_auto(path: Path, key: str) -> int:
 
 
 def inference_ds_config(train_ds: dict[str, Any]) -> dict[str, Any]:
-    """For a frozen teacher: same ZeRO stage and precision, no optimizer."""
-    ds = {k: v for k, v in train_ds.items() if k not in ("optimizer", "scheduler")}
+    """For a frozen teacher: same ZeRO stage and precision, no optimizer, no checkpoint writer processes."""
+    ds = {k: v for k, v in train_ds.items() if k not in ("optimizer", "scheduler", "checkpoint")}
     ds["zero_optimization"] = {
         k: v for k, v in ds.get("zero_optimization", {}).items() if not k.startswith("offload_optimizer")
     }

@@ -18,6 +18,7 @@ from cpt_core.errors import ConfigError
 from data_prep.tokenizer import Tokenizer
 
 from .adapter import AdapterFreeTeacher, add_adapters, uses_adapter
+from .checkpoint import signals_held_for_writers
 from .config import TrainConfig
 from .ds_config import inference_ds_config
 from .isolation import check_document_isolation
@@ -74,9 +75,10 @@ def build_engine(
             fused=True,
         )
     )  # one pass, no full-size temporaries
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler, config=ds_cfg
-    )
+    with signals_held_for_writers():  # DeepSpeed starts its checkpoint writer processes in here
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler, config=ds_cfg
+        )
     engine.eval()  # no dropout in the probe
     # Replay samples packed behind the task rows (replay.forward) add rows to a forward: probe with one more,
     # so a micro_batch of 1 still checks the multi-row path (flash attention runs rows as one varlen row).

@@ -173,6 +173,7 @@ def _verify_logits(checkpoint: Path, exported_dir: Path, cfg_dict: dict[str, Any
     )  # fresh weights: the engine loads the checkpoint's
     ds_cfg = filled_ds_config(cfg, 1, model.config.get_text_config().hidden_size)
     ds_cfg.pop("optimizer", None)
+    ds_cfg.get("checkpoint", {}).pop("writer", None)  # it saves nothing: no writer processes
     zero = ds_cfg.get("zero_optimization", {})
     for key in ("offload_optimizer", "offload_param"):
         zero.pop(key, None)

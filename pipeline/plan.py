@@ -72,6 +72,7 @@ from .adapter import add_adapters, lora_layers, uses_adapter
 from .cli_args import plan_parser
 from .config import TrainConfig
 from .ds_config import filled_ds_config
+from .ds_json import checkpoint_writer, read_ds_json
 from .gere.joint import replay_layout
 from .gere.sampler import replay_plan
 from .losses.head import loss_from_hidden
@@ -305,7 +306,8 @@ def _lengths(cfg: TrainConfig, plan: Plan) -> tuple[int, int]:
     return prep.seq_len, ReplayShard.open(prep.replay).replay_len
 
 
-def render(plan: Plan, gpu_bytes: float | None, disk_gbps: float, save_budget: float) -> str:
+def render(plan: Plan, gpu_bytes: float | None, disk_gbps: float, save_budget: float, background: bool) -> str:
+    """The plan as a table; ``background``: the DeepSpeed JSON has saves written by writer processes."""
     lines = [f"per rank, {plan.ranks} ranks, {plan.dtype}", *plan.assumed, "", "| memory | GB per rank |", "|---|---:|"]
     for name, value in plan.terms.items():
         lines.append(f"| {name} | {value / GB:.2f} |")
@@ -330,6 +332,11 @@ def render(plan: Plan, gpu_bytes: float | None, disk_gbps: float, save_budget: f
             else ""
         )
     )
+    if background:
+        lines.append(
+            "  periodic saves are written in the background (checkpoint.writer): the step after one waits only "
+            "for what is left of it, a save at a signal for all of it"
+        )
     return "\n".join(lines)
 
 
@@ -347,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             gpu_bytes = float(torch.cuda.get_device_properties(0).total_memory)
         if gpu_bytes:
             plan.advice = advise(plan, cfg, gpu_bytes, shape)
-        print(render(plan, gpu_bytes, args.disk_gbps, cfg.checkpoint.signal_save_budget))
+        writer = checkpoint_writer(read_ds_json(cfg.deepspeed), cfg.deepspeed) or {}
+        budget = cfg.checkpoint.signal_save_budget
+        print(render(plan, gpu_bytes, args.disk_gbps, budget, bool(writer.get("decoupled"))))
         fits = int(gpu_bytes is not None and plan.total <= HEADROOM * gpu_bytes)
         print(f"per_rank_gb={plan.total / GB:.2f} fits={fits} checkpoint_gb={plan.checkpoint_bytes / GB:.1f}")
 

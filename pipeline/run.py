@@ -31,6 +31,7 @@ from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
 
 from .config import to_dict
+from .ds_json import checkpoint_writer, read_ds_json
 from .launch import gpu_count, warn_stale_build_locks
 from .runfile import RunFile, load_run
 
@@ -249,9 +250,11 @@ class Runner:
             log.info("train: settings changed since %s was trained; moved it to %s", directory, target)
 
 
-def warn_op_builds(deepspeed_json: str) -> None:
-    """A DeepSpeed optimizer section means an op DeepSpeed compiles on every node at its first start."""
-    ds = json.loads(Path(deepspeed_json).read_text())
+def check_deepspeed_json(deepspeed_json: str) -> None:
+    """A DeepSpeed optimizer section means an op DeepSpeed compiles on every node at its first start; a checkpoint
+    writer that needs one is refused."""
+    ds = read_ds_json(deepspeed_json)
+    checkpoint_writer(ds, deepspeed_json)
     optimizer = ds.get("optimizer")
     if optimizer:
         zero = ds.get("zero_optimization", {})
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--from and --only: give one")
         run = load_run(args.config, args.set, smoke=args.smoke)
         warn_stale_build_locks(log)
-        warn_op_builds(run.train.deepspeed)
+        check_deepspeed_json(run.train.deepspeed)
         runner = Runner(run, args.start, args.only)
         if args.dry_run:
             for stage in runner.stages():

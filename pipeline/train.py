@@ -27,9 +27,11 @@ def check_inputs(cfg: TrainConfig) -> None:
 
     from cpt_core.errors import ConfigError
     from data_prep.prep_dir import PrepDir
+    from pipeline.ds_json import checkpoint_writer, read_ds_json
 
     if not Path(cfg.deepspeed).is_file():
         raise ConfigError(f"deepspeed: {cfg.deepspeed} is not a file (ds_configs/ has zero3_bf16.json, ...)")
+    checkpoint_writer(read_ds_json(cfg.deepspeed), cfg.deepspeed)
     PrepDir(cfg.data.prep).read()
     if process_rank() == 0:
         from pipeline.launch import warn_stale_build_locks

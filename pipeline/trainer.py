@@ -31,7 +31,7 @@ from data_prep.tokenizer import load_tokenizer
 
 from .adapter import uses_adapter
 from .budget import ForgettingBudget
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, stop_writer_at_exit
 from .checkpoint_files import checkpoint_root
 from .config import TrainConfig, to_dict
 from .data import (
@@ -86,6 +86,7 @@ class Trainer:
             ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
         self.budget: ForgettingBudget | None = None  # the lr schedule reads its brake (built below)
         self.engine = build_engine(cfg, start, ds_cfg, self._scheduler, tokenizer, self.seq_len)
+        stop_writer_at_exit(self.engine)
         self.device = self.engine.device
         self.teacher = build_teacher(cfg, base, ds_cfg, self.engine) if needs_teacher(cfg) else None
         distill_general = cfg.kd.weight > 0 and cfg.kd.rows == "general"
@@ -151,6 +152,7 @@ class Trainer:
                     self.save()
             if not self._due(self.cfg.checkpoint.every):
                 self.save()  # the final weights, unless the schedule just saved them
+            self.checkpoints.commit(self.engine)
             final = self.evaluate()
             self.metrics.log(self.step, final)
             return {**last, **final}
@@ -202,6 +204,8 @@ class Trainer:
             task, replay = self._forward(batch, j, chunk)
             part = self.objective(task, replay, global_tokens, scale, accum)
             engine.backward(part.loss)
+            if j == accum - 1:  # the optimizer step: an asynchronous save must be on disk before it
+                self.checkpoints.commit(engine)
             engine.step()
             for name, value in part.parts.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -397,7 +401,8 @@ class Trainer:
         """Save at a signal only if it can finish before the kill that follows it (the launcher's, or SLURM's at
         the time limit); otherwise keep the last one.
 
-        Ranks decide together (the slowest rank's last save), since a save is collective.
+        Ranks decide together (the slowest rank's last save), since a save is collective. An asynchronous
+        save's time runs to its commit, a step later: an upper bound on the writing alone, so never too hopeful.
         """
         last = self.checkpoints.last_save_seconds
         slowest = torch.tensor([-1.0 if last is None else last], device=self.device)  # NCCL: device tensors only
@@ -414,6 +419,7 @@ class Trainer:
             return
         log.warning("SIGTERM/SIGINT: saving a checkpoint at step %d and exiting", self.step)
         self.save()
+        self.checkpoints.commit(self.engine)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop = True

@@ -394,7 +394,28 @@ def other_models_cache(d: Path, prep: Path) -> Path:
     )  # run: seed 0
 
 
+def ds_json(d: Path, text: str | None = None, **sections: object) -> str:
+    """A DeepSpeed JSON in ``d``: the CPU config with ``sections`` set, or ``text`` as it is."""
+    ds = json.loads((ROOT / "ds_configs" / "zero3_cpu.json").read_text())
+    path = d / "ds.json"
+    path.write_text(text if text is not None else json.dumps({**ds, **sections}))
+    return str(path)
+
+
 TRAIN_CASES: dict[str, tuple[str, Callable[[Path, Path], tuple[dict, list[str]]], tuple[str, ...]]] = {
+    "deepspeed_json_unparsable": (
+        "bad input: config",
+        lambda d, p: ({"deepspeed": ds_json(d, '{"zero_optimization": {"stage": 3},\n}')}, []),
+        ("ds.json: not valid JSON (line 2",),
+    ),
+    "async_writer_leaving_ranks_unsaved": (
+        "bad input: config",
+        lambda d, p: (
+            {"deepspeed": ds_json(d, checkpoint={"writer": {"decoupled": True, "data_parallel": "machine"}})},
+            [],
+        ),
+        ("checkpoint.writer.data_parallel", "'replica'"),
+    ),
     "train_unknown_key": (
         "bad input: config",
         lambda d, p: ({"optim": {"lr_peak": 1e-4}}, []),

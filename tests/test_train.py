@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from data_prep.replay import ReplayShard
-from pipeline.checkpoint_files import COMPLETE, CheckpointDir, checkpoint_root
+from pipeline.checkpoint_files import COMPLETE, CheckpointDir, checkpoint_root, verify_checkpoint
 from pipeline.config import load_train_config
 from pipeline.launch import run_deepspeed
 from pipeline.model import ModelSource, load_causal_lm
@@ -352,9 +352,20 @@ def test_replay_kl_is_zero_at_step_one_is_the_only_replay_term_and_matches_full_
 
 
 @pytest.mark.reliability("faults: SIGTERM")
-def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(prep, tmp_path, lost):
+def async_ds_json(path: Path) -> str:
+    """The CPU config with DeepSpeed's decoupled checkpoint writer, as zero3_bf16.json has it."""
+    ds = json.loads((ROOT / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["checkpoint"] = {"writer": {"type": "python", "decoupled": True}}
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+@pytest.mark.parametrize("writer", ["sync", "async"])
+def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(writer, prep, tmp_path, lost):
+    """SIGTERM to every process of the job, the checkpoint writers too (as SLURM and Ctrl-C signal): saved."""
     run = tmp_path / "run"
-    config = write_config(tmp_path / "long.yaml", prep, run, steps=400, checkpoint={"every": 0})
+    ds = {"deepspeed": async_ds_json(tmp_path / "ds.json")} if writer == "async" else {}
+    config = write_config(tmp_path / "long.yaml", prep, run, steps=400, checkpoint={"every": 0}, **ds)
     proc = start_training(config, output=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
@@ -369,7 +380,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(prep, tmp_pa
     assert lost(0 if latest.is_complete() else stopped_at) == 0  # steps not saved
     assert 3 <= stopped_at < 400
     assert "SIGTERM/SIGINT: saving a checkpoint" in output
-    resumed = write_config(tmp_path / "short.yaml", prep, run, steps=stopped_at + 2, checkpoint={"every": 0})
+    resumed = write_config(tmp_path / "short.yaml", prep, run, steps=stopped_at + 2, checkpoint={"every": 0}, **ds)
     run_training(resumed)
     assert CheckpointDir.for_step(checkpoint_root(run), stopped_at + 2).is_complete()
 
@@ -487,3 +498,30 @@ def test_eval_reads_a_checkpoint_or_its_export_alike(reference, prep, tmp_path):
         assert partitioned[key] == pytest.approx(whole[key], rel=1e-5), key
     assert {k: v for k, v in partitioned.items() if k.startswith("mcq/")} == one_process
     assert not list(checkpoint.parent.glob(".eval-export-*"))  # the temporary export is gone
+
+
+def test_async_saves_hold_their_steps_state_and_leave_training_unchanged(reference, prep, tmp_path):
+    """DeepSpeed's decoupled writer: every checkpoint equals the synchronous run's of its step, bitwise, weights
+    and optimizer moments alike (the writers finished before the next optimizer step), and the losses are too."""
+    ref_config, ref_run = reference
+    run = tmp_path / "run"
+    result = run_training(write_config(tmp_path / "cpt.yaml", prep, run, deepspeed=async_ds_json(tmp_path / "ds.json")))
+    assert "DecoupledCheckpointEngine" in result.stdout + result.stderr  # the writer processes did the saving
+    ref, got = metrics(ref_run), metrics(run)
+    assert [got[s]["loss"] for s in range(1, 13)] == [ref[s]["loss"] for s in range(1, 13)]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    for step in range(2, 13, 2):
+        mine, theirs = (CheckpointDir.for_step(checkpoint_root(r), step) for r in (run, ref_run))
+        verify_checkpoint(mine.path)  # every file has the size and CRCs the manifest wrote at the commit
+        a, b = (get_fp32_state_dict_from_zero_checkpoint(str(c.root), tag=c.tag) for c in (mine, theirs))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+        for rank in range(2):
+            name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            moments = [
+                torch.load(c.path / name, weights_only=False)["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+                for c in (mine, theirs)
+            ]
+            assert all(
+                torch.equal(moments[0][g][k], moments[1][g][k]) for g in moments[1] for k in ("exp_avg", "exp_avg_sq")
+            ), (step, rank)

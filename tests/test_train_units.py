@@ -290,3 +290,19 @@ def test_a_progress_line_is_due_every_n_steps_and_after_a_quiet_interval(monkeyp
     assert progress.due(102) and not progress.due(103) and progress.due(1000)
     line = progress.line(250, {"loss": 2.5, "loss/task_ce": 2.4, "lr": 2e-5, "tokens_seen": 1_500_000})
     assert line.startswith("step 250/1000 | tokens 1.50M | loss 2.5 (task_ce 2.4) | lr 2e-05 | eta ")
+
+
+def test_an_async_writer_is_filled_for_zero3_and_one_needing_a_build_on_the_nodes_is_refused(monkeypatch):
+    from pipeline import ds_json
+
+    assert ds_json.checkpoint_writer({}, "ds.json") is None
+    filled = ds_json.checkpoint_writer({"checkpoint": {"writer": {"type": "python", "decoupled": True}}}, "ds.json")
+    assert filled == {"type": "python", "decoupled": True, "data_parallel": "replica"}
+    fast = {"checkpoint": {"writer": {"decoupled": True}}}  # DeepSpeed's default type: FastPersist, on async_io
+    monkeypatch.setattr(ds_json, "_async_io_built", lambda: False)
+    with pytest.raises(UserError, match="ds.json: checkpoint.writer.type 'fast' .* DS_BUILD_AIO=1"):
+        ds_json.checkpoint_writer(fast, "ds.json")
+    monkeypatch.setattr(ds_json, "_async_io_built", lambda: True)
+    assert ds_json.checkpoint_writer(fast, "ds.json")["data_parallel"] == "replica"
+    with pytest.raises(UserError, match="'mock' writes nothing"):
+        ds_json.checkpoint_writer({"checkpoint": {"writer": {"type": "mock"}}}, "ds.json")
