@@ -20,7 +20,6 @@ Last line: ``prefetched_ms_at_max_vs_min_batch=<x> global_read_ms_at_max_vs_min_
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from bench.harness import Samples, clock, finish, table
 from data_prep.arrow_dataset import write_dataset_dir
 from data_prep.schema import packed_schema
 from pipeline.data import GlobalOrder, StepReader, packed_inputs, read_step
@@ -42,10 +42,10 @@ def synthetic_mixture(rows: int, seq_len: int, out: Path) -> datasets.Dataset:
     ids = pa.FixedSizeListArray.from_arrays(pa.array(rng.integers(4, 32000, rows * seq_len, dtype=np.int32)), seq_len)
     mask = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(rows * seq_len, dtype=np.uint8)), seq_len)
     docs = pa.array([[seq_len // 8] * 8] * rows, pa.list_(pa.int32()))
-    table = pa.table(
+    arrow = pa.table(
         [ids, mask, docs, pa.array(["domain"] * rows), pa.array(["synthetic"] * rows)], schema=packed_schema(seq_len)
     )
-    write_dataset_dir(out, packed_schema(seq_len), [table], 1)
+    write_dataset_dir(out, packed_schema(seq_len), [arrow], 1)
     return datasets.load_from_disk(str(out))
 
 
@@ -53,11 +53,9 @@ def time_steps(step_fn, steps: int, compute_s: float) -> float:
     """Median ms the main thread spends in ``step_fn`` per step, with ``compute_s`` of work between steps."""
     waits = []
     for step in range(steps):
-        started = time.perf_counter()
-        step_fn(step)
-        waits.append(time.perf_counter() - started)
+        waits.append(clock(lambda: step_fn(step)))  # noqa: B023 - called at once, in this iteration
         time.sleep(compute_s)  # the forwards and backwards, during which a prefetch runs
-    return statistics.median(waits[1:]) * 1e3
+    return Samples(tuple(waits[1:])).median * 1e3
 
 
 def main() -> None:
@@ -89,17 +87,14 @@ def main() -> None:
         f"\nrank 0 of W ranks, {MICRO}×{ACCUM} rows of {args.seq_len} tokens a rank, {args.compute_ms:g} ms compute "
         f"a step, median of {args.steps - 1} steps; ms the step waits for data"
     )
-    print(
-        f"| {'ranks':>5} | {'global batch (rows)':>19} | {'global read':>11} | {'own rows':>8} | {'prefetched':>10} |"
-    )
-    print(f"|{'-' * 7}|{'-' * 21}|{'-' * 13}|{'-' * 10}|{'-' * 12}|")
-    for world, batch, g, own, pre in rows:
-        print(f"| {world:>5} | {batch:>19} | {g:>11.2f} | {own:>8.2f} | {pre:>10.3f} |")
+    cells = [(w, batch, f"{g:.2f}", f"{own:.2f}", f"{pre:.3f}") for w, batch, g, own, pre in rows]
+    print(table(("ranks", "global batch (rows)", "global read ms", "own rows ms", "prefetched ms"), cells))
     first, last = rows[0], rows[-1]
-    print(
-        f"prefetched_ms_at_max_vs_min_batch={last[4] / max(first[4], 1e-3):.2f} "
-        f"global_read_ms_at_max_vs_min_batch={last[2] / first[2]:.1f}"
-    )
+    figures = {
+        "prefetched_ms_at_max_vs_min_batch": last[4] / max(first[4], 1e-3),
+        "global_read_ms_at_max_vs_min_batch": last[2] / first[2],
+    }
+    finish("data_loader", figures, {"rows": rows})
 
 
 if __name__ == "__main__":

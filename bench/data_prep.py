@@ -31,9 +31,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench.harness import finish, table, timed
 from cpt_core.logs import setup_logging
 from data_prep.build import BuildOptions, SourceSpec, build_source, load_build
 from data_prep.mix import mix
@@ -67,31 +67,34 @@ def best_of(runs: int, fn, *args):
 
 def time_raw(model: Path, texts: list[str]) -> tuple[float, int]:
     tok = load_tokenizer(model)
-    start = time.perf_counter()
-    n = sum(len(ids) + 1 for i in range(0, len(texts), 1024) for ids in tok.encode_batch(texts[i : i + 1024]))  # + EOS
-    return time.perf_counter() - start, n
+    batches = range(0, len(texts), 1024)
+    return timed(lambda: sum(len(ids) + 1 for i in batches for ids in tok.encode_batch(texts[i : i + 1024])))  # + EOS
 
 
 def time_raw_hf(tokenizer_dir: Path, texts: list[str]) -> tuple[float, int]:
     from transformers import AutoTokenizer  # imported before the timer below: its import is not throughput
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    start = time.perf_counter()
-    n = sum(
-        len(ids) + 1
-        for i in range(0, len(texts), 1024)  # + EOS
-        for ids in tok(texts[i : i + 1024], add_special_tokens=False)["input_ids"]
+    return timed(
+        lambda: sum(
+            len(ids) + 1
+            for i in range(0, len(texts), 1024)  # + EOS
+            for ids in tok(texts[i : i + 1024], add_special_tokens=False)["input_ids"]
+        )
     )
-    return time.perf_counter() - start, n
 
 
 def time_ours(corpus: Path, model: Path, work: Path, seq_len: int, workers: int) -> tuple[float, int]:
     shutil.rmtree(work, ignore_errors=True)
     spec = SourceSpec(name="bench", role="domain", paths=(str(corpus),), holdout_fraction=0.0)
-    start = time.perf_counter()
-    out = build_source(spec, BuildOptions(seq_len=seq_len), str(model), work / "cache", workers=workers, quiet=True)
-    mix([str(out)], work / "mixture", general_ratio=0.0, quiet=True)
-    return time.perf_counter() - start, load_build(out)["tokens_train"]
+
+    def build_and_mix() -> Path:
+        out = build_source(spec, BuildOptions(seq_len=seq_len), str(model), work / "cache", workers=workers, quiet=True)
+        mix([str(out)], work / "mixture", general_ratio=0.0, quiet=True)
+        return out
+
+    seconds, out = timed(build_and_mix)
+    return seconds, load_build(out)["tokens_train"]
 
 
 def time_hf_recipe(corpus: Path, model: Path, work: Path, seq_len: int) -> tuple[float, int]:
@@ -100,8 +103,6 @@ def time_hf_recipe(corpus: Path, model: Path, work: Path, seq_len: int) -> tuple
     shutil.rmtree(work, ignore_errors=True)
     tok = load_tokenizer(model)
     datasets.disable_progress_bars()
-    start = time.perf_counter()
-    raw = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(work / "hf_cache"))
 
     def tokenize(batch):
         return {"input_ids": [ids + [tok.eos_id] for ids in tok.encode_batch(batch["text"])]}
@@ -111,11 +112,14 @@ def time_hf_recipe(corpus: Path, model: Path, work: Path, seq_len: int) -> tuple
         total = len(flat) // seq_len * seq_len
         return {"input_ids": [flat[i : i + seq_len] for i in range(0, total, seq_len)]}
 
-    tokenized = raw.map(tokenize, batched=True, remove_columns=["text"])
-    n = sum(len(ids) for ids in tokenized["input_ids"])
-    grouped = tokenized.map(group_texts, batched=True)
-    grouped.save_to_disk(str(work / "hf_out"))
-    return time.perf_counter() - start, n
+    def recipe() -> int:
+        raw = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(work / "hf_cache"))
+        tokenized = raw.map(tokenize, batched=True, remove_columns=["text"])
+        n = sum(len(ids) for ids in tokenized["input_ids"])
+        tokenized.map(group_texts, batched=True).save_to_disk(str(work / "hf_out"))
+        return n
+
+    return timed(recipe)
 
 
 def peak_rss_mb(corpus: Path, model: Path, work: Path, seq_len: int) -> tuple[float, float]:
@@ -172,10 +176,8 @@ def main() -> None:
             f"seq_len {args.seq_len}, "
             f"{os.cpu_count()} cores"
         )
-        print(f"| {'step':<40} | {'seconds':>8} | {'tokens/s':>10} | {'vs raw':>6} |")
-        print(f"|{'-' * 42}|{'-' * 10}|{'-' * 12}|{'-' * 8}|")
-        for name, s in rows:
-            print(f"| {name:<40} | {s:>8.2f} | {raw_tok / s:>10,.0f} | {raw_s / s:>6.2f} |")
+        cells = [(name, f"{s:.2f}", f"{raw_tok / s:,.0f}", f"{raw_s / s:.2f}") for name, s in rows]
+        print(table(("step", "seconds", "tokens/s", "vs raw"), cells))
         print(f"\nworker speed-up (2 vs 1): {ours_s / ours2_s:.2f}x")
         if not args.skip_rss:
             small = write_corpus(root / "rss-1x.jsonl.gz", texts[: len(texts) // 10 or 1])
@@ -191,14 +193,15 @@ def main() -> None:
         start_ids = len(load_tokenizer(hf_dir).bos_ids) * len(texts)  # ours starts documents as the tokenizer does
         assert hf_ours_tok == hf_raw_tok + start_ids, (hf_raw_tok, hf_ours_tok)
         print(f"\nHugging Face tokenizer {hf_dir}: {hf_raw_tok:,} tokens, best of {args.runs}")
-        print(f"| {'step':<40} | {'seconds':>8} | {'tokens/s':>10} | {'vs raw':>6} |")
-        print(f"|{'-' * 42}|{'-' * 10}|{'-' * 12}|{'-' * 8}|")
-        for name, s in (("raw HF batch encode (1 thread)", hf_raw_s), ("this pipeline, 1 worker", hf_ours_s)):
-            print(f"| {name:<40} | {s:>8.2f} | {hf_raw_tok / s:>10,.0f} | {hf_raw_s / s:>6.2f} |")
-        print(
-            f"ratio_vs_raw_tokenizer={raw_s / ours_s:.3f} ratio_vs_hf_recipe={hf_s / ours_s:.3f} "
-            f"ratio_vs_raw_hf_tokenizer={hf_raw_s / hf_ours_s:.3f}"
-        )
+        hf_rows = (("raw HF batch encode (1 thread)", hf_raw_s), ("this pipeline, 1 worker", hf_ours_s))
+        cells = [(name, f"{s:.2f}", f"{hf_raw_tok / s:,.0f}", f"{hf_raw_s / s:.2f}") for name, s in hf_rows]
+        print(table(("step", "seconds", "tokens/s", "vs raw"), cells))
+        figures = {
+            "ratio_vs_raw_tokenizer": raw_s / ours_s,
+            "ratio_vs_hf_recipe": hf_s / ours_s,
+            "ratio_vs_raw_hf_tokenizer": hf_raw_s / hf_ours_s,
+        }
+        finish("data_prep", figures, {"seconds": dict(rows), "hf_seconds": dict(hf_rows), "tokens": raw_tok})
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from bench.harness import finish, table
 from bench.train_step import MODELS
 from cpt_core.logs import setup_logging
 from pipeline.gere.joint import ReplayLayout, filler_task_rows, joint_hidden
@@ -133,15 +134,21 @@ def main() -> None:
         f"padded forward, mean ± std over seeds; per seed, packed at the start: "
         f"{per_seed}\n"
     )
-    print("| student's states | KL | vs one step's KL |")
-    print("|---|---|---|")
-    print(f"| own padded forward, at the start | {spread(own)} | {spread([o / s for o, s in zip(own, step)])} |")
-    print(f"| packed in the task rows' forward, at the start | {spread(joint)} | {spread(ratio)} |")
-    print(f"| own padded forward, after one step at lr {args.lr:g} | {spread(step)} | 1 |")
-    print(
-        f"joint_kl_floor={statistics.fmean(joint):.3g} one_step_kl={statistics.fmean(step):.3g} "
-        f"floor_vs_step={statistics.fmean(ratio):.3g} device={args.device} dtype={args.dtype} seeds={len(runs)}"
-    )
+    cells = [
+        ("own padded forward, at the start", spread(own), spread([o / s for o, s in zip(own, step)])),
+        ("packed in the task rows' forward, at the start", spread(joint), spread(ratio)),
+        (f"own padded forward, after one step at lr {args.lr:g}", spread(step), "1"),
+    ]
+    print(table(("student's states", "KL", "vs one step's KL"), cells))
+    figures = {
+        "joint_kl_floor": statistics.fmean(joint),
+        "one_step_kl": statistics.fmean(step),
+        "floor_vs_step": statistics.fmean(ratio),
+        "device": args.device,
+        "dtype": args.dtype,
+        "seeds": len(runs),
+    }
+    finish("joint_kl_floor", figures, {"per_seed": runs})
 
 
 if __name__ == "__main__":

@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
+from bench.harness import clock, finish, repeat, sync, table
 from pipeline.host_memory import return_freed_memory_to_os
 from pipeline.losses.linear_ce import TeacherHead, linear_ce_kl, linear_ce_kl_reference
 from pipeline.metrics import PeakMemory
@@ -71,21 +70,12 @@ def measure(way: str, kd: bool, args: argparse.Namespace) -> dict[str, float]:
         loss.backward()
         hidden.grad = weight.grad = None
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     memory = PeakMemory(device, reset_peak=True)
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    clock(run)
     peak = memory.peak_gb() * 1e9
-    times = []
-    for _ in range(args.repeats):
-        started = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return {"peak": peak, "time": statistics.median(times), "spread": max(times) - min(times)}
+    times = repeat(run, args.repeats)
+    return {"peak": peak, "time": times.median, "spread": times.spread}
 
 
 def main() -> None:
@@ -115,28 +105,31 @@ def main() -> None:
             results[way, kd] = json.loads(out.strip().splitlines()[-1])
     print(
         f"\nloss forward + backward, {args.rows}×{args.seq_len} tokens, hidden {args.hidden}, vocab {args.vocab}, "
-        f"{args.dtype} on {args.device}; peak above the inputs (gradients included), median of {args.repeats} runs"
-        + (f"; KD on the first {args.distilled:.0%} of the tokens" if args.distilled < 1 else "")
+        f"{args.dtype} on {args.device}; peak above the inputs (gradients included), median ± std of "
+        f"{args.repeats} runs" + (f"; KD on the first {args.distilled:.0%} of the tokens" if args.distilled < 1 else "")
     )
-    header = ("loss", "way", "peak GB", "vs full", "time s", "spread s", "vs full")
-    widths = (7, 15, 8, 7, 7, 8, 7)
-    print(
-        "| " + " | ".join(f"{h:<{w}}" if i < 2 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(header, widths))) + " |"
-    )
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     worst_peak = worst_time = 0.0
+    cells = []
     for kd in (False, True):
         full = results["full logits", kd]
         for way in ways[kd]:
             r = results[way, kd]
             peak_ratio, time_ratio = r["peak"] / full["peak"], r["time"] / full["time"]
-            print(
-                f"| {'CE + KD' if kd else 'CE':<7} | {way:<15} | {r['peak'] / 1e9:>8.2f} | {peak_ratio:>7.3f} | "
-                f"{r['time']:>7.2f} | {r['spread']:>8.2f} | {time_ratio:>7.2f} |"
+            cells.append(
+                (
+                    "CE + KD" if kd else "CE",
+                    way,
+                    f"{r['peak'] / 1e9:.2f}",
+                    f"{peak_ratio:.3f}",
+                    f"{r['time']:.2f} ± {r['spread']:.2f}",
+                    f"{time_ratio:.2f}",
+                )
             )
             if way == "chunked":
                 worst_peak, worst_time = max(worst_peak, peak_ratio), max(worst_time, time_ratio)
-    print(f"loss_peak_vs_naive={worst_peak:.3f} loss_time_vs_naive={worst_time:.2f}")
+    print(table(("loss", "way", "peak GB", "vs full", "time s", "vs full"), cells))
+    results_by_name = {f"{way}{', KD' if kd else ''}": r for (way, kd), r in results.items()}
+    finish("loss_memory", {"loss_peak_vs_naive": worst_peak, "loss_time_vs_naive": worst_time}, results_by_name)
 
 
 if __name__ == "__main__":

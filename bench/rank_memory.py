@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
+from bench.harness import finish, table, timed
 from data_prep.config import parse_config
 from data_prep.prep_dir import PrepDir
 from data_prep.prepare import prepare
@@ -86,15 +87,14 @@ def run(config: Path, env: dict[str, str]) -> tuple[float, float]:
     peaks: dict = {}
     stop = threading.Event()
     watcher = threading.Thread(target=sample_peak, args=(stop, peaks), daemon=True)
-    started = time.perf_counter()
     watcher.start()
-    result = run_deepspeed("pipeline.train", ["--config", str(config)], capture=True, env=env)
+    seconds, result = timed(lambda: run_deepspeed("pipeline.train", ["--config", str(config)], capture=True, env=env))
     stop.set()
     watcher.join()
     if result.returncode != 0:
         raise SystemExit(result.stdout[-2000:] + result.stderr[-2000:])
     hwm = [v for (pid, key), v in peaks.items() if key == "VmHWM"]
-    return max(hwm) / 1e6, time.perf_counter() - started
+    return max(hwm) / 1e6, seconds
 
 
 def main() -> None:
@@ -163,22 +163,27 @@ def main() -> None:
     print(
         f"model states per rank (20 B/param / 2): {states:.2f} GB; a rank before loading the model: {baseline:.2f} GB"
     )
-    print(
-        f"| {'configuration':<44} | {'peak GB':>7} | {'vs first':>8} | {'over baseline / states':>22} | "
-        f"{'tok/s':>6} | {'run s':>5} |"
-    )
-    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 10}|{'-' * 24}|{'-' * 8}|{'-' * 7}|")
-    for name, peak, seconds, _, tok_s in rows:
-        print(
-            f"| {name:<44} | {peak:>7.2f} | {peak / rows[0][1]:>8.2f} | {(peak - baseline) / states:>22.2f} | "
-            f"{tok_s:>6.1f} | {seconds:>5.0f} |"
+    cells = [
+        (
+            name,
+            f"{peak:.2f}",
+            f"{peak / rows[0][1]:.2f}",
+            f"{(peak - baseline) / states:.2f}",
+            f"{tok_s:.1f}",
+            f"{s:.0f}",
         )
+        for name, peak, s, _, tok_s in rows
+    ]
+    print(table(("configuration", "peak GB", "vs first", "over baseline / states", "tok/s", "run s"), cells))
     same = all(r[3] == rows[0][3] for r in rows)
     print(f"losses identical across rows: {same}")
-    print(
-        f"peak_rss_gb={rows[-1][1]:.2f} peak_vs_before={rows[-1][1] / rows[0][1]:.3f} model_states_gb={states:.2f} "
-        f"baseline_gb={baseline:.2f}"
-    )
+    figures = {
+        "peak_rss_gb": rows[-1][1],
+        "peak_vs_before": rows[-1][1] / rows[0][1],
+        "model_states_gb": states,
+        "baseline_gb": baseline,
+    }
+    finish("rank_memory", figures, {"rows": [r[:3] + r[4:] for r in rows], "losses_identical": same})
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench.harness import finish, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,9 +99,7 @@ def main() -> int:
     pytest_args = ["-q", "-p", "no:cacheprovider", "-m", marker, "--no-header", "-rN", "tests"]
     if args.keyword:
         pytest_args += ["-k", args.keyword]
-    started = time.perf_counter()
-    code = pytest.main(pytest_args, plugins=[collector])
-    elapsed = time.perf_counter() - started
+    elapsed, code = timed(lambda: pytest.main(pytest_args, plugins=[collector]))
     cases = collector.cases
     if not cases:
         print("no reliability cases were collected", file=sys.stderr)
@@ -123,7 +122,7 @@ def main() -> int:
         print(f"FAILED {nodeid}: {c.detail}")
     passed = sum(c.outcome == "passed" for c in cases.values())
     lost = sum(c.lost or 0 for c in cases.values())
-    print(f"reliability_cases={len(cases)} passed={passed} data_lost={lost}")
+    finish("reliability", {"reliability_cases": len(cases), "passed": passed, "data_lost": lost})
     return 0 if code == 0 else 1
 
 

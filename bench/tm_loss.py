@@ -16,12 +16,11 @@ measured in the same process. Also: GeRe cache size for 1000 x 563 tokens.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from bench.harness import finish, repeat, table
 from pipeline.gere.states import activation_states, pack_states, packed_width
 from pipeline.losses.tm_loss import TMLossFunction, tm_loss_reference
 
@@ -55,16 +54,7 @@ def vmrss_mb() -> float:
 
 def measure(fn: Callable, inputs, iters: int, device: str) -> tuple[float, float]:
     """(median seconds, peak MB above the inputs) of forward + backward."""
-    for _ in range(2):
-        step(fn, *inputs)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = []
-    for _ in range(iters):
-        sync()
-        start = time.perf_counter()
-        step(fn, *inputs)
-        sync()
-        times.append(time.perf_counter() - start)
+    times = repeat(lambda: step(fn, *inputs), iters, warmup=2)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -77,20 +67,14 @@ def measure(fn: Callable, inputs, iters: int, device: str) -> tuple[float, float
         base = vmrss_mb()
         step(fn, *inputs)
         peak = vmhwm_mb() - base
-    return statistics.median(times), peak
+    return times.median, peak
 
 
 def copy_bandwidth(nbytes: int) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(20):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    return 2 * nbytes * 20 / (time.perf_counter() - start)  # read + write
+    copies = repeat(lambda: dst.copy_(src), 20, warmup=3)
+    return 2 * nbytes / copies.median  # read + write
 
 
 def main() -> None:
@@ -116,11 +100,9 @@ def main() -> None:
         f"\nTM loss forward+backward, B={args.batch} L={args.length} H={args.hidden} {args.dtype} on {args.device}, "
         f"median of {args.iters}"
     )
-    print(f"| {'variant':<20} | {'ms':>9} | {'vs reference':>12} | {'peak extra MB':>13} |")
-    print(f"|{'-' * 22}|{'-' * 11}|{'-' * 14}|{'-' * 15}|")
-    for name, (s, mb) in results.items():
-        print(f"| {name:<20} | {s * 1e3:>9.2f} | {ref_s / s:>11.2f}x | {mb:>13.1f} |")
-    summary = [f"compiled_vs_reference={ref_s / results['compiled reference'][0]:.3f}"]
+    cells = [(name, f"{s * 1e3:.2f}", f"{ref_s / s:.2f}x", f"{mb:.1f}") for name, (s, mb) in results.items()]
+    print(table(("variant", "ms", "vs reference", "peak extra MB"), cells))
+    figures: dict[str, float] = {"compiled_vs_reference": ref_s / results["compiled reference"][0]}
     if "fused (Triton)" in results:
         fused_s, fused_mb = results["fused (Triton)"]
         elems = args.batch * args.length * args.hidden
@@ -131,19 +113,17 @@ def main() -> None:
         bw = moved / fused_s
         peak_bw = copy_bandwidth(1 << 30)
         print(f"fused: {bw / 1e9:.0f} GB/s achieved vs {peak_bw / 1e9:.0f} GB/s device copy = {bw / peak_bw:.2f}")
-        summary += [
-            f"fused_speedup={ref_s / fused_s:.2f}",
-            f"fused_memory_ratio={ref_mb / max(fused_mb, 1e-3):.1f}",
-            f"fused_bandwidth_fraction={bw / peak_bw:.3f}",
-        ]
+        figures["fused_speedup"] = ref_s / fused_s
+        figures["fused_memory_ratio"] = ref_mb / max(fused_mb, 1e-3)
+        figures["fused_bandwidth_fraction"] = bw / peak_bw
     n, length, h = 1000, 563, 4096
     ours, fp32 = n * length * packed_width(h), n * length * h * 4
     print(
         f"GeRe cache for {n} samples x {length} tokens at H={h}: 2-bit states {ours / 2**20:.0f} MB "
         f"vs fp32 activations {fp32 / 2**20:.0f} MB ({fp32 / ours:.0f}x smaller)"
     )
-    summary.append(f"cache_ratio_vs_fp32={fp32 / ours:.0f}")
-    print(" ".join(summary))
+    figures["cache_ratio_vs_fp32"] = fp32 / ours
+    finish("tm_loss", figures, {name: {"seconds": s, "peak_mb": mb} for name, (s, mb) in results.items()})
 
 
 if __name__ == "__main__":

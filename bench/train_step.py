@@ -45,6 +45,7 @@ import torch
 from transformers import Trainer as HFTrainer
 from transformers import TrainerCallback, TrainingArguments
 
+from bench.harness import clock, device_name, finish, sync, table
 from cpt_core.logs import setup_logging
 from data_prep.demo import build_demo_data
 from data_prep.prep_dir import PrepDir
@@ -106,17 +107,13 @@ class Timing(NamedTuple):
 
 def time_ours(cfg_overrides: list[str], args: argparse.Namespace) -> Timing:
     trainer = Trainer(load_train_config(None, cfg_overrides))
-    times, tm_step1 = [], math.nan
+    times, parts, train_step = [], [], trainer.train_step
     for step in range(args.warmup + args.steps):
-        sync()
-        start = time.perf_counter()
-        parts = trainer.train_step()
-        sync()
+        seconds = clock(lambda: parts.append(train_step()))
         trainer.step += 1
-        if step == 0:
-            tm_step1 = parts.get("loss/tm", math.nan)
         if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
+    tm_step1 = parts[0].get("loss/tm", math.nan)
     replay = trainer.cfg.replay.samples_per_step * trainer.replay.replay_len if trainer.replay else 0
     timing = Timing(
         sum(times) / len(times), trainer.order.global_batch * trainer.seq_len, replay, trainer.n_params, tm_step1
@@ -172,15 +169,6 @@ def shared_work_dir() -> Path:
     path = [tempfile.mkdtemp(prefix="bench-train-") if int(os.environ.get("RANK", "0")) == 0 else None]
     torch.distributed.broadcast_object_list(path, src=0)
     return Path(path[0])
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -260,13 +248,13 @@ def main() -> None:
     def mfu(seconds: float) -> float:
         return model_flops_utilization(tokens / seconds / world, n_params, peak) if peak else math.nan
 
-    print(f"| {'variant':<56} | {'s/step':>15} | {'tokens/s':>9} | {'vs this loop':>12} | {'MFU':>5} |")
-    print(f"|{'-' * 58}|{'-' * 17}|{'-' * 11}|{'-' * 14}|{'-' * 7}|")
-    rows = [(name, mean[name], f"± {spread[name]:5.3f}") for name in variants]
+    rows = [(name, mean[name], f" ± {spread[name]:.3f}") for name in variants]
     if hf_runs:
-        rows.insert(1, ("HF Trainer + same DeepSpeed config (one run)", hf_s, " " * 7))
-    for name, s, sd in rows:
-        print(f"| {name:<56} | {s:>7.3f} {sd} | {tokens / s:>9,.0f} | {mean[plain] / s:>11.2f}x | {mfu(s):>5.1%} |")
+        rows.insert(1, ("HF Trainer + same DeepSpeed config (one run)", hf_s, ""))
+    cells = [
+        (name, f"{s:.3f}{sd}", f"{tokens / s:,.0f}", f"{mean[plain] / s:.2f}x", f"{mfu(s):.1%}") for name, s, sd in rows
+    ]
+    print(table(("variant", "s/step", "tokens/s", "vs this loop", "MFU"), cells))
     if not hf_runs:
         print("(HF Trainer not run: on CPU it needs a world of one rank)")
     overhead = {name: mean[name] / mean[plain] - 1 - share for name in (separate, joint)}
@@ -278,10 +266,13 @@ def main() -> None:
         f"TM at step 1, the cache built from the joint run's config ({args.dtype}): in the task forward "
         f"{tm_step1[joint]:.3g}, own forward {tm_step1[separate]:.3g} (0: the cache matches what the run computes)"
     )
-    print(
-        f"ratio_vs_hf_trainer={hf_s / mean[plain]:.3f} gere_overhead={overhead[joint]:.3f} "
-        f"gere_overhead_separate={overhead[separate]:.3f} mfu={mfu(mean[plain]):.3f}"
-    )
+    figures = {
+        "ratio_vs_hf_trainer": hf_s / mean[plain],
+        "gere_overhead": overhead[joint],
+        "gere_overhead_separate": overhead[separate],
+        "mfu": mfu(mean[plain]),
+    }
+    finish("train_step", figures, {"seconds_per_step": seconds, "tm_step1": tm_step1, "hf_seconds": hf_s})
 
 
 if __name__ == "__main__":
