@@ -20,8 +20,9 @@ Last line: default_forgetting_vs_naive=<x> default_learning_vs_naive=<y> seeds=<
 (the default method, what cpt init writes), then GeRe TM's tm_forgetting_vs_naive and tm_learning_vs_naive.
 (goal x <= 0.25 and y >= 0.95 at every lr).
 
-This module prepares, runs and prints; the rows are in ``bench/forgetting_rows.py`` and the arithmetic on
-stored results (ratios, noise, a budget row against its fixed weights) in ``bench/forgetting_compare.py``.
+This module prepares, runs and prints; the rows are data, ``bench/rows/default.yaml`` and ``--rows FILE``
+(read by ``bench/forgetting_rows.py``), and the arithmetic on stored results (ratios, noise, a budget row
+against its fixed weights) is in ``bench/forgetting_compare.py``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ from bench.forgetting_compare import (
     ratio,
     with_naive,
 )
-from bench.forgetting_rows import BUDGET, DEFAULT, ROWS, TM_ROW, Row
+from bench.forgetting_rows import DEFAULT_ROWS, Row, at_each_lr, load_rows, with_role
+from bench.harness import finish, git_commit
 from cpt_core.atomic import write_json
 from cpt_core.logs import setup_logging
 from data_prep.config import parse_config
@@ -165,12 +167,13 @@ def train_config(row: Row, seed: int, prep: Path, base: Path, cache: Path, out: 
     return cfg
 
 
-def gere_cache(out: Path, prep: Path, base: Path, args: argparse.Namespace) -> Path:
-    """The base model's GeRe cache, built as the TM rows replay (2 ranks, their replay rows per forward), and built
-    again when it is not the current base's (a re-pretrained demo base at the same path) or not that layout."""
+def gere_cache(out: Path, prep: Path, base: Path, row: Row, args: argparse.Namespace) -> Path:
+    """The base model's GeRe cache, built as ``row`` (a row that reads it) replays (2 ranks, its replay rows per
+    forward), and built again when it is not the current base's (a re-pretrained demo base at the same path) or
+    not that layout."""
     cache = out / "gere_cache"
     config = out / "gere.yaml"
-    config.write_text(yaml.safe_dump(train_config(ROWS[3], 0, prep, base, cache, out / "unused", args)))
+    config.write_text(yaml.safe_dump(train_config(row, 0, prep, base, cache, out / "unused", args)))
     if not cache_is_current(config, RANKS):
         if run_deepspeed("pipeline.gere", ["--config", str(config)]).returncode != 0:
             raise SystemExit("building the GeRe cache failed")
@@ -240,19 +243,10 @@ def merge(how: dict[str, Any], base: Path, run: Path, prep: Path) -> tuple[Path,
     return out, {k: chosen[k] for k in ("alpha", "probe_rise") if k in chosen}
 
 
-def git_commit() -> str:
-    """The code a result was measured with (its provenance; a code change alone does not rerun a row)."""
-    try:  # --dirty: a result measured with uncommitted changes says so
-        head = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
-    except OSError:  # no git: the run is still worth keeping
-        return "unknown"
-    return head.stdout.strip() or "unknown"
-
-
 # --- the table ---------------------------------------------------------------------------------------
 
 
-def print_table(results: dict[str, Any], args: argparse.Namespace, work: Path) -> None:
+def print_table(results: dict[str, Any], rows: list[Row], args: argparse.Namespace, work: Path) -> None:
     print(
         f"\n{args.steps} steps of {global_rows(args)} x {args.seq_len} tokens from {results['base_name']}, "
         f"lr {args.lr:g} (1x), {RANKS} CPU ranks, seeds {' '.join(map(str, args.seeds))}; {results['scored']}"
@@ -261,12 +255,12 @@ def print_table(results: dict[str, Any], args: argparse.Namespace, work: Path) -
     print("|---|---|---|---|---|---|---|")
     b = results["base"]
     print(f"| base (ppl {b['ppl/general']:.2f} general, {b['ppl/domain']:.2f} domain) | | | | | | |")
-    for row in ROWS:
+    for row in rows:
         if row.name not in results["rows"]:
             continue
         (g, ng), (d, nd) = with_naive(results, row.name, "general"), with_naive(results, row.name, "domain")
         cells = [f"{m:+.1%} ± {s:.1%}" for m, s in (mean_std(g), mean_std(d))]
-        if row.name.startswith("naive"):
+        if row.is_naive:
             cells += ["1", "1"]
         else:
             cells += [
@@ -279,35 +273,35 @@ def print_table(results: dict[str, Any], args: argparse.Namespace, work: Path) -
         "Δ: mean ± std over seeds; ratios: mean over seeds of the row's Δ over naive's (nan where a naive seed did "
         "not forget, or did not learn); ~: within noise"
     )
-    for lr in ("", ", 3x lr", ", 10x lr"):
-        name = DEFAULT + lr
-        (g, ng), (d, nd) = with_naive(results, name, "general"), with_naive(results, name, "domain")
+    default = with_role(rows, "default")
+    for row in at_each_lr(rows, default) if default else []:
+        (g, ng), (d, nd) = with_naive(results, row.name, "general"), with_naive(results, row.name, "domain")
         if g and ng:
             print(
-                f"{lr.strip(', ') or '1x lr'}: {DEFAULT} forgets {ratio(g, ng, +1):.2f} of naive's rise (goal <= 0.25) "
+                f"{row.lr_mult:g}x lr: {row.name} forgets {ratio(g, ng, +1):.2f} of naive's rise (goal <= 0.25) "
                 f"and learns {ratio(d, nd, -1):.2f} of its gain (goal >= 0.95)"
             )
-    for name in (r.name for r in ROWS if "budget" in r.name):
-        g = changes(results, name, "general")
+    for row in (r for r in rows if r.holds_budget):
+        g = changes(results, row.name, "general")
         if g:
-            held = sum(x <= BUDGET["budget"] for x in g)
-            print(f"{name}: general ppl rise {mean_std(g)[0]:+.1%}, within the budget in {held} of {len(g)} seeds")
-    for row in ROWS:  # what a merge to a budget chose on the probe, beside what the holdout then says
+            held = sum(x <= row.extra["forgetting"]["budget"] for x in g)
+            print(f"{row.name}: general ppl rise {mean_std(g)[0]:+.1%}, within the budget in {held} of {len(g)} seeds")
+    for row in rows:  # what a merge to a budget chose on the probe, beside what the holdout then says
         runs = results["rows"].get(row.name, {}) if "to_budget" in row.extra.get("merge", {}) else {}
         if runs:
             alphas = ", ".join(f"{r['alpha']:.3f}" for _, r in sorted(runs.items()))
             probe = mean_std([r["probe_rise"] for r in runs.values()])
             print(f"{row.name}: alpha {alphas} (seeds in order); probe rise {probe[0]:+.1%} ± {probe[1]:.1%}")
-    for row in ROWS:
-        compared = fixed_line(results, row) if row.holds_budget and row.name in results["rows"] else None
+    for row in rows:
+        compared = fixed_line(results, row, rows) if row.holds_budget and row.name in results["rows"] else None
         if compared:
             print(compared)
-    print_peaks(results, work)
+    print_peaks(results, rows, work)
 
 
-def print_peaks(results: dict[str, Any], work: Path) -> None:
+def print_peaks(results: dict[str, Any], rows: list[Row], work: Path) -> None:
     """Each probed run's probe peak beside its end, and each budget row against the watched weights there."""
-    probed = [r for r in ROWS if "forgetting" in r.extra and r.name in results["rows"]]
+    probed = [r for r in rows if "forgetting" in r.extra and r.name in results["rows"]]
     peaks = {(r.name, s): probe_peak(work, r.name, int(s)) for r in probed for s in results["rows"][r.name]}
     if any(math.isfinite(v) for v in peaks.values()):
         print("\n| run | seed | probe peak | Δ general ppl (holdout, end) | learning / naive |")
@@ -316,21 +310,24 @@ def print_peaks(results: dict[str, Any], work: Path) -> None:
             end, learned = end_rise(results, name, seed), learning(results, name, seed)
             print(f"| {name} | {seed} | {peak:+.1%} | {end:+.1%} | {learned:.3f} |")
         for row in probed:
-            compared = peak_line(results, row, work) if row.holds_budget else None
+            compared = peak_line(results, row, rows, work) if row.holds_budget else None
             if compared:
                 print(compared)
 
 
-def summary_line(results: dict[str, Any], args: argparse.Namespace) -> str:
+def summary(results: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
     """The default method (what cpt init and the demo run) against naive CPT, and GeRe's TM beside it."""
     clean = int(all(c["in_replay"] == c["in_training"] == 0 for c in results["contamination"].values()))
-    parts = []
-    for key, name in (("default", DEFAULT), ("tm", TM_ROW)):
+    figures: dict[str, Any] = {}
+    for key, role in (("default", "default"), ("tm", "gere")):
+        row = with_role(rows, role)
+        name = row.name if row else ""
         (g, ng), (d, nd) = with_naive(results, name, "general"), with_naive(results, name, "domain")
-        parts.append(f"{key}_forgetting_vs_naive={ratio(g, ng, +1):.3f} {key}_learning_vs_naive={ratio(d, nd, -1):.3f}")
+        figures[f"{key}_forgetting_vs_naive"] = ratio(g, ng, +1)
+        figures[f"{key}_learning_vs_naive"] = ratio(d, nd, -1)
         if key == "default":
-            parts.append(f"seeds={min(len(g), len(ng))} clean_holdout={clean} default='{DEFAULT}'")
-    return " ".join(parts)
+            figures.update(seeds=min(len(g), len(ng)), clean_holdout=clean, default=repr(name))
+    return figures
 
 
 def wanted(name: str, args: argparse.Namespace) -> bool:
@@ -371,18 +368,27 @@ def main() -> None:
         help="score each holdout document's first seq_len tokens only (whole documents take hours for a real "
         "model on CPU: a State of the Union address is ~8k tokens)",
     )
+    p.add_argument(
+        "--rows",
+        nargs="*",
+        default=[],
+        metavar="FILE",
+        help=f"more rows (YAML, as {DEFAULT_ROWS.relative_to(ROOT)}), beside that file's; bench/rows/archive.yaml "
+        "holds the rows measured earlier",
+    )
     p.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
     p.add_argument("--exact", action="store_true", help="--only names whole rows: a row runs if its name is one")
     p.add_argument("--skip", nargs="*", default=[], help="skip rows whose name contains one of these")
     args = p.parse_args()
     setup_logging(brief=True)
+    rows = load_rows(DEFAULT_ROWS, *args.rows)
     base, tokenizer, general, domain = base_and_corpora(args)
     work = Path(args.out or ROOT / "runs" / f"forgetting-{'tiny' if args.tiny else 'model'}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     prep = prepare_data(work, tokenizer, general, domain, args)
     # Building the cache is minutes on a real model (4.5 on SmolLM2 here): only for rows that read it.
-    needs_cache = any(r.reads_cache and wanted(r.name, args) for r in ROWS)
-    cache = gere_cache(work, prep, base, args) if needs_cache else work / "gere_cache"
+    reading = [r for r in rows if r.reads_cache and wanted(r.name, args)]
+    cache = gere_cache(work, prep, base, reading[0], args) if reading else work / "gere_cache"
     store = work / "results.json"
     # The base's weights, not only its path: a re-pretrained demo base (same path) scores differently, and
     # rows run on it are not comparable with naive CPT run on the old one.
@@ -413,14 +419,14 @@ def main() -> None:
     if "base" not in results:
         results["base"] = score(load_hf(base), prep, args)
     definitions = results.setdefault("definitions", {})
-    for row in ROWS:  # a row redefined since its results were stored (BUDGET, a weight) starts over
+    for row in rows:  # a row redefined since its results were stored (a weight, a budget) starts over
         if definitions.get(row.name) != row.definition and row.name in results["rows"]:
             # results stored without a definition are of unknown provenance: dropped too
             log.info("%s: stored results defined otherwise (or not recorded); they are dropped", row.name)
             del results["rows"][row.name]
         definitions[row.name] = row.definition
     for seed in args.seeds:
-        for row in ROWS:
+        for row in rows:
             if not wanted(row.name, args) or any(o in row.name for o in args.skip):
                 continue
             if str(seed) in results["rows"].get(row.name, {}):
@@ -431,8 +437,8 @@ def main() -> None:
             shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in scores.items()}
             log.info("%s, seed %d: %s", row.name, seed, shown)
     write_json(store, results)
-    print_table(results, args, work)
-    print(summary_line(results, args))
+    print_table(results, rows, args, work)
+    finish("forgetting", summary(results, rows), {"results": str(store)})
 
 
 if __name__ == "__main__":

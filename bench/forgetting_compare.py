@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.forgetting_rows import ROWS, Row, naive_of, without_weights
+from bench.forgetting_rows import Row, naive_name, without_weights
 
 
 def metrics_file(work: Path, name: str, seed: int) -> Path:
@@ -44,10 +44,16 @@ def shared_seeds(results: dict[str, Any], *names: str) -> set[str]:
     return set.intersection(*runs) if runs else set()
 
 
+def naive_of(results: dict[str, Any], name: str) -> str:
+    """The naive CPT row at ``name``'s lr in stored results ("" where there is none)."""
+    return naive_name(results["definitions"], name) or ""
+
+
 def with_naive(results: dict[str, Any], name: str, role: str) -> tuple[list[float], list[float]]:
     """The row's changes and naive CPT's (at the row's lr), on the seeds both ran, in seed order."""
-    seeds = shared_seeds(results, name, naive_of(name))
-    return changes(results, name, role, seeds), changes(results, naive_of(name), role, seeds)
+    naive = naive_of(results, name)
+    seeds = shared_seeds(results, name, naive)
+    return changes(results, name, role, seeds), changes(results, naive, role, seeds)
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -88,7 +94,7 @@ def end_rise(results: dict[str, Any], name: str, seed: str) -> float:
 def learning(results: dict[str, Any], name: str, seed: str) -> float:
     """One seed's domain gain as a share of naive CPT's in the same seed (nan where either is missing)."""
     rows, base = results["rows"], results["base"]["ppl/domain"]
-    run, naive = rows.get(name, {}).get(seed), rows.get(naive_of(name), {}).get(seed)
+    run, naive = rows.get(name, {}).get(seed), rows.get(naive_of(results, name), {}).get(seed)
     if run is None or naive is None or naive["ppl/domain"] >= base:
         return math.nan
     return (run["ppl/domain"] / base - 1.0) / (naive["ppl/domain"] / base - 1.0)
@@ -128,13 +134,13 @@ def paired(differences: list[float], outside: list[str]) -> str:
     )
 
 
-def fixed_line(results: dict[str, Any], row: Row) -> str | None:
+def fixed_line(results: dict[str, Any], row: Row, rows: list[Row]) -> str | None:
     """For a budget row: its learning against the fixed weights of its lever at equal end rise on the holdout,
     per seed (:func:`against_line`): a comparison at equal forgetting, which the 5% line cannot give when the
     probe's documents read a point or two off the holdout's."""
     fixed = [
         other
-        for other in ROWS
+        for other in rows
         if "forgetting" not in other.extra
         and (other.mixed, other.lr_mult, without_weights(other.extra))
         == (row.mixed, row.lr_mult, without_weights(row.extra))
@@ -147,7 +153,7 @@ def fixed_line(results: dict[str, Any], row: Row) -> str | None:
     return None
 
 
-def peak_line(results: dict[str, Any], row: Row, work: Path) -> str | None:
+def peak_line(results: dict[str, Any], row: Row, rows: list[Row], work: Path) -> str | None:
     """For a budget row: its learning against the watched fixed weights of its lever at equal probe peak, per
     seed: a comparison on what a budget holds, the rise through the run, where :func:`fixed_line` compares end
     rises."""
@@ -155,6 +161,6 @@ def peak_line(results: dict[str, Any], row: Row, work: Path) -> str | None:
     def key(r: Row) -> tuple[Any, ...]:  # the same lever and lr, probed as often (a max over more probes is higher)
         return r.mixed, r.lr_mult, without_weights(r.extra), r.extra["forgetting"].get("every")
 
-    watched = [r for r in ROWS if r.watched and key(r) == key(row)]
+    watched = [r for r in rows if r.watched and key(r) == key(row)]
     differences, outside = against_line(results, row, watched, lambda name, seed: probe_peak(work, name, int(seed)))
     return f"{row.name}: at equal probe peak, {paired(differences, outside)}" if differences else None

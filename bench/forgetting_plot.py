@@ -12,15 +12,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.forgetting_compare import ratio, with_naive
-from bench.forgetting_rows import naive_of
+from bench.forgetting_compare import naive_of, ratio, with_naive
 
 
 def points(results: dict[str, Any]) -> dict[str, list[tuple[float, float, str]]]:
     """{naive row: [(forgetting / naive, learning / naive, row), ...]} for every row with a naive to compare."""
     panels: dict[str, list[tuple[float, float, str]]] = {}
     for name in results["rows"]:
-        naive = naive_of(name)
+        naive = naive_of(results, name)
         if naive not in results["rows"]:
             continue
         forgot = ratio(*with_naive(results, name, "general"), +1)
@@ -43,7 +42,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = points(results)
-    order = sorted(panels, key=lambda n: (len(n), n))  # naive CPT, then its 3x and 10x lr runs
+    order = sorted(panels, key=lambda n: results["definitions"][n]["lr_mult"])  # 1x, then 3x and 10x lr
     fig, axes = plt.subplots(1, len(order), figsize=(7 * len(order), 6), squeeze=False)
     for ax, naive in zip(axes[0], order):
         panel, front = panels[naive], pareto_front(panels[naive])

@@ -8,14 +8,20 @@ import math
 import pytest
 
 from bench.forgetting_compare import fixed_line, metrics_file, peak_line, probe_peak
-from bench.forgetting_rows import ROWS, without_weights
+from bench.forgetting_rows import DEFAULT_ROWS, ROWS_DIR, at_each_lr, load_rows, naive_name, with_role, without_weights
+from cpt_core.errors import ConfigError
+
+ROWS = load_rows(DEFAULT_ROWS, ROWS_DIR / "archive.yaml")
 
 
 def results(rows: dict[str, tuple[float, float]]) -> dict:
-    """Two seeds per row, each at the given (general ppl, domain ppl); base 100 / 200."""
+    """Two seeds per row, each at the given (general ppl, domain ppl); base 100 / 200; the rows' definitions from
+    the rows files (a made-up lever at 1x lr for a name not in them)."""
+    known = {r.name: r.definition for r in ROWS}
     return {
         "base": {"ppl/general": 100.0, "ppl/domain": 200.0},
         "rows": {name: {str(s): {"ppl/general": g, "ppl/domain": d} for s in (0, 1)} for name, (g, d) in rows.items()},
+        "definitions": {n: known.get(n, {"mixed": False, "extra": {"lever": n}, "lr_mult": 1.0}) for n in rows},
     }
 
 
@@ -35,15 +41,15 @@ def test_a_budget_row_is_compared_per_seed_with_the_line_between_the_fixed_weigh
     for name, general in (("+ replay KL (w 3)", 105.0), ("+ replay KL (w 2)", 107.0), (row.name, 106.0)):
         data["rows"][name]["1"]["ppl/general"] = general
     data["rows"][row.name]["1"]["ppl/domain"] = 114.0
-    line = fixed_line(data, row)
+    line = fixed_line(data, row, ROWS)
     assert "at equal end rise, -0.005 ± 0.021 ~ of naive's gain (seeds compared: 2; each -0.020, +0.010)" in line
     data["rows"][row.name]["1"]["ppl/domain"] = 117.0  # seed 1 learns 83: -0.020 in both seeds, beyond noise
-    assert "-0.020 ± 0.000 of naive's gain" in fixed_line(data, row)
+    assert "-0.020 ± 0.000 of naive's gain" in fixed_line(data, row, ROWS)
     data["rows"][row.name]["1"]["ppl/general"] = 108.0  # over w 2's +7%: seed 1 has no bracket
-    assert fixed_line(data, row).endswith("each -0.020; outside the fixed rows' range: seed 1 at +8.0%)")
+    assert fixed_line(data, row, ROWS).endswith("each -0.020; outside the fixed rows' range: seed 1 at +8.0%)")
     data["rows"][row.name] = results({row.name: (103.0, 117.0)})["rows"][row.name]
-    assert fixed_line(data, row).endswith("outside its fixed rows' range (seed 0 at +3.0%, seed 1 at +3.0%)")
-    assert fixed_line(results({"naive CPT": (130.0, 100.0), row.name: (105.0, 117.0)}), row) is None
+    assert fixed_line(data, row, ROWS).endswith("outside its fixed rows' range (seed 0 at +3.0%, seed 1 at +3.0%)")
+    assert fixed_line(results({"naive CPT": (130.0, 100.0), row.name: (105.0, 117.0)}), row, ROWS) is None
 
 
 def test_fixed_siblings_share_the_lever_and_lr_but_not_the_weight():
@@ -72,11 +78,13 @@ def test_a_budget_row_is_compared_per_seed_with_the_watched_fixed_weights_at_its
     assert probe_peak(tmp_path, budget, 0) == 0.07 and math.isnan(probe_peak(tmp_path, budget, 5))
     # seed 0: at +7% the line from w 3 (+4%, 0.90) to w 2 (+8%, 0.96) gives 0.945, the row learns 0.95;
     # seed 1: at +5% it gives 0.915, the row learns 0.91
-    line = peak_line(data, row, tmp_path)
+    line = peak_line(data, row, ROWS, tmp_path)
     assert "at equal probe peak, +0.000 ± 0.007 ~ of naive's gain (seeds compared: 2; each +0.005, -0.005)" in line
     metrics_file(tmp_path, w2, 1).unlink()  # seed 1 has no bracket left: only seed 0 is compared
-    assert "seeds compared: 1; each +0.005" in peak_line(data, row, tmp_path)
-    assert peak_line(data, next(r for r in ROWS if r.name == "+ replay KL (w 1.5), budget 5%, PI"), tmp_path) is None
+    assert "seeds compared: 1; each +0.005" in peak_line(data, row, ROWS, tmp_path)
+    assert (
+        peak_line(data, next(r for r in ROWS if r.name == "+ replay KL (w 1.5), budget 5%, PI"), ROWS, tmp_path) is None
+    )
 
 
 def test_lever_rows_keep_the_bench_settings_and_leave_the_merge_to_after_training(tmp_path):
@@ -124,3 +132,30 @@ def test_a_row_is_compared_with_naive_on_the_seeds_both_ran():
     assert math.isnan(ratio(changes(stored, "A", "general"), changes(stored, "naive CPT", "general"), +1))
     (x, y, _), *_ = [p for p in points(stored)["naive CPT"] if p[2] == "A"]
     assert (x, y) == pytest.approx((1 / 3, 0.5))
+
+
+def test_rows_are_data_whose_stored_definitions_still_match_and_naive_is_found_by_definition():
+    """Moving the rows into YAML changed no row a stored result was measured with, so none reruns; the default
+    runs at every lr the bench compares; naive CPT is the row with no overrides at the same lr, whatever its name."""
+    import json
+
+    from bench.forgetting import ROOT
+
+    stored = json.loads((ROOT / "bench" / "results" / "forgetting_tiny_levers_cpu.json").read_text())["definitions"]
+    compared = [r for r in ROWS if r.name in stored]
+    assert len(compared) >= 30 and all(stored[r.name] == r.definition for r in compared)
+    default = with_role(ROWS, "default")
+    assert [r.lr_mult for r in at_each_lr(ROWS, default)] == [1.0, 3.0, 10.0]
+    assert default.extra["replay"] == {"strategy": "kl", "weight": 3.0, "ce_weight": 0.0}
+    definitions = {"plain": {"mixed": False, "extra": {}, "lr_mult": 3.0}, "x": {**default.definition, "lr_mult": 3.0}}
+    assert naive_name(definitions, "x") == "plain" and naive_name({**definitions, "y": default.definition}, "y") is None
+
+
+def test_a_bad_rows_file_names_the_file_and_the_row(tmp_path):
+    bad = tmp_path / "rows.yaml"
+    bad.write_text("- {name: a, config: {replay: {strategy: kl}}}\n- {name: b, lr: 3}\n")
+    with pytest.raises(ConfigError, match=r"rows.yaml: row 1 \(b\): unknown keys \['lr'\]"):
+        load_rows(bad)
+    bad.write_text("- {name: naive CPT}\n")
+    with pytest.raises(ConfigError, match="a row named 'naive CPT' is already defined"):
+        load_rows(DEFAULT_ROWS, bad)
