@@ -79,7 +79,7 @@ from .losses.head import loss_from_hidden
 from .losses.linear_ce import CHUNK_BYTES
 from .model import model_config, model_sources
 from .precision import resolve_dtype
-from .runfile import training_config
+from .runfile import prep_lengths, training_config
 
 log = logging.getLogger("pipeline.plan")
 
@@ -169,9 +169,15 @@ def model_shape(cfg: TrainConfig, cuda: bool) -> ModelShape:
     return ModelShape.from_config(model_config(start), cfg)
 
 
-def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: str = "cuda") -> Plan:
+def plan_memory(
+    cfg: TrainConfig,
+    ranks: int,
+    shape: ModelShape,
+    device_type: str = "cuda",
+    lengths: tuple[int, int] | None = None,
+) -> Plan:
     """Per-rank memory of ``cfg`` (``model.dtype`` resolved, see :func:`model_shape`) on ``ranks`` ranks of
-    ``device_type``."""
+    ``device_type``; ``lengths``: (seq_len, replay_len) to assume while the prep does not exist yet."""
     dtype = cfg.model.dtype
     b = 4 if dtype == "float32" else 2
     ds = filled_ds_config(cfg, ranks, shape.hidden)
@@ -213,7 +219,7 @@ def plan_memory(cfg: TrainConfig, ranks: int, shape: ModelShape, device_type: st
     if cfg.penalty.kind != "none":  # the start weights' fp32 partition, and EWC's Fisher beside it
         t["penalty anchors"] = (4 if cfg.penalty.kind == "l2sp" else 8) * phi / ranks
 
-    seq_len, replay_len = _lengths(cfg, plan)
+    seq_len, replay_len = _lengths(cfg, plan, lengths)
     tokens = cfg.batch.micro_batch * seq_len
     chunked = shape.loss_from_hidden
     layout = replay_layout(cfg, replay_len, seq_len, ranks, chunked, device_type)
@@ -294,13 +300,16 @@ def advise(plan: Plan, cfg: TrainConfig, gpu_bytes: float, shape: ModelShape) ->
     return advice
 
 
-def _lengths(cfg: TrainConfig, plan: Plan) -> tuple[int, int]:
-    """(seq_len, replay_len) from the prep; before data_prep has run, its defaults (noted in the plan)."""
+def _lengths(cfg: TrainConfig, plan: Plan, declared: tuple[int, int] | None) -> tuple[int, int]:
+    """(seq_len, replay_len) from the prep; before data_prep has run, what the run file asks for (``declared``),
+    else a long-context guess (either noted in the plan)."""
     try:
         prep = PrepDir(cfg.data.prep).read()
     except (UserError, OSError):
-        plan.assumed.append(f"no prep at {cfg.data.prep}: seq_len 4096 and replay_len 512 assumed")
-        return 4096, 512
+        seq_len, replay_len = declared or (4096, 512)
+        source = "the run file's data section" if declared else "assumed"
+        plan.assumed.append(f"no prep at {cfg.data.prep} yet: seq_len {seq_len}, replay_len {replay_len} ({source})")
+        return seq_len, replay_len
     if prep.replay is None:
         return prep.seq_len, 512
     return prep.seq_len, ReplayShard.open(prep.replay).replay_len
@@ -348,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = training_config(args.config)
         ranks = args.gpus * args.nodes
         shape = model_shape(cfg, cuda=not args.cpu)
-        plan = plan_memory(cfg, ranks, shape, "cpu" if args.cpu else "cuda")
+        plan = plan_memory(cfg, ranks, shape, "cpu" if args.cpu else "cuda", prep_lengths(args.config))
         gpu_bytes = args.gpu_mem * GB if args.gpu_mem else None
         if gpu_bytes is None and torch.cuda.is_available():
             gpu_bytes = float(torch.cuda.get_device_properties(0).total_memory)

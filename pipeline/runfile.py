@@ -126,6 +126,24 @@ def training_config(path: str | Path | None, overrides: list[str] | tuple[str, .
     return load_train_config(path, overrides)
 
 
+def prep_lengths(path: str | Path) -> tuple[int, int] | None:
+    """(seq_len, replay_len) a run file's data section asks for, data-prep's defaults where it is silent; None
+    for a training config, or where the section's values are not integers (the run file's check says so)."""
+    from data_prep.build import BuildOptions
+    from data_prep.config import ReplayShardConfig
+
+    raw = read_yaml(Path(path))
+    if not is_run_file(raw):
+        return None
+    data = _mapping(raw, "data")
+    replay = data.get("replay")
+    seq_len = data.get("seq_len", BuildOptions().seq_len)
+    replay_len = (replay if isinstance(replay, dict) else {}).get("replay_len", ReplayShardConfig().replay_len)
+    if not all(isinstance(n, int) for n in (seq_len, replay_len)):
+        return None
+    return seq_len, replay_len
+
+
 def check_run(
     path: str | Path, overrides: list[str] | tuple[str, ...] = (), smoke: bool = False, training_only: bool = False
 ) -> tuple[RunFile | None, list[str]]:

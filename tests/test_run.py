@@ -226,6 +226,13 @@ def test_the_launch_scripts_take_the_run_file_itself(sample, tmp_path):
     corpus.write_bytes(sample.domain.read_bytes())
     raw["data"]["sources"][0]["paths"] = str(corpus)
     path.write_text(yaml.safe_dump(raw))
+
+    def plan() -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "pipeline", "plan", "--config", str(path), "--gpus", "1", "--cpu"]
+        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    before_prep = plan()  # planned on the lengths the run file asks for, not a guess
+    assert "seq_len 64, replay_len 32 (the run file's data section)" in before_prep.stdout, before_prep.stderr[-2000:]
     prepared = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", str(path), "--only", "prep"],
         capture_output=True,
@@ -240,13 +247,7 @@ def test_the_launch_scripts_take_the_run_file_itself(sample, tmp_path):
     assert to_dict(training_config(None, overrides)) == to_dict(load_train_config(None, overrides))
     assert to_dict(training_config(path, ["optim.lr=1e-3"])).get("optim", {}).get("lr") == 1e-3
 
-    planned = subprocess.run(
-        [sys.executable, "-m", "pipeline", "plan", "--config", str(path), "--gpus", "1", "--cpu"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    planned = plan()
     assert planned.returncode == 0 and "per_rank_gb=" in planned.stdout, planned.stderr[-2000:]
     trained = subprocess.run(launcher_command(path, ranks=1), capture_output=True, text=True, env=env(), cwd=ROOT)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
