@@ -9,6 +9,7 @@ reference and ``docs/config.md``, so the documentation cannot drift from the cod
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -200,6 +201,39 @@ def reference(cls: Any, title: str, prefix: str = "", skip: set[str] = frozenset
     head = [f"### {title}", "", doc, ""] if doc else [f"### {title}", ""]
     table = ["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""] if rows else []
     return "\n".join(head + table + sections)
+
+
+def add_flags(
+    parser: argparse.ArgumentParser,
+    cls: Any,
+    names: typing.Iterable[str],
+    prefix: str = "",
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """A ``--PREFIX-NAME`` flag for each named field of ``cls``, its type, choices, default and help taken from
+    the field's declaration, so a command's ``--help`` says what the YAML reference says. A boolean gets
+    ``--NAME`` and ``--no-NAME``; a field without a default is a required flag, unless ``defaults`` (by field
+    name) gives this command one."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = defaults or {}
+    for name in names:
+        f, annotation = fields[name], hints[name]
+        flag = "--" + (prefix + name).replace("_", "-")
+        options: dict[str, Any] = {"dest": prefix + name, "help": f.metadata.get("doc", "")}
+        if name in defaults or not _is_required(f):
+            options["default"] = defaults.get(name, _default(f))
+        else:
+            options["required"] = True
+        if annotation is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is Literal:
+            options["choices"] = typing.get_args(annotation)
+        elif typing.get_origin(annotation) is tuple:
+            options["nargs"], options["type"] = "+", typing.get_args(annotation)[0]
+        else:
+            options["type"] = annotation
+        parser.add_argument(flag, **options)
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -110,7 +110,7 @@ class BuildOptions:
     """Options that shape the output (all part of the cache key) and limits that guard it."""
 
     seq_len: int = setting(2048, "tokens per packed row")
-    seed: int = setting(1234, "seed of the holdout split and row order")
+    seed: int = setting(1234, "seed of the holdout split, the row order and the replay sample")
     docs_per_chunk: int = setting(1024, "documents per independently packed (and cached) chunk")
     chunk_chars: int = setting(4_000_000, "a chunk also ends here: ~1M tokens, so the dropped tail is < 0.2% at 2048")
     max_reject_fraction: float = setting(0.01, "fail when more than this share of records is rejected")

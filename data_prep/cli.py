@@ -18,8 +18,12 @@ from pathlib import Path
 from cpt_core.commands import prog
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
+from cpt_core.typed_config import add_flags
 
 from . import __version__
+from .build import BuildOptions
+from .config import HoldoutConfig, MixConfig, PrepareTop, ReplayShardConfig, SourceEntry
+from .readers import ReadOptions
 
 log = logging.getLogger("data_prep")
 
@@ -62,24 +66,11 @@ def _parser() -> argparse.ArgumentParser:
 
     build = add("build", "Tokenize and pack one source into a cached, resumable per-source build.", _cmd_build)
     _source_args(build)
-    build.add_argument(
-        "--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory"
-    )
+    add_flags(build, PrepareTop, ["tokenizer"])
     build.add_argument("--cache", required=True, help="cache root; the build goes to CACHE/ROLE/NAME-KEY/")
-    build.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row")
-    build.add_argument("--seed", type=int, default=1234, help="seed of the holdout split")
-    build.add_argument("--docs-per-chunk", type=int, default=1024, help="documents per independently packed chunk")
-    build.add_argument("--holdout-fraction", type=float, default=0.01, help="share of documents held out for eval")
-    build.add_argument("--holdout-max-docs", type=int, default=1000, help="cap on held-out documents")
-    build.add_argument(
-        "--max-reject-fraction",
-        type=float,
-        default=0.01,
-        help="fail when more than this share of records is rejected (see rejects.jsonl)",
-    )
-    build.add_argument(
-        "--workers", type=int, default=1, help="tokenizer worker processes (reading overlaps with them; 0: all inline)"
-    )
+    add_flags(build, BuildOptions, ["seq_len", "seed", "docs_per_chunk", "max_reject_fraction"])
+    add_flags(build, HoldoutConfig, ["fraction", "max_docs"], prefix="holdout_")
+    add_flags(build, PrepareTop, ["workers"])
     build.add_argument(
         "--num-shards", type=int, default=1, help="split the job into K independent pieces (SLURM array)"
     )
@@ -91,28 +82,17 @@ def _parser() -> argparse.ArgumentParser:
     mix = add("mix", "Write the training mixture from builds at exact, per-batch-stratified token shares.", _cmd_mix)
     mix.add_argument("builds", nargs="+", help="build directories (their role comes from build.json)")
     mix.add_argument("--out", required=True, help="output directory (data/ + manifest.json)")
-    mix.add_argument("--general-ratio", type=float, default=0.15, help="share of tokens from general data, in [0, 1)")
-    mix.add_argument("--instruction-ratio", type=float, default=0.0, help="share of tokens from instruction data")
-    mix.add_argument("--seed", type=int, default=1234, help="seed of the row order")
-    mix.add_argument("--batch-rows", type=int, default=64, help="global batch (rows) the shares are checked against")
+    add_flags(mix, MixConfig, ["general_ratio", "instruction_ratio", "batch_rows"])
+    add_flags(mix, BuildOptions, ["seed"])
 
     replay = add(
         "replay", "Sample N general documents into the GeRe replay shard (each alone, truncated).", _cmd_replay
     )
-    _source_args(replay, role_default="general")
-    replay.add_argument(
-        "--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory"
-    )
+    _source_args(replay, role="general")
+    add_flags(replay, PrepareTop, ["tokenizer"])
     replay.add_argument("--out", required=True, help="output directory (data/ + replay.json)")
-    replay.add_argument("--num-samples", type=int, default=1000, help="replay documents (GeRe uses ~1000)")
-    replay.add_argument("--replay-len", type=int, default=512, help="tokens kept per replay document")
-    replay.add_argument(
-        "--selection",
-        choices=("random", "first"),
-        default="random",
-        help="seeded random sample, or the first N documents as the GeRe paper does",
-    )
-    replay.add_argument("--seed", type=int, default=1234)
+    add_flags(replay, ReplayShardConfig, ["num_samples", "replay_len", "selection"])
+    add_flags(replay, BuildOptions, ["seed"])
     replay.add_argument(
         "--disjoint-from",
         nargs="*",
@@ -159,15 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _source_args(p: argparse.ArgumentParser, role_default: str | None = None) -> None:
-    p.add_argument("--name", required=True, help="source name (letters, digits, - _ .)")
-    p.add_argument(
-        "--role",
-        choices=("domain", "general", "instruction"),
-        default=role_default,
-        required=role_default is None,
-        help="what the source is for",
-    )
+def _source_args(p: argparse.ArgumentParser, role: str | None = None) -> None:
+    """The source's flags; ``role``: the role's default (else ``--role`` is required)."""
+    add_flags(p, SourceEntry, ["name", "role"], defaults={"role": role} if role else None)
     p.add_argument(
         "--input",
         nargs="+",
@@ -175,15 +149,12 @@ def _source_args(p: argparse.ArgumentParser, role_default: str | None = None) ->
         dest="inputs",
         help="files, directories or globs: jsonl[.gz|.zst], parquet, txt, arrow, saved datasets",
     )
-    p.add_argument("--text-field", default="text", help="JSON/column field holding the text")
-    p.add_argument("--txt-mode", choices=("file", "line"), default="file", help="a .txt file is one doc, or each line")
-    p.add_argument("--max-doc-chars", type=int, default=5_000_000, help="reject longer documents")
-    p.add_argument("--no-dedup", action="store_true", help="keep exact-duplicate documents")
+    add_flags(p, ReadOptions, ["text_field", "txt_mode", "max_doc_chars"])
+    add_flags(p, SourceEntry, ["dedup"])
 
 
 def _spec(args: argparse.Namespace, holdout: tuple[float, int] = (0.0, 0)):
     from .build import SourceSpec
-    from .readers import ReadOptions
 
     read = ReadOptions(text_field=args.text_field, txt_mode=args.txt_mode, max_doc_chars=args.max_doc_chars)
     return SourceSpec(
@@ -191,14 +162,14 @@ def _spec(args: argparse.Namespace, holdout: tuple[float, int] = (0.0, 0)):
         role=args.role,
         paths=tuple(args.inputs),
         read=read,
-        dedup=not args.no_dedup,
+        dedup=args.dedup,
         holdout_fraction=holdout[0],
         holdout_max_docs=holdout[1],
     )
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
-    from .build import BuildOptions, build_source
+    from .build import build_source
 
     if args.workers < 0 or args.num_shards < 1:
         raise UserError("--workers must be >= 0 and --num-shards >= 1")

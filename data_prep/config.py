@@ -56,7 +56,7 @@ class PrepareTop:
 
     tokenizer: str = setting(doc="SentencePiece .model file or Hugging Face tokenizer (or model) directory")
     out: str = setting(doc="output directory: cache/, mixture/, replay/, holdout/, prep.json")
-    workers: int = setting(1, "tokenizer processes")
+    workers: int = setting(1, "tokenizer processes (reading overlaps with them; 0: all in this process)")
 
 
 @dataclass(frozen=True)

@@ -220,3 +220,34 @@ def test_an_old_flag_name_still_works_and_says_its_new_name(tmp_path):
     )
     assert "warning: --model-path is deprecated; use --model" in done.stderr
     assert done.returncode == 2 and f"{tmp_path}: no prep.json" in done.stderr  # parsed as --model, then refused
+
+
+def test_data_prep_flags_are_the_typed_config_declarations():
+    """Each shared option of a data_prep command takes its type, choices, default and help from the field the
+    YAML reads, so --help, the YAML reference and a run without the flag agree."""
+    import dataclasses
+
+    from data_prep.build import BuildOptions
+    from data_prep.cli import _parser
+    from data_prep.config import HoldoutConfig, MixConfig, ReplayShardConfig
+    from data_prep.readers import ReadOptions
+
+    build = ["build", "--name", "x", "--role", "domain", "--input", "a.jsonl", "--tokenizer", "t", "--cache", "c"]
+    args = _parser().parse_args(build)
+    assert (
+        (args.seq_len, args.seed, args.docs_per_chunk)
+        == (2048, 1234, 1024)
+        == tuple(getattr(BuildOptions(), k) for k in ("seq_len", "seed", "docs_per_chunk"))
+    )
+    assert (args.holdout_fraction, args.holdout_max_docs) == (HoldoutConfig().fraction, HoldoutConfig().max_docs)
+    assert (args.txt_mode, args.dedup) == (ReadOptions().txt_mode, True)
+    assert _parser().parse_args([*build, "--no-dedup", "--seq-len", "64"]).dedup is False
+    replay = _parser().parse_args(["replay", "--name", "g", "--input", "a", "--tokenizer", "t", "--out", "o"])
+    assert (replay.role, replay.num_samples, replay.selection) == ("general", 1000, ReplayShardConfig().selection)
+    mix = _parser().parse_args(["mix", "b", "--out", "o"])
+    assert mix.general_ratio == MixConfig().general_ratio and mix.batch_rows == MixConfig().batch_rows
+    doc = {f.name: f.metadata["doc"] for f in dataclasses.fields(ReplayShardConfig)}["replay_len"]
+    shown = run("replay", "--help").stdout
+    assert doc in " ".join(shown.split())  # the declaration's sentence, as --help wraps it
+    with pytest.raises(SystemExit):
+        _parser().parse_args([*build[:-4], "--cache", "c"])  # --tokenizer: required, as the YAML's tokenizer is
