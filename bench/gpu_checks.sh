@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check issue 13 leaves to a GPU, in one run on one GPU (a lent machine gives a session ~15 minutes):
+# Every check the CPU cannot make, in one run on one GPU (a lent machine gives a session ~15 minutes):
 #   bash bench/gpu_wheels.sh              # once, where pip works: what the device image lacks → .whl/
 #   bash bench/gpu_checks.sh [CHECK...]   # on the GPU machine, with .whl carried; all checks by default
 # The whole script holds to GPU_CHECKS_BUDGET seconds (default 540, under one device call's 600), the wheel
