@@ -27,10 +27,8 @@ from typing import NamedTuple
 
 import torch
 
-from bench.harness import Samples, clock, device_name, finish, table
-from bench.train_step import shared_work_dir
+from bench.harness import Samples, clock, device_name, finish, table, workspace
 from cpt_core.logs import setup_logging
-from data_prep.demo import build_demo_data
 from data_prep.prep_dir import PrepDir
 from data_prep.tokenizer import load_tokenizer
 from pipeline.checkpoint_files import CheckpointDir, checkpoint_root, read_complete
@@ -125,13 +123,7 @@ def main() -> None:
     setup_logging(logging.WARNING)
     init_distributed()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    work = shared_work_dir()
-    if args.prep:
-        prep = Path(args.prep)
-    else:  # built once, by rank 0, in the shared directory
-        built = [str(build_demo_data(work / "demo", quiet=True).mixture.parent) if rank == 0 else None]
-        torch.distributed.broadcast_object_list(built, src=0)
-        prep = Path(built[0])
+    work, prep = workspace(args.prep)
     vocab = load_tokenizer(PrepDir(prep).read().tokenizer).vocab_size
     rounds = {mode: measure(mode, prep, work, vocab, args) for mode in ("sync", "async")}
     torch.distributed.barrier()

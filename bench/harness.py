@@ -79,6 +79,25 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def workspace(prep: str | None) -> tuple[Path, Path]:
+    """(a scratch directory every rank of this machine sees, the prep to train on): ``prep``, or the demo's data
+    built once by rank 0 in the scratch directory. Collective: every rank calls it."""
+    import tempfile
+
+    import torch
+
+    from data_prep.demo import build_demo_data
+
+    rank = int(os.environ.get("RANK", "0"))
+    work = [tempfile.mkdtemp(prefix="bench-") if rank == 0 else None]
+    torch.distributed.broadcast_object_list(work, src=0)
+    if prep:
+        return Path(work[0]), Path(prep)
+    built = [str(build_demo_data(Path(work[0]) / "demo", quiet=True).mixture.parent) if rank == 0 else None]
+    torch.distributed.broadcast_object_list(built, src=0)
+    return Path(work[0]), Path(built[0])
+
+
 def device_name() -> str:
     import torch
 

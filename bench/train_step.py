@@ -34,7 +34,6 @@ import math
 import os
 import shutil
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -45,9 +44,8 @@ import torch
 from transformers import Trainer as HFTrainer
 from transformers import TrainerCallback, TrainingArguments
 
-from bench.harness import clock, device_name, finish, sync, table
+from bench.harness import clock, device_name, finish, sync, table, workspace
 from cpt_core.logs import setup_logging
-from data_prep.demo import build_demo_data
 from data_prep.prep_dir import PrepDir
 from data_prep.tokenizer import load_tokenizer
 from pipeline.config import load_train_config
@@ -164,13 +162,6 @@ def time_hf(cfg_overrides: list[str], args: argparse.Namespace) -> float:
     return sum(timed) / len(timed)
 
 
-def shared_work_dir() -> Path:
-    """A scratch directory every rank sees: rank 0 makes it and sends its path (ranks of one machine)."""
-    path = [tempfile.mkdtemp(prefix="bench-train-") if int(os.environ.get("RANK", "0")) == 0 else None]
-    torch.distributed.broadcast_object_list(path, src=0)
-    return Path(path[0])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prep", help="data_prep output to train on (default: build the demo's)")
@@ -190,13 +181,7 @@ def main() -> None:
     init_distributed()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    work = shared_work_dir()
-    if args.prep:
-        prep = Path(args.prep)
-    else:  # built once, by rank 0, in the shared directory
-        built = [str(build_demo_data(work / "demo", quiet=True).mixture.parent) if rank == 0 else None]
-        torch.distributed.broadcast_object_list(built, src=0)
-        prep = Path(built[0])
+    work, prep = workspace(args.prep)
 
     vocab = load_tokenizer(PrepDir(prep).read().tokenizer).vocab_size
     cache = work / "cache"
