@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import shutil
 import signal
@@ -107,10 +108,9 @@ class CheckpointManager:
                 ) from None
             raise
         self._pending = _PendingSave(tag, step, state, started)
-        blocked = time.monotonic() - started
         if not _decoupled(engine):
             self._mark_complete()
-        self.last_block_seconds = time.monotonic() - started if self._pending is None else blocked
+        self.last_block_seconds = time.monotonic() - started
         return self.root / tag
 
     def commit(self, engine: Any) -> None:
@@ -124,18 +124,19 @@ class CheckpointManager:
             return
         started = time.monotonic()
         writer = engine.checkpoint_engine
-        info = writer.get_commit_info()
+        info, problem = writer.get_commit_info(), ""
         if info is not None:
             try:
                 writer.commit(info)  # waits for this rank's writer process to have written every file
-            except RuntimeError as e:
-                tag = self._pending.tag
-                self._pending = None
-                raise UserError(
-                    f"{self.root / tag}: rank {self.rank}'s checkpoint writer failed ({e}; its own error, a full "
-                    f"disk for one, is above in this rank's log); it is not marked complete and "
-                    f"{self.root / LATEST} still names {latest_tag(self.root) or 'nothing'}"
-                ) from None
+            except RuntimeError as e:  # the writer died (its own error is above in this rank's log) or timed out
+                problem = str(e)
+        if not _all_ranks_agree(not problem, engine.device):  # every rank raises, none waits in _mark_complete
+            tag, self._pending = self._pending.tag, None
+            raise UserError(
+                f"{self.root / tag}: a rank's checkpoint writer did not finish "
+                f"({problem or 'see the other ranks'}); it is not marked complete and {self.root / LATEST} "
+                f"still names {latest_tag(self.root) or 'nothing'}"
+            )
         self.last_block_seconds = (self.last_block_seconds or 0.0) + time.monotonic() - started
         self._mark_complete()
 
@@ -325,15 +326,18 @@ def _remove_all(paths: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def signals_held_for_writers() -> Iterator[None]:
-    """Block SIGTERM and SIGINT in this thread while DeepSpeed spawns its checkpoint writers, which inherit the
-    blocked mask (across fork and exec) and so never see them.
+def signals_held_for_writers(enabled: bool) -> Iterator[None]:
+    """Block SIGTERM and SIGINT in this thread while DeepSpeed spawns its checkpoint writers (``enabled``: the
+    config has them), which inherit the blocked mask (across fork and exec) and so never see them.
 
     SLURM signals every process of the job step and Ctrl-C the whole process group: a writer killed by the
     signal would lose the very save the signal asks for (the ranks then cannot commit it). A signal that
-    arrives meanwhile is held, not lost: it reaches this process when the block ends. The writers still stop
-    as they should: at exit (:func:`stop_writer_at_exit`), or by SIGKILL.
+    arrives meanwhile is held, not lost: it reaches this process when the block ends. The writers stop at
+    exit (:func:`watch_writer`), or by SIGKILL: the launchers kill a rank's whole process tree, SLURM its step.
     """
+    if not enabled:
+        yield
+        return
     held = {signal.SIGTERM, signal.SIGINT}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
@@ -342,20 +346,27 @@ def signals_held_for_writers() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def stop_writer_at_exit(engine: Any) -> None:
-    """Stop this rank's DeepSpeed writer process when the interpreter exits, whatever the path out.
+def watch_writer(engine: Any, timeout_minutes: float) -> None:
+    """Set up this rank's DeepSpeed writer process, if the engine has one (call right after ``initialize``).
 
-    The writer is a non-daemon process waiting on its queue, which the interpreter's exit would join forever
-    (multiprocessing's own exit handler, registered earlier, runs after this one). A save not yet committed (an
-    error cut the run short) is abandoned: its directory is never marked complete.
+    A commit may wait ``timeout_minutes`` for the writer, as long as any collective may wait for a rank
+    (DeepSpeed's own bound, 300 s, is shorter than a 70B save's last minutes at 2 GB/s). At exit the writer is
+    stopped, whatever the path out: it is a non-daemon process waiting on its queue, which the interpreter's
+    exit would join forever (multiprocessing's exit handler, registered earlier, runs after this one). A save
+    not yet committed (an error cut the run short) is abandoned, its writer killed (it ignores SIGTERM, see
+    :func:`signals_held_for_writers`), and its directory is never marked complete; DeepSpeed's cleanup then
+    finds the process gone and commits nothing, so no collective runs on one rank.
     """
     if not _decoupled(engine):
         return
+    writer = engine.checkpoint_engine
+    wait = type(writer)._wait_for_event_with_timeout
+    writer._wait_for_event_with_timeout = functools.partial(wait, writer, timeout_seconds=60 * timeout_minutes)
 
     def stop() -> None:
-        writer = engine.checkpoint_engine
         if writer.get_commit_info() is not None and writer.ckpt_process is not None:
-            writer.ckpt_process.terminate()
+            writer.ckpt_process.kill()
+            writer.ckpt_process.join()
         writer.cleanup()
 
     atexit.register(stop)
@@ -365,6 +376,15 @@ def _decoupled(engine: Any) -> bool:
     """Whether the engine saves through DeepSpeed's decoupled writer processes (``checkpoint.writer``)."""
     writer = getattr(engine, "checkpoint_engine", None)
     return writer is not None and writer.is_decoupled()
+
+
+def _all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank (one all-reduce; NCCL reduces device tensors only)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _barrier() -> None:

@@ -28,7 +28,8 @@ from .launch import free_port
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Under the launcher the env is set; a plain process becomes a world of one. ``timeout_minutes``: how long
     a collective may wait for the slowest rank before the group fails (``distributed.timeout_minutes``)."""
-    # CROSS_*: this node and the node count, as the deepspeed launcher sets them (its checkpoint writer reads them)
+    # CROSS_*: this node and the node count, which DeepSpeed's checkpoint writer reads; the deepspeed launcher and
+    # launch/slurm_rank.sh set them, and the writers' "replica" unit (the only one ds_json allows) does not use them
     world_of_one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     for key, value in {**world_of_one, "CROSS_RANK": "0", "CROSS_SIZE": "1"}.items():
         os.environ.setdefault(key, value)

@@ -8,6 +8,8 @@ from typing import Any
 
 from cpt_core.errors import UserError
 
+WRITER_EXAMPLE = '{"type": "python", "decoupled": true}'
+
 
 def read_ds_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
@@ -30,11 +32,24 @@ def checkpoint_writer(ds: dict[str, Any], path: str | Path) -> dict[str, Any] | 
     writer and their partitions unsaved). The ``fast`` type (FastPersist, DeepSpeed's default) runs on the
     async_io op, which would be compiled on every node at start unless DeepSpeed was installed with it built.
     """
-    writer = ds.get("checkpoint", {}).get("writer")
+    checkpoint = ds.get("checkpoint", {})
+    if not isinstance(checkpoint, dict):
+        raise UserError(f'{path}: checkpoint must be an object, e.g. {{"writer": {WRITER_EXAMPLE}}}')
+    writer = checkpoint.get("writer")
     if writer is None:
         return None
     if not isinstance(writer, dict):
         raise UserError(f"{path}: checkpoint.writer must be an object, e.g. {WRITER_EXAMPLE}")
+    zero = ds.get("zero_optimization", {})
+    offloaded = [
+        k for k in ("offload_optimizer", "offload_param") if (zero.get(k) or {}).get("device", "none") != "none"
+    ]
+    if writer.get("decoupled") and offloaded:
+        raise UserError(
+            f"{path}: checkpoint.writer.decoupled with zero_optimization.{offloaded[0]}: handing the offloaded "
+            "states (pinned host memory) to the writer processes would move them to unpinned shared memory; "
+            "drop the writer section (saves are then synchronous)"
+        )
     writer = {**writer, "data_parallel": writer.get("data_parallel", "replica")}
     if str(writer["data_parallel"]).lower() != "replica":
         raise UserError(
@@ -53,7 +68,9 @@ def checkpoint_writer(ds: dict[str, Any], path: str | Path) -> dict[str, Any] | 
     return writer
 
 
-WRITER_EXAMPLE = '{"type": "python", "decoupled": true}'
+def decoupled_writer(ds: dict[str, Any]) -> bool:
+    """Whether the (checked) config has DeepSpeed save through writer processes of its own."""
+    return bool(((ds.get("checkpoint") or {}).get("writer") or {}).get("decoupled"))
 
 
 def _async_io_built() -> bool:

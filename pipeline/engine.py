@@ -18,9 +18,10 @@ from cpt_core.errors import ConfigError
 from data_prep.tokenizer import Tokenizer
 
 from .adapter import AdapterFreeTeacher, add_adapters, uses_adapter
-from .checkpoint import signals_held_for_writers
+from .checkpoint import signals_held_for_writers, watch_writer
 from .config import TrainConfig
 from .ds_config import inference_ds_config
+from .ds_json import decoupled_writer
 from .isolation import check_document_isolation
 from .losses.head import attach_head_loss
 from .model import ModelSource, load_causal_lm
@@ -75,10 +76,11 @@ def build_engine(
             fused=True,
         )
     )  # one pass, no full-size temporaries
-    with signals_held_for_writers():  # DeepSpeed starts its checkpoint writer processes in here
+    with signals_held_for_writers(decoupled_writer(ds_cfg)):  # DeepSpeed starts its checkpoint writers in here
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler, config=ds_cfg
         )
+    watch_writer(engine, cfg.distributed.timeout_minutes)  # before anything below can fail
     engine.eval()  # no dropout in the probe
     # Replay samples packed behind the task rows (replay.forward) add rows to a forward: probe with one more,
     # so a micro_batch of 1 still checks the multi-row path (flash attention runs rows as one varlen row).

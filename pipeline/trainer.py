@@ -31,7 +31,7 @@ from data_prep.tokenizer import load_tokenizer
 
 from .adapter import uses_adapter
 from .budget import ForgettingBudget
-from .checkpoint import CheckpointManager, stop_writer_at_exit
+from .checkpoint import CheckpointManager
 from .checkpoint_files import checkpoint_root
 from .config import TrainConfig, to_dict
 from .data import (
@@ -86,7 +86,6 @@ class Trainer:
             ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
         self.budget: ForgettingBudget | None = None  # the lr schedule reads its brake (built below)
         self.engine = build_engine(cfg, start, ds_cfg, self._scheduler, tokenizer, self.seq_len)
-        stop_writer_at_exit(self.engine)
         self.device = self.engine.device
         self.teacher = build_teacher(cfg, base, ds_cfg, self.engine) if needs_teacher(cfg) else None
         distill_general = cfg.kd.weight > 0 and cfg.kd.rows == "general"

@@ -351,7 +351,6 @@ def test_replay_kl_is_zero_at_step_one_is_the_only_replay_term_and_matches_full_
     assert d[True]["loss/task_ce"] == pytest.approx(d[False]["loss/task_ce"], rel=1e-5)
 
 
-@pytest.mark.reliability("faults: SIGTERM")
 def async_ds_json(path: Path) -> str:
     """The CPU config with DeepSpeed's decoupled checkpoint writer, as zero3_bf16.json has it."""
     ds = json.loads((ROOT / "ds_configs" / "zero3_cpu.json").read_text())
@@ -360,6 +359,7 @@ def async_ds_json(path: Path) -> str:
     return str(path)
 
 
+@pytest.mark.reliability("faults: SIGTERM")
 @pytest.mark.parametrize("writer", ["sync", "async"])
 def test_sigterm_saves_a_checkpoint_and_exits_then_resume_continues(writer, prep, tmp_path, lost):
     """SIGTERM to every process of the job, the checkpoint writers too (as SLURM and Ctrl-C signal): saved."""

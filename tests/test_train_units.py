@@ -306,3 +306,11 @@ def test_an_async_writer_is_filled_for_zero3_and_one_needing_a_build_on_the_node
     assert ds_json.checkpoint_writer(fast, "ds.json")["data_parallel"] == "replica"
     with pytest.raises(UserError, match="'mock' writes nothing"):
         ds_json.checkpoint_writer({"checkpoint": {"writer": {"type": "mock"}}}, "ds.json")
+    offloaded = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}, **fast}
+    with pytest.raises(
+        UserError, match="ds.json: checkpoint.writer.decoupled with zero_optimization.offload_optimizer"
+    ):
+        ds_json.checkpoint_writer(offloaded, "ds.json")
+    with pytest.raises(UserError, match="ds.json: checkpoint must be an object"):
+        ds_json.checkpoint_writer({"checkpoint": "async"}, "ds.json")
+    assert ds_json.decoupled_writer(fast) and not ds_json.decoupled_writer({"checkpoint": {"writer": {}}})
