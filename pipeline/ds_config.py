@@ -21,7 +21,7 @@ from typing import Any
 from cpt_core.errors import UserError
 
 from .config import TrainConfig
-from .ds_json import checkpoint_writer, read_ds_json
+from .ds_json import read_ds_json
 from .precision import fill_ds_precision
 
 AUTO_BUCKETS = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9}  # × H²
@@ -51,9 +51,6 @@ def filled_ds_config(cfg: TrainConfig, world: int, hidden_size: int | None = Non
     ds["train_batch_size"] = cfg.batch.micro_batch * cfg.batch.grad_accum * world
     ds["gradient_clipping"] = cfg.optim.grad_clip
     fill_ds_precision(ds, cfg.model.dtype)
-    writer = checkpoint_writer(ds, path)
-    if writer is not None:
-        ds["checkpoint"]["writer"] = writer
     if "optimizer" in ds:
         ds["optimizer"]["params"] = {
             **ds["optimizer"].get("params", {}),

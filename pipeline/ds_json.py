@@ -12,15 +12,20 @@ WRITER_EXAMPLE = '{"type": "python", "decoupled": true}'
 
 
 def read_ds_json(path: str | Path) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path``, checked (:func:`checkpoint_writer`), its writer section filled in; every
+    reader of the file goes through here, so each refuses the same problems with the same words."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"deepspeed: config file {path} not found (see ds_configs/)")
+        raise UserError(f"deepspeed: {path} is not a file (ds_configs/ has zero3_bf16.json, ...)")
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(ds, dict):
         raise UserError(f"{path}: a DeepSpeed config is a JSON object")
+    writer = checkpoint_writer(ds, path)
+    if writer is not None:
+        ds["checkpoint"]["writer"] = writer
     return ds
 
 
@@ -69,7 +74,7 @@ def checkpoint_writer(ds: dict[str, Any], path: str | Path) -> dict[str, Any] | 
 
 
 def decoupled_writer(ds: dict[str, Any]) -> bool:
-    """Whether the (checked) config has DeepSpeed save through writer processes of its own."""
+    """Whether the config (as :func:`read_ds_json` returns it) has DeepSpeed save through writer processes."""
     return bool(((ds.get("checkpoint") or {}).get("writer") or {}).get("decoupled"))
 
 

@@ -72,7 +72,7 @@ from .adapter import add_adapters, lora_layers, uses_adapter
 from .cli_args import plan_parser
 from .config import TrainConfig
 from .ds_config import filled_ds_config
-from .ds_json import checkpoint_writer, decoupled_writer, read_ds_json
+from .ds_json import decoupled_writer, read_ds_json
 from .gere.joint import replay_layout
 from .gere.sampler import replay_plan
 from .losses.head import loss_from_hidden
@@ -363,10 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             gpu_bytes = float(torch.cuda.get_device_properties(0).total_memory)
         if gpu_bytes:
             plan.advice = advise(plan, cfg, gpu_bytes, shape)
-        ds = read_ds_json(cfg.deepspeed)
-        checkpoint_writer(ds, cfg.deepspeed)
-        budget = cfg.checkpoint.signal_save_budget
-        print(render(plan, gpu_bytes, args.disk_gbps, budget, decoupled_writer(ds)))
+        background = decoupled_writer(read_ds_json(cfg.deepspeed))
+        print(render(plan, gpu_bytes, args.disk_gbps, cfg.checkpoint.signal_save_budget, background))
         fits = int(gpu_bytes is not None and plan.total <= HEADROOM * gpu_bytes)
         print(f"per_rank_gb={plan.total / GB:.2f} fits={fits} checkpoint_gb={plan.checkpoint_bytes / GB:.1f}")
 

@@ -11,7 +11,6 @@ run's config, so a checkpoint, its export and its GeRe cache agree on it.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from cpt_core.errors import UserError
 
 from .config import TrainConfig
+from .ds_json import read_ds_json
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,7 @@ def resolve_dtype(model_dtype: str, ds_json: str | Path, cuda: bool | None = Non
     if model_dtype not in (*DTYPES, "auto"):
         raise UserError(f"model.dtype must be one of auto, {', '.join(DTYPES)}, got {model_dtype!r}")
     path = Path(ds_json)
-    try:
-        asked = requested_by_ds_json(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise UserError(f"deepspeed: config file {path} not found (see ds_configs/)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    asked = requested_by_ds_json(read_ds_json(path))
     if model_dtype != "auto":
         if asked is not None and asked != model_dtype:
             raise UserError(

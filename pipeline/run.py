@@ -31,7 +31,7 @@ from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
 
 from .config import to_dict
-from .ds_json import checkpoint_writer, read_ds_json
+from .ds_json import read_ds_json
 from .launch import gpu_count, warn_stale_build_locks
 from .runfile import RunFile, load_run
 
@@ -254,7 +254,6 @@ def check_deepspeed_json(deepspeed_json: str) -> None:
     """A DeepSpeed optimizer section means an op DeepSpeed compiles on every node at its first start; a checkpoint
     writer that needs one is refused."""
     ds = read_ds_json(deepspeed_json)
-    checkpoint_writer(ds, deepspeed_json)
     optimizer = ds.get("optimizer")
     if optimizer:
         zero = ds.get("zero_optimization", {})

@@ -23,15 +23,11 @@ log = logging.getLogger("pipeline.train")
 def check_inputs(cfg: TrainConfig) -> None:
     """The DeepSpeed JSON's, the prep's and the model directories' refusals, in seconds: on a cluster every rank
     would otherwise pay for its imports and the process group (and NCCL's start) before saying them."""
-    from pathlib import Path
 
-    from cpt_core.errors import ConfigError
     from data_prep.prep_dir import PrepDir
-    from pipeline.ds_json import checkpoint_writer, read_ds_json
+    from pipeline.ds_json import read_ds_json
 
-    if not Path(cfg.deepspeed).is_file():
-        raise ConfigError(f"deepspeed: {cfg.deepspeed} is not a file (ds_configs/ has zero3_bf16.json, ...)")
-    checkpoint_writer(read_ds_json(cfg.deepspeed), cfg.deepspeed)
+    read_ds_json(cfg.deepspeed)  # present, JSON, and nothing in it that would fail on the nodes
     PrepDir(cfg.data.prep).read()
     if process_rank() == 0:
         from pipeline.launch import warn_stale_build_locks

@@ -75,6 +75,7 @@ def build_from_args(args: argparse.Namespace) -> Path:
         args.replay = str(replay)
     if not args.replay or not args.out:
         raise UserError("--replay (or --prep) and --out are needed with --model or --model-config")
+    from pipeline.ds_json import read_ds_json
     from pipeline.gere.build import build_gere_cache  # torch and transformers: after --help, not before
     from pipeline.model import ModelSource
 
@@ -82,7 +83,7 @@ def build_from_args(args: argparse.Namespace) -> Path:
         source = ModelSource(config=json.loads(Path(args.model_config).read_text()), seed=args.seed)
     else:
         source = ModelSource(path=args.model_path, trust_remote_code=args.trust_remote_code)
-    ds_config = json.loads(Path(args.deepspeed).read_text()) if args.deepspeed else None
+    ds_config = read_ds_json(args.deepspeed) if args.deepspeed else None
     return build_gere_cache(
         source, args.replay, args.out, batch_size=args.batch_size, features=args.features, ds_config=ds_config
     )
