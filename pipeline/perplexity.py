@@ -8,8 +8,8 @@ context restarts at each window (the model never sees more than the seq_len
 it trained on). The trainer's periodic eval scores the same way, so its curve
 ends at the report's figure; ``whole_documents=False`` scores each document's
 first window only (a cheaper trend line, for benches). Ranks split the
-windows and all-reduce the sums; under ZeRO-3 every rank runs the same number
-of forwards.
+windows, batch them up to ``TOKENS_PER_FORWARD`` a forward and all-reduce the
+sums; under ZeRO-3 every rank runs the same number of forwards.
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ import torch.nn.functional as F
 
 from cpt_core.progress import progress_bar
 
-Forward = Callable[[torch.Tensor], torch.Tensor]  # [1, L] ids → [1, L, V] logits
+Forward = Callable[[torch.Tensor], torch.Tensor]  # [B, L] ids → [B, L, V] logits
+
+# Windows go through the model together, up to this many tokens a forward: under ZeRO-3 every forward gathers
+# every layer, so short windows one at a time spend the eval in gathers. A forward's logits are then never
+# larger than those of one 4096-token window, what a window a forward held at that seq_len.
+TOKENS_PER_FORWARD = 4096
 
 
 def logits_of(model: Callable[..., Any]) -> Forward:
@@ -56,28 +61,42 @@ def document_losses(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     spans = windows([len(d) for d in docs], seq_len, whole_documents)
     mine = spans[rank::world]
-    rounds = math.ceil(len(spans) / world) if spans else 0
+    per_forward = max(1, TOKENS_PER_FORWARD // seq_len)
+    rounds = math.ceil(math.ceil(len(spans) / world) / per_forward) if spans else 0
     sums = torch.zeros(len(docs), 2, dtype=torch.float64, device=device)
-    bar = progress_bar(desc="eval", unit="window", total=rounds, quiet=rank != 0)
+    bar = progress_bar(desc="eval", unit="window", total=len(mine), quiet=rank != 0)
     with torch.no_grad():
         for k in range(rounds):
-            bar.update(1)
-            real = k < len(mine)
-            d, start = mine[k] if real else spans[0]  # a padding forward keeps ZeRO-3 collectives in step
-            ids = torch.as_tensor(docs[d][start : start + seq_len], dtype=torch.long, device=device).unsqueeze(0)
-            target_mask = torch.as_tensor(masks[d][start + 1 : start + seq_len], dtype=torch.bool, device=device)
-            if ids.shape[1] < 2:
-                ids = torch.cat([ids, ids], 1)
-                target_mask = torch.zeros(1, dtype=torch.bool, device=device)
+            batch = mine[k * per_forward : (k + 1) * per_forward]
+            bar.update(len(batch))
+            ids, targets = window_batch(docs, masks, batch or spans[:1], seq_len)  # [] → a padding forward
+            ids, targets = ids.to(device), targets.to(device)
             logits = forward(ids)
-            targets = ids[0, 1:].masked_fill(~target_mask, -100)
-            nll = F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=-100, reduction="sum")
-            if real:  # indexed by a Python int: no host sync on an accelerator
-                sums[d] += torch.stack([nll.double(), (targets != -100).sum().double()])
+            for row, (d, _) in enumerate(batch):  # row by row: one row's fp32 logits alive at a time
+                nll = F.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=-100, reduction="sum")
+                # indexed by Python ints: no host sync on an accelerator
+                sums[d] += torch.stack([nll.double(), (targets[row] != -100).sum().double()])
     bar.close()
     if dist.is_initialized():
         dist.all_reduce(sums)  # float64 is an NCCL type; the sum is the same on every rank
     return sums.cpu()
+
+
+def window_batch(
+    docs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], batch: Sequence[tuple[int, int]], seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows' token ids [rows, width] and next-token targets [rows, width - 1] (-100 where nothing is
+    scored). Shorter windows are padded on the right, which a causal model's real positions never see; a
+    one-token window gets a second position so that the forward has a target shape."""
+    width = max(2, *(min(seq_len, len(docs[d]) - start) for d, start in batch))
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    targets = torch.full((len(batch), width - 1), -100, dtype=torch.long)
+    for row, (d, start) in enumerate(batch):
+        window = torch.as_tensor(docs[d][start : start + seq_len], dtype=torch.long)
+        scored = torch.as_tensor(masks[d][start + 1 : start + len(window)], dtype=torch.bool)
+        ids[row, : len(window)] = window
+        targets[row, : len(window) - 1] = window[1:].masked_fill(~scored, -100)
+    return ids, targets
 
 
 def perplexity_of(losses: torch.Tensor) -> float:

@@ -172,7 +172,11 @@ def test_a_margin_holds_the_rise_plus_its_standard_error_under_the_budget():
     probe = datasets.Dataset.from_dict(two)
     budget = ForgettingBudget(law, probe, 8, torch.device("cpu"))
     budget.start(lambda ids: torch.zeros(*ids.shape, 100))
-    first_doc_worse = lambda ids: torch.zeros(*ids.shape, 104 if int(ids[0, 0]) == 1 else 100)  # noqa: E731
+
+    def first_doc_worse(ids: torch.Tensor) -> torch.Tensor:  # uniform over 104 tokens in its rows, else over 100
+        others = (ids[:, :1] != 1).unsqueeze(-1) & (torch.arange(104) >= 100)
+        return torch.zeros(*ids.shape, 104).masked_fill(others, float("-inf"))
+
     logged = budget.update(first_doc_worse)
     rise, error = logged["forgetting/probe_rise"], logged["forgetting/probe_rise_se"]
     assert rise == pytest.approx(math.sqrt(1.04) - 1, rel=1e-4) and error > 0.01

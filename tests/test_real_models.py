@@ -221,3 +221,42 @@ def test_lora_on_smollm2_learns_leaves_the_base_alone_and_exports_the_trained_lo
     adapted = {k for k in exported if k.endswith("_proj.weight")}
     assert adapted and all(not torch.equal(exported[k], base[k]) for k in adapted)
     assert all(torch.equal(exported[k], base[k]) for k in exported.keys() - adapted)
+
+
+def test_batched_eval_windows_score_each_document_as_one_window_a_forward_does(smollm2, sample, monkeypatch):
+    """Eval stacks windows of different lengths into one forward, padded on the right: every document's NLL and
+    token count are those of running its windows one at a time (documents of 1 token, of seq_len, and longer)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2), local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2))
+    texts = [t for t in sample.texts("general") if len(t) > 2000][:3]
+    docs = [tokenizer(t)["input_ids"][:n] for t, n in zip(texts, (200, 32, 20))] + [[17]]
+    masks = [[1] * len(d) for d in docs]
+    masks[0][40:60] = [0] * 20  # unscored tokens inside a window
+    seq_len = 32
+    expected = torch.zeros(len(docs), 2, dtype=torch.float64)
+    with torch.no_grad():
+        for d, start in perplexity.windows([len(x) for x in docs], seq_len):
+            ids = torch.tensor([docs[d][start : start + seq_len]])
+            if ids.shape[1] < 2:
+                continue
+            target = ids[0, 1:].masked_fill(
+                ~torch.tensor(masks[d][start + 1 : start + seq_len], dtype=torch.bool), -100
+            )
+            nll = F.cross_entropy(model(input_ids=ids).logits[0, :-1], target, ignore_index=-100, reduction="sum")
+            expected[d] += torch.tensor([nll.item(), (target != -100).sum().item()], dtype=torch.float64)
+    shapes: list[tuple[int, ...]] = []
+
+    def recording(ids: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(ids.shape))
+        return model(input_ids=ids).logits
+
+    monkeypatch.setattr(perplexity, "TOKENS_PER_FORWARD", 4 * seq_len)
+    got = perplexity.document_losses(recording, docs, masks, seq_len)
+    assert shapes == [(4, 32), (4, 32), (2, 20)]  # 10 windows, 4 a forward, the last two padded to 20
+    assert torch.equal(got[:, 1], expected[:, 1]) and got[3].tolist() == [0.0, 0.0]
+    assert torch.allclose(got[:, 0], expected[:, 0], rtol=1e-5)
