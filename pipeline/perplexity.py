@@ -76,6 +76,7 @@ def document_losses(
                 nll = F.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=-100, reduction="sum")
                 # indexed by Python ints: no host sync on an accelerator
                 sums[d] += torch.stack([nll.double(), (targets[row] != -100).sum().double()])
+            del logits  # else the next forward's logits are made while these are still held
     bar.close()
     if dist.is_initialized():
         dist.all_reduce(sums)  # float64 is an NCCL type; the sum is the same on every rank
