@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.utils.hub import convert_file_size_to_int
 
 from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
@@ -78,8 +79,9 @@ from .gere.sampler import replay_plan
 from .losses.head import loss_from_hidden
 from .losses.linear_ce import CHUNK_BYTES
 from .model import model_config, model_sources
+from .perplexity import TOKENS_PER_FORWARD
 from .precision import resolve_dtype
-from .runfile import prep_lengths, training_config
+from .runfile import MergeSection, prep_lengths, run_file, training_config
 
 log = logging.getLogger("pipeline.plan")
 
@@ -156,6 +158,7 @@ class Plan:
     checkpoint_bytes: float = 0.0
     advice: list[str] = field(default_factory=list)
     assumed: list[str] = field(default_factory=list)  # what the plan took as given, said with the table
+    merge: dict[str, float] = field(default_factory=dict)  # host bytes of the run file's merge step, by phase
 
     @property
     def total(self) -> float:
@@ -263,6 +266,23 @@ def plan_memory(
     return plan
 
 
+def merge_host_bytes(
+    merge: MergeSection, shape: ModelShape, dtype_bytes: int, max_shard_size: str, adapter: bool
+) -> dict[str, float]:
+    """Host memory of the run file's merge step (one process on the CPU), by phase; the peak is the larger.
+
+    ``to_budget`` scores merges with one fp32 model whose weights are set, for each α, from fp32 copies of the
+    tuned and the base weights (three copies, 12 bytes a parameter) and a forward's fp32 logits. The write
+    streams: a shard of the export, the base's tensors of that shard and their merge, in the export's dtype,
+    and fp32 copies of the three for the tensor being merged."""
+    weights = shape.params - (shape.trained if adapter else 0)  # an export holds the adapters merged in
+    shard = min(float(convert_file_size_to_int(max_shard_size)), dtype_bytes * weights)
+    phases = {"write": 3 * shard + 3 * 4 * shape.largest_param}
+    if merge.to_budget is not None:
+        phases["search"] = 12 * weights + 4 * TOKENS_PER_FORWARD * shape.vocab
+    return phases
+
+
 def activation_bytes_per_token(shape: ModelShape, b: int) -> int:
     """What backward keeps of one decoder layer per token (flash/sdpa attention; ``b``: bytes of the dtype).
 
@@ -324,6 +344,13 @@ def render(plan: Plan, gpu_bytes: float | None, disk_gbps: float, save_budget: f
     if plan.host:
         lines.append(f"| host memory (offload) | {sum(plan.host.values()) / GB:.2f} |")
     lines.append("")
+    if plan.merge:
+        phases = [f"the streamed write {plan.merge['write'] / GB:.1f} GB"]
+        if "search" in plan.merge:
+            search = plan.merge["search"] / GB
+            phases.insert(0, f"the α search {search:.1f} GB (three fp32 copies of the weights, a forward's logits)")
+        peak = max(plan.merge.values()) / GB
+        lines.append(f"merge step: {peak:.1f} GB of host memory in one process at its peak: " + ", then ".join(phases))
     if gpu_bytes:
         fits = plan.total <= HEADROOM * gpu_bytes
         lines.append(
@@ -354,10 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.WARNING)
 
     def body() -> None:
-        cfg = training_config(args.config)
+        run = run_file(args.config)
+        cfg = run.train if run else training_config(args.config)
         ranks = args.gpus * args.nodes
         shape = model_shape(cfg, cuda=not args.cpu)
         plan = plan_memory(cfg, ranks, shape, "cpu" if args.cpu else "cuda", prep_lengths(args.config))
+        if run and run.merge.enabled:
+            b = 4 if cfg.model.dtype == "float32" else 2
+            plan.merge = merge_host_bytes(run.merge, shape, b, run.export.max_shard_size, uses_adapter(cfg.adapter))
         gpu_bytes = args.gpu_mem * GB if args.gpu_mem else None
         if gpu_bytes is None and torch.cuda.is_available():
             gpu_bytes = float(torch.cuda.get_device_properties(0).total_memory)
@@ -366,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         background = decoupled_writer(read_ds_json(cfg.deepspeed))
         print(render(plan, gpu_bytes, args.disk_gbps, cfg.checkpoint.signal_save_budget, background))
         fits = int(gpu_bytes is not None and plan.total <= HEADROOM * gpu_bytes)
-        print(f"per_rank_gb={plan.total / GB:.2f} fits={fits} checkpoint_gb={plan.checkpoint_bytes / GB:.1f}")
+        merge = f" merge_host_gb={max(plan.merge.values()) / GB:.1f}" if plan.merge else ""
+        print(f"per_rank_gb={plan.total / GB:.2f} fits={fits} checkpoint_gb={plan.checkpoint_bytes / GB:.1f}{merge}")
 
     return run_cli(body, log)
 

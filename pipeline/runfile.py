@@ -121,9 +121,13 @@ def training_config(path: str | Path | None, overrides: list[str] | tuple[str, .
     `cpt run` writes it to RUN_DIR/train.yaml: the training commands and launch scripts take either file. A
     run file's corpora are not checked here: training reads the prep they were built into, and on a cluster
     the corpora need not be on the nodes' shared filesystem."""
-    if path is not None and is_run_file(read_yaml(Path(path))):
-        return load_run(path, overrides, training_only=True).train
-    return load_train_config(path, overrides)
+    run = run_file(path, overrides) if path is not None else None
+    return run.train if run else load_train_config(path, overrides)
+
+
+def run_file(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunFile | None:
+    """The run file at ``path``, checked as training reads it (corpora not checked); None for a training config."""
+    return load_run(path, overrides, training_only=True) if is_run_file(read_yaml(Path(path))) else None
 
 
 def prep_lengths(path: str | Path) -> tuple[int, int] | None:

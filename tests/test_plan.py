@@ -246,3 +246,30 @@ def test_model_states_agree_with_deepspeeds_estimator_where_both_count_the_same_
     o = offloaded.terms
     assert o["gathered (largest module + prefetch)"] - 2 * 2e8 + o["full grad of the largest module"] == gpu
     assert sum(offloaded.host.values()) * 8 == pytest.approx(cpu / 1.5 + 2 * psi)  # 1.5: its buffer factor
+
+
+def test_a_run_file_that_merges_to_a_budget_plans_the_merge_steps_host_memory(tmp_path, capsys):
+    """Llama-3-8B: the α search holds three fp32 copies of the weights and a forward's logits (98 GB of host
+    memory in one process), the streamed write three 5 GB shards and one tensor's fp32 copies."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(**LLAMA3_8B).save_pretrained(tmp_path / "base")
+    run = tmp_path / "run.yaml"
+    sources = [{"name": "d", "role": "domain", "paths": "d.jsonl"}, {"name": "g", "role": "general", "paths": "g"}]
+    run.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tmp_path / "base")},
+                "steps": 10,
+                "data": {"sources": sources, "replay": {"probe_docs": 64}},
+                "merge": {"to_budget": 0.05},
+            }
+        )
+    )
+    assert main(["--config", str(run), "--gpus", "8"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    search = 12 * LLAMA3_8B_PARAMS + 4 * 4096 * LLAMA3_8B["vocab_size"]
+    write = 3 * 5e9 + 12 * LLAMA3_8B["vocab_size"] * LLAMA3_8B["hidden_size"]
+    line = next(line for line in out if line.startswith("merge step:"))
+    assert f"the α search {search / GB:.1f} GB" in line and f"the streamed write {write / GB:.1f} GB" in line
+    assert out[-1].endswith(f"merge_host_gb={search / GB:.1f}")

@@ -69,7 +69,7 @@ def real_run(sample, sharded_smollm2, tmp_path_factory) -> dict[str, Path]:
                         {"name": "docs", "role": "general", "paths": str(sample.general)},
                     ],
                     "mix": {"general_ratio": 0.15, "batch_rows": 4},
-                    "replay": {"num_samples": 16, "replay_len": 32},
+                    "replay": {"num_samples": 12, "replay_len": 32, "probe_docs": 4},
                     "holdout": {"fraction": 0.05},
                 },
                 "deepspeed": "zero3_cpu",
@@ -148,6 +148,32 @@ def test_the_memory_planner_is_within_20_percent_of_the_measured_peak(real_run):
     plan = plan_memory(cfg, 2, model_shape(cfg, cuda=False), "cpu")
     measured = max(row["peak_mem_gb"] for row in metrics(real_run["run"]).values() if "peak_mem_gb" in row) * 1e9
     assert abs(plan.total - measured) <= 0.2 * measured, ({k: v / 1e9 for k, v in plan.terms.items()}, measured / 1e9)
+
+
+def test_the_planner_counts_the_merge_to_budget_search_within_20_percent_of_its_measured_peak(real_run):
+    """merge --to-budget's α search on SmolLM2 (the run's export toward the sharded base, fp32), in one
+    process (it sets the weights at α 0 and 1 at least): its peak resident memory above the process's start
+    against the plan's merge step."""
+    from pipeline.config import load_train_config
+    from pipeline.plan import merge_host_bytes, model_shape
+    from pipeline.runfile import MergeSection
+
+    script = (
+        "import json, sys, torch, datasets, transformers, pipeline.eval\n"
+        "from pathlib import Path\n"
+        "from pipeline.merge import search_alpha\n"
+        "from pipeline.metrics import PeakMemory\n"
+        "peak = PeakMemory(torch.device('cpu'), reset_peak=True)\n"
+        "found = search_alpha(*map(Path, sys.argv[1:4]), 0.05)\n"
+        "print(json.dumps({'peak_gb': peak.peak_gb(), 'alpha': found['alpha']}))\n"
+    )
+    args = [str(real_run[k]) for k in ("base", "hf", "prep")]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.splitlines()[-1])
+    cfg = load_train_config(real_run["config"])
+    planned = merge_host_bytes(MergeSection(to_budget=0.05), model_shape(cfg, cuda=False), 4, "5GB", False)
+    assert abs(planned["search"] / 1e9 - measured["peak_gb"]) <= 0.2 * measured["peak_gb"], (planned, measured)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
