@@ -31,11 +31,11 @@ from bench.harness import Samples, clock, device_name, finish, table, workspace
 from cpt_core.logs import setup_logging
 from data_prep.prep_dir import PrepDir
 from data_prep.tokenizer import load_tokenizer
-from pipeline.checkpoint_files import CheckpointDir, checkpoint_root, read_complete
+from pipeline.checkpoint.files import CheckpointDir, checkpoint_root, read_complete
 from pipeline.config import load_train_config
-from pipeline.distributed import init_distributed
-from pipeline.ds_json import read_ds_json
-from pipeline.trainer import Trainer
+from pipeline.runtime.distributed import init_distributed
+from pipeline.runtime.ds_json import read_ds_json
+from pipeline.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ASYNC_WRITER = {"type": "python", "decoupled": True}  # "python": no async_io op to build on the nodes

@@ -10,7 +10,7 @@ the main thread per step (median of the steps after the first):
     global read    every row of the global batch, to count its loss tokens (the
                    trainer before: ~0.7 ms a 4096-token row on every rank)
     own rows       this rank's rows only, read when the step starts
-    prefetched     pipeline.data.StepReader: this rank's rows, read on a thread
+    prefetched     pipeline.training.data.StepReader: this rank's rows, read on a thread
                    while the previous step computes (a sleep of --compute-ms)
 
 Last line: ``prefetched_ms_at_max_vs_min_batch=<x> global_read_ms_at_max_vs_min_batch=<y>``
@@ -32,7 +32,7 @@ import torch
 from bench.harness import Samples, clock, finish, table
 from data_prep.arrow_dataset import write_dataset_dir
 from data_prep.schema import packed_schema
-from pipeline.data import GlobalOrder, StepReader, packed_inputs, read_step
+from pipeline.training.data import GlobalOrder, StepReader, packed_inputs, read_step
 
 MICRO, ACCUM = 2, 4  # rows per rank per step: 8, whatever the number of ranks
 

@@ -63,12 +63,12 @@ from data_prep.config import parse_config
 from data_prep.mix import mix
 from data_prep.prep_dir import PrepDir
 from data_prep.prepare import prepare
-from pipeline.checkpoint_files import CheckpointDir
+from pipeline.checkpoint.files import CheckpointDir
 from pipeline.eval import holdout_contamination, holdout_document_losses, load_hf
+from pipeline.evaluation.perplexity import perplexities
 from pipeline.gere.build import cache_is_current
 from pipeline.launch import ROOT, run_deepspeed
-from pipeline.model import ModelSource, model_fingerprint
-from pipeline.perplexity import perplexities
+from pipeline.runtime.model import ModelSource, model_fingerprint
 
 log = logging.getLogger("bench.forgetting")
 

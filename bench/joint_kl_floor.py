@@ -43,7 +43,7 @@ from cpt_core.logs import setup_logging
 from pipeline.gere.joint import ReplayLayout, filler_task_rows, joint_hidden
 from pipeline.losses.head import HeadLoss, final_hidden, frozen_head_weight
 from pipeline.losses.replay import ReplayInputs, kl_from_hidden
-from pipeline.model import ModelSource, load_causal_lm
+from pipeline.runtime.model import ModelSource, load_causal_lm
 
 log = logging.getLogger("bench.joint_kl_floor")
 

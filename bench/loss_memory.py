@@ -20,7 +20,7 @@ way runs in its own process: peak = the process's peak memory during the loss
 minus what it held just before (inputs allocated), so the gradients it returns
 (``[N, H]`` and ``[V, H]``, needed by any path) are counted in both. CPU: peak
 resident set (VmHWM, reset through /proc/self/clear_refs; glibc set to return
-freed blocks, ``pipeline.host_memory``); CUDA: ``max_memory_allocated``. Time:
+freed blocks, ``pipeline.runtime.host_memory``); CUDA: ``max_memory_allocated``. Time:
 median of --repeats runs after a warm-up, in the same process.
 
 Last line: ``loss_peak_vs_naive=<x> loss_time_vs_naive=<y>``, the larger of the
@@ -37,9 +37,9 @@ import sys
 import torch
 
 from bench.harness import clock, finish, repeat, sync, table
-from pipeline.host_memory import return_freed_memory_to_os
 from pipeline.losses.linear_ce import TeacherHead, linear_ce_kl, linear_ce_kl_reference
-from pipeline.metrics import PeakMemory
+from pipeline.runtime.host_memory import return_freed_memory_to_os
+from pipeline.training.metrics import PeakMemory
 
 WAYS = {"full logits": linear_ce_kl_reference, "chunked": linear_ce_kl, "chunked, masked": linear_ce_kl}
 

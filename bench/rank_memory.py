@@ -6,7 +6,7 @@ launcher, once per row, and samples every rank's VmHWM (peak resident set):
   1. DeepSpeed's default ZeRO-3 buckets (reduce bucket 5e8 elements) and
      glibc's default malloc thresholds: how it was;
   2. buckets sized from the hidden size ("auto" in ds_configs/zero3_cpu.json);
-  3. + large freed blocks returned to the OS (pipeline/host_memory.py): today.
+  3. + large freed blocks returned to the OS (pipeline/runtime/host_memory.py): today.
 The model-state share is what a rank must hold: 20 bytes/param in fp32
 (weights 4, DeepSpeed's fp32 partition 4, gradient 4, Adam 8) over the ranks.
 The baseline is a rank's resident size before the model loads (interpreter,
@@ -39,8 +39,8 @@ from data_prep.prepare import prepare
 from data_prep.sample import SMALL, write_sample_corpora
 from pipeline.gere.build import build_gere_cache
 from pipeline.launch import ROOT, run_deepspeed
-from pipeline.model import ModelSource
 from pipeline.real_models import materialise
+from pipeline.runtime.model import ModelSource
 
 
 def make_prep(model: Path, out: Path) -> Path:

@@ -3,7 +3,7 @@
 Same model (a small Llama from one seed), data (the demo mixture: packed rows,
 per-document position ids), batch, and the same filled DeepSpeed ZeRO-3
 config for all variants; tokens/s over --steps timed steps after --warmup.
-  1. this loop (``pipeline.trainer.Trainer.train_step``), replay off;
+  1. this loop (``pipeline.training.trainer.Trainer.train_step``), replay off;
   2. HF ``Trainer`` with ``deepspeed=`` the same config, a collator producing
      the same inputs, loss from the model (labels);
   3. this loop with GeRe TM replay (cache built in this script), replay samples
@@ -21,7 +21,7 @@ left out and ratio_vs_hf_trainer is nan):
     deepspeed --num_gpus 1 --module bench.train_step
 On GPUs: deepspeed --num_gpus 8 --module bench.train_step --deepspeed ds_configs/zero3_bf16.json --dtype bfloat16
 (--model 1b for Llama-3.2-1B's shape; bench/gpu_checks.sh runs it on one GPU). On a known GPU each row also
-gets its MFU (6·N FLOPs a token over the dense bf16 peak, pipeline.metrics).
+gets its MFU (6·N FLOPs a token over the dense bf16 peak, pipeline.training.metrics).
 Last line: ratio_vs_hf_trainer=<x> gere_overhead=<y> gere_overhead_separate=<z> mfu=<m> (nan on CPU)
 """
 
@@ -49,13 +49,13 @@ from cpt_core.logs import setup_logging
 from data_prep.prep_dir import PrepDir
 from data_prep.tokenizer import load_tokenizer
 from pipeline.config import load_train_config
-from pipeline.data import packed_inputs
-from pipeline.distributed import init_distributed
-from pipeline.ds_config import filled_ds_config
 from pipeline.gere.build import build_cache_for_training
-from pipeline.metrics import device_peak_flops, model_flops_utilization
-from pipeline.model import ModelSource, load_causal_lm
-from pipeline.trainer import Trainer
+from pipeline.runtime.distributed import init_distributed
+from pipeline.runtime.ds_config import filled_ds_config
+from pipeline.runtime.model import ModelSource, load_causal_lm
+from pipeline.training.data import packed_inputs
+from pipeline.training.metrics import device_peak_flops, model_flops_utilization
+from pipeline.training.trainer import Trainer
 
 MODELS = {
     "tiny": {  # ~3M parameters beside the embeddings: what a CPU times in minutes

@@ -121,7 +121,7 @@ class KDConfig:
 
 @dataclass
 class PenaltyConfig:
-    """A pull toward the initial weights after every step (pipeline/penalty.py)."""
+    """A pull toward the initial weights after every step (pipeline/training/penalty.py)."""
 
     kind: Literal["none", "l2sp", "ewc"] = setting("none", "l2sp: uniform pull; ewc: weighted by the diagonal Fisher")
     weight: float = setting(0.0, "pull strength toward the initial weights, per unit lr")
@@ -130,8 +130,8 @@ class PenaltyConfig:
 
 @dataclass
 class ForgettingConfig:
-    """A forgetting budget the trainer holds (pipeline/budget.py): it scales anti-forgetting weights, then the lr.
-    Or, with ``watch``, only the probe's measurement."""
+    """A forgetting budget the trainer holds (pipeline/training/budget.py): it scales anti-forgetting weights,
+    then the lr. Or, with ``watch``, only the probe's measurement."""
 
     budget: float | None = setting(
         None, "allowed rise of general perplexity on the prep's probe documents, e.g. 0.02; null: off"

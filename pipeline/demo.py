@@ -30,7 +30,7 @@ from data_prep.prepare import prepare
 from data_prep.tokenizer import load_tokenizer
 
 from .cli_args import demo_parser
-from .eval import markdown_table
+from .evaluation.report import markdown_table
 from .launch import ROOT, deepspeed_command
 from .run import Runner
 from .runfile import load_run

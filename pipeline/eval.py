@@ -1,7 +1,7 @@
 """Forgetting and learning: ``python -m pipeline.eval --model TUNED_HF_DIR --base BASE_HF_DIR --prep PREP``.
 
 Perplexity on the general and domain holdouts (each document alone, whole
-documents in seq_len windows; see pipeline/perplexity.py), for the
+documents in seq_len windows; see pipeline/evaluation/perplexity.py), for the
 tuned model and, with ``--base``, the base model: general ppl change is
 forgetting, domain ppl change is learning. With ``--cache`` (a GeRe cache of
 the base model) also the TM loss of the tuned model on the replay set and the
@@ -13,7 +13,7 @@ on this process's device) or as N ranks under the launcher: then the model is
 partitioned with ZeRO-3 as it loads (no rank ever holds it whole: a 70B model
 evaluates on nodes that could not hold it on one GPU), documents are split
 across ranks, and every rank runs the same number of forwards
-(``pipeline/perplexity.py``), since each forward gathers layers collectively.
+(``pipeline/evaluation/perplexity.py``), since each forward gathers layers collectively.
 A training checkpoint is exported once, by rank 0, next to the checkpoint.
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 import shutil
 import sys
@@ -44,20 +43,19 @@ from data_prep.prep_dir import PrepDir
 from data_prep.replay import ReplayShard
 from data_prep.tokenizer import load_tokenizer
 
-from .checkpoint_files import CheckpointDir
+from .checkpoint.files import CheckpointDir
 from .cli_args import eval_parser
-from .distributed import finish, init_distributed, local_device
+from .evaluation.mcq import mcq_accuracy, read_questions
+from .evaluation.perplexity import holdout_losses, logits_of, perplexities, perplexity_change
+from .evaluation.report import markdown_table
 from .export import export
 from .gere.cache import GeReCache, pad_replay_rows
 from .gere.states import activation_states, unpack_states
 from .losses.tm_loss import tm_loss_reference
-from .mcq import mcq_accuracy, read_questions
-from .model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
-from .perplexity import holdout_losses, logits_of, perplexities, perplexity_change
+from .runtime.distributed import finish, init_distributed, local_device
+from .runtime.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
 
 log = logging.getLogger("pipeline.eval")
-
-MODELS = ("base", "tuned")
 
 
 def load_hf(path: str | Path) -> torch.nn.Module:
@@ -193,7 +191,7 @@ def holdout_document_losses(
 def multiple_choice(
     model: torch.nn.Module, prep: str | Path, files: list[str], device: torch.device | str = "cpu"
 ) -> dict[str, float]:
-    """{'mcq/<file stem>/acc': ..., '.../acc_norm': ...} for each question file (``pipeline/mcq.py``)."""
+    """{'mcq/<file stem>/acc': ..., '.../acc_norm': ...} for each question file (``pipeline/evaluation/mcq.py``)."""
     tokenizer = load_tokenizer(PrepDir(prep).read().tokenizer)
     out = {}
     for path in files:
@@ -295,39 +293,6 @@ def compare(
             if key.startswith("mcq/") and key.endswith("/acc") and key in base:
                 out[f"{key}_change"] = tuned[key] - base[key]  # accuracy points, not a ratio
     return out
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    drift = "replay_tm" in result["tuned"]  # measured against a GeRe cache only
-    head = "| model | general ppl | domain ppl |" + (" replay TM | states moved |" if drift else "")
-    lines = [head, "|---|---|---|" + ("---|---|" if drift else "")]
-    for name in ("base", "tuned"):
-        r = result.get(name)
-        if r:
-            line = f"| {name} | {r.get('ppl/general', math.nan):.2f} | {r.get('ppl/domain', math.nan):.2f} |"
-            if drift:
-                line += f" {r.get('replay_tm', math.nan):.4f} | {r.get('replay_state_flip_rate', math.nan):.2%} |"
-            lines.append(line)
-    files = sorted({k.rsplit("/", 1)[0] for k in result["tuned"] if k.startswith("mcq/")})
-    if files:
-        lines += ["", "| multiple choice | base acc | tuned acc | base acc_norm | tuned acc_norm |", "|" + "---|" * 5]
-        for f in files:
-            cells = [result.get(m, {}).get(f"{f}/{k}", math.nan) for k in ("acc", "acc_norm") for m in MODELS]
-            lines.append(f"| {f.removeprefix('mcq/')} | " + " | ".join(f"{c:.1%}" for c in cells) + " |")
-    if "not_reported" in result:
-        lines += ["", f"ppl changes not reported: {result['not_reported']}"]
-    changes = [
-        f"{role} ppl change ({meaning}): {result[f'{role}_ppl_change']:+.1%}"
-        + (f" ± {result[f'{role}_ppl_change_se']:.1%}" if f"{role}_ppl_change_se" in result else "")
-        for role, meaning in (("general", "forgetting"), ("domain", "learning"))
-        if f"{role}_ppl_change" in result
-    ]
-    if changes:
-        lines += ["", "; ".join(changes)]
-        if any(k.endswith("_ppl_change_se") for k in result):
-            lines.append("±: standard error over the scored documents (other documents of these sources would read")
-            lines.append("within it two times in three); it is not the spread between training runs")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

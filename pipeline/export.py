@@ -35,13 +35,13 @@ from cpt_core.logs import setup_logging
 from data_prep.prep_dir import PrepDir
 from data_prep.tokenizer import HF_TOKENIZER_FILES, save_sentencepiece_as_hf
 
-from .adapter import uses_adapter
-from .adapter_export import base_tensors, merged_tensors, write_peft_adapter
-from .checkpoint_files import CheckpointDir, verify_checkpoint
+from .checkpoint.files import CheckpointDir, verify_checkpoint
 from .cli_args import export_parser
 from .config import config_from_dict
-from .distributed import init_distributed
-from .ds_config import filled_ds_config
+from .runtime.distributed import init_distributed
+from .runtime.ds_config import filled_ds_config
+from .training.adapter import uses_adapter
+from .training.adapter_export import base_tensors, merged_tensors, write_peft_adapter
 
 log = logging.getLogger("pipeline.export")
 
@@ -198,9 +198,9 @@ def _verify_adapter_logits(checkpoint: Path, exported_dir: Path, cfg_dict: dict[
     adapters injected and merged by PEFT's own code (``BaseTunerLayer.merge``), independent of the export's
     streamed merge. Merged, not run as adapters: ``W x + s B A x`` rounds differently from ``(W + s B A) x``
     (by 2e-4 of the largest logit on SmolLM2 in fp32), which would hide a lost adapter under the tolerance."""
-    from .adapter import add_adapters, lora_layers
-    from .distributed import local_device
-    from .model import load_causal_lm, model_sources
+    from .runtime.distributed import local_device
+    from .runtime.model import load_causal_lm, model_sources
+    from .training.adapter import add_adapters, lora_layers
 
     cfg = config_from_dict(cfg_dict)
     model = load_causal_lm(model_sources(cfg)[1], attn_implementation=cfg.model.attn_implementation)
@@ -247,7 +247,7 @@ def checkpoint_tensors(checkpoint: Path) -> dict[str, Any]:
 
 def run_tensors(trained: dict[str, Any], checkpoint: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """The weights the run's model computes with, by name and made when read: the checkpoint's ``trained``
-    tensors, or for an adapter run its base merged with them (``pipeline/adapter_export.py``)."""
+    tensors, or for an adapter run its base merged with them (``pipeline/training/adapter_export.py``)."""
     if not uses_adapter(cfg.get("adapter")):
         return trained
     return merged_tensors(base_tensors(cfg), trained, cfg["adapter"], str(checkpoint))

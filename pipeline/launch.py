@@ -12,13 +12,14 @@ import argparse
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from cpt_core.commands import prog
+
+from .runtime.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,13 +51,6 @@ def warn_stale_build_locks(log: logging.Logger) -> None:
             lock,
             (time.time() - lock.stat().st_mtime) // 60,
         )
-
-
-def free_port() -> int:
-    """A port nobody listens on: the launcher's default (29500) may be taken by another job."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_launcher() -> str:

@@ -146,7 +146,7 @@ def search_alpha(base: Path, tuned: Path, prep: Path, budget: float, max_docs: i
     from transformers import AutoModelForCausalLM
 
     from .eval import load_hf
-    from .perplexity import document_losses, holdout_losses, logits_of, perplexity_change
+    from .evaluation.perplexity import document_losses, holdout_losses, logits_of, perplexity_change
 
     index = PrepDir(prep).read()
     if index.probe is None:
@@ -198,7 +198,7 @@ def search_alpha(base: Path, tuned: Path, prep: Path, budget: float, max_docs: i
 
 def average_last(run_dir: Path, k: int, out: Path) -> Path:
     """The mean of a run's last ``k`` complete checkpoints, each exported first (into a temporary directory)."""
-    from .checkpoint_files import CheckpointDir, checkpoint_root
+    from .checkpoint.files import CheckpointDir, checkpoint_root
     from .export import export
 
     tags = [c for c in CheckpointDir.saved(checkpoint_root(run_dir)) if c.is_pipeline_checkpoint()][-k:]

@@ -69,19 +69,19 @@ from cpt_core.logs import setup_logging
 from data_prep.prep_dir import PrepDir
 from data_prep.replay import ReplayShard
 
-from .adapter import add_adapters, lora_layers, uses_adapter
 from .cli_args import plan_parser
 from .config import TrainConfig
-from .ds_config import filled_ds_config
-from .ds_json import decoupled_writer, read_ds_json
+from .evaluation.perplexity import TOKENS_PER_FORWARD
 from .gere.joint import replay_layout
 from .gere.sampler import replay_plan
 from .losses.head import loss_from_hidden
 from .losses.linear_ce import CHUNK_BYTES
-from .model import model_config, model_sources
-from .perplexity import TOKENS_PER_FORWARD
-from .precision import resolve_dtype
 from .runfile import MergeSection, prep_lengths, run_file, training_config
+from .runtime.ds_config import filled_ds_config
+from .runtime.ds_json import decoupled_writer, read_ds_json
+from .runtime.model import model_config, model_sources
+from .runtime.precision import resolve_dtype
+from .training.adapter import add_adapters, lora_layers, uses_adapter
 
 log = logging.getLogger("pipeline.plan")
 

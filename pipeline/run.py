@@ -31,9 +31,9 @@ from cpt_core.errors import UserError, run_cli
 from cpt_core.logs import setup_logging
 
 from .config import to_dict
-from .ds_json import read_ds_json
 from .launch import gpu_count, warn_stale_build_locks
 from .runfile import RunFile, load_run
+from .runtime.ds_json import read_ds_json
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class Runner:
         self._call([sys.executable, "-m", "pipeline.merge", *args])
 
     def evaluate(self) -> None:
-        from .report import write_report
+        from .evaluation.report import write_report
 
         run = self.run
         model = run.merged_dir if run.merge.enabled else run.export_dir

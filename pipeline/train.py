@@ -25,7 +25,7 @@ def check_inputs(cfg: TrainConfig) -> None:
     would otherwise pay for its imports and the process group (and NCCL's start) before saying them."""
 
     from data_prep.prep_dir import PrepDir
-    from pipeline.ds_json import read_ds_json
+    from pipeline.runtime.ds_json import read_ds_json
 
     read_ds_json(cfg.deepspeed)  # present, JSON, and nothing in it that would fail on the nodes
     PrepDir(cfg.data.prep).read()
@@ -35,7 +35,7 @@ def check_inputs(cfg: TrainConfig) -> None:
         warn_stale_build_locks(log)
     if not (cfg.model.path or cfg.init_from):
         return
-    from pipeline.model import ModelSource, check_loadable, needs_teacher, pretrained_config  # transformers
+    from pipeline.runtime.model import ModelSource, check_loadable, needs_teacher, pretrained_config  # transformers
 
     def source(path: str) -> ModelSource:
         return ModelSource(path=path, trust_remote_code=cfg.model.trust_remote_code)
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg = training_config(args.config, args.set)  # a bad config fails before any process group forms,
         check_inputs(cfg)  # and so does a missing prep or a model directory that would be refused
-        from pipeline.distributed import finish, init_distributed
-        from pipeline.trainer import Trainer  # deepspeed and transformers: seconds to import
+        from pipeline.runtime.distributed import finish, init_distributed
+        from pipeline.training.trainer import Trainer  # deepspeed and transformers: seconds to import
 
         init_distributed(cfg.distributed.timeout_minutes)
         result = Trainer(cfg).train()

@@ -110,7 +110,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Remove the /dev/shm buffers of ranks this session killed on purpose (kill -9 tests cannot clean up).
 
     DeepSpeed's CPU all-reduce keeps 66 MB per rank in RAM-backed /dev/shm; ranks that exit remove their
-    own (pipeline.distributed.release_shared_memory), killed ones cannot.
+    own (pipeline.runtime.distributed.release_shared_memory), killed ones cannot.
     """
     for buffer in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         try:

@@ -14,9 +14,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from pipeline.distributed import finish, init_distributed
-from pipeline.model import ModelSource, load_causal_lm
-from pipeline.penalty import AnchorPull
+from pipeline.runtime.distributed import finish, init_distributed
+from pipeline.runtime.model import ModelSource, load_causal_lm
+from pipeline.training.penalty import AnchorPull
 
 TINY = {
     "vocab_size": 128,

@@ -1,4 +1,4 @@
-"""LoRA adapters (pipeline/adapter.py, pipeline/adapter_export.py): PEFT in place, the base as teacher, export.
+"""LoRA adapters (pipeline/training/adapter.py, adapter_export.py): PEFT in place, the base as teacher, export.
 
 The unit tests compare with PEFT's own code (``merge_and_unload``, ``PeftModel``);
 the run on 2 ZeRO-3 ranks checks what a user relies on: the adapter trains, the
@@ -17,11 +17,11 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from cpt_core.errors import ConfigError
-from pipeline.adapter import AdapterFreeTeacher, adapters_disabled, add_adapters, lora_config
-from pipeline.adapter_export import base_tensors, merged_tensors
-from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
+from pipeline.checkpoint.files import CheckpointDir, checkpoint_root
 from pipeline.config import AdapterConfig, TrainConfig, problems
-from pipeline.model import ModelSource, load_causal_lm
+from pipeline.runtime.model import ModelSource, load_causal_lm
+from pipeline.training.adapter import AdapterFreeTeacher, adapters_disabled, add_adapters, lora_config
+from pipeline.training.adapter_export import base_tensors, merged_tensors
 
 from .train_helpers import TINY_LLAMA, export_checkpoint, final_weights, metrics, run_training, write_config
 

@@ -387,7 +387,7 @@ def pickled_weights_model(d: Path) -> Path:
 
 def other_models_cache(d: Path, prep: Path) -> Path:
     from pipeline.gere.build import build_gere_cache
-    from pipeline.model import ModelSource
+    from pipeline.runtime.model import ModelSource
 
     return build_gere_cache(
         ModelSource(config=TINY_LLAMA, seed=1), prep / "replay", d / "cache", batch_size=4

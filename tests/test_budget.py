@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from cpt_core.errors import ConfigError
-from pipeline.budget import (
+from pipeline.checkpoint.files import CheckpointDir, checkpoint_root
+from pipeline.config import ForgettingConfig, KDConfig, ReplayConfig, load_train_config
+from pipeline.evaluation.perplexity import perplexity_change
+from pipeline.losses.objective import Objective
+from pipeline.training.budget import (
     ForgettingBudget,
     clamp_level,
     level_bounds,
@@ -18,11 +22,7 @@ from pipeline.budget import (
     next_level,
     proportional_step,
 )
-from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
-from pipeline.config import ForgettingConfig, KDConfig, ReplayConfig, load_train_config
-from pipeline.losses.objective import Objective
-from pipeline.perplexity import perplexity_change
-from pipeline.schedule import lr_at
+from pipeline.training.schedule import lr_at
 
 from .test_replay_loss import objective_inputs
 from .train_helpers import make_prep, metrics, run_training, write_config

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from cpt_core.errors import UserError
-from pipeline.checkpoint import CheckpointManager
-from pipeline.checkpoint_files import COMPLETE, write_complete
+from pipeline.checkpoint.files import COMPLETE, write_complete
+from pipeline.checkpoint.manager import CheckpointManager
 
 from .train_helpers import ROOT, digest, env, write_config
 
@@ -136,7 +136,7 @@ def test_enum_members_pickled_by_name_pass_the_check_and_no_other_getattr_does(t
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from pipeline.checkpoint_files import file_problem
+    from pipeline.checkpoint.files import file_problem
 
     def saved(name: str, value: object) -> tuple[Path, int]:
         path = tmp_path / f"{name}.pt"

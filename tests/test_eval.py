@@ -12,8 +12,9 @@ import torch
 from cpt_core.errors import UserError
 from data_prep.build import SourceSpec
 from data_prep.replay import build_replay
-from pipeline.eval import compare, holdout_contamination, markdown_table
-from pipeline.perplexity import perplexity_change, perplexity_of
+from pipeline.eval import compare, holdout_contamination
+from pipeline.evaluation.perplexity import perplexity_change, perplexity_of
+from pipeline.evaluation.report import markdown_table
 
 TUNED = {"ppl/general": 12.0, "ppl/domain": 8.0}
 BASE = {"ppl/general": 10.0, "ppl/domain": 10.0}
@@ -66,7 +67,7 @@ def test_each_ppl_change_has_its_standard_error_over_the_scored_documents(prep):
 def checkpoint_seen_by_rank_1(tmp_path, monkeypatch):
     """A training checkpoint (its markers, no weights) and where rank 0 of launch port 4242 exports it, as rank 1
     of that launch sees them: (checkpoint, export directory)."""
-    from pipeline.checkpoint_files import COMPLETE, STATE
+    from pipeline.checkpoint.files import COMPLETE, STATE
 
     checkpoint = tmp_path / "checkpoints" / "step00000004"
     checkpoint.mkdir(parents=True)

@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
+from pipeline.checkpoint.files import CheckpointDir, checkpoint_root
 
 from .train_helpers import ROOT, digest, env, final_weights, run_training, start_training, write_config
 

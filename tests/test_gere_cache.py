@@ -19,7 +19,7 @@ from data_prep.replay import ReplayShard, build_replay
 from pipeline.gere.cache import CacheMismatch, GeReCache, build_cache, pad_replay_rows
 from pipeline.launch import ROOT, launch_env, run_deepspeed
 from pipeline.losses.tm_loss import tm_loss
-from pipeline.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
+from pipeline.runtime.model import ModelSource, final_hidden_states, load_causal_lm, model_fingerprint
 
 TINY = {
     "vocab_size": 768,

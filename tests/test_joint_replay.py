@@ -17,7 +17,7 @@ from pipeline.gere.build import differs_from_training
 from pipeline.gere.joint import ReplayLayout, filler_task_rows, joint_hidden, replay_layout
 from pipeline.losses.head import HeadLoss, final_hidden, frozen_head_weight
 from pipeline.losses.replay import ReplayInputs, kl_from_hidden
-from pipeline.model import ModelSource, final_hidden_states, load_causal_lm
+from pipeline.runtime.model import ModelSource, final_hidden_states, load_causal_lm
 from tests.train_helpers import TINY_LLAMA
 
 

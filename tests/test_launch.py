@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint_files import CheckpointDir, checkpoint_root
+from pipeline.checkpoint.files import CheckpointDir, checkpoint_root
 from pipeline.launch import ROOT, free_port, launch_env
 
 from .train_helpers import metrics, write_config

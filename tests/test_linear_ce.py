@@ -11,7 +11,7 @@ from pipeline.losses.head import attach_head_loss, chunkable_head, loss_from_hid
 from pipeline.losses.linear_ce import TeacherHead, linear_ce_kl, linear_ce_kl_reference
 from pipeline.losses.objective import Objective, ReplayOutputs, TaskOutputs
 from pipeline.losses.replay import ReplayInputs, kl_from_hidden
-from pipeline.model import ModelSource, load_causal_lm
+from pipeline.runtime.model import ModelSource, load_causal_lm
 
 from .train_helpers import KERNEL_TEST_DEVICE as DEVICE
 from .train_helpers import TINY_LLAMA

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cpt_core.errors import InputError
 from data_prep.tokenizer import load_tokenizer
-from pipeline.mcq import Question, choice_logprobs, mcq_accuracy, prompt, read_questions
+from pipeline.evaluation.mcq import Question, choice_logprobs, mcq_accuracy, prompt, read_questions
 
 EASY = [  # (question, right answer, wrong answers): what a small pretrained model knows
     ("What is the capital of France?", "Paris", ["Banana", "Seven", "Blue"]),

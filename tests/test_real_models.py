@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.isolation import DocumentLeak, check_document_isolation, forward_packed, isolation_error
+from pipeline.runtime.isolation import DocumentLeak, check_document_isolation, forward_packed, isolation_error
 
 from .train_helpers import (
     ROOT,
@@ -162,7 +162,7 @@ def test_the_planner_counts_the_merge_to_budget_search_within_20_percent_of_its_
         "import json, sys, torch, datasets, transformers, pipeline.eval\n"
         "from pathlib import Path\n"
         "from pipeline.merge import search_alpha\n"
-        "from pipeline.metrics import PeakMemory\n"
+        "from pipeline.training.metrics import PeakMemory\n"
         "peak = PeakMemory(torch.device('cpu'), reset_peak=True)\n"
         "found = search_alpha(*map(Path, sys.argv[1:4]), 0.05)\n"
         "print(json.dumps({'peak_gb': peak.peak_gb(), 'alpha': found['alpha']}))\n"
@@ -255,7 +255,7 @@ def test_batched_eval_windows_score_each_document_as_one_window_a_forward_does(s
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import perplexity
+    from pipeline.evaluation import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(str(smollm2), local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2))

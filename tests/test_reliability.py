@@ -62,7 +62,7 @@ def test_disk_full_during_a_build_is_a_clear_error_and_earlier_builds_stay_intac
 
 @pytest.mark.reliability("faults: disk full")
 def test_disk_full_during_a_checkpoint_save_is_one_line_and_the_last_checkpoint_stays_latest(prep, tmp_path, lost):
-    from pipeline.checkpoint_files import CheckpointDir, verify_checkpoint
+    from pipeline.checkpoint.files import CheckpointDir, verify_checkpoint
 
     from .train_helpers import env, launcher_command, write_config
 

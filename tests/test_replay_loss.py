@@ -12,7 +12,7 @@ from pipeline.gere.sampler import ReplaySampler
 from pipeline.losses.head import HeadLoss, final_hidden, frozen_head_weight
 from pipeline.losses.objective import Objective, ReplayOutputs, TaskOutputs
 from pipeline.losses.replay import ReplayInputs, causal_ce, replay_terms
-from pipeline.model import load_causal_lm
+from pipeline.runtime.model import load_causal_lm
 
 from .test_gere_cache import REPLAY_LEN, built, open_cache, replay  # noqa: F401  (module fixtures)
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from data_prep.replay import ReplayShard
-from pipeline.checkpoint_files import COMPLETE, CheckpointDir, checkpoint_root, verify_checkpoint
+from pipeline.checkpoint.files import COMPLETE, CheckpointDir, checkpoint_root, verify_checkpoint
 from pipeline.config import load_train_config
 from pipeline.launch import run_deepspeed
-from pipeline.model import ModelSource, load_causal_lm
-from pipeline.schedule import lr_at
+from pipeline.runtime.model import ModelSource, load_causal_lm
+from pipeline.training.schedule import lr_at
 
 from .train_helpers import (
     ROOT,
@@ -465,7 +465,7 @@ def test_one_replay_sample_a_step_on_two_ranks_trains_as_on_one_rank(prep, tmp_p
 
 def test_eval_reads_a_checkpoint_or_its_export_alike(reference, prep, tmp_path):
     from pipeline.eval import holdout_document_losses, load_hf, multiple_choice
-    from pipeline.perplexity import perplexities
+    from pipeline.evaluation.perplexity import perplexities
 
     _, run = reference
     checkpoint = latest_checkpoint(run)

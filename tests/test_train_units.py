@@ -14,10 +14,10 @@ from cpt_core.errors import ConfigError, UserError
 from data_prep.build import BuildOptions, SourceSpec, build_source, chunk_tables
 from data_prep.prep_dir import PrepDir
 from pipeline.config import load_train_config
-from pipeline.data import GlobalOrder, packed_inputs, role_flags, teacher_rows
-from pipeline.isolation import forward_packed
-from pipeline.model import ModelSource, load_causal_lm
-from pipeline.schedule import lr_at
+from pipeline.runtime.isolation import forward_packed
+from pipeline.runtime.model import ModelSource, load_causal_lm
+from pipeline.training.data import GlobalOrder, packed_inputs, role_flags, teacher_rows
+from pipeline.training.schedule import lr_at
 
 from .train_helpers import TINY_LLAMA
 
@@ -77,7 +77,7 @@ def test_each_step_reads_the_same_rows_for_any_split_of_the_same_global_batch():
 
 
 def test_the_prefetching_reader_gives_each_step_its_own_rows_and_reads_nothing_else(prep):
-    from pipeline.data import StepReader
+    from pipeline.training.data import StepReader
 
     mixture = datasets.load_from_disk(str(PrepDir(prep).read().mixture_rows))
     read: list[int] = []
@@ -195,7 +195,7 @@ def test_stage_presets_fill_the_learning_rate():
 
 
 def test_mfu_is_six_n_flops_per_token_over_the_peak():
-    from pipeline.metrics import device_peak_flops, model_flops_utilization
+    from pipeline.training.metrics import device_peak_flops, model_flops_utilization
 
     assert model_flops_utilization(tokens_per_s=1000.0, n_params=1_000_000, peak_flops=6e12) == pytest.approx(1e-3)
     assert device_peak_flops(100.0) == 100e12
@@ -219,13 +219,13 @@ def test_the_example_run_file_in_launch_is_valid_once_its_paths_exist(sample, tm
     assert cfg.peak_lr == 2e-5 and cfg.model.dtype == "auto" and run.gpus == 8
     # bench.forgetting's default: replay KL w 3 with the WSD schedule
     assert (cfg.replay.strategy, cfg.replay.weight, cfg.replay.ce_weight, cfg.optim.decay) == ("kl", 3.0, 0.0, "wsd")
-    from pipeline.precision import resolve_dtype
+    from pipeline.runtime.precision import resolve_dtype
 
     assert resolve_dtype(cfg.model.dtype, cfg.deepspeed, cuda=True) == "bfloat16"
 
 
 def test_precision_auto_follows_the_deepspeed_json_then_the_device(tmp_path):
-    from pipeline.precision import resolve_dtype
+    from pipeline.runtime.precision import resolve_dtype
 
     root = Path(__file__).resolve().parents[1] / "ds_configs"
     assert resolve_dtype("auto", root / "zero3_bf16.json", cuda=False) == "bfloat16"  # the JSON asks for bf16
@@ -241,7 +241,7 @@ def test_precision_auto_follows_the_deepspeed_json_then_the_device(tmp_path):
 
 
 def test_auto_zero_buckets_follow_the_hidden_size():
-    from pipeline.ds_config import filled_ds_config
+    from pipeline.runtime.ds_config import filled_ds_config
 
     base = ["data.prep=p", "steps=5", "model.config={hidden_size: 8}", "model.dtype=float32"]
     ds = filled_ds_config(load_train_config(None, base), world=2, hidden_size=576)
@@ -251,7 +251,7 @@ def test_auto_zero_buckets_follow_the_hidden_size():
 
 
 def test_eval_windows_predict_every_token_but_the_first_exactly_once():
-    from pipeline.perplexity import windows
+    from pipeline.evaluation.perplexity import windows
 
     lengths, seq_len = [1, 2, 5, 16, 17, 40], 8
     predicted: dict[int, list[int]] = {d: [] for d in range(len(lengths))}
@@ -277,7 +277,7 @@ def test_an_anchor_pull_reaches_the_next_forward_for_persistent_zero3_parameters
 
 
 def test_a_progress_line_is_due_every_n_steps_and_after_a_quiet_interval(monkeypatch):
-    from pipeline import metrics
+    from pipeline.training import metrics
 
     clock = [100.0]
     monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
@@ -293,7 +293,7 @@ def test_a_progress_line_is_due_every_n_steps_and_after_a_quiet_interval(monkeyp
 
 
 def test_an_async_writer_is_filled_for_zero3_and_one_needing_a_build_on_the_nodes_is_refused(monkeypatch):
-    from pipeline import ds_json
+    from pipeline.runtime import ds_json
 
     assert ds_json.checkpoint_writer({}, "ds.json") is None
     filled = ds_json.checkpoint_writer({"checkpoint": {"writer": {"type": "python", "decoupled": True}}}, "ds.json")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from pipeline.checkpoint_files import CheckpointDir
+from pipeline.checkpoint.files import CheckpointDir
 from pipeline.launch import ROOT, deepspeed_command, launch_env
 
 TINY_LLAMA = {

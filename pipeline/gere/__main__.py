@@ -75,9 +75,9 @@ def build_from_args(args: argparse.Namespace) -> Path:
         args.replay = str(replay)
     if not args.replay or not args.out:
         raise UserError("--replay (or --prep) and --out are needed with --model or --model-config")
-    from pipeline.ds_json import read_ds_json
     from pipeline.gere.build import build_gere_cache  # torch and transformers: after --help, not before
-    from pipeline.model import ModelSource
+    from pipeline.runtime.ds_json import read_ds_json
+    from pipeline.runtime.model import ModelSource
 
     if args.model_config:
         source = ModelSource(config=json.loads(Path(args.model_config).read_text()), seed=args.seed)

@@ -26,9 +26,9 @@ from data_prep.replay import ReplayShard
 from data_prep.tokenizer import load_tokenizer
 
 from ..config import CACHED_STRATEGIES, TrainConfig, load_train_config
-from ..distributed import init_distributed, local_device
-from ..ds_config import filled_ds_config, inference_ds_config
-from ..model import (
+from ..runtime.distributed import init_distributed, local_device
+from ..runtime.ds_config import filled_ds_config, inference_ds_config
+from ..runtime.model import (
     ModelSource,
     final_hidden_states,
     hidden_size,
@@ -37,7 +37,7 @@ from ..model import (
     model_fingerprint,
     model_sources,
 )
-from ..precision import resolve_precision
+from ..runtime.precision import resolve_precision
 from .cache import CacheMismatch, GeReCache, build_cache
 from .joint import ReplayLayout, filler_task_rows, joint_hidden, replay_layout
 from .sampler import replay_plan

@@ -27,7 +27,7 @@ from data_prep.replay import ReplayShard
 from ..config import CACHED_STRATEGIES, TrainConfig
 from ..losses.head import final_hidden
 from ..losses.replay import ReplayInputs
-from ..model import ModelSource, model_fingerprint
+from ..runtime.model import ModelSource, model_fingerprint
 from .build import built_in_own_forward, differs_from_training
 from .cache import GeReCache, pad_replay_rows
 from .joint import ReplayLayout, replay_layout

@@ -5,7 +5,7 @@ and under ZeRO-3 a second all-gather of every parameter, forward and backward.
 Instead the replay samples ride in the task forward as extra packed rows of
 ``seq_len`` tokens: each sample in its own slot of ``replay_len`` tokens whose
 position ids restart at 0, so attention keeps it apart from every other
-document (``pipeline.isolation``) and it sees exactly what it sees alone.
+document (``pipeline.runtime.isolation``) and it sees exactly what it sees alone.
 Padding stays at the end of its slot, after the sample's real tokens: causal
 attention never lets a real token see it, so no attention mask is needed.
 
@@ -38,7 +38,7 @@ import torch
 from cpt_core.errors import ConfigError
 
 from ..config import TrainConfig
-from ..isolation import VARLEN_FROM_ONE_ROW, forward_packed
+from ..runtime.isolation import VARLEN_FROM_ONE_ROW, forward_packed
 from .sampler import replay_plan
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ both detached, so the term has CE's size, capped at ``replay.max_weight``: as th
 term nears 0 (a few states just past a threshold) the ratio would grow without
 bound and so would the step those few elements get.
 
-With a forgetting budget (``pipeline/budget.py``) replay.ce_weight, ``w`` and
+With a forgetting budget (``pipeline/training/budget.py``) replay.ce_weight, ``w`` and
 kd.weight are all multiplied by its scale, ``anti_forgetting_scale`` (``w``
 after the dynamic weight's cap): forgetting.max_scale bounds what the
 controller adds. Replay CE is in the lever because it is what holds general

@@ -19,7 +19,7 @@ import torch
 
 from cpt_core.errors import UserError
 
-from .config import TrainConfig
+from ..config import TrainConfig
 from .ds_json import read_ds_json
 
 log = logging.getLogger(__name__)

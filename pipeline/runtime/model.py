@@ -21,7 +21,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from cpt_core.errors import UserError
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from ..config import TrainConfig
 
 HEAD_TAIL_BYTES = 4 << 20
 

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from cpt_core.errors import UserError, out_of_space
 
-from .checkpoint_files import (
+from .files import (
     COMPLETE,
     LATEST,
     CheckpointDir,

@@ -27,8 +27,8 @@ import torch
 
 from cpt_core.errors import ConfigError
 
-from .config import ForgettingConfig
-from .perplexity import Forward, document_losses, perplexity_change, perplexity_of
+from ..config import ForgettingConfig
+from ..evaluation.perplexity import Forward, document_losses, perplexity_change, perplexity_of
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,12 @@ the forgetting probe's rise when the run measured it.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from cpt_core.atomic import write_json, write_text
-
-from .eval import markdown_table
 
 
 def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -83,3 +82,39 @@ def write_report(
     write_text(out_dir / "report.md", "\n".join(body) + "\n")
     write_json(out_dir / "eval.json", result)
     return out_dir / "report.md"
+
+
+MODELS = ("base", "tuned")
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    drift = "replay_tm" in result["tuned"]  # measured against a GeRe cache only
+    head = "| model | general ppl | domain ppl |" + (" replay TM | states moved |" if drift else "")
+    lines = [head, "|---|---|---|" + ("---|---|" if drift else "")]
+    for name in ("base", "tuned"):
+        r = result.get(name)
+        if r:
+            line = f"| {name} | {r.get('ppl/general', math.nan):.2f} | {r.get('ppl/domain', math.nan):.2f} |"
+            if drift:
+                line += f" {r.get('replay_tm', math.nan):.4f} | {r.get('replay_state_flip_rate', math.nan):.2%} |"
+            lines.append(line)
+    files = sorted({k.rsplit("/", 1)[0] for k in result["tuned"] if k.startswith("mcq/")})
+    if files:
+        lines += ["", "| multiple choice | base acc | tuned acc | base acc_norm | tuned acc_norm |", "|" + "---|" * 5]
+        for f in files:
+            cells = [result.get(m, {}).get(f"{f}/{k}", math.nan) for k in ("acc", "acc_norm") for m in MODELS]
+            lines.append(f"| {f.removeprefix('mcq/')} | " + " | ".join(f"{c:.1%}" for c in cells) + " |")
+    if "not_reported" in result:
+        lines += ["", f"ppl changes not reported: {result['not_reported']}"]
+    changes = [
+        f"{role} ppl change ({meaning}): {result[f'{role}_ppl_change']:+.1%}"
+        + (f" ± {result[f'{role}_ppl_change_se']:.1%}" if f"{role}_ppl_change_se" in result else "")
+        for role, meaning in (("general", "forgetting"), ("domain", "learning"))
+        if f"{role}_ppl_change" in result
+    ]
+    if changes:
+        lines += ["", "; ".join(changes)]
+        if any(k.endswith("_ppl_change_se") for k in result):
+            lines.append("±: standard error over the scored documents (other documents of these sources would read")
+            lines.append("within it two times in three); it is not the spread between training runs")
+    return "\n".join(lines)

@@ -29,11 +29,22 @@ from cpt_core.errors import ConfigError
 from data_prep.prep_dir import PrepDir
 from data_prep.tokenizer import load_tokenizer
 
+from ..checkpoint.files import checkpoint_root
+from ..checkpoint.manager import CheckpointManager
+from ..config import TrainConfig, to_dict
+from ..evaluation.perplexity import holdout_losses, logits_of, perplexities
+from ..gere.feed import ReplayFeed
+from ..gere.joint import joint_hidden
+from ..gere.sampler import ReplayChunk
+from ..losses.head import frozen_head_weight
+from ..losses.objective import Objective, ReplayOutputs, TaskOutputs
+from ..runtime.distributed import local_device
+from ..runtime.ds_config import filled_ds_config
+from ..runtime.isolation import forward_packed
+from ..runtime.model import hidden_size, model_sources, needs_teacher
+from ..runtime.precision import enable_tf32, resolve_precision
 from .adapter import uses_adapter
 from .budget import ForgettingBudget
-from .checkpoint import CheckpointManager
-from .checkpoint_files import checkpoint_root
-from .config import TrainConfig, to_dict
 from .data import (
     GlobalOrder,
     StepReader,
@@ -42,20 +53,9 @@ from .data import (
     role_flags,
     teacher_rows,
 )
-from .distributed import local_device
-from .ds_config import filled_ds_config
 from .engine import build_engine, build_teacher
-from .gere.feed import ReplayFeed
-from .gere.joint import joint_hidden
-from .gere.sampler import ReplayChunk
-from .isolation import forward_packed
-from .losses.head import frozen_head_weight
-from .losses.objective import Objective, ReplayOutputs, TaskOutputs
 from .metrics import MetricsLogger, PeakMemory, device_peak_flops, model_flops_utilization
-from .model import hidden_size, model_sources, needs_teacher
 from .penalty import build_anchor_pull
-from .perplexity import holdout_losses, logits_of, perplexities
-from .precision import enable_tf32, resolve_precision
 from .schedule import lr_at, warmup_steps_for
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Batch sizes, precision and clipping come from the pipeline config and
 overwrite whatever the JSON says; the optimizer's hyper-parameters too when
 the JSON names a DeepSpeed optimizer (the offload config, for its CPU Adam);
-otherwise ``pipeline.engine`` builds torch's fused AdamW, which needs no op
+otherwise ``pipeline.training.engine`` builds torch's fused AdamW, which needs no op
 compiled on the nodes. The schedule is always ours.
 
 ZeRO-3 bucket sizes given as ``"auto"`` follow the model's hidden size H, as
@@ -20,7 +20,7 @@ from typing import Any
 
 from cpt_core.errors import UserError
 
-from .config import TrainConfig
+from ..config import TrainConfig
 from .ds_json import read_ds_json
 from .precision import fill_ds_precision
 

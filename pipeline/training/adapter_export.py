@@ -21,8 +21,8 @@ from safetensors import safe_open
 
 from cpt_core.errors import UserError
 
+from ..runtime.model import ModelSource, load_causal_lm
 from .adapter import ADAPTER_NAME, lora_config
-from .model import ModelSource, load_causal_lm
 
 TRAINED_COPY = f".modules_to_save.{ADAPTER_NAME}."
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

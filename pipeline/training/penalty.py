@@ -24,9 +24,9 @@ from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe
 from cpt_core.errors import UserError
 from data_prep.replay import ReplayShard
 
-from .config import TrainConfig
-from .gere.cache import pad_replay_rows
-from .losses.replay import causal_ce
+from ..config import TrainConfig
+from ..gere.cache import pad_replay_rows
+from ..losses.replay import causal_ce
 
 log = logging.getLogger(__name__)
 

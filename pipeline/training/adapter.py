@@ -24,7 +24,7 @@ from torch import nn
 
 from cpt_core.errors import ConfigError
 
-from .config import AdapterConfig
+from ..config import AdapterConfig
 
 ADAPTER_NAME = "default"  # PEFT's name for a model's only adapter
 

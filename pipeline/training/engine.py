@@ -2,7 +2,7 @@
 
 The trained engine is checked before it is handed out: the tokenizer fits its
 vocabulary, the rows fit its positions, and packed documents do not attend to
-each other with the configured attention (``pipeline/isolation.py``).
+each other with the configured attention (``pipeline/runtime/isolation.py``).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import torch
 from cpt_core.errors import ConfigError
 from data_prep.tokenizer import Tokenizer
 
+from ..checkpoint.manager import signals_held_for_writers, watch_writer
+from ..config import TrainConfig
+from ..losses.head import attach_head_loss
+from ..runtime.ds_config import inference_ds_config
+from ..runtime.ds_json import decoupled_writer
+from ..runtime.isolation import check_document_isolation
+from ..runtime.model import ModelSource, load_causal_lm
 from .adapter import AdapterFreeTeacher, add_adapters, uses_adapter
-from .checkpoint import signals_held_for_writers, watch_writer
-from .config import TrainConfig
-from .ds_config import inference_ds_config
-from .ds_json import decoupled_writer
-from .isolation import check_document_isolation
-from .losses.head import attach_head_loss
-from .model import ModelSource, load_causal_lm
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Packed rows keep attention inside each document: the forward that does it, and a start-up check.
 
 Rows carry several documents; ``position_ids`` restart at every document
-(pipeline.data.packed_inputs). transformers turns restarting position ids into
+(pipeline.training.data.packed_inputs). transformers turns restarting position ids into
 per-document attention: for sdpa and eager through the packed-sequence mask
 (``masking_utils``, when no attention mask is passed), for flash_attention_2
 through its varlen path, which it takes only for a batch of one row. So for
@@ -10,7 +10,7 @@ rows' position ids already restart at 0 at every row start, so the
 documents, and the rows, stay apart.
 
 Whether this holds depends on the attention implementation and the
-transformers version, so ``pipeline.engine`` checks it before training
+transformers version, so ``pipeline.training.engine`` checks it before training
 (:func:`check_document_isolation`): each document of a probe batch must get
 the same logits packed as alone, or the run is refused.
 """
@@ -25,7 +25,7 @@ import transformers
 
 from cpt_core.errors import UserError
 
-from .losses.head import final_hidden
+from ..losses.head import final_hidden
 
 VARLEN_FROM_ONE_ROW = ("flash_attention_2", "flash_attention_3")
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}  # relative to the largest logit
