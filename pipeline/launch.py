@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cpt_core.commands import prog
 
-from .runtime.distributed import free_port
+from .runtime.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

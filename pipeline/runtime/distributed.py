@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .host_memory import return_freed_memory_to_os
+from .ports import free_port
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> None:
@@ -88,10 +88,3 @@ def _shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     release_shared_memory()
-
-
-def free_port() -> int:
-    """A port nobody listens on: the launcher's default (29500) may be taken by another job."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
