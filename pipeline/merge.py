@@ -4,9 +4,9 @@
 perplexity on the prep's probe documents (set apart from holdout, replay and training; the
 forgetting budget's probe) stays within B, by bisection, and reports the probe rise and the domain
 gain at each α it tried. ``--average-last K`` averages a run's last K checkpoints instead.
-The writer streams: one shard of the tuned model in memory at a time (plus the base's matching
-tensors), each tensor interpolated in fp32 and written in the tuned model's dtype, into the tuned
-model's shard layout with its config and tokenizer files.
+The search scores on a GPU where there is one. The writer streams: one shard of the tuned model in
+memory at a time (plus the base's matching tensors), each tensor interpolated in fp32 and written in
+the tuned model's dtype, into the tuned model's shard layout with its config and tokenizer files.
 """
 
 from __future__ import annotations
@@ -138,11 +138,14 @@ def merge_to_budget(
     return summary
 
 
-def search_alpha(base: Path, tuned: Path, prep: Path, budget: float, max_docs: int = 64) -> dict[str, Any]:
+def search_alpha(
+    base: Path, tuned: Path, prep: Path, budget: float, max_docs: int = 64, device: torch.device | None = None
+) -> dict[str, Any]:
     """The largest α within ``budget`` on the probe documents, with the probe rise and domain gain at each α
-    tried. One model scores every merge, its weights set from the two state dicts in turn: three copies of the
-    weights in host memory (fp32), so this scores models that fit a host several times over; the merge it
-    writes afterwards streams."""
+    tried. One model scores every merge, its weights set from the tuned and the base weights in turn, which
+    stay in host memory in the export's dtype. On a GPU (the default where there is one) the model scored is
+    one copy in that dtype there and each α is computed in fp32 a tensor at a time on the GPU; on the CPU it
+    scores in fp32 (bf16 matmuls are slow there). The merge it writes afterwards streams."""
     from transformers import AutoModelForCausalLM
 
     from .eval import load_hf
@@ -163,22 +166,26 @@ def search_alpha(base: Path, tuned: Path, prep: Path, budget: float, max_docs: i
     if overlap:
         raise UserError(f"{prep}: {len(overlap)} probe document(s) are also holdout documents; rebuild the prep")
     domain = {"domain": datasets.load_from_disk(str(index.holdout["domain"]))} if "domain" in index.holdout else {}
-    model = load_hf(tuned).float().eval()
-    params = dict(model.named_parameters())
-    tuned_state = {k: v.detach().clone() for k, v in params.items()}
-    base_model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True, dtype=torch.float32)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_hf(tuned)  # the export's dtype; from_pretrained maps the files and reads what is touched
+    stored = next(model.parameters()).dtype
+    tuned_state = {k: v.detach().clone() for k, v in model.named_parameters()}
+    base_model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True, dtype=stored)
     base_state = {k: v.detach() for k, v in base_model.named_parameters()}
     missing = sorted(set(tuned_state) - set(base_state))
     if missing:
         raise UserError(f"{base} and {tuned} are not one architecture (base lacks {missing[:3]})")
+    model.to(device=device, dtype=torch.float32 if device.type == "cpu" else stored)
+    params = dict(model.named_parameters())
 
     def at(alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(torch.lerp(base_state[k].to(p.dtype), tuned_state[k], alpha))
+            for k, p in params.items():  # fp32 lerp on the scoring device, one tensor's copies at a time
+                ends = [state[k].to(device=device, dtype=torch.float32) for state in (base_state, tuned_state)]
+                p.copy_(torch.lerp(*ends, alpha))
             forward = logits_of(model)
-            scored = document_losses(forward, probe["input_ids"], probe["loss_mask"], index.seq_len)
-            return scored, holdout_losses(forward, domain, index.seq_len, max_docs) if domain else {}
+            scored = document_losses(forward, probe["input_ids"], probe["loss_mask"], index.seq_len, device)
+            return scored, holdout_losses(forward, domain, index.seq_len, max_docs, device) if domain else {}
 
     base_probe, base_domain = at(0.0)
     report: list[dict[str, float]] = []

@@ -158,7 +158,8 @@ class Plan:
     checkpoint_bytes: float = 0.0
     advice: list[str] = field(default_factory=list)
     assumed: list[str] = field(default_factory=list)  # what the plan took as given, said with the table
-    merge: dict[str, float] = field(default_factory=dict)  # host bytes of the run file's merge step, by phase
+    merge: dict[str, float] = field(default_factory=dict)  # the run file's merge step, by phase (merge_memory)
+    seq_len: int = 0  # of the rows planned
 
     @property
     def total(self) -> float:
@@ -223,6 +224,7 @@ def plan_memory(
         t["penalty anchors"] = (4 if cfg.penalty.kind == "l2sp" else 8) * phi / ranks
 
     seq_len, replay_len = _lengths(cfg, plan, lengths)
+    plan.seq_len = seq_len
     tokens = cfg.batch.micro_batch * seq_len
     chunked = shape.loss_from_hidden
     layout = replay_layout(cfg, replay_len, seq_len, ranks, chunked, device_type)
@@ -266,21 +268,40 @@ def plan_memory(
     return plan
 
 
-def merge_host_bytes(
-    merge: MergeSection, shape: ModelShape, dtype_bytes: int, max_shard_size: str, adapter: bool
+def merge_memory(
+    merge: MergeSection,
+    shape: ModelShape,
+    dtype_bytes: int,
+    seq_len: int,
+    max_shard_size: str,
+    adapter: bool,
+    cuda: bool,
 ) -> dict[str, float]:
-    """Host memory of the run file's merge step (one process on the CPU), by phase; the peak is the larger.
+    """Memory of the run file's merge step (one process), by phase: ``search`` and ``write`` in host memory (the
+    peak is the larger), ``search_gpu`` on the GPU where the search runs on one.
 
-    ``to_budget`` scores merges with one fp32 model whose weights are set, for each α, from fp32 copies of the
-    tuned and the base weights (three copies, 12 bytes a parameter) and a forward's fp32 logits. The write
-    streams: a shard of the export, the base's tensors of that shard and their merge, in the export's dtype,
-    and fp32 copies of the three for the tensor being merged."""
+    ``to_budget`` keeps the tuned and the base weights on the host in the export's dtype and scores each α with
+    one model: on a GPU in that dtype, beside one tensor's fp32 copies for the lerp; on the CPU in fp32. A forward
+    holds logits of up to TOKENS_PER_FORWARD tokens, and the cross-entropy one row's in fp32 and its log-softmax.
+    The write streams: a shard of the export, the base's tensors of that shard and their merge, in the export's
+    dtype, and fp32 copies of the three for the tensor being merged."""
     weights = shape.params - (shape.trained if adapter else 0)  # an export holds the adapters merged in
     shard = min(float(convert_file_size_to_int(max_shard_size)), dtype_bytes * weights)
     phases = {"write": 3 * shard + 3 * 4 * shape.largest_param}
-    if merge.to_budget is not None:
-        phases["search"] = 12 * weights + 4 * TOKENS_PER_FORWARD * shape.vocab
+    if merge.to_budget is None:
+        return phases
+    logits, row = TOKENS_PER_FORWARD * shape.vocab, min(seq_len, TOKENS_PER_FORWARD) * shape.vocab
+    phases["search"] = 2 * dtype_bytes * weights
+    if cuda:
+        phases["search_gpu"] = dtype_bytes * (weights + logits) + 2 * 4 * row + 3 * 4 * shape.largest_param
+    else:
+        phases["search"] += 4 * (weights + logits + row)
     return phases
+
+
+def host_peak(merge: dict[str, float]) -> float:
+    """The merge step's peak host memory: the larger of its search and its write."""
+    return max(v for k, v in merge.items() if k != "search_gpu")
 
 
 def activation_bytes_per_token(shape: ModelShape, b: int) -> int:
@@ -347,10 +368,13 @@ def render(plan: Plan, gpu_bytes: float | None, disk_gbps: float, save_budget: f
     if plan.merge:
         phases = [f"the streamed write {plan.merge['write'] / GB:.1f} GB"]
         if "search" in plan.merge:
-            search = plan.merge["search"] / GB
-            phases.insert(0, f"the α search {search:.1f} GB (three fp32 copies of the weights, a forward's logits)")
-        peak = max(plan.merge.values()) / GB
-        lines.append(f"merge step: {peak:.1f} GB of host memory in one process at its peak: " + ", then ".join(phases))
+            held = "the tuned and the base weights" + ("" if "search_gpu" in plan.merge else ", the fp32 model scored")
+            phases.insert(0, f"the α search {plan.merge['search'] / GB:.1f} GB ({held})")
+        lines.append(
+            f"merge step: {host_peak(plan.merge) / GB:.1f} GB of host memory at its peak: " + ", then ".join(phases)
+        )
+        if "search_gpu" in plan.merge:
+            lines.append(f"  its α search scores on one GPU: {plan.merge['search_gpu'] / GB:.1f} GB there")
     if gpu_bytes:
         fits = plan.total <= HEADROOM * gpu_bytes
         lines.append(
@@ -388,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_memory(cfg, ranks, shape, "cpu" if args.cpu else "cuda", prep_lengths(args.config))
         if run and run.merge.enabled:
             b = 4 if cfg.model.dtype == "float32" else 2
-            plan.merge = merge_host_bytes(run.merge, shape, b, run.export.max_shard_size, uses_adapter(cfg.adapter))
+            adapter, cuda = uses_adapter(cfg.adapter), not args.cpu
+            plan.merge = merge_memory(run.merge, shape, b, plan.seq_len, run.export.max_shard_size, adapter, cuda)
         gpu_bytes = args.gpu_mem * GB if args.gpu_mem else None
         if gpu_bytes is None and torch.cuda.is_available():
             gpu_bytes = float(torch.cuda.get_device_properties(0).total_memory)
@@ -397,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         background = decoupled_writer(read_ds_json(cfg.deepspeed))
         print(render(plan, gpu_bytes, args.disk_gbps, cfg.checkpoint.signal_save_budget, background))
         fits = int(gpu_bytes is not None and plan.total <= HEADROOM * gpu_bytes)
-        merge = f" merge_host_gb={max(plan.merge.values()) / GB:.1f}" if plan.merge else ""
+        merge = f" merge_host_gb={host_peak(plan.merge) / GB:.1f}" if plan.merge else ""
         print(f"per_rank_gb={plan.total / GB:.2f} fits={fits} checkpoint_gb={plan.checkpoint_bytes / GB:.1f}{merge}")
 
     return run_cli(body, log)

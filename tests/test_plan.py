@@ -248,10 +248,13 @@ def test_model_states_agree_with_deepspeeds_estimator_where_both_count_the_same_
     assert sum(offloaded.host.values()) * 8 == pytest.approx(cpu / 1.5 + 2 * psi)  # 1.5: its buffer factor
 
 
-def test_a_run_file_that_merges_to_a_budget_plans_the_merge_steps_host_memory(tmp_path, capsys):
-    """Llama-3-8B: the α search holds three fp32 copies of the weights and a forward's logits (98 GB of host
-    memory in one process), the streamed write three 5 GB shards and one tensor's fp32 copies."""
+def test_a_run_file_that_merges_to_a_budget_plans_the_merge_steps_memory(tmp_path, capsys):
+    """Llama-3-8B in bf16: the α search keeps the tuned and the base weights on the host (32 GB) and scores on
+    one GPU, which holds a bf16 model and a forward's logits; the streamed write holds three 5 GB shards and
+    one tensor's fp32 copies. On the CPU the model scored is an fp32 copy on the host too."""
     from transformers import LlamaConfig
+
+    from data_prep.build import BuildOptions
 
     LlamaConfig(**LLAMA3_8B).save_pretrained(tmp_path / "base")
     run = tmp_path / "run.yaml"
@@ -259,17 +262,24 @@ def test_a_run_file_that_merges_to_a_budget_plans_the_merge_steps_host_memory(tm
     run.write_text(
         yaml.safe_dump(
             {
-                "model": {"path": str(tmp_path / "base")},
+                "model": {"path": str(tmp_path / "base"), "dtype": "bfloat16"},
                 "steps": 10,
                 "data": {"sources": sources, "replay": {"probe_docs": 64}},
                 "merge": {"to_budget": 0.05},
             }
         )
     )
+    vocab, psi = LLAMA3_8B["vocab_size"], LLAMA3_8B_PARAMS
+    logits, row = 4096 * vocab, min(BuildOptions().seq_len, 4096) * vocab
+    largest = vocab * LLAMA3_8B["hidden_size"]
+    write = 3 * 5e9 + 12 * largest
     assert main(["--config", str(run), "--gpus", "8"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    search = 12 * LLAMA3_8B_PARAMS + 4 * 4096 * LLAMA3_8B["vocab_size"]
-    write = 3 * 5e9 + 12 * LLAMA3_8B["vocab_size"] * LLAMA3_8B["hidden_size"]
     line = next(line for line in out if line.startswith("merge step:"))
-    assert f"the α search {search / GB:.1f} GB" in line and f"the streamed write {write / GB:.1f} GB" in line
-    assert out[-1].endswith(f"merge_host_gb={search / GB:.1f}")
+    assert f"the α search {2 * 2 * psi / GB:.1f} GB" in line and f"the streamed write {write / GB:.1f} GB" in line
+    gpu = 2 * (psi + logits) + 8 * row + 12 * largest
+    assert any(line.endswith(f"scores on one GPU: {gpu / GB:.1f} GB there") for line in out)
+    assert out[-1].endswith(f"merge_host_gb={max(4 * psi, write) / GB:.1f}")
+    assert main(["--config", str(run), "--gpus", "8", "--cpu"]) == 0  # the bf16 sets and an fp32 model scored
+    cpu = capsys.readouterr().out.strip().splitlines()[-1]
+    assert cpu.endswith(f"merge_host_gb={(2 * 2 * psi + 4 * (psi + logits + row)) / GB:.1f}")

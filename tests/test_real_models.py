@@ -151,11 +151,11 @@ def test_the_memory_planner_is_within_20_percent_of_the_measured_peak(real_run):
 
 
 def test_the_planner_counts_the_merge_to_budget_search_within_20_percent_of_its_measured_peak(real_run):
-    """merge --to-budget's α search on SmolLM2 (the run's export toward the sharded base, fp32), in one
-    process (it sets the weights at α 0 and 1 at least): its peak resident memory above the process's start
-    against the plan's merge step."""
+    """merge --to-budget's α search on SmolLM2 on the CPU (the run's export toward the sharded base, fp32), in
+    one process (it sets the weights at α 0 and 1 at least): its peak resident memory above the process's
+    start against the plan's merge step."""
     from pipeline.config import load_train_config
-    from pipeline.plan import merge_host_bytes, model_shape
+    from pipeline.plan import merge_memory, model_shape
     from pipeline.runfile import MergeSection
 
     script = (
@@ -164,7 +164,7 @@ def test_the_planner_counts_the_merge_to_budget_search_within_20_percent_of_its_
         "from pipeline.merge import search_alpha\n"
         "from pipeline.training.metrics import PeakMemory\n"
         "peak = PeakMemory(torch.device('cpu'), reset_peak=True)\n"
-        "found = search_alpha(*map(Path, sys.argv[1:4]), 0.05)\n"
+        "found = search_alpha(*map(Path, sys.argv[1:4]), 0.05, device=torch.device('cpu'))\n"
         "print(json.dumps({'peak_gb': peak.peak_gb(), 'alpha': found['alpha']}))\n"
     )
     args = [str(real_run[k]) for k in ("base", "hf", "prep")]
@@ -172,7 +172,8 @@ def test_the_planner_counts_the_merge_to_budget_search_within_20_percent_of_its_
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.splitlines()[-1])
     cfg = load_train_config(real_run["config"])
-    planned = merge_host_bytes(MergeSection(to_budget=0.05), model_shape(cfg, cuda=False), 4, "5GB", False)
+    shape = model_shape(cfg, cuda=False)
+    planned = merge_memory(MergeSection(to_budget=0.05), shape, 4, 64, "5GB", adapter=False, cuda=False)
     assert abs(planned["search"] / 1e9 - measured["peak_gb"]) <= 0.2 * measured["peak_gb"], (planned, measured)
 
 
