@@ -150,6 +150,7 @@ def search_alpha(
 
     from .eval import load_hf
     from .evaluation.perplexity import document_losses, holdout_losses, logits_of, perplexity_change
+    from .runtime.distributed import local_device
 
     index = PrepDir(prep).read()
     if index.probe is None:
@@ -166,7 +167,7 @@ def search_alpha(
     if overlap:
         raise UserError(f"{prep}: {len(overlap)} probe document(s) are also holdout documents; rebuild the prep")
     domain = {"domain": datasets.load_from_disk(str(index.holdout["domain"]))} if "domain" in index.holdout else {}
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or local_device()
     model = load_hf(tuned)  # the export's dtype; from_pretrained maps the files and reads what is touched
     stored = next(model.parameters()).dtype
     tuned_state = {k: v.detach().clone() for k, v in model.named_parameters()}

@@ -70,13 +70,13 @@ from data_prep.prep_dir import PrepDir
 from data_prep.replay import ReplayShard
 
 from .cli_args import plan_parser
-from .config import TrainConfig
+from .config import TrainConfig, load_train_config
 from .evaluation.perplexity import TOKENS_PER_FORWARD
 from .gere.joint import replay_layout
 from .gere.sampler import replay_plan
 from .losses.head import loss_from_hidden
 from .losses.linear_ce import CHUNK_BYTES
-from .runfile import MergeSection, prep_lengths, run_file, training_config
+from .runfile import MergeSection, prep_lengths, run_file
 from .runtime.ds_config import filled_ds_config
 from .runtime.ds_json import decoupled_writer, read_ds_json
 from .runtime.model import model_config, model_sources
@@ -166,6 +166,11 @@ class Plan:
         return sum(self.terms.values())
 
 
+def value_bytes(dtype: str) -> int:
+    """Bytes of one parameter or activation value in the training dtype (a resolved ``model.dtype``)."""
+    return 4 if dtype == "float32" else 2
+
+
 def model_shape(cfg: TrainConfig, cuda: bool) -> ModelShape:
     """The shape of the model ``cfg`` trains; resolves ``model.dtype: auto`` in ``cfg`` for CUDA or CPU ranks."""
     cfg.model.dtype = resolve_dtype(cfg.model.dtype, cfg.deepspeed, cuda=cuda)
@@ -183,7 +188,7 @@ def plan_memory(
     """Per-rank memory of ``cfg`` (``model.dtype`` resolved, see :func:`model_shape`) on ``ranks`` ranks of
     ``device_type``; ``lengths``: (seq_len, replay_len) to assume while the prep does not exist yet."""
     dtype = cfg.model.dtype
-    b = 4 if dtype == "float32" else 2
+    b = value_bytes(dtype)
     ds = filled_ds_config(cfg, ranks, shape.hidden)
     zero = ds.get("zero_optimization", {})
     if zero.get("stage") != 3:
@@ -406,13 +411,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         run = run_file(args.config)
-        cfg = run.train if run else training_config(args.config)
+        cfg = run.train if run else load_train_config(args.config)
         ranks = args.gpus * args.nodes
         shape = model_shape(cfg, cuda=not args.cpu)
         plan = plan_memory(cfg, ranks, shape, "cpu" if args.cpu else "cuda", prep_lengths(args.config))
         if run and run.merge.enabled:
-            b = 4 if cfg.model.dtype == "float32" else 2
             adapter, cuda = uses_adapter(cfg.adapter), not args.cpu
+            b = value_bytes(cfg.model.dtype)
             plan.merge = merge_memory(run.merge, shape, b, plan.seq_len, run.export.max_shard_size, adapter, cuda)
         gpu_bytes = args.gpu_mem * GB if args.gpu_mem else None
         if gpu_bytes is None and torch.cuda.is_available():
