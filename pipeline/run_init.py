@@ -1,8 +1,8 @@
 """``cpt init``: a commented run file for a model and corpora, which ``cpt run`` takes as it is.
 
 The defaults are the configuration measured best (docs/choosing-a-method.md):
-replay KL (w 3) to the frozen base on ~1000 general documents, no general mix, the
-CPT learning-rate preset with warmup and a warmup-stable-decay schedule.
+replay KL (w 1.5) to the frozen base on ~1000 general documents, no general mix, the
+CPT learning-rate preset with warmup and cosine decay.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ data:                               # tokenize, pack, mix; the replay shard and 
 deepspeed: {preset}                 # zero3_bf16 (GPUs) | zero3_offload (CPU optimizer) | zero3_cpu | a JSON path
 stage: cpt                          # lr preset: cpt 2e-5, sft 1e-6 (optim.lr sets it)
 steps: 1000                         # or tokens: N
-optim: {{warmup_ratio: 0.01, decay: wsd, min_lr_ratio: 0.1}}   # warmup-stable-decay: the last 10% decays
+optim: {{warmup_ratio: 0.01, decay: cosine, min_lr_ratio: 0.1}}   # or decay: wsd (docs/choosing-a-method.md)
 batch: {{micro_batch: 1, grad_accum: 8}}   # rows per step: micro_batch x grad_accum x gpus
 {replay}
 checkpoint: {{every: 200, keep_last: 2}}
@@ -55,9 +55,9 @@ export: {{verify: true}}
 """
 
 REPLAY_KL = """\
-# Anti-forgetting: KL to the frozen base model on the replay rows, no CE on them, with the WSD schedule
-# above (measured best: docs/choosing-a-method.md). GeRe's TM loss instead: {strategy: tm, weight: 1.0}.
-replay: {strategy: kl, weight: 3.0, ce_weight: 0.0, samples_per_step: %d}
+# Anti-forgetting: KL to the frozen base model on the replay rows, no CE on them (measured best:
+# docs/choosing-a-method.md). GeRe's TM loss instead: {strategy: tm, weight: 1.0}.
+replay: {strategy: kl, weight: 1.5, ce_weight: 0.0, samples_per_step: %d}
 """
 
 NO_REPLAY = """\

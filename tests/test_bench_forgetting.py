@@ -146,7 +146,7 @@ def test_rows_are_data_whose_stored_definitions_still_match_and_naive_is_found_b
     assert len(compared) >= 30 and all(stored[r.name] == r.definition for r in compared)
     default = with_role(ROWS, "default")
     assert [r.lr_mult for r in at_each_lr(ROWS, default)] == [1.0, 3.0, 10.0]
-    assert default.extra["replay"] == {"strategy": "kl", "weight": 3.0, "ce_weight": 0.0}
+    assert default.extra == {"replay": {"strategy": "kl", "weight": 1.5, "ce_weight": 0.0}}
     definitions = {"plain": {"mixed": False, "extra": {}, "lr_mult": 3.0}, "x": {**default.definition, "lr_mult": 3.0}}
     assert naive_name(definitions, "x") == "plain" and naive_name({**definitions, "y": default.definition}, "y") is None
 

@@ -26,8 +26,8 @@ def test_quick_demo_runs_every_stage_and_reports_base_vs_tuned(tmp_path):
     assert evaluation["tuned"]["ppl/domain"] < evaluation["base"]["ppl/domain"]  # it learned the domain
     report = (out / "export" / "report.md").read_text()
     assert "general ppl change (forgetting)" in report and "![ppl](ppl.png)" in report
-    assert "**method**: replay kl (weight 3.0)" in report and "token shares: domain 100.0%" in report
-    assert "wsd decay" in report  # the default schedule, measured best with replay KL w 3
+    assert "**method**: replay kl (weight 1.5)" in report and "token shares: domain 100.0%" in report
+    assert "cosine decay" in report  # the default schedule
     assert "report:" in result.stdout and (out / "export" / "loss.png").is_file()
     # the demo is `cpt run` on a run file a user could write: rerun, every stage is current
     again = subprocess.run(

@@ -217,8 +217,8 @@ def test_the_example_run_file_in_launch_is_valid_once_its_paths_exist(sample, tm
     run = load_run(Path(__file__).resolve().parents[1] / "launch" / "cpt_example.yaml", overrides)
     cfg = run.train
     assert cfg.peak_lr == 2e-5 and cfg.model.dtype == "auto" and run.gpus == 8
-    # bench.forgetting's default: replay KL w 3 with the WSD schedule
-    assert (cfg.replay.strategy, cfg.replay.weight, cfg.replay.ce_weight, cfg.optim.decay) == ("kl", 3.0, 0.0, "wsd")
+    # bench.forgetting's default: replay KL w 1.5 with cosine decay
+    assert (cfg.replay.strategy, cfg.replay.weight, cfg.replay.ce_weight, cfg.optim.decay) == ("kl", 1.5, 0.0, "cosine")
     from pipeline.runtime.precision import resolve_dtype
 
     assert resolve_dtype(cfg.model.dtype, cfg.deepspeed, cuda=True) == "bfloat16"
