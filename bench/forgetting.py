@@ -208,7 +208,7 @@ def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path
     )
     scored, merged = out / "hf", {}
     if "merge" in row.extra:
-        scored, merged = merge(row.extra["merge"], base, out, prep)
+        scored, merged = merge(row.extra["merge"], base, out, prep, args.first_window)
     scores = {**score(load_hf(scored), prep, args), **merged}
     kept = metrics_file(work, row.name, seed)  # the training log outlives its checkpoints: the controller, the probe
     kept.parent.mkdir(exist_ok=True)
@@ -217,9 +217,12 @@ def run_row(row: Row, seed: int, prep: Path, base: Path, cache: Path, work: Path
     return {**scores, "seconds": seconds, "commit": git_commit()}
 
 
-def merge(how: dict[str, Any], base: Path, run: Path, prep: Path) -> tuple[Path, dict[str, float]]:
-    """The run's export merged toward the base (``to_budget``: on the prep's probe documents) or its last
-    checkpoints averaged (``average_last``), with pipeline.merge as a user runs it; (model, what it chose)."""
+def merge(
+    how: dict[str, Any], base: Path, run: Path, prep: Path, first_window: bool = False
+) -> tuple[Path, dict[str, float]]:
+    """The run's export merged toward the base (``to_budget``: on the prep's probe documents, their first windows
+    with ``first_window`` as the holdout is scored) or its last checkpoints averaged (``average_last``), with
+    pipeline.merge as a user runs it; (model, what it chose)."""
     out = run / "merged"
     if "average_last" in how:
         args = ["--run", str(run), "--average-last", str(how["average_last"])]
@@ -233,6 +236,7 @@ def merge(how: dict[str, Any], base: Path, run: Path, prep: Path) -> tuple[Path,
             str(how["to_budget"]),
             "--prep",
             str(prep),
+            *(["--first-window"] if first_window else []),
         ]
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.merge", *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True

@@ -109,6 +109,11 @@ def merge_parser() -> argparse.ArgumentParser:
     )
     how.add_argument("--average-last", type=int, metavar="K", help="average the last K checkpoints of --run")
     p.add_argument("--prep", help="with --to-budget: the run's prep directory (its probe documents)")
+    p.add_argument(
+        "--first-window",
+        action="store_true",
+        help="with --to-budget: score each document's first seq_len tokens only (faster and noisier: CPU checks)",
+    )
     p.add_argument("--run", help="with --average-last: the training run directory")
     p.add_argument("--out", required=True, help="Hugging Face model directory to write")
     return p

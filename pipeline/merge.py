@@ -130,22 +130,30 @@ def largest_within(
 
 
 def merge_to_budget(
-    base: Path, tuned: Path, prep: Path, budget: float, out: Path, max_docs: int = 64
+    base: Path, tuned: Path, prep: Path, budget: float, out: Path, max_docs: int = 64, whole_documents: bool = True
 ) -> dict[str, Any]:
     """Score merges on the prep's probe documents, pick the largest α within ``budget``, write it."""
-    summary = search_alpha(base, tuned, prep, budget, max_docs)  # the models it scored are freed on return
+    # the models it scored are freed on return
+    summary = search_alpha(base, tuned, prep, budget, max_docs, whole_documents=whole_documents)
     interpolate(base, tuned, summary["alpha"], out, {"to_budget": summary})
     return summary
 
 
 def search_alpha(
-    base: Path, tuned: Path, prep: Path, budget: float, max_docs: int = 64, device: torch.device | None = None
+    base: Path,
+    tuned: Path,
+    prep: Path,
+    budget: float,
+    max_docs: int = 64,
+    device: torch.device | None = None,
+    whole_documents: bool = True,
 ) -> dict[str, Any]:
     """The largest α within ``budget`` on the probe documents, with the probe rise and domain gain at each α
     tried. One model scores every merge, its weights set from the tuned and the base weights in turn, which
     stay in host memory in the export's dtype. On a GPU (the default where there is one) the model scored is
     one copy in that dtype there and each α is computed in fp32 a tensor at a time on the GPU; on the CPU it
-    scores in fp32 (bf16 matmuls are slow there). The merge it writes afterwards streams."""
+    scores in fp32 (bf16 matmuls are slow there). ``whole_documents=False`` scores each document's first window
+    only, as the forgetting bench's ``--first-window`` does. The merge it writes afterwards streams."""
     from transformers import AutoModelForCausalLM
 
     from .eval import load_hf
@@ -185,8 +193,10 @@ def search_alpha(
                 ends = [state[k].to(device=device, dtype=torch.float32) for state in (base_state, tuned_state)]
                 p.copy_(torch.lerp(*ends, alpha))
             forward = logits_of(model)
-            scored = document_losses(forward, probe["input_ids"], probe["loss_mask"], index.seq_len, device)
-            return scored, holdout_losses(forward, domain, index.seq_len, max_docs, device) if domain else {}
+            ids, masks, seq_len = probe["input_ids"], probe["loss_mask"], index.seq_len
+            scored = document_losses(forward, ids, masks, seq_len, device, whole_documents)
+            held = holdout_losses(forward, domain, seq_len, max_docs, device, whole_documents) if domain else {}
+            return scored, held
 
     base_probe, base_domain = at(0.0)
     report: list[dict[str, float]] = []
@@ -234,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.average_last:
             average_last(Path(args.run), args.average_last, out)
         elif args.to_budget is not None:
-            summary = merge_to_budget(Path(args.base), Path(args.tuned), Path(args.prep), args.to_budget, out)
+            paths = Path(args.base), Path(args.tuned), Path(args.prep)
+            summary = merge_to_budget(*paths, args.to_budget, out, whole_documents=not args.first_window)
             print(json.dumps({"alpha": summary["alpha"], **summary["chosen"]}, sort_keys=True))
         else:
             interpolate(Path(args.base), Path(args.tuned), args.alpha, out)

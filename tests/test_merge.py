@@ -131,6 +131,33 @@ def test_merge_to_budget_holds_the_probe_rise_and_refuses_a_prep_without_probe(s
     assert saved["alpha"] == summary["alpha"] and saved["to_budget"]["tried"] == summary["tried"]
 
 
+def test_a_first_window_search_scores_what_the_first_windows_of_base_and_tuned_say(sample, tmp_path):
+    import datasets
+
+    from data_prep.prep_dir import PrepDir
+    from data_prep.tokenizer import load_tokenizer
+    from pipeline.eval import load_hf
+    from pipeline.evaluation.perplexity import document_losses, logits_of, perplexity_change
+
+    vocab = load_tokenizer(sample.tokenizer).vocab_size
+    base = tiny_llama(tmp_path / "base", 0, vocab=vocab)
+    tuned = tiny_llama(tmp_path / "tuned", 1, vocab=vocab, like=base)
+    prep = make_prep(sample, tmp_path / "prep", probe_docs=4)
+    index = PrepDir(prep).read()
+    probe = datasets.load_from_disk(str(index.probe))
+    assert max(len(d) for d in probe["input_ids"]) > index.seq_len  # a window short of some documents
+    first = merge.search_alpha(base, tuned, prep, 10.0, whole_documents=False)["tried"][0]
+    whole = merge.search_alpha(base, tuned, prep, 10.0)["tried"][0]
+
+    def scored(model: Path) -> torch.Tensor:
+        forward = logits_of(load_hf(model).float())
+        return document_losses(forward, probe["input_ids"], probe["loss_mask"], index.seq_len, whole_documents=False)
+
+    expected = perplexity_change(scored(base), scored(tuned))[0]
+    assert first["alpha"] == 1.0 and first["probe_rise"] == pytest.approx(expected, rel=1e-4)
+    assert first["probe_rise"] != pytest.approx(whole["probe_rise"], rel=1e-4)
+
+
 def test_a_base_that_stores_its_tied_output_embedding_merges_with_an_export_that_does_not(tmp_path):
     base = tiny_llama(tmp_path / "base", 0)
     tuned = tiny_llama(tmp_path / "tuned", 1)
