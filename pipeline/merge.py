@@ -211,7 +211,8 @@ def search_alpha(
 
     alpha, _ = largest_within(rise, budget)
     chosen = next((r for r in report if r["alpha"] == alpha), {"alpha": 0.0, "probe_rise": 0.0, "domain_gain": 0.0})
-    return {"budget": budget, "alpha": alpha, "chosen": chosen, "tried": report, "probe_docs": len(probe)}
+    scored = {"probe_docs": len(probe), "first_window": not whole_documents}
+    return {"budget": budget, "alpha": alpha, "chosen": chosen, "tried": report, **scored}
 
 
 def average_last(run_dir: Path, k: int, out: Path) -> Path:
@@ -241,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         missing = [f"--{n}" for n in needed[mode] if getattr(args, n) is None]
         if missing:
             raise UserError(f"--{mode.replace('_', '-')} needs {' and '.join(missing)}")
+        if args.first_window and mode != "to_budget":
+            flag = "--" + mode.replace("_", "-")
+            raise UserError(f"--first-window sets how --to-budget scores; it does nothing with {flag}")
         if args.average_last:
             average_last(Path(args.run), args.average_last, out)
         elif args.to_budget is not None:

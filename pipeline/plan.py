@@ -13,12 +13,13 @@ counts, no weights read), per rank, in bytes:
                    reduce bucket, and the largest module's full gradient.
                    ZeRO-3 releases a module's weights after use only if the
                    trace does not use them again within
-                   stage3_max_reuse_distance (1e9) parameters, and forward and
-                   backward use each twice: so min(ψ, that distance) stay
-                   gathered (the whole model up to 1B parameters; measured on
-                   SmolLM2: 89% of it in full training, all of it with LoRA),
-                   and never less than the largest module (a decoder layer, or
-                   the V×H embedding/head) plus the prefetch bucket
+                   stage3_max_reuse_distance (1e9) parameters, and backward
+                   uses each weight again: the whole model stays gathered while
+                   it is under about half that distance (SmolLM2: 89% of it at
+                   once in full training, all of it with LoRA), less than the
+                   distance above it. The plan counts min(ψ, distance), never
+                   less than the largest module (a decoder layer, or the V×H
+                   embedding/head) plus the prefetch bucket
     step buffers   the fp32 gradient DeepSpeed hands the optimizer and torch
                    AdamW's temporary, (4 + 4) bytes a parameter of one optimizer
                    sub-group (zero_optimization.sub_group_size, 1e9), not of the
@@ -188,6 +189,7 @@ PERSISTENT = frozenset(
         "optimizer (fp32 master, m, v)",
         "penalty anchors",
         "KD teacher (partition)",
+        "reduce bucket",  # with contiguous_gradients, allocated once (stage3.py)
     }
 )
 AT_THE_STEP = frozenset({"optimizer step buffers"})
@@ -252,7 +254,9 @@ def plan_memory(
         sub_group = zero.get("sub_group_size", 1e9) + shape.largest_param / ranks
         t["optimizer step buffers"] = (4 + (4 if torch_adamw else 0)) * min(phi / ranks, sub_group)
     if cfg.penalty.kind != "none":  # the start weights' fp32 partition, and EWC's Fisher beside it
-        t["penalty anchors"] = (4 if cfg.penalty.kind == "l2sp" else 8) * phi / ranks
+        # cloned from the fp32 master partition, so they sit where the optimizer does
+        anchors = (4 if cfg.penalty.kind == "l2sp" else 8) * phi / ranks
+        (plan.host if offload_opt else t)["penalty anchors"] = anchors
 
     seq_len, replay_len = _lengths(cfg, plan, lengths)
     plan.seq_len = seq_len
@@ -293,8 +297,8 @@ def plan_memory(
         taught = (tokens if cfg.kd.weight > 0 else 0) + (samples * replay_len if replay_kl else 0)
         # an adapter run's teacher is its own base with the adapters off: no weights of its own. A separate
         # teacher's trace is its forward alone, so ZeRO-3 releases each of its modules after use.
-        if not adapter:
-            t["KD teacher (partition)"] = b * psi / ranks
+        if not adapter:  # the teacher's DeepSpeed config keeps the trained model's offload_param
+            (plan.host if offload_par else t)["KD teacher (partition)"] = b * psi / ranks
         teacher = 0.0 if adapter else b * (shape.largest_module + prefetch)
         teacher += b * taught * shape.hidden + b * shape.vocab * shape.hidden if chunked else b * taught * shape.vocab
         t["KD teacher"] = teacher
@@ -362,7 +366,7 @@ def advise(plan: Plan, cfg: TrainConfig, gpu_bytes: float, shape: ModelShape) ->
         per_row = t["activations"] / cfg.batch.micro_batch
         fit_rows = max(1, cfg.batch.micro_batch - math.ceil(over / per_row))
         advice.append(f"batch.micro_batch: {fit_rows} (raise batch.grad_accum to keep the global batch)")
-    states = t["grads (partition)"] + t["optimizer (fp32 master, m, v)"] + t["params (partition)"]
+    states = sum(v for k, v in t.items() if k in PERSISTENT - {"reduce bucket"})  # what more ranks divide
     if t["optimizer (fp32 master, m, v)"] > 0 and t["optimizer (fp32 master, m, v)"] > 0.3 * plan.total:
         advice.append("offload_optimizer to cpu in the DeepSpeed JSON (Adam and the fp32 copy move to host memory)")
     rest = plan.total - states
@@ -396,10 +400,10 @@ def render(plan: Plan, gpu_bytes: float | None, disk_gbps: float, save_budget: f
     for name, value in plan.terms.items():
         lines.append(f"| {name} | {value / GB:.2f} |")
     lines.append(f"| **total** | **{plan.total / GB:.2f}** |")
-    if AT_THE_STEP & plan.terms.keys():
-        lines.append("(the total counts the step's buffers or the forward/backward working set, the larger: not both)")
     if plan.host:
         lines.append(f"| host memory (offload) | {sum(plan.host.values()) / GB:.2f} |")
+    if AT_THE_STEP & plan.terms.keys():
+        lines.append("(the total counts the step's buffers or the forward/backward working set, the larger: not both)")
     lines.append("")
     if plan.merge:
         phases = [f"the streamed write {plan.merge['write'] / GB:.1f} GB"]

@@ -1,6 +1,6 @@
 """``cpt init``: a commented run file for a model and corpora, which ``cpt run`` takes as it is.
 
-The defaults are the configuration measured best (docs/choosing-a-method.md):
+The defaults are the method that held on both models measured (docs/choosing-a-method.md):
 replay KL (w 1.5) to the frozen base on ~1000 general documents, no general mix, the
 CPT learning-rate preset with warmup and cosine decay.
 """
@@ -55,7 +55,7 @@ export: {{verify: true}}
 """
 
 REPLAY_KL = """\
-# Anti-forgetting: KL to the frozen base model on the replay rows, no CE on them (measured best:
+# Anti-forgetting: KL to the frozen base model on the replay rows, no CE on them (the default:
 # docs/choosing-a-method.md). GeRe's TM loss instead: {strategy: tm, weight: 1.0}.
 replay: {strategy: kl, weight: 1.5, ce_weight: 0.0, samples_per_step: %d}
 """

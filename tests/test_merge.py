@@ -146,16 +146,19 @@ def test_a_first_window_search_scores_what_the_first_windows_of_base_and_tuned_s
     index = PrepDir(prep).read()
     probe = datasets.load_from_disk(str(index.probe))
     assert max(len(d) for d in probe["input_ids"]) > index.seq_len  # a window short of some documents
-    first = merge.search_alpha(base, tuned, prep, 10.0, whole_documents=False)["tried"][0]
-    whole = merge.search_alpha(base, tuned, prep, 10.0)["tried"][0]
+    cpu = torch.device("cpu")
+    found = merge.search_alpha(base, tuned, prep, 10.0, device=cpu, whole_documents=False)
+    first, whole = found["tried"][0], merge.search_alpha(base, tuned, prep, 10.0, device=cpu)["tried"][0]
 
     def scored(model: Path) -> torch.Tensor:
         forward = logits_of(load_hf(model).float())
         return document_losses(forward, probe["input_ids"], probe["loss_mask"], index.seq_len, whole_documents=False)
 
     expected = perplexity_change(scored(base), scored(tuned))[0]
-    assert first["alpha"] == 1.0 and first["probe_rise"] == pytest.approx(expected, rel=1e-4)
+    assert found["first_window"] and first["probe_rise"] == pytest.approx(expected, rel=1e-4)
     assert first["probe_rise"] != pytest.approx(whole["probe_rise"], rel=1e-4)
+    args = ["--base", str(base), "--tuned", str(tuned), "--alpha", "0.5", "--out", str(tmp_path / "m")]
+    assert merge.main([*args, "--first-window"]) != 0 and not (tmp_path / "m").exists()
 
 
 def test_a_base_that_stores_its_tied_output_embedding_merges_with_an_export_that_does_not(tmp_path):

@@ -231,6 +231,7 @@ def test_model_states_agree_with_deepspeeds_estimator_where_both_count_the_same_
     psi, t = shape.params, plan.terms
     _, gpu, largest = estimate_zero3_model_states_mem_needs(psi, shape.largest_module, 8, 1, False, False)
     prefetch = 5e8  # zero3_bf16.json's stage3_prefetch_bucket_size
+    assert shape.largest_module + prefetch > 1e9  # so the planner's gathered term is that module and the prefetch
     assert t["gathered weights"] - 2 * prefetch + t["full grad of the largest module"] == largest
     states = t["params (partition)"] + t["grads (partition)"] + t["optimizer (fp32 master, m, v)"]
     assert states == 16 * psi / 8 and gpu - largest == int(18 * psi / 8)
