@@ -186,6 +186,7 @@ def search_alpha(
         raise UserError(f"{base} and {tuned} are not one architecture (base lacks {missing[:3]})")
     model.to(device=device, dtype=torch.float32 if device.type == "cpu" else stored)
     params = dict(model.named_parameters())
+    ids, masks, seq_len = probe["input_ids"], probe["loss_mask"], index.seq_len  # read once, scored at every α
 
     def at(alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
@@ -193,7 +194,6 @@ def search_alpha(
                 ends = [state[k].to(device=device, dtype=torch.float32) for state in (base_state, tuned_state)]
                 p.copy_(torch.lerp(*ends, alpha))
             forward = logits_of(model)
-            ids, masks, seq_len = probe["input_ids"], probe["loss_mask"], index.seq_len
             scored = document_losses(forward, ids, masks, seq_len, device, whole_documents)
             held = holdout_losses(forward, domain, seq_len, max_docs, device, whole_documents) if domain else {}
             return scored, held

@@ -296,10 +296,12 @@ def plan_memory(
         # the teacher's outputs; on the replay samples it runs their own padded forward in either layout
         taught = (tokens if cfg.kd.weight > 0 else 0) + (samples * replay_len if replay_kl else 0)
         # an adapter run's teacher is its own base with the adapters off: no weights of its own. A separate
-        # teacher's trace is its forward alone, so ZeRO-3 releases each of its modules after use.
-        if not adapter:  # the teacher's DeepSpeed config keeps the trained model's offload_param
+        # teacher's trace is its forward alone, so ZeRO-3 releases each of its modules after use; its DeepSpeed
+        # config keeps the trained model's offload_param.
+        teacher = 0.0
+        if not adapter:
             (plan.host if offload_par else t)["KD teacher (partition)"] = b * psi / ranks
-        teacher = 0.0 if adapter else b * (shape.largest_module + prefetch)
+            teacher = b * (shape.largest_module + prefetch)
         teacher += b * taught * shape.hidden + b * shape.vocab * shape.hidden if chunked else b * taught * shape.vocab
         t["KD teacher"] = teacher
     plan.checkpoint_bytes = 12 * phi  # an adapter run's checkpoints leave out the frozen weights
